@@ -1,0 +1,22 @@
+"""fxmemopt: train deep spiking neural networks in less memory, with bitwise-identical gradients.
+
+``fxmemopt.optimize(model, example_inputs)`` traces the model with torch.fx, turns every
+"weight-norm-neuron" layer into a checkpoint region that keeps only its (bit-packed) inputs for backward, and
+returns a ``torch.fx.GraphModule`` that trains exactly like the model.
+"""
+
+from . import errors
+from .api import optimize
+from .errors import FxMemOptError, FxMemOptWarning
+from .measure import StepMeasurement, measure_step
+from .packing import PackedTensor, try_pack, unpack
+from .plan import Plan, RegionPlan
+from .summary import Summary
+from .verify import EquivalenceReport, compare_training_step
+
+__all__ = [
+    "optimize", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
+    "measure_step", "StepMeasurement", "compare_training_step", "EquivalenceReport",
+    "PackedTensor", "try_pack", "unpack",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,383 @@
+"""Stage 2, *annotate*: record what every graph node produces, as plain data.
+
+For each node this stage writes one :class:`NodeInfo` into ``node.meta["fxmemopt"]`` and returns the same
+records as an :class:`AnnotatedGraph` keyed by node name, which is all later stages see (they never touch fx).
+
+The interesting field is the **value set**: which values a tensor can hold. Spikes are {0, 1}; the sum of two
+spike tensors (a SEW-ResNet ADD connection) is {0, 1, 2}; a convolution's output is real. Region inputs whose
+value set is a small integer range are stored bit-packed (see :mod:`fxmemopt.packing`). Value sets come from
+two sources that must agree:
+
+* *static inference* over the graph (:data:`VALUE_RULES`): neuron outputs are binary; reshapes, permutes,
+  indexing, max-pooling and concatenation keep the set; ``a + b`` of small-integer sets adds the bounds;
+  ``c - s`` with a constant ``c >= max(s)`` stays in ``{0..c}``; everything else is real. Leaves fxmemopt knows
+  nothing about are *unknown*;
+* *observation* on the example inputs (one ``no_grad`` forward; the model's state is restored afterwards).
+
+A static small-integer claim is used only if the example confirms it; an unknown is resolved by the example;
+a static "real" is never upgraded (an all-zero example must not make a convolution output look binary).
+Whatever is decided, the packer re-checks every tensor bit for bit at run time, so a wrong guess costs memory,
+never correctness.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .packing import _as_small_uint8
+from .state import ModelState
+
+__all__ = ["ValueSet", "NodeInfo", "AnnotatedGraph", "annotate", "VALUE_RULES", "observe_value_set"]
+
+
+@dataclass(frozen=True)
+class ValueSet:
+    """The values a tensor may hold: ``{0, ..., hi}`` when ``hi`` is an int, else real (``hi`` None).
+
+    ``unknown`` marks "static inference has no opinion" (opaque leaves, integer placeholders).
+    """
+
+    hi: int | None = None
+    unknown: bool = False
+
+    @property
+    def is_int(self) -> bool:
+        return self.hi is not None
+
+    def join(self, other: ValueSet) -> ValueSet:
+        """The smallest set containing both (used for cat/stack and tuples)."""
+        if self.unknown or other.unknown:
+            return UNKNOWN
+        if self.hi is None or other.hi is None:
+            return REAL
+        return ValueSet(max(self.hi, other.hi))
+
+    def __str__(self) -> str:
+        if self.unknown:
+            return "unknown"
+        if self.hi is None:
+            return "real"
+        return "{0,1}" if self.hi == 1 else f"{{0..{self.hi}}}"
+
+
+REAL = ValueSet(None)
+UNKNOWN = ValueSet(None, unknown=True)
+BINARY = ValueSet(1)
+#: Integer sets above this bound are treated as real: they could not be packed below 8 bits anyway.
+MAX_INT_SET = 255
+
+
+def _int_set(hi: int) -> ValueSet:
+    return ValueSet(hi) if 0 <= hi <= MAX_INT_SET else REAL
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Plain-data facts about one graph node (everything later stages need; no fx objects).
+
+    Attributes:
+        name: node name (unique in the graph).
+        op: fx opcode (``placeholder``, ``call_module``, ``call_function``, ``call_method``, ``get_attr``, ``output``).
+        target: module path, method name or qualified function name.
+        inputs: names of the nodes this node reads, in order, without duplicates.
+        module_type: class name for ``call_module`` nodes.
+        module_stack: module paths enclosing this node, outermost first; a ``call_module`` node ends with its
+            own path.
+        is_tensor: the node produces one tensor.
+        shape, dtype: of that tensor (``None`` otherwise).
+        nbytes: bytes of all tensors the node produces (tuples are summed).
+        requires_grad_hint: False for integer/bool outputs (they can never carry gradients).
+        static, observed, value_set: static inference, example observation, and the decision (see module doc).
+        stateful: the node calls a stateful module (or a leaf that contains one).
+    """
+
+    name: str
+    op: str
+    target: str
+    inputs: tuple[str, ...]
+    module_type: str | None
+    module_stack: tuple[str, ...]
+    is_tensor: bool
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    nbytes: int
+    static: ValueSet
+    observed: ValueSet
+    value_set: ValueSet
+    stateful: bool
+
+
+@dataclass(frozen=True)
+class AnnotatedGraph:
+    """The annotated graph as plain data: nodes in execution order, keyed by name.
+
+    Attributes:
+        order: node names in graph order.
+        nodes: name -> NodeInfo.
+        users: name -> names of nodes that read it, in graph order.
+    """
+
+    order: tuple[str, ...]
+    nodes: dict[str, NodeInfo]
+    users: dict[str, tuple[str, ...]]
+
+    def __getitem__(self, name: str) -> NodeInfo:
+        return self.nodes[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static value-set rules
+# ---------------------------------------------------------------------------------------------------------------
+
+_Rule = Callable[[list[ValueSet], "fx.Node"], ValueSet]
+
+
+def _keep(args: list[ValueSet], node: fx.Node) -> ValueSet:
+    return args[0] if args else REAL
+
+
+def _join_all(args: list[ValueSet], node: fx.Node) -> ValueSet:
+    out = args[0] if args else REAL
+    for a in args[1:]:
+        out = out.join(a)
+    return out
+
+
+def _add(args: list[ValueSet], node: fx.Node) -> ValueSet:
+    if len(args) >= 2 and args[0].is_int and args[1].is_int:
+        return _int_set(args[0].hi + args[1].hi)
+    return REAL
+
+
+def _mul(args: list[ValueSet], node: fx.Node) -> ValueSet:
+    if len(args) >= 2 and args[0].is_int and args[1].is_int:
+        return _int_set(args[0].hi * args[1].hi)
+    return REAL
+
+
+def _sub(args: list[ValueSet], node: fx.Node) -> ValueSet:
+    # c - s stays in {0..c} when s is in {0..c} and c is a constant (e.g. the SEW IAND's 1 - s).
+    a = node.args[0] if node.args else None
+    if len(args) >= 2 and isinstance(a, int) and not isinstance(a, bool) and args[1].is_int and args[1].hi <= a:
+        return _int_set(a)
+    return REAL
+
+
+def _rsub(args: list[ValueSet], node: fx.Node) -> ValueSet:  # x.__rsub__(c) == c - x
+    c = node.args[1] if len(node.args) > 1 else None
+    if isinstance(c, int) and not isinstance(c, bool) and args and args[0].is_int and args[0].hi <= c:
+        return _int_set(c)
+    return REAL
+
+
+def _first_is_seq(args: list[ValueSet], node: fx.Node) -> ValueSet:
+    # cat/stack take a list as first argument: its elements' sets were flattened into args.
+    return _join_all(args, node)
+
+
+_KEEP_METHODS = (
+    "view reshape flatten unflatten permute transpose contiguous squeeze unsqueeze expand expand_as repeat clone "
+    "detach flip roll chunk split unbind narrow select t view_as reshape_as __getitem__ to float half bfloat16 "
+    "double type relu movedim swapaxes tensor_split"
+).split()
+
+_KEEP_FUNCTIONS: list[Any] = [
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.clone,
+    torch.detach, torch.flip, torch.roll, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select,
+    torch.movedim, torch.swapaxes, torch.tensor_split, torch.relu, F.relu, operator.getitem, torch.unflatten,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+]
+
+#: Static rules: call_function target / call_method name -> rule(arg value sets, node) -> ValueSet.
+VALUE_RULES: dict[Any, _Rule] = {
+    **{f: _keep for f in _KEEP_FUNCTIONS},
+    **{m: _keep for m in _KEEP_METHODS},
+    torch.cat: _first_is_seq, torch.stack: _first_is_seq, torch.concat: _first_is_seq,
+    torch.maximum: _join_all, torch.max: _keep,
+    operator.add: _add, torch.add: _add, "add": _add, "__add__": _add, "__radd__": _add,
+    operator.mul: _mul, torch.mul: _mul, "mul": _mul, "__mul__": _mul, "__rmul__": _mul,
+    operator.and_: _mul, torch.logical_and: _mul,
+    operator.sub: _sub, torch.sub: _sub, torch.rsub: _rsub, "__rsub__": _rsub,
+}
+
+#: Leaf module classes whose output keeps the value set of their input.
+KEEP_MODULES: tuple[type, ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ReLU,
+)
+
+
+def _is_spiking_neuron(m: nn.Module) -> bool:
+    """Spiking neurons (fxmemopt.snn, spikingjelly) expose a firing threshold; their outputs are binary."""
+    return hasattr(m, "v_threshold")
+
+
+def _const_set(a: Any) -> ValueSet:
+    if isinstance(a, bool):
+        return ValueSet(int(a))
+    if isinstance(a, int):
+        return _int_set(a) if a >= 0 else REAL
+    if isinstance(a, float) and a >= 0 and a.is_integer():
+        return _int_set(int(a))
+    return REAL
+
+
+def static_value_set(node: fx.Node, arg_sets: Callable[[Any], ValueSet], module: nn.Module | None,
+                     stateful: bool) -> ValueSet:
+    """Apply the rule for ``node`` (see :data:`VALUE_RULES`); ``arg_sets`` maps an fx argument to its set."""
+    if node.op == "placeholder":
+        return UNKNOWN  # decided by dtype and the example: integer/bool inputs may pack, floats never do
+    if node.op == "get_attr":
+        return REAL
+    if node.op == "call_module":
+        if module is not None and stateful:
+            return BINARY if _is_spiking_neuron(module) else UNKNOWN
+        if isinstance(module, KEEP_MODULES):
+            return arg_sets(node.args[0]) if node.args else REAL
+        return REAL
+    if node.op in ("call_function", "call_method"):
+        rule = VALUE_RULES.get(node.target)
+        if rule is None:
+            return REAL
+        flat: list[ValueSet] = []
+        for a in node.args:
+            if isinstance(a, (list, tuple)):
+                flat.extend(arg_sets(x) for x in a)
+            else:
+                flat.append(arg_sets(a))
+        return rule(flat, node)
+    return REAL
+
+
+def observe_value_set(value: Any) -> ValueSet:
+    """The value set a concrete example value shows: ``{0..max}`` if every element is an exact small integer."""
+    tensors = [t for t in _flat_tensors(value)]
+    if not tensors:
+        return REAL
+    hi = 0
+    for t in tensors:
+        u = _as_small_uint8(t.detach().reshape(-1), MAX_INT_SET)
+        if u is None:
+            return REAL
+        if u.numel():
+            hi = max(hi, int(u.max()))
+    return ValueSet(hi)
+
+
+def _decide(static: ValueSet, observed: ValueSet) -> ValueSet:
+    if static.unknown:
+        return observed if observed.is_int else REAL
+    if static.is_int and observed.is_int and observed.hi <= static.hi:
+        return static
+    return REAL
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat_tensors(v)]
+    return []
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    mod = getattr(t, "__module__", None) or ""
+    return f"{mod}.{getattr(t, '__qualname__', getattr(t, '__name__', repr(t)))}".lstrip(".")
+
+
+def _module_stack(node: fx.Node) -> tuple[str, ...]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for v in stack.values():
+        path = v[0] if isinstance(v, tuple) else str(v)
+        if path and path not in paths:
+            paths.append(path)
+    if node.op == "call_module" and str(node.target) not in paths:
+        paths.append(str(node.target))
+    return tuple(paths)
+
+
+class _Annotator(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, stateful_paths: set[str]):
+        super().__init__(gm)
+        self.stateful_paths = stateful_paths
+        self.infos: dict[str, NodeInfo] = {}
+        self.sets: dict[str, ValueSet] = {}
+
+    def _arg_set(self, a: Any) -> ValueSet:
+        if isinstance(a, fx.Node):
+            return self.sets.get(a.name, REAL)
+        return _const_set(a)
+
+    def _contains_state(self, path: str) -> bool:
+        prefix = path + "."
+        return any(p == path or p.startswith(prefix) for p in self.stateful_paths)
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
+        stateful = n.op == "call_module" and self._contains_state(str(n.target))
+        static = static_value_set(n, self._arg_set, module, stateful)
+        tensors = _flat_tensors(result)
+        observed = observe_value_set(result) if tensors else REAL
+        single = isinstance(result, torch.Tensor)
+        dtype = result.dtype if single else None
+        if n.op == "placeholder" and single and dtype.is_floating_point:
+            value_set = REAL  # a float input is data, whatever the example happens to hold
+        else:
+            value_set = _decide(static, observed)
+        self.sets[n.name] = value_set
+        seen: set[int] = set()
+        nbytes = 0
+        for t in tensors:
+            key = id(t.untyped_storage()) if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                nbytes += t.numel() * t.element_size()
+        inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
+        self.infos[n.name] = NodeInfo(
+            name=n.name, op=n.op, target=_target_name(n), inputs=inputs,
+            module_type=type(module).__name__ if module is not None else None,
+            module_stack=_module_stack(n), is_tensor=single,
+            shape=tuple(result.shape) if single else None, dtype=str(dtype).replace("torch.", "") if single else None,
+            nbytes=nbytes, static=static, observed=observed, value_set=value_set, stateful=stateful,
+        )
+        n.meta["fxmemopt"] = self.infos[n.name]
+        return result
+
+
+def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], stateful: dict[str, Sequence[str]]) -> AnnotatedGraph:
+    """Run ``gm`` once on ``example_inputs`` (``no_grad``) and annotate every node.
+
+    The module's buffers, neuron states and RNG are restored afterwards, so annotating has no side effects.
+
+    Args:
+        gm: the traced module (shares modules with the user's model).
+        example_inputs: positional inputs.
+        stateful: stateful module paths -> state attribute names (from :func:`fxmemopt.state.probe`).
+
+    Returns:
+        The :class:`AnnotatedGraph`; the same records are in ``node.meta["fxmemopt"]``.
+    """
+    annotator = _Annotator(gm, set(stateful))
+    saved = ModelState.capture(gm, stateful)
+    with saved.restored_after(), torch.no_grad():
+        annotator.run(*example_inputs)
+    order = tuple(n.name for n in gm.graph.nodes)
+    position = {name: i for i, name in enumerate(order)}
+    users = {n.name: tuple(sorted((u.name for u in n.users), key=position.__getitem__)) for n in gm.graph.nodes}
+    return AnnotatedGraph(order, annotator.infos, users)
+

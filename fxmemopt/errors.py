@@ -1,0 +1,96 @@
+"""Typed errors and warnings raised by fxmemopt.
+
+Two families, kept apart on purpose:
+
+* :class:`FxMemOptError` and its subclasses are for *users*: something about the model, the inputs or the
+  options is not what fxmemopt can work with. Every message names the object (a module path or a graph
+  node), says what is wrong, what was expected versus what was found, and what to do next.
+* :class:`InternalError` is for *our* bugs: an invariant of fxmemopt itself did not hold. Its message asks
+  for a bug report and carries enough context to reproduce.
+
+Warnings use :class:`FxMemOptWarning` so users can filter them (``warnings.filterwarnings("ignore",
+category=fxmemopt.FxMemOptWarning)``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxMemOptError",
+    "TraceError",
+    "InvalidInputsError",
+    "InvalidOptionError",
+    "TargetsMatchNothingError",
+    "RegionError",
+    "RecomputationMismatchError",
+    "InternalError",
+    "FxMemOptWarning",
+    "format_error",
+]
+
+
+def format_error(obj: str, problem: str, *, expected: str | None = None, got: str | None = None,
+                 fix: str | None = None) -> str:
+    """Build the one house style for error messages: ``<object>: <problem> (expected X, got Y). <fix>``.
+
+    Example:
+        >>> format_error("features.3", "cannot be traced", fix="Declare it a leaf.")
+        'features.3: cannot be traced. Declare it a leaf.'
+    """
+    msg = f"{obj}: {problem}"
+    if expected is not None or got is not None:
+        msg += f" (expected {expected}, got {got})"
+    msg += "."
+    if fix:
+        msg += f" {fix}"
+    return msg
+
+
+class FxMemOptError(Exception):
+    """Base class of every error fxmemopt raises because of its input (model, example inputs, options)."""
+
+
+class TraceError(FxMemOptError):
+    """The model cannot be symbolically traced at its top level.
+
+    Submodules that fail to trace become opaque leaves automatically; only a failure in the root module's own
+    ``forward`` (or in an explicitly required submodule) raises this.
+    """
+
+
+class InvalidInputsError(FxMemOptError, TypeError):
+    """``example_inputs`` (or run-time inputs) are not what the optimized module needs."""
+
+
+class InvalidOptionError(FxMemOptError, ValueError):
+    """An option passed to :func:`fxmemopt.optimize` is out of range or unknown."""
+
+
+class TargetsMatchNothingError(FxMemOptError, ValueError):
+    """``targets`` named module classes of which the traced model calls no instance."""
+
+
+class RegionError(FxMemOptError):
+    """A checkpoint region cannot be formed or run as asked (for example non-tensor inputs)."""
+
+
+class RecomputationMismatchError(FxMemOptError, RuntimeError):
+    """Recomputing a region in backward did not reproduce what the forward saved.
+
+    This happens when a region's forward is not a deterministic function of its inputs, parameters, module
+    state and RNG state (for example it reads a global counter or the wall clock). The message lists every
+    mismatch.
+    """
+
+
+class InternalError(RuntimeError):
+    """An invariant of fxmemopt itself did not hold: a bug in fxmemopt, please report it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message}. This is a bug in fxmemopt; please report it with the model definition and the "
+            f"example input shapes."
+        )
+
+
+class FxMemOptWarning(UserWarning):
+    """Something was handled losslessly but differently from the plan (e.g. a tensor stored unpacked)."""

@@ -1,0 +1,187 @@
+"""Lossless bit-packing of spike tensors stored for backward.
+
+A checkpoint region keeps only its inputs for backward. When an input carries spikes its values are small
+non-negative integers, and storing them at 32 bits is waste:
+
+==============================  ============  ===============================
+value set                       bits/value    stored bytes for ``n`` values
+==============================  ============  ===============================
+{0, 1} (spikes)                 1             ``ceil(n / 8)``
+{0, 1, 2, 3} (SEW ADD of two)   2             ``ceil(n / 4)``
+{0, ..., 255}                   8             ``n``
+anything else                   not packed    the tensor itself (no copy)
+==============================  ============  ===============================
+
+Lossless first, always: :func:`try_pack` checks, bit for bit, that every value is an integer in range while it
+reads the data anyway (``-0.0``, ``NaN`` and ``0.5`` all fail the check), and returns ``None`` instead of
+packing when the check fails; the caller then stores the tensor unpacked. :func:`unpack` restores dtype,
+shape, device and, for dense tensors, the exact strides, so recomputation sees the same memory layout as the
+forward did.
+
+Layout: values are packed in the tensor's memory order, ``8 // bits`` values per byte, least significant bits
+first (value ``k*per + i`` sits at bits ``[i*bits, (i+1)*bits)`` of byte ``k``). The last byte is zero-padded.
+
+Example:
+    >>> import torch
+    >>> s = (torch.rand(4, 3, 5) > 0.5).float()
+    >>> p = try_pack(s, bits=1)
+    >>> p.nbytes, torch.equal(unpack(p), s)
+    (8, True)
+    >>> try_pack(torch.tensor([0.5, 1.0]), bits=1) is None
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PackedTensor", "SUPPORTED_BITS", "packed_nbytes", "try_pack", "unpack", "bits_for_max"]
+
+#: The widths a tensor can be packed at; 0 means "store as is".
+SUPPORTED_BITS = (1, 2, 8)
+
+# Same-width integer views used to compare floats bit for bit (so -0.0 != 0.0 and NaN never matches).
+_INT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def bits_for_max(hi: int | None) -> int:
+    """The packing width for values in ``{0, ..., hi}``; 0 when they cannot be packed (``hi`` None or > 255)."""
+    if hi is None or hi < 0:
+        return 0
+    for bits in SUPPORTED_BITS:
+        if hi < (1 << bits):
+            return bits
+    return 0
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes a packed payload of ``numel`` values at ``bits`` bits each occupies: ``ceil(numel * bits / 8)``."""
+    return math.ceil(numel * bits / 8)
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """A tensor stored at ``bits`` bits per value. Build with :func:`try_pack`, restore with :func:`unpack`.
+
+    Attributes:
+        payload: 1-D ``uint8`` tensor of ``packed_nbytes(numel, bits)`` bytes, on the original device.
+        bits: 1, 2 or 8.
+        shape: the original shape.
+        dtype: the original dtype (restored exactly by :func:`unpack`).
+        stride: the original strides when the tensor was dense (restored exactly), else ``None``
+            (restored contiguous).
+    """
+
+    payload: torch.Tensor
+    bits: int
+    shape: torch.Size
+    dtype: torch.dtype
+    stride: tuple[int, ...] | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the payload (what this packed tensor costs while stored)."""
+        return self.payload.numel()
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when ``t`` covers one gap-free block of its storage (contiguous up to a permutation of dims)."""
+    if t.numel() == 0:
+        return False
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _as_small_uint8(flat: torch.Tensor, hi: int) -> torch.Tensor | None:
+    """``flat`` as uint8 if every value is *exactly* an integer in ``[0, hi]`` (bitwise), else ``None``."""
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8)
+    if flat.is_complex() or flat.dtype not in _INT_VIEW and flat.is_floating_point():
+        return None  # float8 and friends: no exact round trip we can check cheaply
+    u = flat.to(torch.uint8)
+    back = u.to(flat.dtype)
+    view = _INT_VIEW.get(flat.dtype)
+    if view is not None:
+        exact = torch.equal(back.view(view), flat.view(view))
+    else:
+        exact = torch.equal(back, flat)
+    if not exact:
+        return None
+    if hi < 255 and u.numel() and int(u.max()) > hi:
+        return None
+    return u
+
+
+def try_pack(t: torch.Tensor, bits: int) -> PackedTensor | None:
+    """Pack ``t`` at ``bits`` bits per value, or return ``None`` if any value is not an integer in
+    ``[0, 2**bits - 1]`` (checked bit for bit: ``-0.0``, ``NaN``, ``0.5``, ``-1`` and ``2`` at 1 bit all fail).
+
+    Args:
+        t: any tensor (float, integer or bool dtype; any shape, strides and device). Not modified.
+        bits: 1, 2 or 8.
+
+    Returns:
+        A :class:`PackedTensor` whose ``nbytes`` is exactly ``packed_nbytes(t.numel(), bits)``, or ``None``.
+
+    Raises:
+        ValueError: ``bits`` is not one of :data:`SUPPORTED_BITS`.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"try_pack: bits must be one of {SUPPORTED_BITS}, got {bits}")
+    with torch.no_grad():
+        dense = _is_dense(t)
+        if dense:
+            # The storage block in memory order: no copy, and unpack can restore the exact strides.
+            flat = t.as_strided((t.numel(),), (1,), t.storage_offset())
+        else:
+            flat = t.reshape(-1)
+        u = _as_small_uint8(flat, (1 << bits) - 1)
+        if u is None:
+            return None
+        per = 8 // bits
+        if per > 1:
+            pad = (-u.numel()) % per
+            if pad:
+                u = torch.cat([u, u.new_zeros(pad)])
+            shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=u.device)
+            payload = (u.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
+        else:
+            payload = u.clone() if u.data_ptr() == flat.data_ptr() else u  # bool input is viewed, not copied
+    return PackedTensor(payload, bits, t.shape, t.dtype, tuple(t.stride()) if dense else None)
+
+
+def unpack(p: PackedTensor) -> torch.Tensor:
+    """Restore the tensor :func:`try_pack` packed: same values (bitwise), dtype, shape, device, and strides
+    when the original was dense. The result does not require grad.
+    """
+    with torch.no_grad():
+        n = p.numel
+        per = 8 // p.bits
+        if per > 1:
+            shifts = torch.arange(0, 8, p.bits, dtype=torch.uint8, device=p.payload.device)
+            mask = (1 << p.bits) - 1
+            u = ((p.payload.unsqueeze(1) >> shifts) & mask).view(-1)[:n]
+        else:
+            u = p.payload
+        # A fresh tensor always (copy when no conversion happens): the payload must survive in-place ops that
+        # recomputation might apply to its input.
+        flat = u.to(p.dtype, copy=per == 1)
+        if p.stride is not None:
+            return flat.as_strided(p.shape, p.stride, 0)
+        return flat.view(p.shape)

@@ -1,0 +1,154 @@
+"""Stage 8, *rewrite*: build the optimized ``GraphModule`` from the traced graph and a :class:`~fxmemopt.plan.Plan`.
+
+Each planned region's nodes are copied into a *body* graph (region inputs become placeholders, region outputs the
+output) and replaced in the top-level graph by one ``call_module`` of a
+:class:`~fxmemopt.runtime.CheckpointRegion` (plus ``getitem`` nodes when it has several outputs). Regions are
+convex, so the collapsed graph is a DAG; it is emitted in a stable topological order that keeps every node as
+early as the original order allows. The input graph is never mutated (Rule 3 of the design: original and
+rewritten stay side by side for verification).
+
+The result's module tree is the model's own (see :func:`fxmemopt.trace.make_graph_module`), so parameters,
+buffers and ``state_dict()`` keys are shared and equal.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .annotate import AnnotatedGraph
+from .errors import InternalError
+from .plan import Plan, RegionPlan
+from .regions import region_io
+from .runtime import CheckpointRegion, RegionSpec, RegionStats
+from .trace import _resolve, make_graph_module
+
+__all__ = ["rewrite"]
+
+
+def _owned_buffers(model: nn.Module, paths: Sequence[str], mutated: set[tuple[str, str]]
+                   ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    buffers: dict[tuple[str, str], None] = {}
+    clone: dict[tuple[str, str], None] = {}
+    for path in paths:
+        for sub_path, sub in model.get_submodule(path).named_modules(prefix=path):
+            for name, buf in sub._buffers.items():
+                if buf is None:
+                    continue
+                key = (sub_path, name)
+                buffers[key] = None
+                # Norm layers update statistics in training whatever mode the probe saw; others as observed.
+                if key in mutated or (isinstance(sub, _NormBase) and name in (
+                        "running_mean", "running_var", "num_batches_tracked")):
+                    clone[key] = None
+    return tuple(buffers), tuple(clone)
+
+
+def _body(model: nn.Module, graph: fx.Graph, rp: RegionPlan, inputs: tuple[str, ...], outputs: tuple[str, ...],
+          node_by_name: dict[str, fx.Node]) -> fx.GraphModule:
+    body = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name in inputs:
+        env[name] = body.placeholder(name)
+    for name in rp.nodes:
+        env[name] = body.node_copy(node_by_name[name], lambda n: env[n.name])
+    body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    body.lint()
+    targets = {str(n.target): _resolve(model, str(n.target)) for n in body.nodes if n.op == "call_module"}
+    return fx.GraphModule(targets, body, class_name=f"{rp.name}_body")
+
+
+def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annotated: AnnotatedGraph, plan: Plan,
+            stateful: dict[str, Sequence[str]], mutated_buffers: Sequence[tuple[str, str]],
+            class_name: str) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
+    """Apply ``plan`` to the traced ``graph`` of ``model``.
+
+    Args:
+        model: the user's model (its modules are shared, never copied).
+        graph: the traced graph (not mutated).
+        constants: tensor constants the graph reads by ``get_attr`` (from :func:`fxmemopt.trace.trace`).
+        annotated: the annotations of ``graph``.
+        plan: which regions to build.
+        stateful: stateful module path -> state attribute names.
+        mutated_buffers: (module path, buffer) pairs the forward mutates.
+        class_name: name of the generated GraphModule class.
+
+    Returns:
+        ``(gm, stats)``: the optimized GraphModule and the live run-time counters of each region.
+    """
+    node_by_name = {n.name: n for n in graph.nodes}
+    region_of: dict[str, RegionPlan] = {}
+    for rp in plan.regions:
+        for n in rp.nodes:
+            if n in region_of:
+                raise InternalError(f"node {n} is in regions {region_of[n].name} and {rp.name}")
+            region_of[n] = rp
+    mutated = set(mutated_buffers)
+    modules: dict[str, CheckpointRegion] = {}
+    io: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    stats: dict[str, RegionStats] = {}
+    for rp in plan.regions:
+        inputs, outputs = region_io(annotated, rp.nodes)
+        if len(rp.pack_bits) != len(inputs):
+            raise InternalError(f"plan for {rp.name} has {len(rp.pack_bits)} pack widths for {len(inputs)} inputs")
+        io[rp.name] = (inputs, outputs)
+        paths = [str(node_by_name[n].target) for n in rp.nodes if node_by_name[n].op == "call_module"]
+        prefixes = tuple(dict.fromkeys(paths))
+        inner_state = tuple((p, tuple(names)) for p, names in stateful.items()
+                            if any(p == q or p.startswith(q + ".") for q in prefixes))
+        buffers, clone = _owned_buffers(model, prefixes, mutated)
+        spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone)
+        stats[rp.name] = RegionStats()
+        body = _body(model, graph, rp, inputs, outputs, node_by_name)
+        modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
+
+    # Units: a region or a single node. Emit in topological order, earliest original position first.
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    unit_of = {n.name: (region_of[n.name].name if n.name in region_of else n.name) for n in graph.nodes}
+    members: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        members.setdefault(unit_of[n.name], []).append(n.name)
+    deps: dict[str, set[str]] = {u: set() for u in members}
+    for u, names in members.items():
+        for name in names:
+            for i in node_by_name[name].all_input_nodes:
+                if unit_of[i.name] != u:
+                    deps[u].add(unit_of[i.name])
+    waiting = {u: len(d) for u, d in deps.items()}
+    dependents: dict[str, list[str]] = {u: [] for u in members}
+    for u, d in deps.items():
+        for v in d:
+            dependents[v].append(u)
+    ready = [(position[names[0]], u) for u, names in members.items() if waiting[u] == 0]
+    heapq.heapify(ready)
+    new = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    emitted = 0
+    while ready:
+        _, u = heapq.heappop(ready)
+        emitted += 1
+        if u in modules:
+            inputs, outputs = io[u]
+            call = new.call_module(u, tuple(env[i] for i in inputs))
+            if len(outputs) == 1:
+                env[outputs[0]] = call
+            else:
+                for k, o in enumerate(outputs):
+                    env[o] = new.create_node("call_function", operator.getitem, (call, k), {}, name=o)
+        else:
+            node = node_by_name[u]
+            env[u] = new.node_copy(node, lambda n: env[n.name])
+        for v in dependents[u]:
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                heapq.heappush(ready, (position[members[v][0]], v))
+    if emitted != len(members):
+        raise InternalError("regions are not convex: collapsing them created a cycle")
+    new.lint()
+    gm = make_graph_module(model, new, class_name, extra={**modules, **constants})
+    return gm, stats

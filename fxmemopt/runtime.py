@@ -1,0 +1,364 @@
+"""Runtime of a checkpoint region: keep only the inputs (bit-packed), recompute the rest in backward, exactly.
+
+NOTE [Checkpoint region invariants]
+A :class:`CheckpointRegion` wraps the GraphModule ``body`` of one region. In a training step (module in training
+mode, grad enabled, something requiring grad) its call follows these rules; everywhere else it just calls
+``body`` (Rule 7).
+
+Rule 1 (non-reentrant). The forward runs ``body`` once, normally, with autograd recording as usual, inside a
+    ``saved_tensors_hooks`` context. Every tensor autograd saves in there is handed to the region's *frame* and
+    replaced by a handle. When ``body`` returns, the frame drops those tensors (Rule 5 says when it may not), so
+    only what Rule 2 lists stays alive. Gradients flow through autograd's own graph: parameters are ordinary
+    leaves, so ``torch.autograd.grad(loss, params)``, ``backward(inputs=...)`` and DDP's hooks see each use.
+Rule 2 (what is kept). The region's inputs: bit-packed when the plan says they hold spikes and the packer's
+    bit-exact check passes, else the tensor itself (no copy; its version counter is recorded). The state of every
+    stateful module inside, *as of entry*, by reference (neurons rebind their state, they do not mutate it).
+    A clone of every buffer the forward mutates (BatchNorm statistics). The CPU and CUDA RNG states. The autocast
+    state. Nothing else.
+Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``body`` once: on the unpacked inputs
+    (detached, ``requires_grad`` as in forward), with every stateful module temporarily holding its entry
+    state, every buffer of the region temporarily replaced by a throw-away copy of its entry value, the RNG and
+    autocast state of the forward, and grad enabled. The tensors it saves are matched one to one, by position,
+    with the forward's handles; shapes and dtypes are checked (:class:`~fxmemopt.errors.RecomputationMismatchError`
+    lists every mismatch).
+Rule 4 (no side effects). Recomputation restores, afterwards, every module's live state, every live buffer (same
+    objects) and the global RNG. The state a neuron holds after the step, BatchNorm's running statistics and
+    ``num_batches_tracked`` are the forward's, updated exactly once.
+Rule 5 (lossless fallback). If, when ``body`` returns, a stateful module's entry state was modified in place,
+    the snapshot is not trustworthy: the frame keeps the real saved tensors (no recomputation, no saving, still
+    exact), counts it, and warns once. A by-reference input modified in place before backward raises, like
+    autograd's own "modified by an inplace operation" error.
+Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks it, so a region's working set
+    shrinks while its backward runs. A later backward (``retain_graph=True``) recomputes again.
+Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
+    runs directly: no packing, no snapshots, no overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import RecomputationMismatchError, RegionError, format_error
+from .packing import PackedTensor, try_pack, unpack
+from .state import StateSnapshot, rng_state, set_rng_state
+
+__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion"]
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Everything a region needs at run time, as plain data.
+
+    Attributes:
+        name: the region's attribute name in the optimized module.
+        anchor: module path the region is named after.
+        nodes: interior node names of the original graph.
+        inputs: names of the original nodes feeding the region, in argument order.
+        pack_bits: per input, 1/2/8 to pack at that width, 0 to keep as is.
+        stateful: (module path, state attribute names) of stateful modules inside (names empty: ``_memories``).
+        buffers: (module path, buffer name) of every buffer owned by modules inside the region.
+        entry_clone: the subset of ``buffers`` the forward mutates; cloned at entry (Rule 2).
+    """
+
+    name: str
+    anchor: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    pack_bits: tuple[int, ...]
+    stateful: tuple[tuple[str, tuple[str, ...]], ...]
+    buffers: tuple[tuple[str, str], ...]
+    entry_clone: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class RegionStats:
+    """Run-time counters of one region (live: they keep counting after :func:`fxmemopt.optimize` returns).
+
+    Attributes:
+        checkpointed_calls: forwards that ran as checkpoints (Rules 1-6).
+        plain_calls: forwards that ran plainly (Rule 7).
+        recomputations: recomputations in backward.
+        packed_bytes: bytes of packed inputs stored by the last checkpointed call.
+        kept_bytes: bytes of inputs kept unpacked (by reference) by the last checkpointed call.
+        unpacked_fallbacks: planned packings that failed the bit-exact check and were stored unpacked.
+        state_fallbacks: calls that kept their saved tensors because state was modified in place (Rule 5).
+    """
+
+    checkpointed_calls: int = 0
+    plain_calls: int = 0
+    recomputations: int = 0
+    packed_bytes: int = 0
+    kept_bytes: int = 0
+    unpacked_fallbacks: int = 0
+    state_fallbacks: int = 0
+    warned: set[str] = field(default_factory=set)
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices]
+
+
+def _graph_task_id() -> int:
+    # Identifies the running backward pass, so a second backward (retain_graph=True) recomputes again.
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else -1
+
+
+class _Frame:
+    """What one checkpointed call of a region keeps for backward (Rule 2) and how it recomputes (Rule 3)."""
+
+    def __init__(self, region: CheckpointRegion, body: fx.GraphModule) -> None:
+        self.region = region
+        self.body = body
+        self.stored: list[Any] = []  # PackedTensor | Tensor | other, one per distinct input
+        self.arg_slots: list[int] = []  # argument position -> index in stored (dedups repeated tensors)
+        self.requires_grad: list[bool] = []
+        self.versions: list[int | None] = []
+        self.states: list[tuple[nn.Module, StateSnapshot]] = []
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor | None, int]] = []
+        self.cuda_devices: list[torch.device] = []
+        self.rng: Any = None
+        self.autocast: list[tuple[str, bool, torch.dtype]] = []
+        self.saved: list[torch.Tensor | None] = []
+        self.meta: list[tuple[torch.Size, torch.dtype]] = []
+        self.keep = False
+        self.task = -2
+        self.consumed: set[int] = set()
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def store_inputs(self, args: tuple[Any, ...], bits: tuple[int, ...], stats: RegionStats) -> None:
+        seen: dict[int, int] = {}
+        stats.packed_bytes = stats.kept_bytes = 0
+        for a, b in zip(args, bits):
+            if isinstance(a, torch.Tensor) and id(a) in seen:
+                self.arg_slots.append(seen[id(a)])
+                continue
+            slot = len(self.stored)
+            self.arg_slots.append(slot)
+            if not isinstance(a, torch.Tensor):
+                self.stored.append(a)
+                self.requires_grad.append(False)
+                self.versions.append(None)
+                continue
+            seen[id(a)] = slot
+            packed = try_pack(a, b) if b else None
+            if b and packed is None:
+                stats.unpacked_fallbacks += 1
+                self.region._warn_once(
+                    "unpacked",
+                    f"region {self.region.spec.name!r}: an input planned as {b}-bit spikes holds other values "
+                    f"in this call; it is stored unpacked (exact, but no memory saved for it). Counted in "
+                    f"summary.runtime[...].unpacked_fallbacks.",
+                )
+            if packed is not None:
+                self.stored.append(packed)
+                self.versions.append(None)
+                stats.packed_bytes += packed.nbytes
+            else:
+                self.stored.append(a)
+                self.versions.append(a._version)
+                stats.kept_bytes += a.numel() * a.element_size()
+            self.requires_grad.append(a.requires_grad)
+
+    def snapshot(self, args: tuple[Any, ...]) -> None:
+        spec, body = self.region.spec, self.body
+        self.states = [(body.get_submodule(p), StateSnapshot.take(body.get_submodule(p), names))
+                       for p, names in spec.stateful]
+        clone = set(spec.entry_clone)
+        for path, name in spec.buffers:
+            mod = body.get_submodule(path)
+            buf = mod._buffers.get(name)
+            if buf is None:
+                continue
+            entry = buf.detach().clone() if (path, name) in clone else None
+            self.buffers.append((mod, name, entry, buf._version))
+        self.cuda_devices = sorted({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda},
+                                   key=str)
+        self.rng = rng_state(self.cuda_devices)
+        self.autocast = _autocast_state()
+
+    def pack_hook(self, t: torch.Tensor) -> tuple[_Frame, int]:
+        self.saved.append(t)
+        return self, len(self.saved) - 1
+
+    def close(self, stats: RegionStats) -> None:
+        """Called when the forward of ``body`` returns: drop saved tensors unless Rule 5 applies."""
+        modified = [f"{self.region.spec.name}:{type(m).__name__}.{n}" for m, snap in self.states
+                    for n in snap.modified_in_place()]
+        if modified:
+            self.keep = True
+            stats.state_fallbacks += 1
+            self.region._warn_once(
+                "state", f"region {self.region.spec.name!r}: module state {modified} was modified in place during "
+                         f"forward, so it cannot be replayed; this call keeps its saved tensors (exact, no memory "
+                         f"saved). Rebind state (self.v = ...) instead of mutating it (self.v.add_(...)).")
+            return
+        self.meta = [(t.shape, t.dtype) for t in self.saved]
+        self.saved = [None] * len(self.saved)
+
+    # -- backward ------------------------------------------------------------------------------------------------
+    def get(self, idx: int) -> torch.Tensor:
+        if self.keep:
+            t = self.saved[idx]
+            assert t is not None
+            return t
+        task = _graph_task_id()
+        if task != self.task:
+            self.task, self.consumed = task, set()
+        t = self.saved[idx]
+        if t is None:
+            self.recompute(idx)
+            t = self.saved[idx]
+        self.saved[idx] = None
+        self.consumed.add(idx)
+        assert t is not None
+        return t
+
+    def _inputs(self) -> list[Any]:
+        values: list[Any] = []
+        for k, (s, rg) in enumerate(zip(self.stored, self.requires_grad)):
+            if isinstance(s, PackedTensor):
+                x = unpack(s)
+            elif isinstance(s, torch.Tensor):
+                if s._version != self.versions[k]:
+                    raise RuntimeError(format_error(
+                        f"region {self.region.spec.name!r}, input {self.region.spec.inputs[k]!r}",
+                        "was modified by an in-place operation after the region's forward and before backward",
+                        expected=f"version {self.versions[k]}", got=f"version {s._version}",
+                        fix="Use the out-of-place form of the operation (x = x + y instead of x += y)."))
+                x = s.detach()
+            else:
+                values.append(s)
+                continue
+            values.append(x.requires_grad_(rg) if rg else x)
+        return [values[slot] for slot in self.arg_slots]
+
+    @contextlib.contextmanager
+    def _replayed_context(self) -> Iterator[None]:
+        live_states = [(m, StateSnapshot.take(m, names)) for (m, _), (_, names)
+                       in zip(self.states, self.region.spec.stateful)]
+        live_buffers = []
+        for m, name, entry, version in self.buffers:
+            live = m._buffers[name]
+            if entry is None and live._version != version:
+                raise RuntimeError(format_error(
+                    f"region {self.region.spec.name!r}, buffer {type(m).__name__}.{name}",
+                    "was modified in place between the region's forward and its backward",
+                    fix="Do not modify buffers between forward and backward."))
+            live_buffers.append((m, name, live))
+            m._buffers[name] = (entry if entry is not None else live.detach()).clone()
+        try:
+            for m, snap in self.states:
+                snap.detached().restore(m)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.random.fork_rng(devices=self.cuda_devices))
+                set_rng_state(self.rng, self.cuda_devices)
+                for device, enabled, dtype in self.autocast:
+                    stack.enter_context(torch.autocast(device_type=device, dtype=dtype, enabled=enabled))
+                stack.enter_context(torch.enable_grad())
+                yield
+        finally:
+            for m, snap in live_states:
+                snap.restore(m)
+            for m, name, live in live_buffers:
+                m._buffers[name] = live
+
+    def recompute(self, need: int) -> None:
+        region = self.region
+        region.stats.recomputations += 1
+        inputs = self._inputs()
+        captured: list[torch.Tensor] = []
+
+        def capture(t: torch.Tensor) -> None:
+            captured.append(t)
+
+        with self._replayed_context(), torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
+            self.body(*inputs)
+        problems = []
+        if len(captured) != len(self.meta):
+            problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(captured)}")
+        for j, (t, (shape, dtype)) in enumerate(zip(captured, self.meta)):
+            if t.shape != shape or t.dtype != dtype:
+                problems.append(f"saved tensor {j}: forward {tuple(shape)} {dtype}, recomputed {tuple(t.shape)} "
+                                f"{t.dtype}")
+        if problems:
+            raise RecomputationMismatchError(format_error(
+                f"region {region.spec.name!r} (nodes {', '.join(region.spec.nodes)})",
+                "recomputation in backward did not reproduce the forward: " + "; ".join(problems),
+                fix="The region's forward must be a deterministic function of its inputs, parameters, module "
+                    "state and RNG. Exclude the offending module with leaf/targets options or report a bug."))
+        for j, t in enumerate(captured):
+            if j == need or j not in self.consumed:
+                self.saved[j] = t
+
+
+def _unpack_hook(handle: tuple[_Frame, int]) -> torch.Tensor:
+    frame, idx = handle
+    return frame.get(idx)
+
+
+class CheckpointRegion(nn.Module):
+    """One checkpoint region of an optimized module: see NOTE [Checkpoint region invariants] in this file.
+
+    The region owns no parameters or buffers: its ``body`` (a GraphModule over the original module objects) is
+    held outside the module tree, so ``state_dict()``, ``parameters()`` and ``named_modules()`` of the optimized
+    module are exactly the original model's (plus the parameter-free regions themselves).
+
+    Args:
+        body: the region's interior as a GraphModule whose submodules are the model's own modules.
+        spec: the :class:`RegionSpec`.
+        stats: the run-time counters to update.
+    """
+
+    def __init__(self, body: fx.GraphModule, spec: RegionSpec, stats: RegionStats | None = None) -> None:
+        super().__init__()
+        self.__dict__["body"] = body  # deliberately not a registered submodule (see class docstring)
+        self.spec = spec
+        self.stats = stats if stats is not None else RegionStats()
+
+    def extra_repr(self) -> str:
+        bits = ", ".join(f"{i}:{b}b" if b else f"{i}:kept" for i, b in zip(self.spec.inputs, self.spec.pack_bits))
+        return f"anchor={self.spec.anchor!r}, nodes={len(self.spec.nodes)}, inputs=[{bits}]"
+
+    def _warn_once(self, key: str, message: str) -> None:
+        from .errors import FxMemOptWarning
+
+        if key not in self.stats.warned:
+            self.stats.warned.add(key)
+            warnings.warn(message, FxMemOptWarning, stacklevel=4)
+
+    def _needs_checkpoint(self, args: tuple[Any, ...]) -> bool:
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return True
+        body = self.__dict__["body"]
+        if any(p.requires_grad for p in body.parameters()):
+            return True
+        return any(t.requires_grad for p, names in self.spec.stateful
+                   for t in StateSnapshot.take(body.get_submodule(p), names).tensors())
+
+    def forward(self, *args: Any) -> Any:
+        body: fx.GraphModule = self.__dict__["body"]
+        if len(args) != len(self.spec.inputs):
+            raise RegionError(format_error(f"region {self.spec.name!r}", "called with the wrong number of inputs",
+                                           expected=str(len(self.spec.inputs)), got=str(len(args))))
+        if not self._needs_checkpoint(args):
+            self.stats.plain_calls += 1
+            return body(*args)
+        self.stats.checkpointed_calls += 1
+        frame = _Frame(self, body)
+        frame.store_inputs(args, self.spec.pack_bits, self.stats)
+        frame.snapshot(args)
+        with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook, _unpack_hook):
+            out = body(*args)
+        frame.close(self.stats)
+        return out

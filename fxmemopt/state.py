@@ -1,0 +1,284 @@
+"""Module state: which modules carry state across calls, and how to snapshot and restore it.
+
+A spiking neuron keeps its membrane potential between calls (``self.v``); a BatchNorm layer updates its running
+statistics in place. Recomputing a layer in backward must start from the state the layer had when its forward
+first ran, and must not advance that state a second time. This module answers three questions for the rest of
+fxmemopt, all with plain data:
+
+1. *Which modules are stateful?* Three ways, in this order:
+   - declared by the user (``stateful_modules=`` classes);
+   - a ``_memories`` dict attribute (the convention of ``fxmemopt.snn`` and of spikingjelly's memory modules);
+   - detected by :func:`probe`: one forward on the example inputs records every module whose ``forward``
+     *rebinds* an attribute (``self.v = ...``) that is neither a parameter nor a buffer.
+2. *Which buffers does a forward mutate?* Also found by :func:`probe` (version counters and identity), e.g.
+   BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked`` in training mode.
+3. *How to snapshot and restore?* :class:`StateSnapshot` for one module's state, :class:`ModelState` for
+   everything fxmemopt may disturb while it analyses a model (buffers, states, RNG), so :func:`fxmemopt.optimize`
+   leaves the caller's model exactly as it found it.
+
+Snapshots hold *references*, not copies: neurons rebind their state rather than mutating it, so a reference is
+exact and free. Tensors are version-checked (``Tensor._version``) so an in-place mutation is detected instead of
+silently corrupting a snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ProbeResult",
+    "StateSnapshot",
+    "ModelState",
+    "has_memories",
+    "probe",
+    "rng_state",
+    "set_rng_state",
+]
+
+_MISSING = object()
+
+
+def has_memories(m: nn.Module) -> bool:
+    """True for modules following the ``_memories`` dict convention (fxmemopt.snn, spikingjelly)."""
+    return isinstance(m.__dict__.get("_memories"), dict)
+
+
+def _is_state_value(v: Any) -> bool:
+    # What a neuron's state looks like: a tensor, a Python number (the reset value before first use) or None.
+    return v is None or isinstance(v, (torch.Tensor, float, int, bool)) and not isinstance(v, nn.Parameter)
+
+
+@dataclass
+class StateSnapshot:
+    """The state of one stateful module at one moment, by reference.
+
+    Attributes:
+        memories: a shallow copy of ``module._memories`` (or None when the module has no such dict).
+        attrs: attribute name -> value (or a private MISSING marker when the attribute did not exist yet).
+        versions: ``id(tensor) -> tensor._version`` for every tensor in the snapshot, to detect in-place edits.
+    """
+
+    memories: dict[str, Any] | None
+    attrs: dict[str, Any]
+    versions: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, module: nn.Module, attr_names: Sequence[str]) -> StateSnapshot:
+        mem = module.__dict__.get("_memories")
+        memories = dict(mem) if isinstance(mem, dict) else None
+        attrs = {n: module.__dict__.get(n, _MISSING) for n in attr_names}
+        snap = cls(memories, attrs)
+        snap.versions = {id(t): t._version for t in snap.tensors()}
+        return snap
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the snapshot refers to."""
+        for d in (self.memories or {}, self.attrs):
+            for v in d.values():
+                if isinstance(v, torch.Tensor):
+                    yield v
+
+    def modified_in_place(self) -> list[str]:
+        """Names of state tensors whose data changed in place since the snapshot was taken."""
+        bad = []
+        for d in (self.memories or {}, self.attrs):
+            for k, v in d.items():
+                if isinstance(v, torch.Tensor) and v._version != self.versions.get(id(v), v._version):
+                    bad.append(k)
+        return bad
+
+    def restore(self, module: nn.Module) -> None:
+        """Put this state back into ``module`` (rebinding attributes; the ``_memories`` dict keeps its identity)."""
+        if self.memories is not None:
+            mem = module.__dict__["_memories"]
+            mem.clear()
+            mem.update(self.memories)
+        for k, v in self.attrs.items():
+            if v is _MISSING:
+                module.__dict__.pop(k, None)
+            else:
+                module.__dict__[k] = v
+
+    def detached(self) -> StateSnapshot:
+        """A copy whose tensors are detached aliases keeping ``requires_grad``: what recomputation runs on.
+
+        Recomputation must save the same tensors as the forward did, and autograd decides what to save from
+        ``requires_grad``; detaching keeps recomputation from extending the forward's graph.
+        """
+
+        def det(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.detach().requires_grad_(v.requires_grad)
+            return v
+
+        memories = None if self.memories is None else {k: det(v) for k, v in self.memories.items()}
+        return StateSnapshot(memories, {k: det(v) for k, v in self.attrs.items()})
+
+
+def rng_state(cuda_devices: Sequence[torch.device] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The CPU RNG state and the RNG states of the given CUDA devices."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices]
+
+
+def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]], cuda_devices: Sequence[torch.device] = ()) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in zip(cuda_devices, cuda):
+        torch.cuda.set_rng_state(s, d)
+
+
+def _cuda_devices_in_use() -> list[torch.device]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return []
+
+
+class ModelState:
+    """Everything fxmemopt could disturb in a model while analysing it, captured so it can be put back.
+
+    Captures buffer *values* (cloned: analysis runs mutate them in place), every stateful module's state (by
+    reference), parameter ``.grad`` references, training flags and the global RNG states. ``restore()`` puts all of
+    it back: buffers are copied back in place and rebound to their original objects.
+
+    Example:
+        >>> saved = ModelState.capture(model, stateful={})          # doctest: +SKIP
+        >>> model(x)                                                # mutates BN stats, neuron states, RNG
+        >>> saved.restore()                                         # as if the call never happened
+    """
+
+    def __init__(self, model: nn.Module, stateful: dict[str, Sequence[str]]) -> None:
+        self.model = model
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        for mod in model.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    self.buffers.append((mod, name, buf, buf.detach().clone()))
+        self.states: list[tuple[nn.Module, StateSnapshot]] = []
+        for path, names in stateful.items():
+            mod = model.get_submodule(path)
+            self.states.append((mod, StateSnapshot.take(mod, names)))
+        self.grads = [(p, p.grad) for p in model.parameters()]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.cuda_devices = _cuda_devices_in_use()
+        self.rng = rng_state(self.cuda_devices)
+
+    @classmethod
+    def capture(cls, model: nn.Module, stateful: dict[str, Sequence[str]]) -> ModelState:
+        return cls(model, stateful)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for mod, name, original, value in self.buffers:
+                mod._buffers[name] = original
+                original.copy_(value)
+        for mod, snap in self.states:
+            snap.restore(mod)
+        for p, g in self.grads:
+            p.grad = g
+        for m, training in self.training:
+            m.training = training
+        set_rng_state(self.rng, self.cuda_devices)
+
+    @contextlib.contextmanager
+    def restored_after(self) -> Iterator[None]:
+        """Context manager: run the body, then restore, whatever happens."""
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one eager forward on the example inputs revealed about module state.
+
+    Attributes:
+        stateful: module path -> names of plain attributes its forward rebinds (empty for ``_memories``
+            modules, whose state names are read live from the dict). Sorted by path.
+        mutated_buffers: (module path, buffer name) pairs the forward mutated in place or rebound.
+        call_counts: module path -> number of times the module was called.
+    """
+
+    stateful: dict[str, tuple[str, ...]]
+    mutated_buffers: tuple[tuple[str, str], ...]
+    call_counts: dict[str, int]
+
+
+def probe(model: nn.Module, example_inputs: tuple[Any, ...],
+          declared: tuple[type, ...] = ()) -> ProbeResult:
+    """Run ``model(*example_inputs)`` once under ``no_grad`` and record which modules carry state.
+
+    The model is left exactly as it was (buffers, states, grads, RNG are restored afterwards).
+
+    Args:
+        model: the user's model, in the training mode it will be optimized for.
+        example_inputs: a tuple of inputs, as for ``model(*example_inputs)``.
+        declared: module classes the user declared stateful; their plain tensor/number attributes are
+            treated as state whether or not this forward rebinds them.
+
+    Returns:
+        A :class:`ProbeResult`.
+    """
+    paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
+    before_attrs: dict[nn.Module, dict[str, int]] = {}
+    before_bufs: dict[nn.Module, dict[str, tuple[int, int]]] = {}
+    changed_attrs: dict[nn.Module, set[str]] = {}
+    changed_bufs: set[tuple[str, str]] = set()
+    counts: dict[str, int] = {}
+
+    def pre(mod: nn.Module, args: Any) -> None:
+        before_attrs[mod] = {k: id(v) for k, v in mod.__dict__.items() if _is_state_value(v)}
+        before_bufs[mod] = {k: (id(b), b._version) for k, b in mod._buffers.items() if b is not None}
+
+    def post(mod: nn.Module, args: Any, out: Any) -> None:
+        path = paths.get(mod, "")
+        counts[path] = counts.get(path, 0) + 1
+        old = before_attrs.get(mod, {})
+        for k, v in mod.__dict__.items():
+            if _is_state_value(v) and k not in ("training",) and old.get(k) != id(v):
+                changed_attrs.setdefault(mod, set()).add(k)
+        for k, (bid, ver) in before_bufs.get(mod, {}).items():
+            b = mod._buffers.get(k)
+            if b is None or id(b) != bid or b._version != ver:
+                changed_bufs.add((path, k))
+
+    # Stateful by convention, declared classes included, found before the run so their state is restored too.
+    conventional = {p: () for p, m in model.named_modules() if has_memories(m) or isinstance(m, declared)}
+    saved = ModelState.capture(model, conventional)
+    handles = []
+    try:
+        for m in paths:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        # Attributes rebound by detected modules are restored by hand below (they are not known beforehand).
+        attr_backup = {m: dict(m.__dict__) for m in paths}
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, d in locals().get("attr_backup", {}).items():
+            for k in changed_attrs.get(m, ()):
+                if k in d:
+                    m.__dict__[k] = d[k]
+                else:
+                    m.__dict__.pop(k, None)
+        saved.restore()
+
+    stateful: dict[str, tuple[str, ...]] = {}
+    for p, m in model.named_modules():
+        if has_memories(m):
+            stateful[p] = ()
+        elif isinstance(m, declared):
+            names = {k for k, v in m.__dict__.items() if isinstance(v, (torch.Tensor, float)) and k != "training"}
+            stateful[p] = tuple(sorted(names | changed_attrs.get(m, set())))
+        elif m in changed_attrs:
+            stateful[p] = tuple(sorted(changed_attrs[m]))
+    # A parent of a stateful module is not itself stateful: only the innermost owner of the attributes is.
+    return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs)), counts)

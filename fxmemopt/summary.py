@@ -1,0 +1,135 @@
+"""Stage 10, *report*: what :func:`fxmemopt.optimize` did, as plain data you can print, test and save.
+
+:class:`Summary` lists every checkpoint region (named after module paths), how each region input is stored for
+backward (packed bits or kept), the submodules that could not be traced and became leaves (with the reason),
+the stateful modules found, and live run-time counters (calls, recomputations, packing fallbacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .plan import Plan
+from .runtime import RegionStats
+from .trace import LeafFallback
+
+__all__ = ["InputReport", "RegionReport", "Summary"]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class InputReport:
+    """How one region input is stored for backward.
+
+    Attributes:
+        node: the graph node feeding the region.
+        shape, dtype: of the example value (``None`` for non-tensors).
+        value_set: decided value set (``{0,1}``, ``{0..2}``, ``real``...).
+        bits: packing width (0 = kept as is).
+        full_bytes: bytes of the tensor itself.
+        stored_bytes: bytes stored for backward (packed size, the full size, or 0 for parameters/buffers which
+            live anyway).
+        reason: why it is stored this way.
+    """
+
+    node: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    value_set: str
+    bits: int
+    full_bytes: int
+    stored_bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegionReport:
+    """One checkpoint region: its nodes, stateful modules and inputs."""
+
+    name: str
+    anchor: str
+    nodes: tuple[str, ...]
+    stateful_modules: tuple[str, ...]
+    inputs: tuple[InputReport, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(i.stored_bytes for i in self.inputs)
+
+    @property
+    def full_bytes(self) -> int:
+        return sum(i.full_bytes for i in self.inputs if i.reason != "parameter or buffer")
+
+
+@dataclass
+class Summary:
+    """What :func:`fxmemopt.optimize` did.
+
+    Attributes:
+        model: class name of the optimized model.
+        regions: the checkpoint regions, in graph order.
+        leaf_fallbacks: submodules kept whole because tracing through them failed, with the reason.
+        stateful_modules: module paths found to carry state across calls (neurons), with how they were found.
+        plan: the applied :class:`~fxmemopt.plan.Plan`.
+        notes: other remarks.
+        runtime: region name -> live :class:`~fxmemopt.runtime.RegionStats` (they keep counting).
+    """
+
+    model: str
+    regions: list[RegionReport]
+    leaf_fallbacks: list[LeafFallback]
+    stateful_modules: dict[str, str]
+    plan: Plan
+    notes: list[str] = field(default_factory=list)
+    runtime: dict[str, RegionStats] = field(default_factory=dict)
+
+    @property
+    def region_count(self) -> int:
+        """Number of checkpoint regions (the seed's ``gc_wrap_count``)."""
+        return len(self.regions)
+
+    @property
+    def packed_input_count(self) -> int:
+        """Region inputs stored bit-packed (the seed's ``bit_compressor_count`` counts 1-bit ones only)."""
+        return sum(1 for r in self.regions for i in r.inputs if i.bits)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes all regions keep for backward on the example inputs (packed inputs at their packed size)."""
+        return sum(r.stored_bytes for r in self.regions)
+
+    @property
+    def unpacked_fallbacks(self) -> int:
+        """Run-time count of planned packings that failed the exact check and were stored unpacked."""
+        return sum(s.unpacked_fallbacks for s in self.runtime.values())
+
+    def table(self) -> str:
+        """A fixed-width table: one row per region with its inputs' storage."""
+        rows = [("region", "anchor", "nodes", "inputs (value set -> storage)", "kept for backward")]
+        for r in self.regions:
+            ins = ", ".join(
+                f"{i.node}:{i.value_set}->{str(i.bits) + 'b' if i.bits else ('ref' if i.stored_bytes == 0 else 'full')}"
+                for i in r.inputs)
+            rows.append((r.name, r.anchor, str(len(r.nodes)), ins, _fmt_bytes(r.stored_bytes)))
+        widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        parts = [f"fxmemopt summary for {self.model}: {self.region_count} checkpoint regions, "
+                 f"{self.packed_input_count} packed inputs, {_fmt_bytes(self.stored_bytes)} kept for backward by "
+                 f"region inputs on the example", self.table()]
+        if self.leaf_fallbacks:
+            parts.append("submodules kept whole (not traceable):")
+            parts += [f"  {f.path} ({f.module_type}): {f.reason}" for f in self.leaf_fallbacks]
+        parts += [f"note: {n}" for n in self.notes]
+        return "\n".join(parts)

@@ -1,0 +1,135 @@
+"""Stage 9, *verify*: compare a whole training step of two independent copies of a model.
+
+:func:`compare_training_step` runs forward + backward on a reference (the unoptimized model, usually a
+``copy.deepcopy`` taken before :func:`fxmemopt.optimize`) and on a candidate (the optimized module), from the same
+RNG seed, and compares everything a training step produces: outputs, every parameter gradient, the gradient of
+every floating-point input, every buffer (BatchNorm running statistics, ``num_batches_tracked``), the state every
+stateful module holds after the step, and the RNG state after the step (dropout draws the same numbers). On CPU
+these are bitwise equal for deterministic ops, so the default is ``exact=True`` (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .measure import default_loss
+
+__all__ = ["EquivalenceReport", "compare_training_step", "module_states"]
+
+
+@dataclass
+class EquivalenceReport:
+    """Result of :func:`compare_training_step`.
+
+    Attributes:
+        checked: number of tensors compared.
+        mismatches: ``(what, detail)`` for every difference (empty when equivalent).
+    """
+
+    checked: int = 0
+    mismatches: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"equivalent: {self.checked} tensors compared"
+        return f"{len(self.mismatches)} of {self.checked} differ:\n" + "\n".join(
+            f"  {w}: {d}" for w, d in self.mismatches)
+
+
+def module_states(module: nn.Module) -> dict[str, Any]:
+    """``path.name -> value`` of every ``_memories`` entry (neuron states) in ``module``."""
+    out = {}
+    for path, m in module.named_modules():
+        mem = m.__dict__.get("_memories")
+        if isinstance(mem, dict):
+            for k, v in mem.items():
+                out[f"{path}.{k}" if path else k] = v
+    return out
+
+
+def _compare(report: EquivalenceReport, what: str, a: Any, b: Any, exact: bool, atol: float) -> None:
+    report.checked += 1
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        report.mismatches.append((what, f"{type(a).__name__} vs {type(b).__name__}"))
+        return
+    if not isinstance(a, torch.Tensor):
+        if a != b:
+            report.mismatches.append((what, f"{a!r} vs {b!r}"))
+        return
+    if a.shape != b.shape or a.dtype != b.dtype:
+        report.mismatches.append((what, f"{tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"))
+        return
+    equal = torch.equal(a, b) if exact else torch.allclose(a.double(), b.double(), atol=atol, rtol=0, equal_nan=True)
+    if not equal:
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        report.mismatches.append((what, f"max abs difference {diff:.3g}"))
+
+
+def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
+                          loss_fn: Callable[[Any], torch.Tensor] | None = None, seed: int = 0,
+                          exact: bool = True, atol: float = 0.0) -> EquivalenceReport:
+    """Run one training step on both modules and compare everything it produces.
+
+    Both modules must be independent (no shared parameters) and start in the same state. Inputs are cloned per
+    module; floating-point inputs are made to require grad so their gradients are compared too.
+
+    Args:
+        reference: e.g. a deepcopy of the model taken before optimizing.
+        candidate: the optimized module (sharing parameters with the original model, not with ``reference``).
+        inputs: positional inputs.
+        loss_fn: output -> scalar loss; default: sum of all floating outputs.
+        seed: the RNG seed both steps start from.
+        exact: compare with ``torch.equal``; else ``allclose`` with ``atol``.
+
+    Returns:
+        An :class:`EquivalenceReport`; ``report.ok`` is True when everything matches.
+    """
+    loss_fn = loss_fn or default_loss
+    report = EquivalenceReport()
+    results = []
+    for module in (reference, candidate):
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+              for x in inputs]
+        torch.manual_seed(seed)
+        out = module(*xs)
+        loss = loss_fn(out)
+        loss.backward()
+        results.append({
+            "outputs": [t.detach() for t in tree_leaves(out) if isinstance(t, torch.Tensor)],
+            "input_grads": [x.grad for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point()],
+            "grads": {n: p.grad for n, p in module.named_parameters()},
+            "buffers": dict(module.named_buffers()),
+            "states": module_states(module),
+            "rng": torch.get_rng_state(),
+        })
+    ref, cand = results
+    for k, (a, b) in enumerate(zip(ref["outputs"], cand["outputs"])):
+        _compare(report, f"output[{k}]", a, b, exact, atol)
+    if len(ref["outputs"]) != len(cand["outputs"]):
+        report.mismatches.append(("outputs", f"{len(ref['outputs'])} vs {len(cand['outputs'])} tensors"))
+    for k, (a, b) in enumerate(zip(ref["input_grads"], cand["input_grads"])):
+        _compare(report, f"input[{k}].grad", a, b, exact, atol)
+    for group in ("grads", "buffers", "states"):
+        keys = set(ref[group]) | set(cand[group])
+        for name in sorted(keys):
+            if name not in ref[group] or name not in cand[group]:
+                report.mismatches.append((f"{group}:{name}", "missing on one side"))
+                continue
+            a, b = ref[group][name], cand[group][name]
+            if isinstance(a, torch.Tensor):
+                a = a.detach()
+            if isinstance(b, torch.Tensor):
+                b = b.detach()
+            _compare(report, f"{group}:{name}", a, b, exact, atol)
+    _compare(report, "rng state after the step", ref["rng"], cand["rng"], True, 0.0)
+    return report
