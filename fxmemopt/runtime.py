@@ -186,7 +186,9 @@ class _Frame:
         self.autocast = _autocast_state()
 
     def pack_hook(self, t: torch.Tensor) -> tuple[_Frame, int]:
-        self.saved.append(t)
+        # Detached: a tensor with a grad_fn here would close a reference cycle through C++ autograd nodes
+        # (tensor -> grad_fn -> saved-variable hooks -> this frame -> tensor) that Python's gc cannot break.
+        self.saved.append(t.detach())
         return self, len(self.saved) - 1
 
     def close(self, stats: RegionStats) -> None:
@@ -278,7 +280,7 @@ class _Frame:
         captured: list[torch.Tensor] = []
 
         def capture(t: torch.Tensor) -> None:
-            captured.append(t)
+            captured.append(t.detach())  # detached: see pack_hook; lets the recomputation's graph die at once
 
         with self._replayed_context(), torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
             self.body(*inputs)
