@@ -77,7 +77,8 @@ def _compare(report: EquivalenceReport, what: str, a: Any, b: Any, exact: bool, 
 
 def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *,
                           loss_fn: Callable[[Any], torch.Tensor] | None = None, seed: int = 0,
-                          exact: bool = True, atol: float = 0.0) -> EquivalenceReport:
+                          exact: bool = True, atol: float = 0.0,
+                          between: Callable[[], None] | None = None) -> EquivalenceReport:
     """Run one training step on both modules and compare everything it produces.
 
     Both modules must be independent (no shared parameters) and start in the same state. Inputs are cloned per
@@ -90,6 +91,8 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
         loss_fn: output -> scalar loss; default: sum of all floating outputs.
         seed: the RNG seed both steps start from.
         exact: compare with ``torch.equal``; else ``allclose`` with ``atol``.
+        between: called between forward and backward of each step (e.g. ``lambda: torch.rand(3)`` to move the
+            global RNG, proving that recomputation replays dropout masks from the forward's RNG state).
 
     Returns:
         An :class:`EquivalenceReport`; ``report.ok`` is True when everything matches.
@@ -103,6 +106,8 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
         torch.manual_seed(seed)
         out = module(*xs)
         loss = loss_fn(out)
+        if between is not None:
+            between()
         loss.backward()
         results.append({
             "outputs": [t.detach() for t in tree_leaves(out) if isinstance(t, torch.Tensor)],

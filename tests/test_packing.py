@@ -1,0 +1,458 @@
+"""Tests of :mod:`fxmemopt.packing`: exact, lossless bit-packing of small-integer tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fxmemopt.packing import SUPPORTED_BITS, PackedTensor, bits_for_max, packed_nbytes, try_pack, unpack
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.uint8)
+ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES + (torch.bool,)
+# Same-width integer views: bitwise comparison of floats (so -0.0 != +0.0 and NaN == NaN of the same payload).
+INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bit pattern of every element."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = INT_VIEW.get(a.dtype)
+    if view is not None:
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
+def values_for(bits: int, numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """``numel`` values covering ``{0..2**bits-1}`` (as far as ``dtype`` allows), deterministic."""
+    hi = 1 if dtype == torch.bool else (1 << bits) - 1
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randint(0, hi + 1, (numel,), generator=gen)
+    if numel > hi:  # make sure both ends of the range occur
+        v[0], v[-1] = 0, hi
+    return v.to(dtype)
+
+
+def roundtrip(t: torch.Tensor, bits: int) -> tuple[PackedTensor, torch.Tensor]:
+    p = try_pack(t, bits)
+    assert p is not None, f"{t.dtype} {tuple(t.shape)} at {bits} bits was rejected"
+    return p, unpack(p)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bits_for_max / packed_nbytes
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("hi", "bits"), [
+    (None, 0), (-1, 0), (-100, 0), (0, 1), (1, 1), (2, 2), (3, 2), (4, 8), (5, 8), (127, 8), (255, 8),
+    (256, 0), (10**9, 0),
+])
+def test_bits_for_max(hi, bits):
+    assert bits_for_max(hi) == bits
+
+
+@pytest.mark.parametrize(("numel", "bits", "nbytes"), [
+    (0, 1, 0), (1, 1, 1), (7, 1, 1), (8, 1, 1), (9, 1, 2), (13, 1, 2), (16, 1, 2), (17, 1, 3),
+    (0, 2, 0), (1, 2, 1), (4, 2, 1), (5, 2, 2), (9, 2, 3),
+    (0, 8, 0), (1, 8, 1), (13, 8, 13),
+])
+def test_packed_nbytes_table(numel, bits, nbytes):
+    assert packed_nbytes(numel, bits) == nbytes
+
+
+def test_supported_bits():
+    assert SUPPORTED_BITS == (1, 2, 8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Round trip, sizes, dtypes, shapes
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 13, 64, 255, 1000])
+def test_roundtrip_bitwise_and_exact_size(dtype, bits, numel):
+    x = values_for(bits, numel, dtype, seed=numel)
+    p, y = roundtrip(x, bits)
+    assert bitwise_equal(y, x)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
+    assert p.bits == bits and p.dtype == dtype and p.shape == x.shape and p.numel == numel
+    assert p.payload.dtype == torch.uint8 and p.payload.dim() == 1
+    assert p.nbytes == packed_nbytes(numel, bits) == math.ceil(numel * bits / 8)
+    if bits == 1:
+        assert p.nbytes == (numel + 7) // 8
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_documented_layout_lsb_first(bits):
+    # value k*per + i sits at bits [i*bits, (i+1)*bits) of byte k; the last byte is zero-padded.
+    per = 8 // bits
+    vals = [(3 * i + 1) % (1 << bits) for i in range(2 * per + 1)]
+    p = try_pack(torch.tensor(vals, dtype=torch.float32), bits)
+    expected = [0] * packed_nbytes(len(vals), bits)
+    for j, v in enumerate(vals):
+        expected[j // per] |= v << ((j % per) * bits)
+    assert p.payload.tolist() == expected
+
+
+def test_docstring_example():
+    s = (torch.rand(4, 3, 5, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    p = try_pack(s, bits=1)
+    assert p.nbytes == 8
+    assert torch.equal(unpack(p), s)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("shape", [(0,), (3, 0, 2), (0, 0), (2, 0)])
+def test_empty_tensors(dtype, bits, shape):
+    x = torch.zeros(shape, dtype=dtype)
+    p, y = roundtrip(x, bits)
+    assert p.nbytes == 0 == packed_nbytes(0, bits)
+    assert y.shape == x.shape and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("value", [0, 1])
+def test_zero_dim_tensors(dtype, bits, value):
+    x = torch.tensor(value, dtype=dtype)
+    assert x.dim() == 0
+    p, y = roundtrip(x, bits)
+    assert y.shape == () and bitwise_equal(y, x)
+    assert p.nbytes == 1
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("value", [2, 3, 200, 255])
+def test_zero_dim_larger_values(bits, value):
+    x = torch.tensor(float(value))
+    p = try_pack(x, bits)
+    if value < (1 << bits):
+        assert p is not None and bitwise_equal(unpack(p), x)
+    else:
+        assert p is None
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_full_range_each_width(bits):
+    # every representable value, for every dtype that can hold them
+    hi = (1 << bits) - 1
+    for dtype in FLOAT_DTYPES + INT_DTYPES:
+        x = torch.arange(hi + 1).to(dtype)
+        _, y = roundtrip(x, bits)
+        assert bitwise_equal(y, x), dtype
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Layout: strides, views, storage offsets
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.uint8, torch.bool, torch.int64), ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("perm", [(1, 0, 2), (2, 1, 0), (0, 2, 1), (2, 0, 1)])
+def test_permuted_dense_keeps_strides(dtype, bits, perm):
+    base = values_for(bits, 3 * 5 * 7, dtype, seed=1).view(3, 5, 7)
+    x = base.permute(perm)
+    assert not x.is_contiguous()
+    p, y = roundtrip(x, bits)
+    assert y.stride() == x.stride()
+    assert y.shape == x.shape
+    assert bitwise_equal(y, x)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_channels_last_keeps_strides(bits):
+    x = values_for(bits, 2 * 3 * 4 * 5, torch.float32, seed=2).view(2, 3, 4, 5)
+    x = x.contiguous(memory_format=torch.channels_last)
+    _, y = roundtrip(x, bits)
+    assert y.stride() == x.stride()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert bitwise_equal(y, x)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.uint8, torch.bool), ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_dense_view_with_storage_offset(dtype, bits):
+    base = values_for(bits, 4 * 9, dtype, seed=3).view(4, 9)
+    x = base[2]  # dense, storage_offset 18
+    assert x.storage_offset() == 18
+    p, y = roundtrip(x, bits)
+    assert bitwise_equal(y, x)
+    assert p.nbytes == packed_nbytes(9, bits)
+    xt = base[1:3].t()  # dense after a permutation, non-zero offset
+    _, yt = roundtrip(xt, bits)
+    assert yt.stride() == xt.stride() and bitwise_equal(yt, xt)
+
+
+NON_DENSE_DTYPES = (torch.float32, torch.float16, torch.uint8, torch.bool, torch.int32)
+
+
+@pytest.mark.parametrize("dtype", NON_DENSE_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("view", ["step_cols", "step_rows", "expand", "col", "narrow_inner"])
+def test_non_dense_views_roundtrip_contiguous(dtype, bits, view):
+    base = values_for(bits, 6 * 8, dtype, seed=4).view(6, 8)
+    x = {
+        "step_cols": lambda: base[:, ::2],
+        "step_rows": lambda: base[::3],
+        "expand": lambda: base[:1].expand(5, 8),
+        "col": lambda: base[:, 3],
+        "narrow_inner": lambda: base[:, 1:6],
+    }[view]()
+    p, y = roundtrip(x, bits)
+    assert bitwise_equal(y, x)
+    assert y.is_contiguous()
+    assert p.nbytes == packed_nbytes(x.numel(), bits)
+
+
+def test_size_one_dims_with_odd_strides():
+    x = torch.ones(1, 1, dtype=torch.float32).as_strided((1, 1), (5, 7))
+    p, y = roundtrip(x, 1)
+    assert bitwise_equal(y, x) and p.nbytes == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Freshness and non-mutation
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_unpack_returns_fresh_tensor(dtype, bits):
+    x = values_for(bits, 21, dtype, seed=5)
+    p = try_pack(x, bits)
+    payload_before = p.payload.clone()
+    y1 = unpack(p)
+    if dtype == torch.bool:
+        y1.logical_not_()
+    else:
+        y1.add_(1)
+    y2 = unpack(p)
+    assert bitwise_equal(y2, x)
+    assert torch.equal(p.payload, payload_before)
+    assert y1.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", (torch.uint8, torch.bool), ids=str)
+def test_eight_bit_payload_does_not_alias_input(dtype):
+    # bits=8 with uint8 (or bool) input is the no-conversion path: the payload must still be a copy
+    x = values_for(8, 17, dtype, seed=6)
+    expected = x.clone()
+    p = try_pack(x, 8)
+    assert p.payload.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    x.zero_()
+    assert bitwise_equal(unpack(p), expected)
+    y = unpack(p)
+    if dtype == torch.bool:
+        y.logical_not_()
+    else:
+        y.add_(1)
+    assert bitwise_equal(unpack(p), expected)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_input_not_modified(dtype, bits, layout):
+    base = values_for(bits, 4 * 6, dtype, seed=7).view(4, 6)
+    x = {"contiguous": base, "permuted": base.t(), "sliced": base[:, ::2]}[layout]
+    snapshot = x.clone()
+    version, base_version = x._version, base._version
+    p = try_pack(x, bits)
+    assert p is not None
+    assert x._version == version and base._version == base_version
+    assert bitwise_equal(x, snapshot)
+    unpack(p)
+    assert bitwise_equal(x, snapshot) and x._version == version
+
+
+def test_requires_grad_input():
+    x = torch.tensor([0.0, 1.0, 1.0, 0.0], requires_grad=True)
+    p, y = roundtrip(x, 1)
+    assert not y.requires_grad
+    assert bitwise_equal(y, x.detach())
+    assert not p.payload.requires_grad
+
+
+def test_rejected_input_not_modified():
+    x = torch.tensor([0.0, 1.0, 0.5])
+    version = x._version
+    assert try_pack(x, 1) is None
+    assert x._version == version and x.tolist() == [0.0, 1.0, 0.5]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rejection
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("bad", [-0.0, math.nan, -math.nan, math.inf, -math.inf, 0.5, -1.0, 1.5, 1e30])
+def test_rejects_non_integer_float_values(dtype, bits, bad):
+    x = torch.tensor([0.0, 1.0, bad, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=dtype)
+    assert try_pack(x, bits) is None
+    assert try_pack(x[2:3], bits) is None  # alone
+    assert try_pack(x[2].clone(), bits) is None  # 0-dim
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES, ids=str)
+@pytest.mark.parametrize(("bits", "bad"), [(1, 2), (1, 3), (1, 255), (2, 4), (2, 7), (2, 255), (8, 256),
+                                           (8, 257), (8, 512), (8, 1 << 20)])
+def test_rejects_out_of_range(dtype, bits, bad):
+    if dtype == torch.uint8 and bad > 255 or dtype == torch.float16 and bad > 2048:
+        pytest.skip("not exactly representable")
+    x = torch.tensor([0, 1, 0, bad, 1], dtype=torch.int64).to(dtype)
+    assert int(x[3]) >= bad - 1  # bfloat16 rounds 257 to 256 and 513 to 512: still out of range
+    assert try_pack(x, bits) is None
+    assert try_pack(x.view(1, 5).t(), bits) is None  # dense permuted path
+    assert try_pack(x[1::2].flip(0), bits) is None  # copied path
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.int64, torch.int32), ids=str)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("bad", [-1, -2, -255, -256])
+def test_rejects_negative(dtype, bits, bad):
+    x = torch.tensor([1, bad, 0], dtype=dtype)
+    assert try_pack(x, bits) is None
+
+
+def test_rejects_wraparound_values():
+    # values that become in-range after a modular uint8 conversion must still be rejected
+    for v in (256, 257, 513, -255, 1 << 33):
+        assert try_pack(torch.tensor([v], dtype=torch.int64), 8) is None, v
+        assert try_pack(torch.tensor([v], dtype=torch.int64), 1) is None, v
+
+
+@pytest.mark.parametrize("dtype", (torch.complex64, torch.float8_e4m3fn), ids=str)
+def test_rejects_unsupported_dtypes(dtype):
+    x = torch.zeros(4).to(dtype)
+    assert try_pack(x, 8) is None
+
+
+@pytest.mark.parametrize("bits", [0, 3, 4, 7, 16, -1, 32])
+def test_unsupported_bits_raise(bits):
+    with pytest.raises(ValueError, match="bits"):
+        try_pack(torch.zeros(4), bits)
+
+
+@pytest.mark.parametrize("bits", [0, 3])
+def test_unsupported_bits_raise_even_for_empty(bits):
+    with pytest.raises(ValueError):
+        try_pack(torch.zeros(0), bits)
+
+
+def test_bool_at_every_width():
+    x = torch.tensor([True, False, True, True, False, False, True, False, True])
+    for bits in SUPPORTED_BITS:
+        p, y = roundtrip(x, bits)
+        assert y.dtype == torch.bool and torch.equal(y, x)
+        assert p.nbytes == packed_nbytes(9, bits)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Property: packs exactly when every value is bitwise an in-range integer, and then round-trips bitwise
+# ------------------------------------------------------------------------------------------------------------
+
+_OUT_OF_RANGE_FLOATS = [-0.0, math.nan, math.inf, -math.inf, 0.5, -1.0, 2.5, 256.0, 1000.0]
+_OUT_OF_RANGE_INTS = [-1, -7, 256, 1000, -(1 << 31), (1 << 31) - 1]
+
+
+@st.composite
+def pack_cases(draw):
+    """(tensor, bits): random shape, dtype, layout; values mostly in range, sometimes not."""
+    dtype = draw(st.sampled_from(ALL_DTYPES))
+    bits = draw(st.sampled_from(SUPPORTED_BITS))
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=4)))
+    numel = math.prod(shape)
+    hi = (1 << bits) - 1
+    if dtype == torch.bool:
+        elements = st.booleans()
+    else:
+        in_range = st.integers(0, hi)
+        # "wide" values: in range for 8 bits but out of range for 1 or 2 bits
+        wide = st.integers(0, 255)
+        if dtype.is_floating_point:
+            bad = st.sampled_from(_OUT_OF_RANGE_FLOATS)
+        elif dtype == torch.uint8:
+            bad = st.just(255) if hi < 255 else st.nothing()
+        else:
+            bad = st.sampled_from(_OUT_OF_RANGE_INTS)
+        mix = draw(st.sampled_from(["in", "wide", "bad"]))
+        elements = {"in": in_range, "wide": st.one_of(in_range, wide),
+                    "bad": st.one_of(in_range, in_range, in_range, bad)}[mix]
+    values = draw(st.lists(elements, min_size=numel, max_size=numel))
+    if dtype.is_floating_point:
+        values = [float(v) for v in values]
+    t = torch.tensor(values, dtype=dtype).reshape(shape)
+    layout = draw(st.sampled_from(["as_is", "transpose", "flip_copy", "step"]))
+    if layout == "transpose" and t.dim() >= 2:
+        t = t.transpose(0, -1)
+    elif layout == "step" and t.dim() >= 1:
+        t = t[::2]
+    elif layout == "flip_copy":
+        t = t.flip(list(range(t.dim())))
+    return t, bits
+
+
+def _expected_packable(t: torch.Tensor, bits: int) -> bool:
+    """Reference: every element is an integer in [0, 2**bits - 1], +0.0 only (not -0.0), no NaN/inf."""
+    hi = (1 << bits) - 1
+    for v in t.reshape(-1).tolist():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v) or v != int(v) or math.copysign(1.0, v) < 0:
+                return False
+            v = int(v)
+        if not 0 <= v <= hi:
+            return False
+    return True
+
+
+@settings(deadline=None)
+@given(pack_cases())
+@example((torch.tensor([-0.0, 1.0]), 1))
+@example((torch.tensor([math.nan]), 8))
+@example((torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]), 1))
+@example((torch.tensor([3.0, 2.0, 1.0, 0.0, 3.0]), 2))
+@example((torch.tensor([4.0]), 2))
+@example((torch.tensor([255, 0, 17], dtype=torch.uint8), 8))
+@example((torch.tensor([255, 0, 17], dtype=torch.uint8), 2))
+@example((torch.tensor([256, 0], dtype=torch.int64), 8))
+@example((torch.tensor([-1], dtype=torch.int32), 8))
+@example((torch.zeros(3, 0, 2), 1))
+@example((torch.tensor(1.0, dtype=torch.bfloat16), 1))
+@example((torch.tensor([[True, False, True]]).t(), 2))
+def test_property_pack_iff_in_range(case):
+    t, bits = case
+    before = t.clone()
+    version = t._version
+    p = try_pack(t, bits)
+    assert t._version == version and bitwise_equal(t, before)
+    if _expected_packable(t, bits):
+        assert p is not None
+        assert p.nbytes == packed_nbytes(t.numel(), bits)
+        y = unpack(p)
+        assert y.dtype == t.dtype and y.shape == t.shape
+        assert bitwise_equal(y, t)
+        if p.stride is not None:
+            assert y.stride() == t.stride()
+        else:
+            assert y.is_contiguous()
+        # unpacking twice gives equal, independent tensors
+        y2 = unpack(p)
+        assert bitwise_equal(y2, t)
+        assert y.numel() == 0 or y.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
+    else:
+        assert p is None
