@@ -47,13 +47,21 @@ class LiveBytesTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
-    def _track(self, t: torch.Tensor) -> None:
+    @staticmethod
+    def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
         try:
-            storage = t.untyped_storage()
+            return t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+            return None
+
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        storage = self._storage(t)
+        if storage is None:
             return
         key = storage._cdata
-        if key in self._sizes:
+        # Views and in-place results alias an input's storage: nothing new was allocated (and a view of a tensor
+        # that existed before tracking, such as a parameter or the model input, must not count).
+        if key in self._sizes or key in inputs:
             return
         n = storage.nbytes()
         self._sizes[key] = n
@@ -62,10 +70,13 @@ class LiveBytesTracker(TorchDispatchMode):
         weakref.finalize(storage, self._free, key)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = {st._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+                  for st in (self._storage(a),) if st is not None}
+        out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, inputs)
         return out
 
 

@@ -25,7 +25,7 @@ from .annotate import AnnotatedGraph
 from .errors import InternalError
 from .plan import Plan, RegionPlan
 from .regions import region_io
-from .runtime import CheckpointRegion, RegionSpec, RegionStats
+from .runtime import CheckpointRegion, RegionSpec, RegionStats, region_args, release_args
 from .trace import _resolve, make_graph_module
 
 __all__ = ["rewrite"]
@@ -53,8 +53,10 @@ def _body(model: nn.Module, graph: fx.Graph, rp: RegionPlan, inputs: tuple[str, 
           node_by_name: dict[str, fx.Node]) -> fx.GraphModule:
     body = fx.Graph()
     env: dict[str, fx.Node] = {}
-    for name in inputs:
-        env[name] = body.placeholder(name)
+    box = body.placeholder("inputs")
+    for k, name in enumerate(inputs):
+        env[name] = body.create_node("call_function", operator.getitem, (box, k), {}, name=name)
+    body.call_function(release_args, (box,))
     for name in rp.nodes:
         env[name] = body.node_copy(node_by_name[name], lambda n: env[n.name])
     body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
@@ -134,7 +136,9 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         emitted += 1
         if u in modules:
             inputs, outputs = io[u]
-            call = new.call_module(u, tuple(env[i] for i in inputs))
+            box = new.create_node("call_function", region_args, tuple(env[i] for i in inputs), {},
+                                  name=f"{u}_inputs")
+            call = new.call_module(u, (box,))
             if len(outputs) == 1:
                 env[outputs[0]] = call
             else:

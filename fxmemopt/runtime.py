@@ -49,7 +49,22 @@ from .errors import RecomputationMismatchError, RegionError, format_error
 from .packing import PackedTensor, try_pack, unpack
 from .state import StateSnapshot, rng_state, set_rng_state
 
-__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion"]
+__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "region_args", "release_args"]
+
+
+def region_args(*args: Any) -> list[Any]:
+    """Collect a region's inputs into a list the region's body empties once it has read them.
+
+    A plain call ``region(x)`` would keep ``x`` referenced by the caller until the whole region returns; handing
+    over a list that the body clears lets each input die right after its last use inside the body, exactly when
+    it would die in the unoptimized model.
+    """
+    return list(args)
+
+
+def release_args(args: list[Any]) -> None:
+    """Empty the list built by :func:`region_args` (called by a region body after unpacking it)."""
+    args.clear()
 
 
 @dataclass(frozen=True)
@@ -241,7 +256,7 @@ class _Frame:
                 values.append(s)
                 continue
             values.append(x.requires_grad_(rg) if rg else x)
-        return [values[slot] for slot in self.arg_slots]
+        return [values[slot] for slot in self.arg_slots]  # a fresh list: the body empties it
 
     @contextlib.contextmanager
     def _replayed_context(self) -> Iterator[None]:
@@ -283,7 +298,7 @@ class _Frame:
             captured.append(t.detach())  # detached: see pack_hook; lets the recomputation's graph die at once
 
         with self._replayed_context(), torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
-            self.body(*inputs)
+            self.body(inputs)
         problems = []
         if len(captured) != len(self.meta):
             problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(captured)}")
@@ -348,19 +363,24 @@ class CheckpointRegion(nn.Module):
         return any(t.requires_grad for p, names in self.spec.stateful
                    for t in StateSnapshot.take(body.get_submodule(p), names).tensors())
 
-    def forward(self, *args: Any) -> Any:
+    def forward(self, box: list[Any]) -> Any:
+        """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body)."""
         body: fx.GraphModule = self.__dict__["body"]
-        if len(args) != len(self.spec.inputs):
-            raise RegionError(format_error(f"region {self.spec.name!r}", "called with the wrong number of inputs",
-                                           expected=str(len(self.spec.inputs)), got=str(len(args))))
+        if not isinstance(box, list) or len(box) != len(self.spec.inputs):
+            got = f"{len(box)} inputs" if isinstance(box, list) else type(box).__name__
+            raise RegionError(format_error(f"region {self.spec.name!r}", "called with the wrong inputs",
+                                           expected=f"a list of {len(self.spec.inputs)} inputs", got=got))
+        args = tuple(box)
         if not self._needs_checkpoint(args):
             self.stats.plain_calls += 1
-            return body(*args)
+            del args
+            return body(box)
         self.stats.checkpointed_calls += 1
         frame = _Frame(self, body)
         frame.store_inputs(args, self.spec.pack_bits, self.stats)
         frame.snapshot(args)
+        del args  # from here on only the body holds the inputs, and only until their last use
         with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook, _unpack_hook):
-            out = body(*args)
+            out = body(box)
         frame.close(self.stats)
         return out

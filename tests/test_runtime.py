@@ -1,0 +1,356 @@
+"""The checkpoint runtime's invariants (NOTE [Checkpoint region invariants] in fxmemopt/runtime.py), one test each."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxmemopt
+from fxmemopt.errors import FxMemOptWarning, RecomputationMismatchError
+from fxmemopt.measure import LiveBytesTracker
+from fxmemopt.snn import DeepConvSNN, IFNode, LIFNode, MemoryModule, SeqToANNContainer, reset_net
+from fxmemopt.verify import compare_training_step, module_states
+
+
+class MLP(nn.Module):
+    """Three Linear(+BN)+IF layers over [T, N, F]; the output is the last layer's spikes."""
+
+    def __init__(self, f: int = 16, bn: bool = False, dropout: float = 0.0):
+        super().__init__()
+        layers = []
+        for _ in range(3):
+            mods: list[nn.Module] = [nn.Linear(f, f)]
+            if bn:
+                mods.append(nn.BatchNorm1d(f))
+            if dropout:
+                mods.append(nn.Dropout(dropout))
+            layers += [SeqToANNContainer(*mods), IFNode(v_threshold=0.5)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _step(module, x, loss=lambda out: (out * torch.arange(out.shape[-1])).sum()):
+    out = module(x)
+    loss(out).backward()
+    return out
+
+
+def _counting(module: nn.Module) -> list[int]:
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    module.register_forward_hook(hook)
+    return calls
+
+
+def test_recomputation_happens_in_training_only():
+    model = MLP()
+    x = torch.rand(4, 3, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    calls = _counting(model.net[2][0])  # the second Linear, inside a region
+
+    _step(gm, x)
+    assert calls[0] == 2  # forward + recomputation in backward
+    reset_net(gm)
+
+    gm.eval()
+    gm(x).sum().backward()
+    assert calls[0] == 3  # eval: plain, no recomputation
+    reset_net(gm)
+
+    gm.train()
+    with torch.no_grad():
+        gm(x)
+    assert calls[0] == 4
+    stats = gm.fxmemopt_summary.runtime["ckpt_net_3"]
+    assert (stats.checkpointed_calls, stats.plain_calls, stats.recomputations) == (1, 2, 1)
+
+
+def test_regions_keep_exactly_their_packed_inputs():
+    torch.manual_seed(0)
+    model = MLP(f=20)
+    x = torch.rand(5, 3, 20)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert [r.name for r in summary.regions] == ["ckpt_net_1", "ckpt_net_3", "ckpt_net_5"]
+    numel = 5 * 3 * 20
+    assert [i.bits for r in summary.regions for i in r.inputs if i.node != "x"] == [1, 1]
+
+    # Inside regions autograd keeps nothing: an outer saved_tensors_hooks never sees a region's saves ...
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.nbytes) or t, lambda t: t):
+        out = gm(x)
+    assert seen == []
+    del out
+    reset_net(model)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.nbytes) or t, lambda t: t):
+        out = model(x)
+    assert sum(seen) > 20 * numel  # ... while the unoptimized model saves every step's tensors
+    del out
+    reset_net(model)
+
+    # ... and what stays alive after forward is exactly: packed inputs, the output, the neurons' final states.
+    with LiveBytesTracker() as tracker:
+        out = gm(x)
+        live = tracker.live
+    packed = [summary.runtime[r].packed_bytes for r in ("ckpt_net_3", "ckpt_net_5")]
+    assert packed == [math.ceil(numel / 8)] * 2
+    states = sum(v.nbytes for v in module_states(model).values())
+    assert live == sum(packed) + out.nbytes + states
+    assert summary.runtime["ckpt_net_1"].kept_bytes == x.nbytes  # the real-valued input is kept by reference
+    out.sum().backward()
+
+
+def test_autograd_grad_returns_real_gradients():
+    torch.manual_seed(0)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 2, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    grads = torch.autograd.grad(gm(x).sum() * 1.0 + 0.0, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref(x).sum() * 1.0 + 0.0, list(ref.parameters()))
+    assert all(g is not None for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert all(p.grad is None for p in model.parameters())  # no .grad side channel
+
+
+def test_first_layer_without_input_grad_still_trains_its_parameters():
+    model = MLP()
+    x = torch.rand(4, 2, 16)  # does not require grad
+    gm = fxmemopt.optimize(model, (x,))
+    gm(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.net[0][0].weight.grad.abs().sum() > 0
+
+
+def test_user_inputs_are_not_mutated():
+    model = MLP()
+    x = (torch.rand(4, 2, 16) > 0.5).float()
+    before = x.clone()
+    version = x._version
+    gm = fxmemopt.optimize(model, (x,))
+    gm(x).sum().backward()
+    assert not x.requires_grad and x.grad is None and x._version == version and torch.equal(x, before)
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = SeqToANNContainer(nn.Linear(8, 8))
+        self.sn = IFNode()
+        self.fc2 = SeqToANNContainer(nn.Linear(8, 8))
+        self.sn2 = IFNode()
+
+    def forward(self, x):
+        s = self.sn(self.fc(x))
+        count = (s > 0).sum()  # integer output: never requires grad
+        return self.sn2(self.fc2(s)), count, s.detach()
+
+
+def test_outputs_that_do_not_require_grad_are_fine():
+    model = TwoOutputs()
+    ref = copy.deepcopy(model)
+    x = torch.rand(3, 2, 8)
+    gm = fxmemopt.optimize(model, (x,))
+    report = compare_training_step(ref, gm, (x,), loss_fn=lambda out: out[0].sum())
+    assert report.ok, str(report)
+    out = gm(x)
+    assert out[0].requires_grad and not out[1].requires_grad and not out[2].requires_grad
+
+
+def test_eval_and_no_grad_run_plainly_without_packing():
+    model = MLP()
+    x = torch.rand(4, 2, 16)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    with torch.no_grad():
+        gm(x)
+    gm.eval()
+    gm(x)
+    assert all(s.checkpointed_calls == 0 and s.plain_calls == 2 for s in summary.runtime.values())
+    reset_net(gm)
+    with torch.no_grad(), LiveBytesTracker() as plain:
+        gm(x)
+    reset_net(gm)
+    with torch.no_grad(), LiveBytesTracker() as base:
+        model(x)
+    assert plain.peak == base.peak  # no packing buffers, no snapshots
+
+
+def test_batchnorm_statistics_update_exactly_once():
+    torch.manual_seed(0)
+    model = MLP(bn=True)
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    report = compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
+    bn = model.net[0][1]
+    assert bn.num_batches_tracked.item() == 1
+    assert torch.equal(bn.running_mean, ref.net[0][1].running_mean)
+
+
+def test_dropout_masks_are_replayed_even_if_rng_moves_before_backward():
+    torch.manual_seed(0)
+    model = MLP(dropout=0.5)
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    report = compare_training_step(ref, gm, (x,), between=lambda: torch.manual_seed(123))
+    assert report.ok, str(report)
+
+
+def test_neuron_state_after_step_and_reset_paths():
+    torch.manual_seed(0)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    for reset_target, ref_target in ((gm, ref), (model, ref)):
+        report = compare_training_step(ref, gm, (x,))
+        assert report.ok, str(report)
+        states = module_states(model)
+        assert states and all(isinstance(v, torch.Tensor) for v in states.values())
+        reset_net(reset_target)
+        reset_net(ref_target)
+        assert all(v == 0.0 for v in module_states(model).values())
+
+
+def test_returned_module_shares_parameters_and_state_dict_keys():
+    model = DeepConvSNN(num_blocks=2, channels=4)
+    model.register_buffer("unused_buffer", torch.zeros(2))
+    model.extra = nn.Linear(2, 2)  # never called in forward: still part of the state dict
+    x = torch.rand(2, 2, 3, 8, 8)
+    gm = fxmemopt.optimize(model, (x,))
+    assert list(gm.state_dict()) == list(model.state_dict())
+    assert [id(p) for p in gm.parameters()] == [id(p) for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = model.stem.conv[0].weight.clone()
+    gm(x).sum().backward()
+    opt.step()
+    assert not torch.equal(w, model.stem.conv[0].weight)
+
+
+def test_autocast_bf16_is_replayed():
+    torch.manual_seed(0)
+    model = MLP(bn=True)
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = compare_training_step(ref, gm, (x,), loss_fn=lambda out: out.float().sum())
+    assert report.ok, str(report)
+
+
+def test_non_binary_spikes_at_run_time_are_stored_unpacked_once_warned():
+    model = MLP()
+    x = torch.rand(4, 2, 16)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    ref = copy.deepcopy(model)
+
+    # A neuron that suddenly emits 2s: the packer's check must catch it and keep the tensor as is.
+    def graded(mod, args, out):
+        return out * 2
+
+    for m in (model.net[1], ref.net[1]):
+        m.register_forward_hook(graded)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = compare_training_step(ref, gm, (x,))
+        reset_net(gm)
+        reset_net(ref)
+        compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
+    assert summary.unpacked_fallbacks == 2
+    assert len([w for w in caught if issubclass(w.category, FxMemOptWarning)]) == 1
+
+
+def test_retain_graph_second_backward_recomputes_and_matches():
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.rand(4, 2, 16)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    loss = gm(x).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    loss.backward()
+    assert all(torch.equal(2 * a, p.grad) for a, p in zip(first, model.parameters()))
+    assert all(s.recomputations == 2 for s in summary.runtime.values())
+
+
+class InPlaceNeuron(MemoryModule):
+    """A neuron that mutates its state in place (bad style): Rule 5 keeps it exact by not recomputing."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_memory("v", 0.0)
+        self.v_threshold = 1.0
+
+    def forward(self, x):
+        if not isinstance(self.v, torch.Tensor):
+            self.v = torch.zeros_like(x[0])
+        out = []
+        for t in range(x.shape[0]):
+            with torch.no_grad():
+                self.v.mul_(0.5)
+            h = self.v + x[t]
+            s = (h >= 1.0).to(x)
+            out.append(s + h - h.detach())
+        return torch.stack(out)
+
+
+def test_in_place_state_mutation_falls_back_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(4, 4)), InPlaceNeuron(),
+                          SeqToANNContainer(nn.Linear(4, 4)), InPlaceNeuron())
+    x = torch.rand(3, 2, 4)
+    model(x)  # v is now a tensor, mutated in place by the next forward
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxMemOptWarning)
+        gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+        report = compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
+    assert all(s.state_fallbacks == 1 for s in summary.runtime.values())
+
+
+_GLOBAL_CALLS = [0]
+
+
+class Flaky(nn.Module):
+    """Reads a global counter (not module state, so it cannot be replayed): the recomputation saves a different
+    number of tensors than the forward did."""
+
+    def forward(self, x):
+        _GLOBAL_CALLS[0] += 1
+        return x * x if _GLOBAL_CALLS[0] % 2 else x + 1
+
+
+def test_recomputation_mismatch_is_reported():
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(4, 4)), Flaky(), LIFNode())
+    x = torch.rand(3, 2, 4)
+    gm = fxmemopt.optimize(model, (x,), leaf_modules=(Flaky,))
+    _GLOBAL_CALLS[0] = 0
+    with pytest.raises(RecomputationMismatchError, match="ckpt_2"):
+        gm(x).sum().backward()
+
+
+def test_deepcopy_and_pickle_of_optimized_module():
+    torch.manual_seed(0)
+    model = MLP(bn=True)
+    x = torch.rand(4, 2, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    for clone in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert clone.net[0][0].weight is not model.net[0][0].weight
+        body = clone.ckpt_net_1.body
+        assert body.get_submodule("net.0.0") is clone.get_submodule("net.0.0")  # bodies follow the copy
+        report = compare_training_step(copy.deepcopy(model), clone, (x,))
+        assert report.ok, str(report)
