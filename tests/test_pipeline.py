@@ -1,0 +1,221 @@
+"""Tracing with automatic leaf fallback, stateful-module detection, region formation, typed errors, and the
+promise that optimize() leaves the caller's model exactly as it found it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxmemopt
+from fxmemopt.errors import InvalidInputsError, InvalidOptionError, TargetsMatchNothingError, TraceError
+from fxmemopt.snn import (
+    ConvBNNeuron,
+    DeepConvSNN,
+    IFNode,
+    LIFNode,
+    SEWResNet18,
+    SeqToANNContainer,
+    Spikformer,
+    SpikingVGG11,
+    reset_net,
+)
+from fxmemopt.verify import compare_training_step, module_states
+
+
+class UsualSeqToANN(nn.Module):
+    """The way many users write it: shape unpacking that torch.fx cannot trace."""
+
+    def __init__(self, *mods: nn.Module):
+        super().__init__()
+        self.m = nn.Sequential(*mods)
+
+    def forward(self, x):
+        T, N = x.shape[:2]
+        y = self.m(x.flatten(0, 1))
+        return y.reshape(T, N, *y.shape[1:])
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor value
+            return x * 2
+        return x
+
+
+class UsualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = UsualSeqToANN(nn.Linear(6, 6), nn.BatchNorm1d(6))
+        self.sn1 = LIFNode()
+        self.dd = DataDependent()
+        self.fc2 = UsualSeqToANN(nn.Linear(6, 3))
+        self.sn2 = IFNode()
+
+    def forward(self, x):
+        return self.sn2(self.fc2(self.dd(self.sn1(self.fc1(x)))))
+
+
+def test_untraceable_submodules_become_leaves_and_stay_exact():
+    torch.manual_seed(0)
+    model = UsualNet()
+    ref = copy.deepcopy(model)
+    x = torch.rand(3, 2, 6)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    paths = [f.path for f in summary.leaf_fallbacks]
+    assert paths == ["fc1", "dd", "fc2"]
+    reasons = {f.path: f.reason for f in summary.leaf_fallbacks}
+    assert "TraceError" in reasons["fc1"] and "TraceError" in reasons["dd"]
+    assert "fc1" in str(summary) and "kept whole" in str(summary)
+    # leaves are call_module nodes in the graph and inside regions
+    assert [r.anchor for r in summary.regions] == ["sn1", "sn2"]
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+class TopLevelUnpacking(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sn = IFNode()
+
+    def forward(self, x):
+        return self.sn(x).reshape(-1, *x.shape[2:])  # star-unpacking a traced shape fails
+
+
+def test_top_level_trace_failure_is_a_typed_error_naming_the_module():
+    with pytest.raises(TraceError, match="TopLevelUnpacking") as info:
+        fxmemopt.optimize(TopLevelUnpacking(), (torch.rand(2, 2, 3),))
+    assert "submodule" in str(info.value)
+
+
+class PlainLIF(nn.Module):
+    """A neuron written in plain PyTorch: state is an attribute the forward rebinds."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = 0.0
+
+    def forward(self, x):
+        out = []
+        for t in range(x.shape[0]):
+            self.v = self.v * 0.5 + x[t]
+            s = (self.v >= 1.0).to(x) + 0.0 * self.v  # keeps a gradient path
+            self.v = self.v * (1 - s)
+            out.append(s)
+        return torch.stack(out)
+
+
+def test_plain_pytorch_neurons_are_detected_as_stateful():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(4, 4)), PlainLIF(), SeqToANNContainer(nn.Linear(4, 4)),
+                          PlainLIF())
+    x = torch.rand(3, 2, 4) * 2
+    ref = copy.deepcopy(model)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert summary.stateful_modules == {"1": "rebinds v", "3": "rebinds v"}
+    assert summary.region_count == 2
+    report = compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
+    assert torch.equal(model[1].v, ref[1].v)
+
+
+def test_optimize_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = SEWResNet18(width=0.125)
+    x = torch.rand(2, 2, 3, 32, 32)
+    model(x).sum().backward()  # grads and non-trivial neuron states / BN stats present
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    neuron = {k: v.clone() for k, v in module_states(model).items()}
+    rng = torch.get_rng_state()
+    attrs = set(model.__dict__)
+
+    fxmemopt.optimize(model, (x,))
+
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    assert all(torch.equal(neuron[k], v) for k, v in module_states(model).items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert set(model.__dict__) == attrs
+
+
+@pytest.mark.parametrize("factory, shape", [
+    (lambda: DeepConvSNN(num_blocks=3, channels=4), (2, 2, 3, 8, 8)),
+    (lambda: SpikingVGG11(width=0.0625, dropout=0.3), (2, 2, 2, 48, 48)),
+    (lambda: SEWResNet18(width=0.0625), (2, 2, 3, 32, 32)),
+    (lambda: Spikformer(embed_dim=16, num_heads=2, depth=1), (2, 2, 3, 16, 16)),
+])
+def test_reference_models_are_exact(factory, shape):
+    torch.manual_seed(0)
+    model = factory()
+    ref = copy.deepcopy(model)
+    x = torch.rand(shape)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert summary.region_count == sum(1 for m in model.modules() if hasattr(m, "v_threshold"))
+    assert summary.packed_input_count >= summary.region_count - 1
+    report = compare_training_step(ref, gm, (x,), between=lambda: torch.rand(3))
+    assert report.ok, str(report)
+
+
+def test_sew_add_inputs_pack_at_two_bits():
+    model = SEWResNet18(width=0.0625)
+    gm, summary = fxmemopt.optimize(model, (torch.rand(1, 2, 3, 32, 32),), return_summary=True)
+    sets = {i.value_set: i.bits for r in summary.regions for i in r.inputs if i.bits}
+    assert sets["{0,1}"] == 1 and sets["{0..2}"] == 2
+
+
+def test_targets_group_whole_blocks():
+    model = DeepConvSNN(num_blocks=3, channels=4)
+    x = torch.rand(2, 2, 3, 8, 8)
+    ref = copy.deepcopy(model)
+    gm, summary = fxmemopt.optimize(model, (x,), targets=(ConvBNNeuron,), return_summary=True)
+    assert [r.anchor for r in summary.regions] == ["stem", "blocks.0", "blocks.1", "blocks.2"]
+    assert [r.name for r in summary.regions] == ["ckpt_stem", "ckpt_blocks_0", "ckpt_blocks_1", "ckpt_blocks_2"]
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+def test_targets_that_match_nothing_raise():
+    with pytest.raises(TargetsMatchNothingError, match="nn.GRU|GRU"):
+        fxmemopt.optimize(DeepConvSNN(num_blocks=1, channels=2), (torch.rand(1, 1, 3, 4, 4),), targets=(nn.GRU,))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.rand(2, 1, 3, 4, 4), "Wrap a single tensor"),
+    ([], "contains no tensor"),
+    ((3,), "contains no tensor"),
+])
+def test_example_inputs_must_be_a_tuple_of_tensors(bad, match):
+    with pytest.raises(InvalidInputsError, match=match):
+        fxmemopt.optimize(DeepConvSNN(num_blocks=1, channels=2), bad)
+
+
+def test_model_failing_on_example_inputs_is_a_typed_error():
+    with pytest.raises(InvalidInputsError, match="DeepConvSNN"):
+        fxmemopt.optimize(DeepConvSNN(num_blocks=1, channels=2), (torch.rand(1, 1, 5, 4, 4),))
+
+
+def test_option_types_are_checked():
+    with pytest.raises(InvalidOptionError, match="targets"):
+        fxmemopt.optimize(DeepConvSNN(num_blocks=1, channels=2), (torch.rand(1, 1, 3, 4, 4),), targets=("blocks",))
+
+
+def test_no_neurons_means_no_regions_and_a_note():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    gm, summary = fxmemopt.optimize(model, (torch.rand(2, 3),), return_summary=True)
+    assert summary.region_count == 0 and "no stateful module" in summary.notes[0]
+    assert torch.equal(gm(torch.ones(2, 3)), model(torch.ones(2, 3)))
+
+
+def test_memory_is_much_lower_on_a_deep_network():
+    """Deterministic (CPU storage tracker), small version of the DeepConvSNN benchmark."""
+    torch.manual_seed(0)
+    model = DeepConvSNN(num_blocks=8, channels=8)
+    x = torch.rand(4, 4, 3, 16, 16)
+    gm = fxmemopt.optimize(model, (x,))
+    base = fxmemopt.measure_step(model, (x,), repeats=0, warmup=0)
+    opt = fxmemopt.measure_step(gm, (x,), repeats=0, warmup=0)
+    again = fxmemopt.measure_step(gm, (x,), repeats=0, warmup=0)
+    assert opt.peak_bytes == again.peak_bytes  # deterministic
+    assert base.peak_bytes / opt.peak_bytes > 3.0
+    reset_net(model)
