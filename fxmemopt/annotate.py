@@ -136,50 +136,76 @@ class AnnotatedGraph:
 # Static value-set rules
 # ---------------------------------------------------------------------------------------------------------------
 
-_Rule = Callable[[list[ValueSet], "fx.Node"], ValueSet]
+#: A rule maps (node, value set of an argument) to the node's value set.
+_Rule = Callable[["fx.Node", Callable[[Any], ValueSet]], ValueSet]
 
 
-def _keep(args: list[ValueSet], node: fx.Node) -> ValueSet:
-    return args[0] if args else REAL
+def _arg(node: fx.Node, i: int, key: str | None = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(key) if key else None
 
 
-def _join_all(args: list[ValueSet], node: fx.Node) -> ValueSet:
-    out = args[0] if args else REAL
-    for a in args[1:]:
-        out = out.join(a)
+def _keep(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
+    return S(node.args[0]) if node.args else REAL
+
+
+def _seq(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
+    # cat/stack: the join of the tensors in the first argument; `dim` is not a value.
+    items = _arg(node, 0, "tensors")
+    if not isinstance(items, (list, tuple)) or not items:
+        return REAL
+    out = S(items[0])
+    for a in items[1:]:
+        out = out.join(S(a))
     return out
 
 
-def _add(args: list[ValueSet], node: fx.Node) -> ValueSet:
-    if len(args) >= 2 and args[0].is_int and args[1].is_int:
-        return _int_set(args[0].hi + args[1].hi)
+def _join2(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+    return S(a).join(S(b)) if a is not None and b is not None else REAL
+
+
+def _max(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
+    # torch.max(x) keeps x's values; max(x, y) is elementwise; max(x, dim) also returns indices: unknown.
+    if len(node.args) == 1 and not node.kwargs:
+        return S(node.args[0])
+    if len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        return _join2(node, S)
+    return UNKNOWN
+
+
+def _add(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
+    a, b = S(_arg(node, 0, "input")), S(_arg(node, 1, "other"))
+    alpha = _arg(node, 2, "alpha")
+    alpha = 1 if alpha is None else alpha
+    if a.is_int and b.is_int and isinstance(alpha, int) and not isinstance(alpha, bool) and alpha >= 0:
+        return _int_set(a.hi + alpha * b.hi)
     return REAL
 
 
-def _mul(args: list[ValueSet], node: fx.Node) -> ValueSet:
-    if len(args) >= 2 and args[0].is_int and args[1].is_int:
-        return _int_set(args[0].hi * args[1].hi)
-    return REAL
+def _mul(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
+    a, b = S(_arg(node, 0, "input")), S(_arg(node, 1, "other"))
+    return _int_set(a.hi * b.hi) if a.is_int and b.is_int else REAL
 
 
-def _sub(args: list[ValueSet], node: fx.Node) -> ValueSet:
+def _sub(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
     # c - s stays in {0..c} when s is in {0..c} and c is a constant (e.g. the SEW IAND's 1 - s).
-    a = node.args[0] if node.args else None
-    if len(args) >= 2 and isinstance(a, int) and not isinstance(a, bool) and args[1].is_int and args[1].hi <= a:
-        return _int_set(a)
-    return REAL
-
-
-def _rsub(args: list[ValueSet], node: fx.Node) -> ValueSet:  # x.__rsub__(c) == c - x
-    c = node.args[1] if len(node.args) > 1 else None
-    if isinstance(c, int) and not isinstance(c, bool) and args and args[0].is_int and args[0].hi <= c:
+    c, b = _arg(node, 0, "input"), S(_arg(node, 1, "other"))
+    if _arg(node, 2, "alpha") is None and _is_nonneg_int(c) and b.is_int and b.hi <= c:
         return _int_set(c)
     return REAL
 
 
-def _first_is_seq(args: list[ValueSet], node: fx.Node) -> ValueSet:
-    # cat/stack take a list as first argument: its elements' sets were flattened into args.
-    return _join_all(args, node)
+def _rsub(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:  # rsub(x, c) == x.__rsub__(c) == c - x
+    x, c = S(_arg(node, 0, "input")), _arg(node, 1, "other")
+    if _arg(node, 2, "alpha") is None and _is_nonneg_int(c) and x.is_int and x.hi <= c:
+        return _int_set(c)
+    return REAL
+
+
+def _is_nonneg_int(c: Any) -> bool:
+    return isinstance(c, int) and not isinstance(c, bool) and c >= 0
 
 
 _KEEP_METHODS = (
@@ -196,12 +222,12 @@ _KEEP_FUNCTIONS: list[Any] = [
     F.adaptive_max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
 ]
 
-#: Static rules: call_function target / call_method name -> rule(arg value sets, node) -> ValueSet.
+#: Static rules: call_function target / call_method name -> rule(node, value set of an argument) -> ValueSet.
 VALUE_RULES: dict[Any, _Rule] = {
     **{f: _keep for f in _KEEP_FUNCTIONS},
     **{m: _keep for m in _KEEP_METHODS},
-    torch.cat: _first_is_seq, torch.stack: _first_is_seq, torch.concat: _first_is_seq,
-    torch.maximum: _join_all, torch.max: _keep,
+    torch.cat: _seq, torch.stack: _seq, torch.concat: _seq,
+    torch.maximum: _join2, torch.max: _max, "max": _max,
     operator.add: _add, torch.add: _add, "add": _add, "__add__": _add, "__radd__": _add,
     operator.mul: _mul, torch.mul: _mul, "mul": _mul, "__mul__": _mul, "__rmul__": _mul,
     operator.and_: _mul, torch.logical_and: _mul,
@@ -245,15 +271,7 @@ def static_value_set(node: fx.Node, arg_sets: Callable[[Any], ValueSet], module:
         return REAL
     if node.op in ("call_function", "call_method"):
         rule = VALUE_RULES.get(node.target)
-        if rule is None:
-            return REAL
-        flat: list[ValueSet] = []
-        for a in node.args:
-            if isinstance(a, (list, tuple)):
-                flat.extend(arg_sets(x) for x in a)
-            else:
-                flat.append(arg_sets(a))
-        return rule(flat, node)
+        return rule(node, arg_sets) if rule is not None else REAL
     return REAL
 
 
@@ -340,13 +358,13 @@ class _Annotator(fx.Interpreter):
         else:
             value_set = _decide(static, observed)
         self.sets[n.name] = value_set
-        seen: set[int] = set()
-        nbytes = 0
+        # Bytes per distinct storage: views of one storage (chunk, split) add up, capped at the storage size.
+        per_storage: dict[int, list[int]] = {}
         for t in tensors:
-            key = id(t.untyped_storage()) if t.numel() else id(t)
-            if key not in seen:
-                seen.add(key)
-                nbytes += t.numel() * t.element_size()
+            st = t.untyped_storage()
+            used = per_storage.setdefault(st._cdata, [0, st.nbytes()])
+            used[0] += t.numel() * t.element_size()
+        nbytes = sum(min(used, cap) for used, cap in per_storage.values())
         inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
         self.infos[n.name] = NodeInfo(
             name=n.name, op=n.op, target=_target_name(n), inputs=inputs,

@@ -29,7 +29,9 @@ Rule 5 (lossless fallback). If, when ``body`` returns, a stateful module's entry
     exact), counts it, and warns once. A by-reference input modified in place before backward raises, like
     autograd's own "modified by an inplace operation" error.
 Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks it, so a region's working set
-    shrinks while its backward runs. A later backward (``retain_graph=True``) recomputes again.
+    shrinks while its backward runs; those never unpacked (nodes only reachable from a neuron's final state, which
+    this backward does not run) are dropped when the backward pass ends. A later backward
+    (``retain_graph=True``) recomputes again.
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
 """
@@ -315,6 +317,11 @@ class _Frame:
         for j, t in enumerate(captured):
             if j == need or j not in self.consumed:
                 self.saved[j] = t
+        if self.task != -1:  # inside a backward pass: release what it leaves unused when it ends (Rule 6)
+            torch.autograd.Variable._execution_engine.queue_callback(self._release)
+
+    def _release(self) -> None:
+        self.saved = [None] * len(self.saved)
 
 
 def _unpack_hook(handle: tuple[_Frame, int]) -> torch.Tensor:

@@ -281,23 +281,18 @@ def test_meta_and_users_consistent():
     assert [str(i.value_set) for i in add_nodes] == ["{0..2}", "{0..3}"]
 
 
-# Known bugs in the static rules for cat/stack: the positional ``dim`` argument is joined as if it were a
-# tensor's value set (``_first_is_seq`` flattens *all* args), so the dim number becomes the upper bound.
+# Regression (found by these tests): the positional ``dim`` of cat/stack was joined as if it were a value set.
 @pytest.mark.parametrize(("name", "fn"), [
-    pytest.param("cat_dim2", lambda m, a, b, c, x: torch.cat([a, b], 2), marks=pytest.mark.xfail(
-        strict=True, reason="bug: torch.cat([s1, s2], 2) is inferred {0..2} (dim joined as a value)")),
-    pytest.param("cat_dim-1", lambda m, a, b, c, x: torch.cat([a, b], -1), marks=pytest.mark.xfail(
-        strict=True, reason="bug: torch.cat([s1, s2], -1) is inferred real (dim -1 joined as a value)")),
-    pytest.param("stack_dim3", lambda m, a, b, c, x: torch.stack([a, b], 3), marks=pytest.mark.xfail(
-        strict=True, reason="bug: torch.stack([s1, s2], 3) is inferred {0..3} (dim joined as a value)")),
-    pytest.param("cat_dim1", lambda m, a, b, c, x: torch.cat([a, b], 1)),  # passes only because dim 1 <= 1
+    pytest.param("cat_dim2", lambda m, a, b, c, x: torch.cat([a, b], 2)),
+    pytest.param("cat_dim-1", lambda m, a, b, c, x: torch.cat([a, b], -1)),
+    pytest.param("stack_dim3", lambda m, a, b, c, x: torch.stack([a, b], 3)),
+    pytest.param("cat_dim1", lambda m, a, b, c, x: torch.cat([a, b], 1)),
 ])
 def test_cat_stack_positional_dim_keeps_binary(name, fn):
     info = _decided(fn)
     assert str(info.value_set) == "{0,1}", info
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the cat(dim=2) input of a region is planned at 2 bits, not 1")
 def test_cat_positional_dim_packs_at_one_bit():
     class CatNet(nn.Module):
         def __init__(self):
@@ -326,8 +321,6 @@ class TwoInputs(nn.Module):
         return self.fn(self.n1(x), self.n2(y), y)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: torch.max(s, y) (elementwise, two tensors) uses the _keep rule, "
-                   "so a float input whose example is all zeros makes the result look binary")
 def test_binary_torch_max_with_float_input_is_real():
     y = torch.zeros(T, N, C, H, W)  # a float input: data, whatever the example holds
     info = only_output(run_annotate(TwoInputs(lambda a, b, y: torch.max(a, y)), spike_input(), y))
@@ -341,8 +334,6 @@ def test_binary_torch_maximum_with_float_input_is_real():
     assert str(info.value_set) == "real"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _add ignores alpha, torch.add(s1, s2, alpha=3) is claimed "
-                   "{0..2} although it reaches 4; an example where s2 never fires confirms the wrong claim")
 def test_torch_add_alpha_not_underestimated():
     silent = torch.zeros(T, N, C, H, W)  # n2 never fires on this example
     model = TwoInputs(lambda a, b, y: torch.add(a, b, alpha=3))
@@ -717,8 +708,6 @@ class Chunker(nn.Module):
         return torch.chunk(x, 2), torch.max(x, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: NodeInfo.nbytes dedupes tuple members by storage but counts "
-                   "only the first view's bytes: chunk of a 48-byte tensor reports 24")
 def test_nbytes_of_tuple_of_views():
     x = torch.rand(4, 3)
     g = run_annotate(Chunker(), x)

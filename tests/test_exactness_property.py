@@ -10,10 +10,10 @@ import copy
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from strategies import ConvLayer, LayerSpec, ResLayer, SNNSpec, build, snn_specs
 
 import fxmemopt
 from fxmemopt.verify import compare_training_step
-from strategies import ConvLayer, LayerSpec, ResLayer, SNNSpec, build, snn_specs
 
 _BUG_T1_RES = SNNSpec(layers=(LayerSpec("res", 2, True, "none", 0.0),), neuron="lif", hard_reset=True,
                       detach_reset=False, surrogate="atan", T=1, N=1, in_channels=1, size=2, spike_input=True, seed=0)

@@ -110,6 +110,21 @@ def test_regions_keep_exactly_their_packed_inputs():
     out.sum().backward()
 
 
+def test_nothing_recomputed_survives_backward():
+    """Regression: recomputed tensors once stayed alive through a reference cycle via C++ autograd nodes."""
+    torch.manual_seed(0)
+    model = MLP(f=20)
+    x = torch.rand(5, 3, 20)
+    gm = fxmemopt.optimize(model, (x,))
+    with LiveBytesTracker() as tracker:
+        out = gm(x)
+        after_forward = tracker.live
+        out.sum().backward()
+        grads = sum(p.grad.nbytes for p in model.parameters())
+        assert tracker.live == after_forward + grads
+    assert tracker.peak < after_forward + grads + 2 * 5 * 3 * 20 * 4 * 8  # one region's working set at most
+
+
 def test_autograd_grad_returns_real_gradients():
     torch.manual_seed(0)
     model = MLP()

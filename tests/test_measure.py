@@ -1,0 +1,54 @@
+"""The CPU live-storage tracker and measure_step."""
+
+import torch
+
+import fxmemopt
+from fxmemopt.measure import LiveBytesTracker, default_loss
+from fxmemopt.snn import DeepConvSNN
+from fxmemopt.verify import module_states
+
+
+def test_tracker_counts_allocations_and_frees():
+    with LiveBytesTracker() as t:
+        a = torch.ones(1000)          # 4000 B
+        b = a * 2                     # +4000
+        del a                         # -4000
+        c = b + 1                     # +4000
+        assert t.live == 8000
+    assert t.peak == 8000
+    del b, c
+
+
+def test_tracker_ignores_views_and_in_place_results_of_existing_tensors():
+    """Regression: views of tensors that existed before tracking (inputs, parameters) were counted."""
+    x = torch.rand(100, 10)
+    w = torch.rand(10, 10)
+    with LiveBytesTracker() as t:
+        v = x.view(10, 100)
+        wt = w.t()
+        x.mul_(2)
+        s = x[3]
+        assert t.live == 0
+        y = v.sum()                   # a real allocation
+        assert t.live == y.nbytes
+    del v, wt, s
+
+
+def test_measure_step_is_deterministic_and_side_effect_free():
+    torch.manual_seed(0)
+    model = DeepConvSNN(num_blocks=2, channels=4)
+    x = torch.rand(2, 2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    a = fxmemopt.measure_step(model, (x,), repeats=1)
+    b = fxmemopt.measure_step(model, (x,), repeats=1)
+    assert a.peak_bytes == b.peak_bytes > 0 and a.method == "cpu-storage-tracker"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(v == 0.0 for v in module_states(model).values())
+
+
+def test_default_loss_sums_floating_outputs():
+    out = (torch.ones(2), torch.tensor([1, 2]), {"a": torch.full((3,), 2.0)})
+    assert default_loss(out).item() == 8.0
