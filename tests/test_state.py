@@ -1,0 +1,77 @@
+"""StateSnapshot / ModelState / probe: the state machinery recomputation relies on."""
+
+import torch
+from torch import nn
+
+from fxmemopt.snn import LIFNode, SeqToANNContainer
+from fxmemopt.state import ModelState, StateSnapshot, probe
+
+
+def test_snapshot_restore_memories_and_attrs():
+    n = LIFNode()
+    n.v = torch.ones(2)
+    n.extra = 3.0
+    snap = StateSnapshot.take(n, ("extra",))
+    n.v = torch.zeros(2)
+    n.extra = 4.0
+    mem = n._memories
+    snap.restore(n)
+    assert torch.equal(n.v, torch.ones(2)) and n.extra == 3.0
+    assert n._memories is mem  # the dict keeps its identity
+
+
+def test_snapshot_missing_attribute_is_removed_on_restore():
+    m = nn.Module()
+    snap = StateSnapshot.take(m, ("v",))
+    m.__dict__["v"] = torch.ones(1)
+    snap.restore(m)
+    assert "v" not in m.__dict__
+
+
+def test_snapshot_detects_in_place_modification():
+    n = LIFNode()
+    n.v = torch.ones(2)
+    snap = StateSnapshot.take(n, ())
+    assert snap.modified_in_place() == []
+    n.v.add_(1)
+    assert snap.modified_in_place() == ["v"]
+
+
+def test_detached_snapshot_keeps_requires_grad_but_not_history():
+    n = LIFNode()
+    w = torch.ones(2, requires_grad=True)
+    n.v = w * 2
+    d = StateSnapshot.take(n, ()).detached()
+    v = d.memories["v"]
+    assert v.requires_grad and v.grad_fn is None and torch.equal(v, n.v)
+
+
+def test_model_state_restores_buffers_states_grads_rng_and_modes():
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(3, 3), nn.BatchNorm1d(3)), LIFNode())
+    x = torch.rand(2, 4, 3)
+    model(x).sum().backward()
+    bn = model[0][1]
+    mean, count, v, grad = bn.running_mean.clone(), bn.num_batches_tracked.clone(), model[1].v, bn.weight.grad
+    saved = ModelState.capture(model, {"1": ()})
+    rng = torch.get_rng_state()
+    with saved.restored_after():
+        model.eval()
+        model[0][0].weight.grad = None
+        model.train()
+        model(x)
+        torch.rand(3)
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.num_batches_tracked, count)
+    assert model[1].v is v and bn.weight.grad is grad and torch.equal(torch.get_rng_state(), rng)
+    assert model.training
+
+
+def test_probe_finds_neurons_and_mutated_buffers_without_side_effects():
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(3, 3), nn.BatchNorm1d(3)), LIFNode())
+    x = torch.rand(2, 4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = probe(model, (x,))
+    assert result.stateful == {"1": ()}
+    assert {("0.1", "running_mean"), ("0.1", "num_batches_tracked")} <= set(result.mutated_buffers)
+    assert result.call_counts["1"] == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model[1].v == 0.0
