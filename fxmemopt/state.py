@@ -10,7 +10,7 @@ fxmemopt, all with plain data:
    - a ``_memories`` dict attribute (the convention of ``fxmemopt.snn`` and of spikingjelly's memory modules);
    - detected by :func:`probe`: one forward on the example inputs records every module whose ``forward``
      *rebinds* an attribute (``self.v = ...``) that is neither a parameter nor a buffer.
-2. *Which buffers does a forward mutate?* Also found by :func:`probe` (version counters and identity), e.g.
+2. *Which buffers does a forward mutate?* Also found by :func:`probe` (values and identity), e.g.
    BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked`` in training mode.
 3. *How to snapshot and restore?* :class:`StateSnapshot` for one module's state, :class:`ModelState` for
    everything fxmemopt may disturb while it analyses a model (buffers, states, RNG), so :func:`fxmemopt.optimize`
@@ -227,14 +227,15 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
     """
     paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
     before_attrs: dict[nn.Module, dict[str, int]] = {}
-    before_bufs: dict[nn.Module, dict[str, tuple[int, int]]] = {}
+    before_bufs: dict[nn.Module, dict[str, tuple[int, torch.Tensor]]] = {}
     changed_attrs: dict[nn.Module, set[str]] = {}
     changed_bufs: set[tuple[str, str]] = set()
     counts: dict[str, int] = {}
 
     def pre(mod: nn.Module, args: Any) -> None:
         before_attrs[mod] = {k: id(v) for k, v in mod.__dict__.items() if _is_state_value(v)}
-        before_bufs[mod] = {k: (id(b), b._version) for k, b in mod._buffers.items() if b is not None}
+        # Values, not version counters: kernels such as batch_norm update running statistics without bumping them.
+        before_bufs[mod] = {k: (id(b), b.detach().clone()) for k, b in mod._buffers.items() if b is not None}
 
     def post(mod: nn.Module, args: Any, out: Any) -> None:
         path = paths.get(mod, "")
@@ -243,9 +244,9 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
         for k, v in mod.__dict__.items():
             if _is_state_value(v) and k not in ("training",) and old.get(k) != id(v):
                 changed_attrs.setdefault(mod, set()).add(k)
-        for k, (bid, ver) in before_bufs.get(mod, {}).items():
+        for k, (bid, value) in before_bufs.get(mod, {}).items():
             b = mod._buffers.get(k)
-            if b is None or id(b) != bid or b._version != ver:
+            if b is None or id(b) != bid or not torch.equal(b, value):
                 changed_bufs.add((path, k))
 
     # Stateful by convention, declared classes included, found before the run so their state is restored too.
