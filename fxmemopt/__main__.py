@@ -12,6 +12,7 @@ import copy
 import logging
 import sys
 import time
+import warnings
 
 
 def _mib(n: int) -> str:
@@ -19,6 +20,8 @@ def _mib(n: int) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
+    # torch warns at import when NumPy is absent; fxmemopt does not use NumPy, so the line is only noise here.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
     import fxmemopt

@@ -136,6 +136,7 @@ class _Frame:
         self.region = region
         self.body = body
         self.stored: list[Any] = []  # PackedTensor | Tensor | other, one per distinct input
+        self.names: list[str] = []  # the graph node each stored input came from (for messages)
         self.arg_slots: list[int] = []  # argument position -> index in stored (dedups repeated tensors)
         self.requires_grad: list[bool] = []
         self.versions: list[int | None] = []
@@ -154,12 +155,13 @@ class _Frame:
     def store_inputs(self, args: tuple[Any, ...], bits: tuple[int, ...], stats: RegionStats) -> None:
         seen: dict[int, int] = {}
         stats.packed_bytes = stats.kept_bytes = 0
-        for a, b in zip(args, bits):
+        for a, b, name in zip(args, bits, self.region.spec.inputs):
             if isinstance(a, torch.Tensor) and id(a) in seen:
                 self.arg_slots.append(seen[id(a)])
                 continue
             slot = len(self.stored)
             self.arg_slots.append(slot)
+            self.names.append(name)
             if not isinstance(a, torch.Tensor):
                 self.stored.append(a)
                 self.requires_grad.append(False)
@@ -249,7 +251,7 @@ class _Frame:
             elif isinstance(s, torch.Tensor):
                 if s._version != self.versions[k]:
                     raise RuntimeError(format_error(
-                        f"region {self.region.spec.name!r}, input {self.region.spec.inputs[k]!r}",
+                        f"region {self.region.spec.name!r}, input {self.names[k]!r}",
                         "was modified by an in-place operation after the region's forward and before backward",
                         expected=f"version {self.versions[k]}", got=f"version {s._version}",
                         fix="Use the out-of-place form of the operation (x = x + y instead of x += y)."))

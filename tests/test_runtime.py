@@ -125,6 +125,28 @@ def test_nothing_recomputed_survives_backward():
     assert tracker.peak < after_forward + grads + 2 * 5 * 3 * 20 * 4 * 8  # one region's working set at most
 
 
+class MutatesItsInput(nn.Module):
+    """The region keeps the real-valued input by reference; the model then modifies it in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = SeqToANNContainer(nn.Linear(4, 4))
+        self.sn = IFNode()
+
+    def forward(self, x):
+        out = self.sn(self.fc(x) + x)
+        x.mul_(2)
+        return out
+
+
+def test_in_place_change_of_a_kept_input_is_reported_by_name():
+    model = MutatesItsInput()
+    gm = fxmemopt.optimize(model, (torch.rand(3, 2, 4),))
+    x = torch.rand(3, 2, 4)
+    with pytest.raises(RuntimeError, match="input 'x'.*in-place"):
+        gm(x).sum().backward()
+
+
 def test_autograd_grad_returns_real_gradients():
     torch.manual_seed(0)
     model = MLP()
