@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import fx, nn
 
 from .annotate import AnnotatedGraph, annotate
 from .errors import FxMemOptError, InvalidInputsError, InvalidOptionError, format_error
+from .packing import packed_nbytes
 from .plan import Plan, checkpoint_all
 from .regions import Region, find_regions
 from .rewrite import rewrite
@@ -58,10 +60,7 @@ def _input_report(graph: AnnotatedGraph, node: str, bits: int) -> InputReport:
     if not info.is_tensor:
         return InputReport(node, None, None, "n/a", 0, info.nbytes, info.nbytes, "not a single tensor: kept as is")
     if bits:
-        numel = 1
-        for s in info.shape or ():
-            numel *= s
-        stored = (numel * bits + 7) // 8
+        stored = packed_nbytes(math.prod(info.shape or ()), bits)
         why = f"values in {info.value_set} (static: {info.static}; example: {info.observed})"
         return InputReport(node, info.shape, info.dtype, str(info.value_set), bits, info.nbytes, stored, why)
     why = "real values" if not info.value_set.is_int else "packing disabled (compress=False)"

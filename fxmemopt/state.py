@@ -252,19 +252,19 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
     # Stateful by convention, declared classes included, found before the run so their state is restored too.
     conventional = {p: () for p, m in model.named_modules() if has_memories(m) or isinstance(m, declared)}
     saved = ModelState.capture(model, conventional)
+    # Attributes rebound by detected modules are restored by hand below (they are not known beforehand).
+    attr_backup = {m: dict(m.__dict__) for m in paths}
     handles = []
     try:
         for m in paths:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
-        # Attributes rebound by detected modules are restored by hand below (they are not known beforehand).
-        attr_backup = {m: dict(m.__dict__) for m in paths}
         with torch.no_grad():
             model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, d in locals().get("attr_backup", {}).items():
+        for m, d in attr_backup.items():
             for k in changed_attrs.get(m, ()):
                 if k in d:
                     m.__dict__[k] = d[k]
@@ -281,5 +281,4 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
             stateful[p] = tuple(sorted(names | changed_attrs.get(m, set())))
         elif m in changed_attrs:
             stateful[p] = tuple(sorted(changed_attrs[m]))
-    # A parent of a stateful module is not itself stateful: only the innermost owner of the attributes is.
     return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs)), counts)
