@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from .annotate import AnnotatedGraph, annotate
+from .costmodel import build_cost_graph, record_step, simulate
 from .errors import FxMemOptError, InvalidInputsError, InvalidOptionError, format_error
 from .packing import packed_nbytes
 from .plan import Plan, checkpoint_all
@@ -89,6 +90,7 @@ def optimize(
     compress: bool = True,
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
+    predict: bool = True,
     return_summary: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, Summary]:
     """Rewrite ``model`` so a training step keeps far less memory for backward, with identical results.
@@ -109,6 +111,9 @@ def optimize(
         leaf_modules: classes or module paths that must not be traced into.
         stateful_modules: classes to treat as stateful beyond those found automatically (modules with a
             ``_memories`` dict, or whose forward rebinds tensor attributes such as ``self.v``).
+        predict: record one instrumented unoptimized training step on the example inputs and predict the peak
+            memory and step time before and after (summary ``predicted_*`` fields; see :mod:`fxmemopt.costmodel`).
+            The recording costs a few unoptimized steps' time and the unoptimized step's memory.
         return_summary: also return a :class:`~fxmemopt.summary.Summary`.
 
     Returns:
@@ -164,6 +169,17 @@ def optimize(
     regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in target_types))
     # plan: checkpoint every region, pack spike inputs
     plan = checkpoint_all(regions, annotated, compress)
+    # costgraph: one recorded unoptimized step; predict peak memory and compute of the plan
+    cost = before = after = None
+    notes = []
+    if predict:
+        try:
+            cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
+            before, after = simulate(cost, None), simulate(cost, plan)
+        except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
+            log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
+            notes.append(f"no prediction: recording a training step on the example inputs failed with "
+                         f"{type(e).__name__}: {e}")
     # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
     gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                         type(model).__name__)
@@ -172,6 +188,11 @@ def optimize(
                "declared" if isinstance(model.get_submodule(p), declared) else f"rebinds {', '.join(n)}")
            for p, n in stateful.items()}
     summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
+    summary.notes += notes
+    if before is not None and after is not None:
+        summary.predicted_peak_before, summary.predicted_peak_after = before.peak_bytes, after.peak_bytes
+        summary.predicted_step_time_ratio = after.step_time_s / before.step_time_s
+        summary.cost_graph = cost
     gm.fxmemopt_summary = summary
     log.info("%s", summary)
     return (gm, summary) if return_summary else gm

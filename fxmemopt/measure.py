@@ -15,7 +15,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,11 +38,13 @@ class LiveBytesTracker(TorchDispatchMode):
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeline: bool = False) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
+        #: ``(op name, live bytes after it)`` per op, when constructed with ``timeline=True``.
+        self.timeline: list[tuple[str, int]] | None = [] if timeline else None
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
@@ -77,6 +79,8 @@ class LiveBytesTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t, inputs)
+        if self.timeline is not None:
+            self.timeline.append((str(func), self.live))
         return out
 
 
@@ -90,6 +94,7 @@ class StepMeasurement:
         times_s: every timed repeat.
         device: "cpu" or the CUDA device.
         method: "cpu-storage-tracker" or "cuda-allocator".
+        timeline: ``(op, live bytes)`` per op of the measured step (CPU, when asked for with ``timeline=True``).
     """
 
     peak_bytes: int
@@ -97,6 +102,7 @@ class StepMeasurement:
     times_s: tuple[float, ...]
     device: str
     method: str
+    timeline: tuple[tuple[str, int], ...] = field(default=(), repr=False)
 
 
 def default_loss(out: Any) -> torch.Tensor:
@@ -115,7 +121,7 @@ def reset_states(module: nn.Module) -> None:
 
 
 def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[[Any], torch.Tensor] | None = None,
-                 repeats: int = 3, warmup: int = 1, measure_memory: bool = True,
+                 repeats: int = 3, warmup: int = 1, measure_memory: bool = True, timeline: bool = False,
                  reset: Callable[[nn.Module], None] = reset_states) -> StepMeasurement:
     """Measure peak memory and time of ``loss_fn(module(*inputs)).backward()``.
 
@@ -129,6 +135,7 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
         repeats: timed steps (the median is reported).
         warmup: untimed steps first (allocator, thread pools, first-call caches).
         measure_memory: run one extra step under the tracker (CPU) or with allocator statistics (CUDA).
+        timeline: also record live bytes after every op of that step (CPU tracker only).
         reset: resets neuron state before each step.
 
     Returns:
@@ -151,6 +158,7 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
             step()
         peak = 0
         method = "none"
+        ops: tuple[tuple[str, int], ...] = ()
         if measure_memory:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -164,9 +172,10 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
             else:
                 for p in params:
                     p.grad = None
-                with LiveBytesTracker() as tracker:
+                with LiveBytesTracker(timeline=timeline) as tracker:
                     step()
                 peak, method = tracker.peak, "cpu-storage-tracker"
+                ops = tuple(tracker.timeline or ())
         times = []
         for _ in range(repeats):
             if device.type == "cuda":
@@ -177,4 +186,4 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
     return StepMeasurement(peak, statistics.median(times) if times else float("nan"), tuple(times), str(device),
-                           method)
+                           method, ops)

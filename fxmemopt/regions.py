@@ -21,14 +21,15 @@ Region names come from module paths (``ckpt_features_3_lif``), so ``gm.code`` st
 
 from __future__ import annotations
 
+import heapq
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
-__all__ = ["Region", "find_regions", "region_io", "check_convex"]
+__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order"]
 
 #: Opcodes that never belong to a region interior: inputs, the output, and parameter/buffer reads (which are
 #: passed into regions by reference and cost nothing to keep).
@@ -198,3 +199,53 @@ def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
             raise InternalError(f"regions overlap at {sorted(seen & set(r.nodes))}")
         seen.update(r.nodes)
     return regions
+
+
+def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
+               region_of: Mapping[str, str]) -> list[tuple[str, list[str]]]:
+    """The execution order of a graph once each region is collapsed into one call.
+
+    Units are regions (named by ``region_of``) or single nodes. They are emitted in a stable topological order that
+    keeps every unit as early as the original ``order`` allows (Kahn's algorithm, ties broken by the position of the
+    unit's first node). Shared by the rewrite (which emits this order) and the cost model (which simulates it).
+
+    Args:
+        order: node names in graph order.
+        inputs: node name -> names of the nodes it reads.
+        region_of: node name -> region name, for nodes inside regions.
+
+    Returns:
+        ``[(unit, member nodes in graph order), ...]``.
+
+    Raises:
+        InternalError: the regions are not convex (collapsing them creates a cycle).
+    """
+    position = {n: i for i, n in enumerate(order)}
+    members: dict[str, list[str]] = {}
+    for n in order:
+        members.setdefault(region_of.get(n, n), []).append(n)
+    deps: dict[str, set[str]] = {u: set() for u in members}
+    for u, names in members.items():
+        for name in names:
+            for i in inputs[name]:
+                v = region_of.get(i, i)
+                if v != u:
+                    deps[u].add(v)
+    waiting = {u: len(d) for u, d in deps.items()}
+    dependents: dict[str, list[str]] = {u: [] for u in members}
+    for u, d in deps.items():
+        for v in sorted(d):
+            dependents[v].append(u)
+    ready = [(position[names[0]], u) for u, names in members.items() if waiting[u] == 0]
+    heapq.heapify(ready)
+    out: list[tuple[str, list[str]]] = []
+    while ready:
+        _, u = heapq.heappop(ready)
+        out.append((u, members[u]))
+        for v in dependents[u]:
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                heapq.heappush(ready, (position[members[v][0]], v))
+    if len(out) != len(members):
+        raise InternalError("regions are not convex: collapsing them created a cycle")
+    return out

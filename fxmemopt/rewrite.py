@@ -13,7 +13,6 @@ buffers and ``state_dict()`` keys are shared and equal.
 
 from __future__ import annotations
 
-import heapq
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .annotate import AnnotatedGraph
 from .errors import InternalError
 from .plan import Plan, RegionPlan
-from .regions import region_io
+from .regions import region_io, unit_order
 from .runtime import CheckpointRegion, RegionSpec, RegionStats, region_args, release_args
 from .trace import _resolve, make_graph_module
 
@@ -109,31 +108,13 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         body = _body(model, graph, rp, inputs, outputs, node_by_name)
         modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
 
-    # Units: a region or a single node. Emit in topological order, earliest original position first.
-    position = {n.name: i for i, n in enumerate(graph.nodes)}
-    unit_of = {n.name: (region_of[n.name].name if n.name in region_of else n.name) for n in graph.nodes}
-    members: dict[str, list[str]] = {}
-    for n in graph.nodes:
-        members.setdefault(unit_of[n.name], []).append(n.name)
-    deps: dict[str, set[str]] = {u: set() for u in members}
-    for u, names in members.items():
-        for name in names:
-            for i in node_by_name[name].all_input_nodes:
-                if unit_of[i.name] != u:
-                    deps[u].add(unit_of[i.name])
-    waiting = {u: len(d) for u, d in deps.items()}
-    dependents: dict[str, list[str]] = {u: [] for u in members}
-    for u, d in deps.items():
-        for v in d:
-            dependents[v].append(u)
-    ready = [(position[names[0]], u) for u, names in members.items() if waiting[u] == 0]
-    heapq.heapify(ready)
+    # Units (a region or a single node) in the collapsed graph's topological order.
+    order = [n.name for n in graph.nodes]
+    inputs_of = {n.name: [i.name for i in n.all_input_nodes] for n in graph.nodes}
+    region_name = {n: rp.name for n, rp in region_of.items()}
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
-    emitted = 0
-    while ready:
-        _, u = heapq.heappop(ready)
-        emitted += 1
+    for u, _ in unit_order(order, inputs_of, region_name):
         if u in modules:
             inputs, outputs = io[u]
             box = new.create_node("call_function", region_args, tuple(env[i] for i in inputs), {},
@@ -145,14 +126,7 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
                 for k, o in enumerate(outputs):
                     env[o] = new.create_node("call_function", operator.getitem, (call, k), {}, name=o)
         else:
-            node = node_by_name[u]
-            env[u] = new.node_copy(node, lambda n: env[n.name])
-        for v in dependents[u]:
-            waiting[v] -= 1
-            if waiting[v] == 0:
-                heapq.heappush(ready, (position[members[v][0]], v))
-    if emitted != len(members):
-        raise InternalError("regions are not convex: collapsing them created a cycle")
+            env[u] = new.node_copy(node_by_name[u], lambda n: env[n.name])
     new.lint()
     gm = make_graph_module(model, new, class_name, extra={**modules, **constants})
     return gm, stats

@@ -8,6 +8,7 @@ the stateful modules found, and live run-time counters (calls, recomputations, p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .plan import Plan
 from .runtime import RegionStats
@@ -90,6 +91,21 @@ class Summary:
     plan: Plan
     notes: list[str] = field(default_factory=list)
     runtime: dict[str, RegionStats] = field(default_factory=dict)
+    #: Predicted peak bytes of a training step (cost model), unoptimized and with the plan.
+    predicted_peak_before: int | None = None
+    predicted_peak_after: int | None = None
+    #: Predicted step time of the plan divided by the unoptimized step time.
+    predicted_step_time_ratio: float | None = None
+    #: Measured peak bytes (profiling), unoptimized and optimized; ``None`` when not profiled.
+    measured_peak_before: int | None = None
+    measured_peak_after: int | None = None
+    measured_step_time_ratio: float | None = None
+    #: How peaks were measured ("cpu-storage-tracker" / "cuda-allocator") and where ("worker" / "in-process").
+    measurement: str | None = None
+    #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)
+    #: The networkx cost graph (see :mod:`fxmemopt.costmodel`), for inspection and re-simulation.
+    cost_graph: Any = field(default=None, repr=False)
 
     @property
     def region_count(self) -> int:
@@ -111,6 +127,20 @@ class Summary:
         """Run-time count of planned packings that failed the exact check and were stored unpacked."""
         return sum(s.unpacked_fallbacks for s in self.runtime.values())
 
+    @property
+    def prediction_error(self) -> float | None:
+        """Relative error of the predicted optimized peak against the measured one (``None`` if not measured)."""
+        if self.predicted_peak_after is None or not self.measured_peak_after:
+            return None
+        return abs(self.predicted_peak_after - self.measured_peak_after) / self.measured_peak_after
+
+    @property
+    def prediction_error_before(self) -> float | None:
+        """Relative error of the predicted unoptimized peak against the measured one."""
+        if self.predicted_peak_before is None or not self.measured_peak_before:
+            return None
+        return abs(self.predicted_peak_before - self.measured_peak_before) / self.measured_peak_before
+
     def table(self) -> str:
         """A fixed-width table: one row per region with its inputs' storage."""
         rows = [("region", "anchor", "nodes", "inputs (value set -> storage)", "kept for backward")]
@@ -128,6 +158,17 @@ class Summary:
         parts = [f"fxmemopt summary for {self.model}: {self.region_count} checkpoint regions, "
                  f"{self.packed_input_count} packed inputs, {_fmt_bytes(self.stored_bytes)} kept for backward by "
                  f"region inputs on the example", self.table()]
+        if self.predicted_peak_before is not None and self.predicted_peak_after:
+            parts.append(f"predicted peak: {_fmt_bytes(self.predicted_peak_before)} -> "
+                         f"{_fmt_bytes(self.predicted_peak_after)} "
+                         f"({self.predicted_peak_before / self.predicted_peak_after:.2f}x lower), step time "
+                         f"x{self.predicted_step_time_ratio:.2f}")
+        if self.measured_peak_before and self.measured_peak_after:
+            parts.append(f"measured peak ({self.measurement}): {_fmt_bytes(self.measured_peak_before)} -> "
+                         f"{_fmt_bytes(self.measured_peak_after)} "
+                         f"({self.measured_peak_before / self.measured_peak_after:.2f}x lower), step time "
+                         f"x{self.measured_step_time_ratio:.2f}; prediction error {self.prediction_error:.1%}")
+        parts += [f"rejected {c}: {st}: {msg}" for c, st, msg in self.rejected]
         if self.leaf_fallbacks:
             parts.append("submodules kept whole (not traceable):")
             parts += [f"  {f.path} ({f.module_type}): {f.reason}" for f in self.leaf_fallbacks]

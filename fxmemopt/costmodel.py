@@ -1,0 +1,476 @@
+"""Stage 4, *costgraph*: predict the peak memory and extra compute of a plan without running it.
+
+What the graph encodes
+    One instrumented training step of the *unoptimized* traced model (:func:`record_step`) records every tensor
+    storage allocated during the step: its size, the event at which it was allocated and freed, the graph node
+    that allocated it (forward) or whose backward allocated it (backward, attributed through autograd sequence
+    numbers), the graph nodes whose operations saved it for backward, and whether it is a node's output value.
+    :func:`build_cost_graph` puts this into a networkx ``DiGraph`` keyed by node names (data edges, per-node bytes
+    and forward times as plain numbers) with the storage records attached as plain data.
+
+Why a trace replay
+    The unoptimized step replays exactly (same events, same lifetimes), so the baseline prediction is the measured
+    peak. A plan changes lifetimes in a few well-defined ways (NOTE [Checkpoint region invariants] in
+    :mod:`fxmemopt.runtime`), which :func:`simulate` applies to the recorded lifetimes:
+
+    * tensors saved only by nodes inside checkpoint regions die when their region's forward returns, and are
+      re-created when the region recomputes (just before its first backward event), then die when backward
+      consumes them (their recorded free event) or when the backward pass ends;
+    * a region's temporaries and outputs reappear during its recomputation at the same relative moments;
+    * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
+      until the region's backward has run; inputs kept by reference live at least that long.
+
+    Compute: a checkpointed region runs its forward twice; the extra time is the sum of its nodes' forward
+    times, measured in a separate untracked forward.
+
+Known limitations
+    The prediction is for the example inputs (memory scales with batch and T, so record at the size you train
+    at). Allocations inside a single kernel (workspaces) are invisible to both the recorder and the CPU tracker;
+    on CUDA the caching allocator's rounding adds a few percent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .annotate import AnnotatedGraph
+from .measure import default_loss, reset_states
+from .packing import packed_nbytes
+from .plan import Plan
+from .regions import region_io, unit_order
+from .state import ModelState
+
+__all__ = ["StorageRecord", "StepTrace", "Prediction", "record_step", "build_cost_graph", "simulate"]
+
+LOSS = "<loss>"
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """One storage allocated during the recorded step.
+
+    Attributes:
+        nbytes: its size.
+        alloc: event index at which it was allocated.
+        free: event index after which it was freed (``None``: still alive at the end of the step).
+        node: graph node that allocated it (forward) or whose backward allocated it.
+        phase: ``"fwd"`` or ``"bwd"``.
+        saved_by: graph nodes whose operations saved it for backward.
+        value_of: the graph node whose output value lives in this storage (``None`` for temporaries).
+    """
+
+    nbytes: int
+    alloc: int
+    free: int | None
+    node: str
+    phase: str
+    saved_by: tuple[str, ...]
+    value_of: str | None
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """A recorded unoptimized training step.
+
+    Attributes:
+        events: per event index, ``(phase, node)``; phase is ``"fwd"``, ``"loss"`` or ``"bwd"``.
+        storages: every storage allocated during the step.
+        node_events: node -> (first, last) forward event index of that node (including its end marker).
+        fwd_time_s: node -> forward wall time (separate untracked run, grad enabled).
+        step_time_s: wall time of one untracked step.
+        peak_bytes: the recorder's own peak (equals :func:`fxmemopt.measure_step`'s on CPU).
+    """
+
+    events: tuple[tuple[str, str], ...]
+    storages: tuple[StorageRecord, ...]
+    node_events: dict[str, tuple[int, int]]
+    fwd_time_s: dict[str, float]
+    step_time_s: float
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :func:`simulate` predicts for a plan.
+
+    Attributes:
+        peak_bytes: predicted peak live bytes of a training step (same quantity as ``measure_step``).
+        peak_at: ``"phase:node"`` where the peak occurs (``recompute:<region>`` inside a recomputation).
+        extra_compute_s: predicted extra step time (recomputed forwards).
+        step_time_s: predicted step time (baseline + extra).
+        timeline: ``(label, live bytes)`` per simulated position (only when asked for).
+    """
+
+    peak_bytes: int
+    peak_at: str
+    extra_compute_s: float
+    step_time_s: float
+    timeline: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+
+
+class _Recorder(TorchDispatchMode):
+    """Dispatch-level storage recorder with node attribution (same counting rule as LiveBytesTracker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+        self.phase = "fwd"
+        self.node = ""
+        self.recs: dict[int, dict[str, Any]] = {}
+        self.done: list[dict[str, Any]] = []
+        self.live = 0
+        self.peak = 0
+        self.seq_starts: list[int] = []
+        self.seq_nodes: list[str] = []
+        self.last_bwd_node = LOSS
+
+    def mark(self) -> int:
+        self.events.append((self.phase, self.node))
+        return len(self.events) - 1
+
+    def _bwd_node(self) -> str:
+        n = torch._C._current_autograd_node()
+        if n is None:
+            return self.last_bwd_node
+        seq = n._sequence_nr()
+        k = bisect_right(self.seq_starts, seq) - 1
+        if 0 <= k and seq < 2**63:
+            self.last_bwd_node = self.seq_nodes[k]
+        return self.last_bwd_node
+
+    def _free(self, key: int) -> None:
+        rec = self.recs.pop(key, None)
+        if rec is not None:
+            rec["free"] = len(self.events) - 1
+            self.live -= rec["nbytes"]
+            self.done.append(rec)
+
+    def storage_key(self, t: torch.Tensor) -> int | None:
+        try:
+            return t.untyped_storage()._cdata
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        inputs = {self.storage_key(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        out = func(*args, **kwargs)
+        if self.phase == "bwd":
+            self.node = self._bwd_node()
+        ev = self.mark()
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = storage._cdata
+            if key in self.recs or key in inputs:
+                continue
+            rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node,
+                   "phase": self.phase, "saved_by": set(), "value_of": None}
+            self.recs[key] = rec
+            self.live += rec["nbytes"]
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, rec: _Recorder) -> None:
+        super().__init__(gm)
+        self.rec = rec
+        self.node_events: dict[str, tuple[int, int]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        rec = self.rec
+        rec.node = n.name
+        first = len(rec.events)
+        rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
+        rec.seq_nodes.append(n.name)
+        result = super().run_node(n)
+        for t in tree_leaves(result):
+            if isinstance(t, torch.Tensor):
+                key = rec.storage_key(t)
+                if key in rec.recs and rec.recs[key]["value_of"] is None:
+                    rec.recs[key]["value_of"] = n.name
+        last = rec.mark()  # end marker: frees after this node's last use land here
+        self.node_events[n.name] = (first, last)
+        return result
+
+
+class _TimingInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.times: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        self.times[n.name] = self.times.get(n.name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
+                loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 1) -> StepTrace:
+    """Record one unoptimized training step of the traced module ``gm`` (see the module docstring).
+
+    Neuron states are reset first (as :func:`fxmemopt.measure_step` does); buffers, states, gradients and the RNG
+    are restored afterwards, so recording has no side effects.
+
+    Args:
+        gm: the traced, unoptimized GraphModule (shares modules with the user's model).
+        inputs: the example inputs.
+        stateful: stateful module paths -> state attribute names.
+        loss_fn: output -> scalar loss; default :func:`fxmemopt.measure.default_loss`.
+        timing_repeats: untracked forward passes to time nodes (after one warm-up step).
+
+    Returns:
+        The :class:`StepTrace`.
+    """
+    loss_fn = loss_fn or default_loss
+    params = list(gm.parameters())
+    saved = ModelState.capture(gm, stateful)
+    with saved.restored_after():
+        def clear() -> None:
+            for p in params:
+                p.grad = None
+            reset_states(gm)
+
+        def backward(loss: torch.Tensor) -> None:
+            if loss.requires_grad:  # a model with nothing to train has no backward to record
+                loss.backward()
+
+        # Timing: one warm-up step, then timed steps and node-by-node timed forwards (untracked).
+        clear()
+        backward(loss_fn(gm(*inputs)))
+        step_times = []
+        for _ in range(max(1, timing_repeats)):
+            clear()
+            t0 = time.perf_counter()
+            backward(loss_fn(gm(*inputs)))
+            step_times.append(time.perf_counter() - t0)
+        timer = _TimingInterpreter(gm)
+        for _ in range(max(1, timing_repeats)):
+            clear()
+            out = timer.run(*inputs)
+            del out
+        fwd_time = {k: v / max(1, timing_repeats) for k, v in timer.times.items()}
+
+        clear()
+        rec = _Recorder()
+        interp = _RecordingInterpreter(gm, rec)
+
+        def on_save(t: torch.Tensor) -> torch.Tensor:
+            if rec.phase == "fwd":
+                key = rec.storage_key(t)
+                if key in rec.recs:
+                    rec.recs[key]["saved_by"].add(rec.node)
+            return t
+
+        with rec, torch.autograd.graph.saved_tensors_hooks(on_save, lambda t: t):
+            out = interp.run(*inputs)
+            rec.phase, rec.node = "loss", LOSS
+            rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
+            rec.seq_nodes.append(LOSS)
+            loss = loss_fn(out)
+            rec.phase = "bwd"
+            backward(loss)
+            del loss, out
+            rec.phase, rec.node = "bwd", LOSS
+            rec.mark()
+    records = rec.done + list(rec.recs.values())
+    storages = tuple(sorted(
+        (StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"], tuple(sorted(r["saved_by"])),
+                       r["value_of"]) for r in records),
+        key=lambda s: (s.alloc, s.nbytes)))
+    step_time = sorted(step_times)[len(step_times) // 2]
+    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak)
+
+
+def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
+    """The cost graph: a networkx ``DiGraph`` keyed by node names, with plain-number attributes.
+
+    Node attributes: ``op``, ``target``, ``out_bytes`` (its output value's bytes), ``alloc_bytes`` (all bytes it
+    allocated in forward), ``saved_bytes`` (bytes it saved for backward that it allocated itself),
+    ``fwd_time_s``, ``shape``, ``dtype``, ``value_set``. Edges: data dependencies. ``graph.graph`` holds the
+    ``trace`` (:class:`StepTrace`) and the ``annotated`` graph (plain data), which :func:`simulate` uses.
+    """
+    g = nx.DiGraph()
+    alloc: dict[str, int] = {}
+    saved: dict[str, int] = {}
+    for s in trace.storages:
+        if s.phase == "fwd":
+            alloc[s.node] = alloc.get(s.node, 0) + s.nbytes
+            if s.saved_by:
+                saved[s.node] = saved.get(s.node, 0) + s.nbytes
+    for name in annotated.order:
+        info = annotated[name]
+        g.add_node(name, op=info.op, target=info.target, out_bytes=info.nbytes, alloc_bytes=alloc.get(name, 0),
+                   saved_bytes=saved.get(name, 0), fwd_time_s=trace.fwd_time_s.get(name, 0.0),
+                   shape=info.shape, dtype=info.dtype, value_set=str(info.value_set))
+        for i in info.inputs:
+            g.add_edge(i, name)
+    g.graph["trace"] = trace
+    g.graph["annotated"] = annotated
+    return g
+
+
+_ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+                 "int8": 1, "uint8": 1, "bool": 1}
+
+
+def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = False) -> Prediction:
+    """Predict the peak memory and step time of ``plan`` (``None``: the unoptimized model).
+
+    Args:
+        graph: from :func:`build_cost_graph`.
+        plan: the plan to simulate.
+        with_timeline: also return the live-bytes timeline.
+
+    Returns:
+        A :class:`Prediction`.
+    """
+    trace: StepTrace = graph.graph["trace"]
+    annotated: AnnotatedGraph = graph.graph["annotated"]
+    regions = plan.regions if plan is not None else ()
+    region_of = {n: r.name for r in regions for n in r.nodes}
+    events = trace.events
+    ne = trace.node_events
+
+    # Forward: units in the rewritten order; each region gets an entry and an exit position.
+    labels: list[str] = []
+    pos: dict[int, int] = {}
+    entry: dict[str, int] = {}
+    exit_: dict[str, int] = {}
+    inputs_of = {n: annotated[n].inputs for n in annotated.order}
+    for unit, members in unit_order(annotated.order, inputs_of, region_of):
+        if unit in region_of.values():
+            entry[unit] = len(labels)
+            labels += [f"pack:{unit}", f"enter:{unit}"]
+        for n in members:
+            first, last = ne[n]
+            for e in range(first, last + 1):
+                pos[e] = len(labels)
+                labels.append(f"fwd:{n}")
+        if unit in region_of.values():
+            exit_[unit] = len(labels)
+            labels.append(f"exit:{unit}")
+    fwd_end = max((last for _, last in ne.values()), default=-1)
+    for e in range(fwd_end + 1, len(events)):
+        if events[e][0] == "loss":
+            pos[e] = len(labels)
+            labels.append(f"loss:{events[e][1]}")
+
+    # Backward: baseline order; a region recomputes just before its first backward event.
+    rc_start: dict[str, int] = {}
+    rc_pos: dict[str, dict[int, int]] = {}
+    rc_end: dict[str, int] = {}
+    bwd_last: dict[str, int] = {}
+    by_region = {r.name: r for r in regions}
+    for e in range(len(events)):
+        phase, node = events[e]
+        if phase != "bwd":
+            continue
+        r = region_of.get(node)
+        if r is not None and r not in rc_start:
+            rc_start[r] = len(labels)
+            rc_pos[r] = {}
+            for n in by_region[r].nodes:
+                first, last = ne[n]
+                for fe in range(first, last + 1):
+                    rc_pos[r][fe] = len(labels)
+                    labels.append(f"recompute:{r}")
+            rc_end[r] = len(labels)
+            labels.append(f"recompute-end:{r}")
+        pos[e] = len(labels)
+        labels.append(f"bwd:{node}")
+        if r is not None:
+            bwd_last[r] = pos[e]
+    end = len(labels)
+    for r in by_region:  # regions whose backward never ran (nothing required grad through them)
+        bwd_last.setdefault(r, end - 1)
+
+    delta = [0] * (end + 2)
+
+    def live(nbytes: int, start: int, stop: int) -> None:
+        """Alive at positions start..stop inclusive."""
+        if nbytes <= 0 or stop < start:
+            return
+        delta[start] += nbytes
+        delta[stop + 1] -= nbytes
+
+    def at(e: int | None) -> int:
+        return end - 1 if e is None else pos.get(e, end - 1)
+
+    region_inputs = {r.name: region_io(annotated, r.nodes)[0] for r in regions}
+    kept_by_ref: dict[str, list[str]] = {}
+    for r in regions:
+        for i, b in zip(region_inputs[r.name], r.pack_bits):
+            info = annotated[i]
+            if info.is_tensor and info.op != "get_attr" and b == 0:
+                kept_by_ref.setdefault(i, []).append(r.name)
+            elif info.is_tensor and b:
+                numel = math.prod(info.shape or ())
+                live(packed_nbytes(numel, b), entry[r.name] + 1, bwd_last[r.name])
+                elsize = _ELEMENT_SIZE.get(info.dtype or "", 4)
+                live(numel * (1 + elsize), entry[r.name], entry[r.name])  # uint8 copy + round-trip check
+
+    last_user_end: dict[str, int] = {}
+    for n in annotated.order:
+        users = annotated.users[n]
+        last_user_end[n] = max((pos[ne[u][1]] for u in users if u in ne), default=pos[ne[n][1]])
+
+    for s in trace.storages:
+        if s.phase != "fwd" or s.node not in ne:
+            live(s.nbytes, at(s.alloc), at(s.free))
+            continue
+        saver_regions = {region_of.get(m) for m in s.saved_by}
+        home = region_of.get(s.node)
+        stop = at(s.free)
+        if s.value_of in kept_by_ref:
+            stop = max([stop] + [bwd_last[r] for r in kept_by_ref[s.value_of]])
+        if s.saved_by and None not in saver_regions:
+            # Saved only inside regions: dies at region exit, comes back at recomputation.
+            release = last_user_end[s.value_of] if s.value_of is not None else pos[ne[s.node][1]]
+            release = max([release] + [exit_[r] for r in saver_regions])
+            live(s.nbytes, pos[s.alloc], release)
+            for r in saver_regions:
+                if r not in rc_start:
+                    continue
+                start = rc_pos[r].get(s.alloc, rc_start[r])
+                consumed = pos.get(s.free) if s.free is not None else None
+                if consumed is None or consumed < start:
+                    consumed = end - 1 if s.free is None else bwd_last[r]
+                live(s.nbytes, start, consumed)
+        else:
+            live(s.nbytes, pos[s.alloc], stop)
+            if home is not None and home in rc_start:
+                # A temporary or output of the region: it reappears during recomputation.
+                start = rc_pos[home][s.alloc]
+                stop_rc = rc_pos[home].get(s.free, rc_end[home]) if s.free is not None else rc_end[home]
+                live(s.nbytes, start, max(start, stop_rc))
+
+    best, best_at, cur = 0, 0, 0
+    timeline = []
+    for p in range(end):
+        cur += delta[p]
+        if cur > best:
+            best, best_at = cur, p
+        if with_timeline:
+            timeline.append((labels[p], cur))
+    extra = sum(trace.fwd_time_s.get(n, 0.0) for r in regions for n in r.nodes)
+    return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))

@@ -1,0 +1,143 @@
+"""The cost model: trace replay is exact for the unoptimized step, plans are predicted within tolerance, and the
+simulator's lifetime rules hold on a hand-built trace."""
+
+from __future__ import annotations
+
+import pickle
+
+import networkx as nx
+import pytest
+import torch
+
+import fxmemopt
+from fxmemopt.annotate import AnnotatedGraph, NodeInfo, ValueSet
+from fxmemopt.costmodel import StepTrace, StorageRecord, build_cost_graph, simulate
+from fxmemopt.plan import Plan, RegionPlan
+from fxmemopt.snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
+
+MODELS = [
+    ("DeepConvSNN", lambda: DeepConvSNN(num_blocks=6, channels=8), (4, 4, 3, 16, 16)),
+    ("SpikingVGG11", lambda: SpikingVGG11(width=0.125, dropout=0.2), (4, 2, 2, 48, 48)),
+    ("SEWResNet18", lambda: SEWResNet18(width=0.125), (2, 2, 3, 64, 64)),
+    ("Spikformer", lambda: Spikformer(embed_dim=32, num_heads=2, depth=2), (4, 2, 3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("name, factory, shape", MODELS, ids=[m[0] for m in MODELS])
+def test_predicted_peaks_match_measured(name, factory, shape):
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.rand(shape)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    base = fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
+    opt = fxmemopt.measure_step(gm, (x,), repeats=0).peak_bytes
+    # The unoptimized step replays its own recording: equal up to the loss bookkeeping.
+    assert abs(summary.predicted_peak_before - base) / base < 0.001
+    # Plans are simulated: the promise is 10%; these models are within 5%.
+    assert abs(summary.predicted_peak_after - opt) / opt < 0.05, (summary.predicted_peak_after, opt)
+    assert summary.predicted_step_time_ratio > 1.0
+    assert isinstance(summary.cost_graph, nx.DiGraph)
+
+
+def test_cost_graph_is_plain_picklable_and_keyed_by_node_names():
+    model = DeepConvSNN(num_blocks=2, channels=4)
+    gm, summary = fxmemopt.optimize(model, (torch.rand(2, 2, 3, 8, 8),), return_summary=True)
+    g = summary.cost_graph
+    assert set(g.nodes) == set(summary.cost_graph.graph["annotated"].order)
+    assert g.nodes["blocks_0_sn"]["saved_bytes"] > 0 and g.nodes["blocks_0_sn"]["fwd_time_s"] >= 0
+    assert ("blocks_0_conv_1", "unflatten_2") in g.edges or g.in_degree("blocks_0_sn") == 1
+    g2 = pickle.loads(pickle.dumps(g))
+    assert simulate(g2, summary.plan).peak_bytes == simulate(g, summary.plan).peak_bytes
+
+
+def test_prediction_failure_is_a_note_not_an_error():
+    class Odd(torch.nn.Module):
+        def forward(self, x):
+            return x.detach() * 2  # nothing to backprop: recording skips backward, still predicts
+
+    gm, summary = fxmemopt.optimize(Odd(), (torch.rand(3),), return_summary=True)
+    assert summary.predicted_peak_before is not None and summary.notes[0].startswith("no stateful")
+
+
+# ---- hand-built trace: pins the simulator's lifetime rules -------------------------------------------------------
+
+def _info(name, op, inputs, nbytes=400, shape=(100,), vs=None):
+    vs = vs or ValueSet(None)
+    return NodeInfo(name=name, op=op, target=name, inputs=tuple(inputs), module_type=None, module_stack=(),
+                    is_tensor=True, shape=shape, dtype="float32", nbytes=nbytes, static=vs, observed=vs,
+                    value_set=vs, stateful=op == "call_module")
+
+
+def _chain():
+    """x -> a (allocates 400 B, saves a temp of 800 B) -> s (neuron: spikes, saves 400 B) -> out (head)."""
+    binary = ValueSet(1)
+    nodes = {
+        "x": _info("x", "placeholder", []),
+        "a": _info("a", "call_function", ["x"]),
+        "s": _info("s", "call_module", ["a"], vs=binary),
+        "out": _info("out", "call_function", ["s"]),
+        "output": _info("output", "output", ["out"]),
+    }
+    order = ("x", "a", "s", "out", "output")
+    users = {"x": ("a",), "a": ("s",), "s": ("out",), "out": ("output",), "output": ()}
+    annotated = AnnotatedGraph(order, nodes, users)
+    # events: x:0-1, a:2-4, s:5-7, out:8-9, output:10-11, loss:12, bwd:13(out) 14(s) 15(a) 16(<loss>)
+    events = ([("fwd", "x")] * 2 + [("fwd", "a")] * 3 + [("fwd", "s")] * 3 + [("fwd", "out")] * 2
+              + [("fwd", "output")] * 2 + [("loss", "<loss>")] + [("bwd", "out"), ("bwd", "s"), ("bwd", "a"),
+                                                                  ("bwd", "<loss>")])
+    node_events = {"x": (0, 1), "a": (2, 4), "s": (5, 7), "out": (8, 9), "output": (10, 11)}
+    storages = (
+        StorageRecord(400, 2, 7, "a", "fwd", (), "a"),           # a's output, freed after s used it
+        StorageRecord(800, 3, 15, "a", "fwd", ("a",), None),     # a's saved temp, consumed by a's backward
+        StorageRecord(400, 5, 14, "s", "fwd", ("s",), None),     # s's saved internal
+        StorageRecord(400, 6, 16, "s", "fwd", ("out",), "s"),    # spikes, saved by the head
+        StorageRecord(400, 13, None, "out", "bwd", (), None),    # a gradient
+    )
+    trace = StepTrace(tuple(events), storages, node_events, {"a": 0.01, "s": 0.02}, 0.1, 0)
+    return annotated, trace
+
+
+def test_simulated_baseline_replays_the_trace():
+    annotated, trace = _chain()
+    g = build_cost_graph(annotated, trace)
+    p = simulate(g, None, with_timeline=True)
+    # at event 6 (s allocates spikes): a-out 400 + temp 800 + s internal 400 + spikes 400
+    assert p.peak_bytes == 2000
+    assert p.extra_compute_s == 0 and p.step_time_s == 0.1
+
+
+def test_simulated_region_frees_at_exit_and_recomputes_in_backward():
+    annotated, trace = _chain()
+    g = build_cost_graph(annotated, trace)
+    plan = Plan((RegionPlan("r", "s", ("a", "s"), (0,)),))
+    p = simulate(g, plan, with_timeline=True)
+    labels = [label for label, _ in p.timeline]
+    live = dict(enumerate(b for _, b in p.timeline))
+    exit_pos = labels.index("exit:r")
+    # after the region's forward only the spikes (saved by the head, outside the region) are alive
+    assert live[exit_pos + 1] == 400
+    # recomputation brings back the region's saved tensors (temp 800 + internal 400) plus its temporaries
+    rc = [i for i, label in enumerate(labels) if label == "recompute:r"]
+    assert max(live[i] for i in rc) >= 400 + 800 + 400
+    # peak inside recomputation: spikes (held by the head) + the head's gradient + replayed a-out + temp +
+    # internal + the replayed spikes (a region output, discarded when recomputation ends)
+    assert p.peak_bytes == 2800 and p.peak_at == "recompute:r"
+    assert live[labels.index("recompute-end:r")] == 2400 and live[labels.index("bwd:a")] == 1600
+    assert p.extra_compute_s == pytest.approx(0.03)
+
+
+def test_packed_inputs_are_charged_from_entry_to_the_end_of_the_regions_backward():
+    annotated, trace = _chain()
+    g = build_cost_graph(annotated, trace)
+    plan = Plan((RegionPlan("r", "s", ("out",), (1,)),))  # the head as a region with a 1-bit input
+    p = simulate(g, plan, with_timeline=True)
+    labels = [label for label, _ in p.timeline]
+    live = [b for _, b in p.timeline]
+    entry = labels.index("enter:r")
+    pack = labels.index("pack:r")
+    # before the region: a's saved temp 800, s's internal 400, spikes 400 (a's output died with s's last event)
+    assert live[pack] == 1600 + 100 * (1 + 4)  # transient: uint8 copy + round-trip check in the input's dtype
+    assert live[entry] == 1600 + 13  # ceil(100 / 8) bytes of payload
+    # in the head's backward: temp 800 + internal 400 + the unpacked spikes the head saved again + its gradient
+    # + the payload
+    assert live[labels.index("bwd:out")] == 800 + 400 + 400 + 400 + 13
