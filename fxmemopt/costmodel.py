@@ -443,7 +443,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         stop = at(s.free)
         if s.value_of in kept_by_ref:
             stop = max([stop] + [bwd_last[r] for r in kept_by_ref[s.value_of]])
-        if s.saved_by and None not in saver_regions:
+        saved_in_regions = bool(s.saved_by) and None not in saver_regions
+        if saved_in_regions:
             # Saved only inside regions: dies at region exit, comes back at recomputation.
             release = last_user_end[s.value_of] if s.value_of is not None else pos[ne[s.node][1]]
             release = max([release] + [exit_[r] for r in saver_regions])
@@ -458,11 +459,12 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                 live(s.nbytes, start, consumed)
         else:
             live(s.nbytes, pos[s.alloc], stop)
-            if home is not None and home in rc_start:
-                # A temporary or output of the region: it reappears during recomputation.
-                start = rc_pos[home][s.alloc]
-                stop_rc = rc_pos[home].get(s.free, rc_end[home]) if s.free is not None else rc_end[home]
-                live(s.nbytes, start, max(start, stop_rc))
+        if home is not None and home in rc_start and not (saved_in_regions and home in saver_regions):
+            # A temporary or output of the region (not kept by its own recomputation): it reappears during the
+            # recomputation and is dropped when that ends (or when it died in the forward, if earlier).
+            start = rc_pos[home][s.alloc]
+            stop_rc = rc_pos[home].get(s.free, rc_end[home]) if s.free is not None else rc_end[home]
+            live(s.nbytes, start, max(start, stop_rc))
 
     best, best_at, cur = 0, 0, 0
     timeline = []

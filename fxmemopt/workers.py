@@ -21,9 +21,9 @@ How a module travels to the worker (the job's ``payload``), two routes:
 
 1. **Pickled module** (:func:`pack_module`, :func:`make_job` with an ``nn.Module``): the module object itself is
    pickled, parameters and buffers included. ``torch.fx.GraphModule``\\ s produced by :func:`fxmemopt.optimize`
-   pickle fine. The model's class (and everything it holds) must be importable by name in a fresh interpreter:
-   defined at module top level, no lambdas or local classes. Otherwise :func:`make_job` returns a ready
-   "unpicklable" result and nothing is sent.
+   pickle fine (string type annotations, which torch.fx itself cannot pickle, are left out). The model's class (and
+   everything it holds) must be importable by name in a fresh interpreter: defined at module top level, no lambdas
+   or local classes. Otherwise :func:`make_job` returns a ready "unpicklable" result and nothing is sent.
 2. **Factory** (:class:`FactorySpec`): an import path ``"package.module:callable"``, its keyword arguments, an
    optional state dict and optional :func:`fxmemopt.optimize` keyword arguments. The worker imports the factory,
    builds the model, loads the state dict and, when ``optimize_kwargs`` is not ``None``, optimizes the model there
@@ -71,6 +71,7 @@ Limitations:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -81,13 +82,13 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import FxMemOptError, InternalError, InvalidInputsError, InvalidOptionError, format_error
 from .measure import measure_step
@@ -329,8 +330,49 @@ class FactorySpec:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _string_annotations_hidden(module: nn.Module | FactorySpec) -> Iterator[None]:
+    """Temporarily drop string type annotations from the nodes of every ``fx.GraphModule`` inside ``module``.
+
+    torch.fx cannot pickle a GraphModule whose nodes carry annotations that are strings, which is what tracing a
+    ``forward(self, x: torch.Tensor)`` defined under ``from __future__ import annotations`` (PEP 563) produces:
+    ``GraphModule.__reduce__`` regenerates the code and tries to import every global, the string included
+    (pytorch/pytorch#167117). Annotations do not affect what the code computes, so pickling without them is
+    lossless for measurement.
+
+    ``__reduce__`` pickles the code stored in the instance *before* it regenerates it, so the affected modules are
+    recompiled without the annotations here, and recompiled again with them restored on exit (``__reduce__``
+    recompiles every GraphModule it pickles anyway, so this adds no kind of side effect pickling did not have).
+    """
+    hidden: list[tuple[fx.Node, str]] = []
+    touched: list[fx.GraphModule] = []
+    if isinstance(module, nn.Module):
+        for sub in module.modules():
+            if isinstance(sub, fx.GraphModule):
+                strings = [node for node in sub.graph.nodes if isinstance(node.type, str)]
+                if strings:
+                    touched.append(sub)
+                for node in strings:
+                    hidden.append((node, node.type))
+                    node.type = None
+    try:
+        for sub in touched:
+            sub.recompile()
+        yield
+    finally:
+        for node, annotation in hidden:
+            node.type = annotation
+        for sub in touched:
+            sub.recompile()
+
+
 def pack_module(module: nn.Module | FactorySpec) -> bytes:
     """Pickle a module (route 1) or a :class:`FactorySpec` (route 2) into a job payload.
+
+    ``fx.GraphModule``\\ s (those :func:`fxmemopt.optimize` returns included) are pickled with their string type
+    annotations left out, working around a torch.fx bug (see :func:`_string_annotations_hidden`); their nodes are
+    briefly modified and recompiled during the call (as ``pickle.dumps`` of a GraphModule recompiles it anyway), so
+    do not use the same module from another thread meanwhile.
 
     Args:
         module: the module to measure, or a factory spec.
@@ -346,7 +388,8 @@ def pack_module(module: nn.Module | FactorySpec) -> bytes:
     if not isinstance(module, (nn.Module, FactorySpec)):
         raise InvalidOptionError(format_error("module", "cannot be profiled", expected="nn.Module or FactorySpec",
                                               got=type(module).__name__))
-    return pickle.dumps(module, protocol=_PICKLE_PROTOCOL)
+    with _string_annotations_hidden(module):
+        return pickle.dumps(module, protocol=_PICKLE_PROTOCOL)
 
 
 def _unpicklable(name: str, what: str, problem: str, exc: BaseException, wall_s: float) -> ProfileResult:
