@@ -143,6 +143,12 @@ def trace(model: nn.Module, *, stateful_paths: Iterable[str] = (), leaf_types: t
     finally:
         # torch.fx stores tensor constants on the root module it traces; move them out of the user's model.
         constants = {k: model.__dict__.pop(k) for k in list(model.__dict__) if k not in before}
+    for node in graph.nodes:
+        # Under `from __future__ import annotations` fx records type annotations as strings, which GraphModule
+        # pickling cannot handle (it tries to import them by name; pytorch/pytorch#167117). They carry no
+        # meaning for execution, so drop them here and every GraphModule fxmemopt builds pickles as is.
+        if isinstance(node.type, str):
+            node.type = None
     graph.lint()
     return graph, constants, tracer.fallbacks
 

@@ -137,13 +137,11 @@ def test_worker_peak_equals_in_process_peak_plain_optimized_and_factory(pool):
 def test_optimized_graph_module_round_trips_through_pack_module():
     model, x = _snn()
     gm = fxmemopt.optimize(model, x)
-    # DeepConvSNN's forward is annotated under `from __future__ import annotations`: string annotations, which
-    # plain pickle.dumps(gm) cannot handle (pytorch/pytorch#167117); pack_module leaves them out and restores them.
-    annotations = [n.type for n in gm.graph.nodes]
-    assert any(isinstance(t, str) for t in annotations)
-    code = gm.code
+    # Regression: DeepConvSNN's forward is annotated under `from __future__ import annotations`, which made fx keep
+    # string annotations that GraphModule pickling cannot handle (pytorch/pytorch#167117); tracing drops them.
+    assert not any(isinstance(n.type, str) for n in gm.graph.nodes)
+    pickle.dumps(gm)  # plain pickle works
     clone = pickle.loads(pack_module(gm))
-    assert [n.type for n in gm.graph.nodes] == annotations and gm.code == code
     assert isinstance(clone, torch.fx.GraphModule)
     torch.testing.assert_close(clone(*x), gm(*x), rtol=0, atol=0)
     assert fxmemopt.measure_step(clone, x).peak_bytes == fxmemopt.measure_step(gm, x).peak_bytes
