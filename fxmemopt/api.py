@@ -21,6 +21,7 @@ from .runtime import RegionStats
 from .state import has_memories, probe
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
+from .workers import ProfileResult, WorkerPool, make_job, run_in_process
 
 __all__ = ["optimize"]
 
@@ -82,6 +83,20 @@ def _summary(model: nn.Module, graph: AnnotatedGraph, regions: list[Region], pla
     return Summary(type(model).__name__, reports, list(fallbacks), stateful, plan, notes, stats)
 
 
+def _profile(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], mode: str,
+             timeout_s: float) -> tuple[list[ProfileResult], str]:
+    """Measure the unoptimized model and the optimized module: in one reused worker, or in this process."""
+    candidates = [("unoptimized", model), ("optimized", gm)]
+    if mode == "in-process":
+        return [run_in_process(m, inputs, name=name) for name, m in candidates], "process"
+    with WorkerPool() as pool:
+        results = [pool.run(make_job(name, m, inputs, timeout_s=timeout_s)) for name, m in candidates]
+    for r in results:
+        if not r.ok:
+            log.warning("fxmemopt: profiling %s was rejected (%s): %s", r.name, r.status, r.message)
+    return results, "a worker process"
+
+
 def optimize(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -91,6 +106,8 @@ def optimize(
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
     predict: bool = True,
+    profile: str | None = None,
+    profile_timeout_s: float = 300.0,
     return_summary: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, Summary]:
     """Rewrite ``model`` so a training step keeps far less memory for backward, with identical results.
@@ -114,6 +131,12 @@ def optimize(
         predict: record one instrumented unoptimized training step on the example inputs and predict the peak
             memory and step time before and after (summary ``predicted_*`` fields; see :mod:`fxmemopt.costmodel`).
             The recording costs a few unoptimized steps' time and the unoptimized step's memory.
+        profile: confirm by measurement: ``"worker"`` measures the unoptimized and the optimized module in a spawned
+            worker process (reused; every wait bounded by ``profile_timeout_s``; a worker that raises, runs out of
+            memory, is killed or times out, and a model that cannot be pickled, yield a rejected candidate in
+            ``summary.rejected`` and ``optimize`` carries on); ``"in-process"`` measures here, for models that cannot
+            travel (no timeout possible); ``None`` (default) measures nothing.
+        profile_timeout_s: the longest one profiling run may take in a worker.
         return_summary: also return a :class:`~fxmemopt.summary.Summary`.
 
     Returns:
@@ -140,6 +163,12 @@ def optimize(
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
                                               got=type(model).__name__))
+    if profile not in (None, "worker", "in-process"):
+        raise InvalidOptionError(format_error("profile", "is not a known profiling mode",
+                                              expected='None, "worker" or "in-process"', got=repr(profile)))
+    if not profile_timeout_s > 0:
+        raise InvalidOptionError(format_error("profile_timeout_s", "must be positive", expected="> 0",
+                                              got=repr(profile_timeout_s)))
     target_types = _check_types("targets", targets)
     leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
     declared = _check_types("stateful_modules", stateful_modules)
@@ -183,6 +212,8 @@ def optimize(
     # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
     gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                         type(model).__name__)
+    # profile: confirm by measurement (never required; failures are recorded, not raised)
+    measured = _profile(model, gm, inputs, profile, profile_timeout_s) if profile else None
     # report
     how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
                "declared" if isinstance(model.get_submodule(p), declared) else f"rebinds {', '.join(n)}")
@@ -193,6 +224,15 @@ def optimize(
         summary.predicted_peak_before, summary.predicted_peak_after = before.peak_bytes, after.peak_bytes
         summary.predicted_step_time_ratio = after.step_time_s / before.step_time_s
         summary.cost_graph = cost
+    if measured is not None:
+        results, where = measured
+        base, opt = results
+        summary.measurement = f"{opt.method or base.method} in {where}"
+        summary.rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
+        summary.measured_peak_before = base.peak_bytes if base.ok else None
+        summary.measured_peak_after = opt.peak_bytes if opt.ok else None
+        if base.ok and opt.ok and base.step_time_s:
+            summary.measured_step_time_ratio = opt.step_time_s / base.step_time_s
     gm.fxmemopt_summary = summary
     log.info("%s", summary)
     return (gm, summary) if return_summary else gm

@@ -1,0 +1,122 @@
+"""optimize(profile=...): measured peaks confirm the prediction, and a profiling worker that hangs, raises, dies or
+cannot receive the model never stops optimize: it returns in bounded time with the candidates rejected."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import fxmemopt
+from fxmemopt.errors import InvalidOptionError
+from fxmemopt.snn import IFNode, SeqToANNContainer
+from fxmemopt.verify import compare_training_step
+from fxmemopt.workers import WORKER_ENV_VAR
+
+
+def _in_worker() -> bool:
+    return os.environ.get(WORKER_ENV_VAR) == "1"
+
+
+class Misbehave(nn.Module):
+    """Does nothing in the calling process; inside a profiling worker it hangs, raises or exits, per `fault`."""
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault = fault
+
+    def forward(self, x):
+        if _in_worker():
+            if self.fault == "sleep":
+                time.sleep(3600)
+            elif self.fault == "raise":
+                raise RuntimeError("boom in the worker")
+            elif self.fault == "exit":
+                os._exit(3)
+        return x
+
+
+class Net(nn.Module):
+    """Two Linear+IF layers behind a guard that misbehaves only inside a profiling worker."""
+
+    def __init__(self, fault: str = "none", width: int = 8):
+        super().__init__()
+        self.guard = Misbehave(fault)
+        self.fc1 = SeqToANNContainer(nn.Linear(width, width))
+        self.sn1 = IFNode(v_threshold=0.5)
+        self.fc2 = SeqToANNContainer(nn.Linear(width, 4))
+        self.sn2 = IFNode(v_threshold=0.5)
+
+    def forward(self, x):
+        return self.sn2(self.fc2(self.sn1(self.fc1(self.guard(x)))))
+
+
+def _net(fault: str) -> nn.Module:
+    return Net(fault)
+
+
+def test_profile_in_a_worker_confirms_the_prediction():
+    torch.manual_seed(0)
+    x = torch.rand(8, 8, 256)
+    model = Net(width=256)
+    gm, s = fxmemopt.optimize(model, (x,), profile="worker", return_summary=True)
+    assert s.rejected == []
+    assert s.measured_peak_before == fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
+    assert s.measured_peak_after == fxmemopt.measure_step(gm, (x,), repeats=0).peak_bytes
+    assert s.measured_step_time_ratio > 0
+    assert s.prediction_error < 0.10 and s.prediction_error_before < 0.01
+    assert "worker" in s.measurement
+
+
+def test_profile_in_process():
+    x = torch.rand(4, 3, 8)
+    model = _net("none")
+    gm, s = fxmemopt.optimize(model, (x,), profile="in-process", return_summary=True)
+    assert s.measured_peak_after == fxmemopt.measure_step(gm, (x,)).peak_bytes
+    assert s.measured_peak_before == fxmemopt.measure_step(model, (x,)).peak_bytes
+
+
+@pytest.mark.parametrize("fault, status, bound_s", [
+    ("sleep", "timeout", 30.0),
+    ("raise", "error", 20.0),
+    ("exit", "crashed", 20.0),
+])
+def test_faulty_workers_are_rejected_and_optimize_returns(fault, status, bound_s):
+    torch.manual_seed(0)
+    model = _net(fault)
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 8)
+    t0 = time.perf_counter()
+    # The guard's branch must run at call time, not at trace time: keep it a leaf.
+    gm, s = fxmemopt.optimize(model, (x,), profile="worker", profile_timeout_s=3.0, leaf_modules=(Misbehave,),
+                              return_summary=True)
+    assert time.perf_counter() - t0 < bound_s
+    assert [(name, st) for name, st, _ in s.rejected] == [("unoptimized", status), ("optimized", status)]
+    if fault == "raise":
+        assert "boom in the worker" in s.rejected[0][2]
+    if fault == "exit":
+        assert "3" in s.rejected[0][2]
+    assert s.measured_peak_after is None and s.predicted_peak_after is not None
+    assert "rejected optimized" in str(s)
+    assert compare_training_step(ref, gm, (x,)).ok  # the rewrite itself is unaffected
+
+
+def test_unpicklable_model_is_rejected_without_a_worker():
+    model = _net("none")
+    model.fc1.tag = lambda: None  # lambdas do not pickle (fc1 is shared by the optimized module too)
+    x = torch.rand(4, 3, 8)
+    t0 = time.perf_counter()
+    gm, s = fxmemopt.optimize(model, (x,), profile="worker", return_summary=True)
+    assert time.perf_counter() - t0 < 10
+    assert [st for _, st, _ in s.rejected] == ["unpicklable", "unpicklable"]
+    assert "in-process" in s.rejected[0][2]
+
+
+@pytest.mark.parametrize("kw", [{"profile": "gpu"}, {"profile": "worker", "profile_timeout_s": 0}])
+def test_profile_options_are_checked(kw):
+    with pytest.raises(InvalidOptionError):
+        fxmemopt.optimize(_net("none"), (torch.rand(2, 1, 8),), **kw)
