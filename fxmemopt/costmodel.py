@@ -15,7 +15,8 @@ Why a trace replay
 
     * tensors saved only by nodes inside checkpoint regions die when their region's forward returns, and are
       re-created when the region recomputes (just before its first backward event), then die when backward
-      consumes them (their recorded free event) or when the backward pass ends;
+      unpacks them (recorded per storage); those the recorded backward never unpacked (a neuron's last state
+      update) are not recomputed;
     * a region's temporaries and outputs reappear during its recomputation at the same relative moments;
     * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
       until the region's backward has run; inputs kept by reference live at least that long.
@@ -69,6 +70,8 @@ class StorageRecord:
         phase: ``"fwd"`` or ``"bwd"``.
         saved_by: graph nodes whose operations saved it for backward.
         value_of: the graph node whose output value lives in this storage (``None`` for temporaries).
+        consumed: last event at which backward unpacked it (``None``: saved but never used by backward, like a
+            neuron's last state update).
     """
 
     nbytes: int
@@ -78,6 +81,7 @@ class StorageRecord:
     phase: str
     saved_by: tuple[str, ...]
     value_of: str | None
+    consumed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class _Recorder(TorchDispatchMode):
         self.seq_starts: list[int] = []
         self.seq_nodes: list[str] = []
         self.last_bwd_node = LOSS
+        self.closed = False  # set when the step is over: later frees (state restore) mean "alive at the end"
 
     def mark(self) -> int:
         self.events.append((self.phase, self.node))
@@ -153,7 +158,7 @@ class _Recorder(TorchDispatchMode):
     def _free(self, key: int) -> None:
         rec = self.recs.pop(key, None)
         if rec is not None:
-            rec["free"] = len(self.events) - 1
+            rec["free"] = None if self.closed else len(self.events) - 1
             self.live -= rec["nbytes"]
             self.done.append(rec)
 
@@ -181,7 +186,7 @@ class _Recorder(TorchDispatchMode):
             if key in self.recs or key in inputs:
                 continue
             rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node,
-                   "phase": self.phase, "saved_by": set(), "value_of": None}
+                   "phase": self.phase, "saved_by": set(), "value_of": None, "consumed": None}
             self.recs[key] = rec
             self.live += rec["nbytes"]
             self.peak = max(self.peak, self.live)
@@ -274,14 +279,19 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         rec = _Recorder()
         interp = _RecordingInterpreter(gm, rec)
 
-        def on_save(t: torch.Tensor) -> torch.Tensor:
-            if rec.phase == "fwd":
-                key = rec.storage_key(t)
-                if key in rec.recs:
-                    rec.recs[key]["saved_by"].add(rec.node)
+        def on_save(t: torch.Tensor) -> tuple[dict[str, Any] | None, torch.Tensor]:
+            r = rec.recs.get(rec.storage_key(t)) if rec.phase == "fwd" else None
+            if r is not None:
+                r["saved_by"].add(rec.node)
+            return r, t
+
+        def on_unpack(packed: tuple[dict[str, Any] | None, torch.Tensor]) -> torch.Tensor:
+            r, t = packed
+            if r is not None:
+                r["consumed"] = len(rec.events) - 1
             return t
 
-        with rec, torch.autograd.graph.saved_tensors_hooks(on_save, lambda t: t):
+        with rec, torch.autograd.graph.saved_tensors_hooks(on_save, on_unpack):
             out = interp.run(*inputs)
             rec.phase, rec.node = "loss", LOSS
             rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
@@ -292,10 +302,11 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
             del loss, out
             rec.phase, rec.node = "bwd", LOSS
             rec.mark()
+            rec.closed = True
     records = rec.done + list(rec.recs.values())
     storages = tuple(sorted(
         (StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"], tuple(sorted(r["saved_by"])),
-                       r["value_of"]) for r in records),
+                       r["value_of"], r["consumed"]) for r in records),
         key=lambda s: (s.alloc, s.nbytes)))
     step_time = sorted(step_times)[len(step_times) // 2]
     return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak)
@@ -450,13 +461,12 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             release = max([release] + [exit_[r] for r in saver_regions])
             live(s.nbytes, pos[s.alloc], release)
             for r in saver_regions:
-                if r not in rc_start:
+                if r not in rc_start or s.consumed is None:
+                    # Never used by the recorded backward (a neuron's last state update): not recomputed.
                     continue
                 start = rc_pos[r].get(s.alloc, rc_start[r])
-                consumed = pos.get(s.free) if s.free is not None else None
-                if consumed is None or consumed < start:
-                    consumed = end - 1 if s.free is None else bwd_last[r]
-                live(s.nbytes, start, consumed)
+                consumed = pos.get(s.consumed, bwd_last[r])  # a recomputed copy dies when backward unpacks it
+                live(s.nbytes, start, consumed if consumed >= start else bwd_last[r])
         else:
             live(s.nbytes, pos[s.alloc], stop)
         if home is not None and home in rc_start and not (saved_in_regions and home in saver_regions):

@@ -29,9 +29,10 @@ Rule 5 (lossless fallback). If, when ``body`` returns, a stateful module's entry
     exact), counts it, and warns once. A by-reference input modified in place before backward raises, like
     autograd's own "modified by an inplace operation" error.
 Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks it, so a region's working set
-    shrinks while its backward runs; those never unpacked (nodes only reachable from a neuron's final state, which
-    this backward does not run) are dropped when the backward pass ends. A later backward
-    (``retain_graph=True``) recomputes again.
+    shrinks while its backward runs. Tensors saved by autograd nodes that only a stateful module's final state
+    depends on (a neuron's last state update) are not recomputed at all when the engine will not run those nodes
+    (the usual case: the state is reset, not back-propagated through); anything recomputed but never unpacked is
+    dropped when the backward pass ends. A later backward (``retain_graph=True``) recomputes again.
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
 """
@@ -40,12 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import RecomputationMismatchError, RegionError, format_error
 from .packing import PackedTensor, try_pack, unpack
@@ -146,6 +149,12 @@ class _Frame:
         self.rng: Any = None
         self.autocast: list[tuple[str, bool, torch.dtype]] = []
         self.saved: list[torch.Tensor | None] = []
+        self.seqs: list[int] = []  # per saved tensor: sequence number of the autograd node that saved it
+        self.start_seq = 0
+        self.state_only: set[int] = set()  # saved by nodes only the final module state depends on
+        # Weak references to the module states at exit: a strong reference (to them or their grad_fn) would close a
+        # cycle through C++ autograd nodes (node -> saved handle -> frame -> node) and leak the whole graph.
+        self.state_refs: list[weakref.ref[torch.Tensor]] = []
         self.meta: list[tuple[torch.Size, torch.dtype]] = []
         self.keep = False
         self.task = -2
@@ -208,9 +217,35 @@ class _Frame:
         # Detached: a tensor with a grad_fn here would close a reference cycle through C++ autograd nodes
         # (tensor -> grad_fn -> saved-variable hooks -> this frame -> tensor) that Python's gc cannot break.
         self.saved.append(t.detach())
+        # The saving node was created just before its tensors are packed: it holds the last sequence number.
+        self.seqs.append(torch._C._autograd._get_sequence_nr() - 1)
         return self, len(self.saved) - 1
 
-    def close(self, stats: RegionStats) -> None:
+    def _classify(self, out: Any) -> None:
+        """Find saved tensors that only the modules' final states need (Rule 6): not reachable from the outputs."""
+        reachable: set[int] = set()
+        stack = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            seq = node._sequence_nr()
+            if seq in reachable or seq < self.start_seq or seq >= 2**63:  # before the region, or AccumulateGrad
+                continue
+            reachable.add(seq)
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+        self.state_only = {j for j, seq in enumerate(self.seqs) if seq not in reachable}
+        if self.state_only:
+            self.state_refs = [weakref.ref(t) for (m, _), (_, names) in zip(self.states, self.region.spec.stateful)
+                               for t in StateSnapshot.take(m, names).tensors() if t.grad_fn is not None]
+
+    def _states_back_propagated(self) -> bool:
+        """Will the running backward go through any of the states this region left in its modules?"""
+        for ref in self.state_refs:
+            t = ref()
+            if t is not None and t.grad_fn is not None and torch._C._will_engine_execute_node(t.grad_fn):
+                return True
+        return False
+
+    def close(self, stats: RegionStats, out: Any) -> None:
         """Called when the forward of ``body`` returns: drop saved tensors unless Rule 5 applies."""
         modified = [f"{self.region.spec.name}:{type(m).__name__}.{n}" for m, snap in self.states
                     for n in snap.modified_in_place()]
@@ -224,6 +259,7 @@ class _Frame:
             return
         self.meta = [(t.shape, t.dtype) for t in self.saved]
         self.saved = [None] * len(self.saved)
+        self._classify(out)
 
     # -- backward ------------------------------------------------------------------------------------------------
     def get(self, idx: int) -> torch.Tensor:
@@ -295,30 +331,39 @@ class _Frame:
     def recompute(self, need: int) -> None:
         region = self.region
         region.stats.recomputations += 1
+        skip: set[int] = set(self.consumed)  # already used by this backward pass
+        if self.state_only and self.task != -1 and not self._states_back_propagated():
+            skip |= self.state_only  # this backward does not go through the final states (Rule 6)
+        skip.discard(need)
         inputs = self._inputs()
-        captured: list[torch.Tensor] = []
+        # Only what backward will unpack is kept (the rest dies as soon as recomputation moves on); shapes and
+        # dtypes of everything are checked against the forward's.
+        kept: dict[int, torch.Tensor] = {}
+        seen: list[tuple[torch.Size, torch.dtype]] = []
 
         def capture(t: torch.Tensor) -> None:
-            captured.append(t.detach())  # detached: see pack_hook; lets the recomputation's graph die at once
+            j = len(seen)
+            seen.append((t.shape, t.dtype))
+            if j not in skip:
+                kept[j] = t.detach()  # detached: see pack_hook; lets the recomputation's graph die at once
 
         with self._replayed_context(), torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
             self.body(inputs)
         problems = []
-        if len(captured) != len(self.meta):
-            problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(captured)}")
-        for j, (t, (shape, dtype)) in enumerate(zip(captured, self.meta)):
-            if t.shape != shape or t.dtype != dtype:
-                problems.append(f"saved tensor {j}: forward {tuple(shape)} {dtype}, recomputed {tuple(t.shape)} "
-                                f"{t.dtype}")
+        if len(seen) != len(self.meta):
+            problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(seen)}")
+        for j, ((shape, dtype), (fshape, fdtype)) in enumerate(zip(seen, self.meta)):
+            if shape != fshape or dtype != fdtype:
+                problems.append(f"saved tensor {j}: forward {tuple(fshape)} {fdtype}, recomputed {tuple(shape)} "
+                                f"{dtype}")
         if problems:
             raise RecomputationMismatchError(format_error(
                 f"region {region.spec.name!r} (nodes {', '.join(region.spec.nodes)})",
                 "recomputation in backward did not reproduce the forward: " + "; ".join(problems),
                 fix="The region's forward must be a deterministic function of its inputs, parameters, module "
                     "state and RNG. Exclude the offending module with leaf/targets options or report a bug."))
-        for j, t in enumerate(captured):
-            if j == need or j not in self.consumed:
-                self.saved[j] = t
+        for j, t in kept.items():
+            self.saved[j] = t
         if self.task != -1:  # inside a backward pass: release what it leaves unused when it ends (Rule 6)
             torch.autograd.Variable._execution_engine.queue_callback(self._release)
 
@@ -389,7 +434,8 @@ class CheckpointRegion(nn.Module):
         frame.store_inputs(args, self.spec.pack_bits, self.stats)
         frame.snapshot(args)
         del args  # from here on only the body holds the inputs, and only until their last use
+        frame.start_seq = torch._C._autograd._get_sequence_nr()
         with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook, _unpack_hook):
             out = body(box)
-        frame.close(self.stats)
+        frame.close(self.stats, out)
         return out

@@ -88,9 +88,9 @@ def _chain():
     node_events = {"x": (0, 1), "a": (2, 4), "s": (5, 7), "out": (8, 9), "output": (10, 11)}
     storages = (
         StorageRecord(400, 2, 7, "a", "fwd", (), "a"),           # a's output, freed after s used it
-        StorageRecord(800, 3, 15, "a", "fwd", ("a",), None),     # a's saved temp, consumed by a's backward
-        StorageRecord(400, 5, 14, "s", "fwd", ("s",), None),     # s's saved internal
-        StorageRecord(400, 6, 16, "s", "fwd", ("out",), "s"),    # spikes, saved by the head
+        StorageRecord(800, 3, 15, "a", "fwd", ("a",), None, 15),     # a's saved temp, unpacked by a's backward
+        StorageRecord(400, 5, 14, "s", "fwd", ("s",), None, 14),     # s's saved internal
+        StorageRecord(400, 6, 16, "s", "fwd", ("out",), "s", 13),    # spikes, saved by the head
         StorageRecord(400, 13, None, "out", "bwd", (), None),    # a gradient
     )
     trace = StepTrace(tuple(events), storages, node_events, {"a": 0.01, "s": 0.02}, 0.1, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import pickle
 import warnings
@@ -145,6 +146,54 @@ def test_in_place_change_of_a_kept_input_is_reported_by_name():
     x = torch.rand(3, 2, 4)
     with pytest.raises(RuntimeError, match="input 'x'.*in-place"):
         gm(x).sum().backward()
+
+
+def test_everything_is_freed_after_backward_and_reset():
+    """Regression guard: frames must not be kept alive by reference cycles through autograd nodes."""
+    model = MLP(f=20)
+    x = torch.rand(5, 3, 20)
+    gm = fxmemopt.optimize(model, (x,))
+    with LiveBytesTracker() as tracker:
+        out = gm(x)
+        out.sum().backward()
+        del out
+        reset_net(gm)
+        gc.collect()
+        assert tracker.live == sum(p.grad.nbytes for p in model.parameters())
+
+
+def test_final_state_update_is_not_recomputed_unless_back_propagated():
+    torch.manual_seed(0)
+    model = MLP(f=20)
+    x = torch.rand(5, 3, 20)
+    gm = fxmemopt.optimize(model, (x,))
+    calls = []
+    orig = fxmemopt.runtime._Frame.recompute
+
+    def spy(frame, need):
+        orig(frame, need)
+        calls.append(sum(t is not None for t in frame.saved))
+
+    fxmemopt.runtime._Frame.recompute = spy
+    try:
+        gm(x).sum().backward()
+        kept_when_reset = list(calls)
+        reset_net(gm)
+        calls.clear()
+        # back-propagate through the final state too: its update must be recomputed, and gradients stay exact
+        for p in model.parameters():
+            p.grad = None
+        ref = copy.deepcopy(model)
+        reset_net(ref)
+        out = gm(x)
+        (out.sum() + sum(v.sum() for v in module_states(model).values())).backward()
+        kept_with_state = list(calls)
+        out = ref(x)
+        (out.sum() + sum(v.sum() for v in module_states(ref).values())).backward()
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), ref.parameters()))
+    finally:
+        fxmemopt.runtime._Frame.recompute = orig
+    assert sum(kept_with_state) > sum(kept_when_reset)
 
 
 def test_autograd_grad_returns_real_gradients():
