@@ -17,7 +17,8 @@ Why a trace replay
       re-created when the region recomputes (just before its first backward event), then die when backward
       unpacks them (recorded per storage); those the recorded backward never unpacked (a neuron's last state
       update) are not recomputed;
-    * a region's temporaries and outputs reappear during its recomputation at the same relative moments;
+    * a region's temporaries and outputs reappear during its recomputation at the same relative moments, up to
+      the allocation of the last saved tensor backward uses (recomputation stops there);
     * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
       until the region's backward has run; inputs kept by reference live at least that long.
 
@@ -427,6 +428,18 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     def at(e: int | None) -> int:
         return end - 1 if e is None else pos.get(e, end - 1)
 
+    # Recomputation stops once the last tensor backward needs is captured (Rule 3): replay nothing after it.
+    rc_stop: dict[str, int] = {}
+    for s in trace.storages:
+        if s.phase == "fwd" and s.consumed is not None and s.node in ne:
+            for m in s.saved_by:
+                r = region_of.get(m)
+                if r in rc_pos:
+                    p = rc_pos[r].get(s.alloc, rc_start[r])
+                    rc_stop[r] = max(rc_stop.get(r, rc_start[r]), p)
+    for r in rc_pos:
+        rc_stop.setdefault(r, rc_start[r])
+
     region_inputs = {r.name: region_io(annotated, r.nodes)[0] for r in regions}
     kept_by_ref: dict[str, list[str]] = {}
     for r in regions:
@@ -474,7 +487,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             # recomputation and is dropped when that ends (or when it died in the forward, if earlier).
             start = rc_pos[home][s.alloc]
             stop_rc = rc_pos[home].get(s.free, rc_end[home]) if s.free is not None else rc_end[home]
-            live(s.nbytes, start, max(start, stop_rc))
+            if start <= rc_stop[home]:  # allocated before recomputation stopped; freed when it stops at the latest
+                live(s.nbytes, start, max(start, min(stop_rc, rc_stop[home])))
 
     best, best_at, cur = 0, 0, 0
     timeline = []

@@ -21,6 +21,8 @@ Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``bo
     autocast state of the forward, and grad enabled. The tensors it saves are matched one to one, by position,
     with the forward's handles; shapes and dtypes are checked (:class:`~fxmemopt.errors.RecomputationMismatchError`
     lists every mismatch).
+    Recomputation stops as soon as the last tensor backward still needs has been captured (what follows, such
+    as a neuron's stacked output, is not rebuilt).
 Rule 4 (no side effects). Recomputation restores, afterwards, every module's live state, every live buffer (same
     objects) and the global RNG. The state a neuron holds after the step, BatchNorm's running statistics and
     ``num_batches_tracked`` are the forward's, updated exactly once.
@@ -335,6 +337,7 @@ class _Frame:
         if self.state_only and self.task != -1 and not self._states_back_propagated():
             skip |= self.state_only  # this backward does not go through the final states (Rule 6)
         skip.discard(need)
+        last = max(j for j in range(len(self.meta)) if j not in skip)
         inputs = self._inputs()
         # Only what backward will unpack is kept (the rest dies as soon as recomputation moves on); shapes and
         # dtypes of everything are checked against the forward's.
@@ -346,12 +349,16 @@ class _Frame:
             seen.append((t.shape, t.dtype))
             if j not in skip:
                 kept[j] = t.detach()  # detached: see pack_hook; lets the recomputation's graph die at once
+            if j == last:
+                raise _StopRecomputation  # Rule 3: nothing after this is needed
 
-        with self._replayed_context(), torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
+        with contextlib.suppress(_StopRecomputation), self._replayed_context(), \
+                torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
             self.body(inputs)
         problems = []
-        if len(seen) != len(self.meta):
-            problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(seen)}")
+        if len(seen) != last + 1:
+            problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(seen)} (expected "
+                            f"at least {last + 1})")
         for j, ((shape, dtype), (fshape, fdtype)) in enumerate(zip(seen, self.meta)):
             if shape != fshape or dtype != fdtype:
                 problems.append(f"saved tensor {j}: forward {tuple(fshape)} {fdtype}, recomputed {tuple(shape)} "
@@ -369,6 +376,10 @@ class _Frame:
 
     def _release(self) -> None:
         self.saved = [None] * len(self.saved)
+
+
+class _StopRecomputation(Exception):
+    """Raised from the capture hook once recomputation has produced everything backward needs."""
 
 
 def _unpack_hook(handle: tuple[_Frame, int]) -> torch.Tensor:
