@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .packing import _as_small_uint8
-from .state import ModelState
+from .packing import _INT_VIEW, _as_small_uint8
+from .state import ModelState, StateSnapshot
 
 __all__ = ["ValueSet", "NodeInfo", "AnnotatedGraph", "annotate", "VALUE_RULES", "observe_value_set"]
 
@@ -96,6 +96,9 @@ class NodeInfo:
         requires_grad_hint: False for integer/bool outputs (they can never carry gradients).
         static, observed, value_set: static inference, example observation, and the decision (see module doc).
         stateful: the node calls a stateful module (or a leaf that contains one).
+        time_chunkable: for a stateful call on one ``[T, ...]`` tensor: calling the module on consecutive time
+            slices (state carried) reproduced its output and final state bit for bit on the example, so it may be
+            recomputed in time chunks.
     """
 
     name: str
@@ -112,6 +115,7 @@ class NodeInfo:
     observed: ValueSet
     value_set: ValueSet
     stateful: bool
+    time_chunkable: bool = False
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,13 @@ def _decide(static: ValueSet, observed: ValueSet) -> ValueSet:
     return REAL
 
 
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    view = _INT_VIEW.get(a.dtype)
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view)) if view else torch.equal(a, b)
+
+
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -329,9 +340,10 @@ def _module_stack(node: fx.Node) -> tuple[str, ...]:
 
 
 class _Annotator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, stateful_paths: set[str]):
+    def __init__(self, gm: fx.GraphModule, stateful: dict[str, Sequence[str]]):
         super().__init__(gm)
-        self.stateful_paths = stateful_paths
+        self.stateful = stateful
+        self.stateful_paths = set(stateful)
         self.infos: dict[str, NodeInfo] = {}
         self.sets: dict[str, ValueSet] = {}
 
@@ -344,10 +356,43 @@ class _Annotator(fx.Interpreter):
         prefix = path + "."
         return any(p == path or p.startswith(prefix) for p in self.stateful_paths)
 
+    def _states_under(self, path: str) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """Stateful modules at or below ``path``, with their state attribute names."""
+        prefix = path + "."
+        return [(self.module.get_submodule(p), tuple(names)) for p, names in self.stateful.items()
+                if p == path or p.startswith(prefix)]
+
+    def _time_chunkable(self, n: fx.Node, module: nn.Module, before: list[tuple[nn.Module, StateSnapshot]],
+                        result: Any) -> bool:
+        """Does calling ``module`` on time slices (state carried) reproduce ``result`` and its final state?"""
+        args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
+        x = args[0] if len(args) == 1 and not n.kwargs else None
+        if not (isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor) and x.dim() >= 1
+                and x.shape[0] >= 2 and result.dim() >= 1 and result.shape[0] == x.shape[0]):
+            return False
+        owners = self._states_under(str(n.target))
+        after = [(m, StateSnapshot.take(m, names)) for m, names in owners]
+        try:
+            for m, snap in before:
+                snap.restore(m)
+            sliced = torch.cat([module(xc) for xc in x.tensor_split(min(3, x.shape[0]), dim=0)], dim=0)
+            now = [StateSnapshot.take(m, names) for m, names in owners]
+            return _bitwise_equal(sliced, result) and all(
+                _bitwise_equal(a, b) for snap, (_, ref) in zip(now, after)
+                for a, b in zip(snap.tensors(), ref.tensors()))
+        except Exception:  # a module that cannot be called on slices is simply not chunkable
+            return False
+        finally:
+            for m, snap in after:
+                snap.restore(m)
+
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
         module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
         stateful = n.op == "call_module" and self._contains_state(str(n.target))
+        before = [(m, StateSnapshot.take(m, names)) for m, names in self._states_under(str(n.target))] \
+            if stateful else []
+        result = super().run_node(n)
+        chunkable = stateful and module is not None and self._time_chunkable(n, module, before, result)
         static = static_value_set(n, self._arg_set, module, stateful)
         tensors = _flat_tensors(result)
         observed = observe_value_set(result) if tensors else REAL
@@ -372,6 +417,7 @@ class _Annotator(fx.Interpreter):
             module_stack=_module_stack(n), is_tensor=single,
             shape=tuple(result.shape) if single else None, dtype=str(dtype).replace("torch.", "") if single else None,
             nbytes=nbytes, static=static, observed=observed, value_set=value_set, stateful=stateful,
+            time_chunkable=chunkable,
         )
         n.meta["fxmemopt"] = self.infos[n.name]
         return result
@@ -390,7 +436,7 @@ def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], stateful: dict[s
     Returns:
         The :class:`AnnotatedGraph`; the same records are in ``node.meta["fxmemopt"]``.
     """
-    annotator = _Annotator(gm, set(stateful))
+    annotator = _Annotator(gm, stateful)
     saved = ModelState.capture(gm, stateful)
     with saved.restored_after(), torch.no_grad():
         annotator.run(*example_inputs)

@@ -24,7 +24,7 @@ from .annotate import AnnotatedGraph
 from .errors import InternalError
 from .plan import Plan, RegionPlan
 from .regions import region_io, unit_order
-from .runtime import CheckpointRegion, RegionSpec, RegionStats, region_args, release_args
+from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, region_args, release_args
 from .trace import _resolve, make_graph_module
 
 __all__ = ["rewrite"]
@@ -48,15 +48,15 @@ def _owned_buffers(model: nn.Module, paths: Sequence[str], mutated: set[tuple[st
     return tuple(buffers), tuple(clone)
 
 
-def _body(model: nn.Module, graph: fx.Graph, rp: RegionPlan, inputs: tuple[str, ...], outputs: tuple[str, ...],
-          node_by_name: dict[str, fx.Node]) -> fx.GraphModule:
+def _body(model: nn.Module, graph: fx.Graph, rp: RegionPlan, nodes: tuple[str, ...], inputs: tuple[str, ...],
+          outputs: tuple[str, ...], node_by_name: dict[str, fx.Node]) -> fx.GraphModule:
     body = fx.Graph()
     env: dict[str, fx.Node] = {}
     box = body.placeholder("inputs")
     for k, name in enumerate(inputs):
         env[name] = body.create_node("call_function", operator.getitem, (box, k), {}, name=name)
     body.call_function(release_args, (box,))
-    for name in rp.nodes:
+    for name in nodes:
         env[name] = body.node_copy(node_by_name[name], lambda n: env[n.name])
     body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
     body.lint()
@@ -105,8 +105,22 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         buffers, clone = _owned_buffers(model, prefixes, mutated)
         spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone)
         stats[rp.name] = RegionStats()
-        body = _body(model, graph, rp, inputs, outputs, node_by_name)
-        modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
+        if rp.chunks > 1:
+            # Rule 8: the body is the prefix up to the neuron's input; the neuron is called by the region.
+            neuron_node = node_by_name[rp.nodes[-1]]
+            if outputs != (neuron_node.name,) or neuron_node.op != "call_module" or len(neuron_node.args) != 1 \
+                    or not isinstance(neuron_node.args[0], fx.Node):
+                raise InternalError(f"plan asks to chunk {rp.name}, which is not prefix -> neuron")
+            x = neuron_node.args[0].name
+            prefix = rp.nodes[:-1]
+            body = _body(model, graph, rp, prefix, inputs, (x,), node_by_name)
+            path = str(neuron_node.target)
+            names = tuple(dict(inner_state).get(path, ()))
+            modules[rp.name] = ChunkedRegion(body, model.get_submodule(path), path, names, rp.chunks, spec,
+                                             stats[rp.name], keep_prefix=rp.keep_prefix)
+        else:
+            body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
+            modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
 
     # Units (a region or a single node) in the collapsed graph's topological order.
     order = [n.name for n in graph.nodes]

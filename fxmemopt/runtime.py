@@ -35,6 +35,18 @@ Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks
     depends on (a neuron's last state update) are not recomputed at all when the engine will not run those nodes
     (the usual case: the state is reset, not back-propagated through); anything recomputed but never unpacked is
     dropped when the backward pass ends. A later backward (``retain_graph=True``) recomputes again.
+Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its forward runs the prefix over all
+    time steps, then the neuron on ``k`` consecutive time slices (``tensor_split`` along dim 0, uneven allowed, ``k``
+    clamped to T) with its state carried from slice to slice, and concatenates the slices' outputs. This is bitwise
+    what the unsplit call computes (same per-step operations, same order), and autograd's graph carries the state's
+    gradient from slice to slice. The frame records only each slice's range of saved tensors and the RNG at the
+    neuron's start: keeping every slice's start state from forward to backward would cost (k/T) of a layer's
+    activation per region. In backward, the first slice needed (the last one) triggers one recomputation of the
+    prefix and one no-grad replay of the neuron that yields every slice's start state; then each slice is
+    recomputed on its own when backward first needs it, so only one slice's per-step tensors exist at a time. The
+    prefix output and the start states are dropped once every slice is done. The prefix's own saved tensors are
+    either captured during that recomputation and kept (``keep_prefix=True``: faster) or recomputed again when the
+    prefix's backward needs them (less memory).
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
 """
@@ -44,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,12 +211,13 @@ class _Frame:
             self.requires_grad.append(a.requires_grad)
 
     def snapshot(self, args: tuple[Any, ...]) -> None:
-        spec, body = self.region.spec, self.body
-        self.states = [(body.get_submodule(p), StateSnapshot.take(body.get_submodule(p), names))
+        region = self.region
+        spec = region.spec
+        self.states = [(region._resolve(p), StateSnapshot.take(region._resolve(p), names))
                        for p, names in spec.stateful]
         clone = set(spec.entry_clone)
         for path, name in spec.buffers:
-            mod = body.get_submodule(path)
+            mod = region._resolve(path)
             buf = mod._buffers.get(name)
             if buf is None:
                 continue
@@ -247,9 +260,13 @@ class _Frame:
                 return True
         return False
 
+    def _snapshots(self) -> list[tuple[nn.Module, StateSnapshot]]:
+        """Every state snapshot this frame relies on (Rule 5 checks them for in-place modification)."""
+        return self.states
+
     def close(self, stats: RegionStats, out: Any) -> None:
         """Called when the forward of ``body`` returns: drop saved tensors unless Rule 5 applies."""
-        modified = [f"{self.region.spec.name}:{type(m).__name__}.{n}" for m, snap in self.states
+        modified = [f"{self.region.spec.name}:{type(m).__name__}.{n}" for m, snap in self._snapshots()
                     for n in snap.modified_in_place()]
         if modified:
             self.keep = True
@@ -301,7 +318,10 @@ class _Frame:
         return [values[slot] for slot in self.arg_slots]  # a fresh list: the body empties it
 
     @contextlib.contextmanager
-    def _replayed_context(self) -> Iterator[None]:
+    def _replayed_context(self, states: list[tuple[nn.Module, StateSnapshot]] | None = None,
+                          rng: Any = None) -> Iterator[None]:
+        """Rules 3 and 4: entry state (or ``states``), throw-away buffer copies, the forward's RNG (or ``rng``)
+        and autocast, grad enabled; everything live is put back afterwards."""
         live_states = [(m, StateSnapshot.take(m, names)) for (m, _), (_, names)
                        in zip(self.states, self.region.spec.stateful)]
         live_buffers = []
@@ -315,11 +335,11 @@ class _Frame:
             live_buffers.append((m, name, live))
             m._buffers[name] = (entry if entry is not None else live.detach()).clone()
         try:
-            for m, snap in self.states:
+            for m, snap in self.states if states is None else states:
                 snap.detached().restore(m)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(torch.random.fork_rng(devices=self.cuda_devices))
-                set_rng_state(self.rng, self.cuda_devices)
+                set_rng_state(self.rng if rng is None else rng, self.cuda_devices)
                 for device, enabled, dtype in self.autocast:
                     stack.enter_context(torch.autocast(device_type=device, dtype=dtype, enabled=enabled))
                 stack.enter_context(torch.enable_grad())
@@ -330,40 +350,54 @@ class _Frame:
             for m, name, live in live_buffers:
                 m._buffers[name] = live
 
-    def recompute(self, need: int) -> None:
-        region = self.region
-        region.stats.recomputations += 1
-        skip: set[int] = set(self.consumed)  # already used by this backward pass
+    def run(self, box: list[Any]) -> Any:
+        """The checkpointed forward (Rule 1): ``body`` under the frame's saved-tensor hooks."""
+        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+            return self.body(box)
+
+    def _skip(self, need: int) -> set[int]:
+        """Saved tensors a recomputation need not keep: already used by this backward, or only needed by final
+        states this backward does not go through (Rule 6)."""
+        skip: set[int] = set(self.consumed)
         if self.state_only and self.task != -1 and not self._states_back_propagated():
-            skip |= self.state_only  # this backward does not go through the final states (Rule 6)
+            skip |= self.state_only
         skip.discard(need)
-        last = max(j for j in range(len(self.meta)) if j not in skip)
-        inputs = self._inputs()
-        # Only what backward will unpack is kept (the rest dies as soon as recomputation moves on); shapes and
-        # dtypes of everything are checked against the forward's.
+        return skip
+
+    def _replay(self, fn: Callable[[], Any], lo: int, hi: int, skip: set[int], stop_early: bool,
+                **context: Any) -> Any:
+        """Run ``fn`` in the replayed context; its saved tensors are the forward's ``lo..hi-1`` (Rule 3).
+
+        Keeps those not in ``skip`` in ``self.saved``; with ``stop_early`` stops once the last needed one is captured.
+        Returns ``fn``'s result (``None`` when stopped early).
+        """
+        needed = [j for j in range(lo, hi) if j not in skip]
+        last = needed[-1] if (needed and stop_early) else None
         kept: dict[int, torch.Tensor] = {}
         seen: list[tuple[torch.Size, torch.dtype]] = []
 
         def capture(t: torch.Tensor) -> None:
-            j = len(seen)
+            j = lo + len(seen)
             seen.append((t.shape, t.dtype))
             if j not in skip:
                 kept[j] = t.detach()  # detached: see pack_hook; lets the recomputation's graph die at once
             if j == last:
-                raise _StopRecomputation  # Rule 3: nothing after this is needed
+                raise _StopRecomputation  # nothing after this is needed
 
-        with contextlib.suppress(_StopRecomputation), self._replayed_context(), \
+        result = None
+        with contextlib.suppress(_StopRecomputation), self._replayed_context(**context), \
                 torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
-            self.body(inputs)
+            result = fn()
+        expected = (last + 1 - lo) if last is not None else hi - lo
         problems = []
-        if len(seen) != last + 1:
-            problems.append(f"forward saved {len(self.meta)} tensors, recomputation saved {len(seen)} (expected "
-                            f"at least {last + 1})")
-        for j, ((shape, dtype), (fshape, fdtype)) in enumerate(zip(seen, self.meta)):
+        if len(seen) != expected:
+            problems.append(f"forward saved {hi - lo} tensors here, recomputation saved {len(seen)}")
+        for j, ((shape, dtype), (fshape, fdtype)) in enumerate(zip(seen, self.meta[lo:hi]), start=lo):
             if shape != fshape or dtype != fdtype:
                 problems.append(f"saved tensor {j}: forward {tuple(fshape)} {fdtype}, recomputed {tuple(shape)} "
                                 f"{dtype}")
         if problems:
+            region = self.region
             raise RecomputationMismatchError(format_error(
                 f"region {region.spec.name!r} (nodes {', '.join(region.spec.nodes)})",
                 "recomputation in backward did not reproduce the forward: " + "; ".join(problems),
@@ -371,11 +405,93 @@ class _Frame:
                     "state and RNG. Exclude the offending module with leaf/targets options or report a bug."))
         for j, t in kept.items():
             self.saved[j] = t
+        return result
+
+    def recompute(self, need: int) -> None:
+        self.region.stats.recomputations += 1
+        inputs = self._inputs()
+        self._replay(lambda: self.body(inputs), 0, len(self.meta), self._skip(need), stop_early=True)
         if self.task != -1:  # inside a backward pass: release what it leaves unused when it ends (Rule 6)
             torch.autograd.Variable._execution_engine.queue_callback(self._release)
 
     def _release(self) -> None:
         self.saved = [None] * len(self.saved)
+
+
+class _ChunkedFrame(_Frame):
+    """A frame for :class:`ChunkedRegion` (Rule 8)."""
+
+    def __init__(self, region: CheckpointRegion, body: fx.GraphModule) -> None:
+        super().__init__(region, body)
+        self.prefix_end = 0
+        #: per slice: (first saved index, end saved index, first step, end step, requires_grad of the state tensors)
+        self.slices: list[tuple[int, int, int, int, list[bool]]] = []
+        self.neuron_rng: Any = None  # RNG when the neuron started (after the prefix)
+        self.x_cache: torch.Tensor | None = None
+        self.starts: list[tuple[StateSnapshot, Any]] = []  # per slice, during backward only: start state, RNG
+        self.pending: set[int] = set()
+
+    def run(self, box: list[Any]) -> Any:
+        region: ChunkedRegion = self.region  # type: ignore[assignment]
+        neuron = region.__dict__["neuron"]
+        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+            x = self.body(box)
+        self.prefix_end = len(self.saved)
+        self.neuron_rng = rng_state(self.cuda_devices)
+        outs = []
+        t0 = 0
+        for xc in x.tensor_split(max(1, min(region.chunks, x.shape[0])), dim=0):
+            rg = [t.requires_grad for t in StateSnapshot.take(neuron, region.neuron_names).tensors()]
+            lo = len(self.saved)
+            with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+                outs.append(neuron(xc))
+            self.slices.append((lo, len(self.saved), t0, t0 + xc.shape[0], rg))
+            t0 += xc.shape[0]
+        del x, xc
+        return torch.cat(outs, dim=0)
+
+    def _slice_starts(self, x: torch.Tensor) -> list[tuple[StateSnapshot, Any]]:
+        """Replay the neuron once without grad from its entry state to get every slice's start state and RNG."""
+        region: ChunkedRegion = self.region  # type: ignore[assignment]
+        neuron = region.__dict__["neuron"]
+        starts = []
+        with self._replayed_context(rng=self.neuron_rng), torch.no_grad():
+            for _, _, t0, t1, rg in self.slices:
+                snap = StateSnapshot.take(neuron, region.neuron_names).detached()
+                for t, flag in zip(snap.tensors(), rg):
+                    t.requires_grad_(flag)  # as in the forward: autograd decides what to save from it
+                starts.append((snap, rng_state(self.cuda_devices)))
+                neuron(x[t0:t1])
+        return starts
+
+    def recompute(self, need: int) -> None:
+        region: ChunkedRegion = self.region  # type: ignore[assignment]
+        region.stats.recomputations += 1
+        skip = self._skip(need)
+        if need < self.prefix_end:  # the prefix's backward (after every slice's)
+            inputs = self._inputs()
+            self._replay(lambda: self.body(inputs), 0, self.prefix_end, skip, stop_early=True)
+            return
+        c = next(k for k, sl in enumerate(self.slices) if sl[0] <= need < sl[1])
+        if self.x_cache is None:
+            inputs = self._inputs()
+            prefix_skip = skip if region.keep_prefix else set(range(self.prefix_end))
+            x = self._replay(lambda: self.body(inputs), 0, self.prefix_end, prefix_skip, stop_early=False)
+            self.x_cache = x.detach().requires_grad_(x.requires_grad)
+            self.starts = self._slice_starts(self.x_cache)
+            self.pending = set(range(len(self.slices)))
+        lo, hi, t0, t1, _ = self.slices[c]
+        neuron = region.__dict__["neuron"]
+        xc = self.x_cache[t0:t1]
+        snap, rng = self.starts[c]
+        self._replay(lambda: neuron(xc), lo, hi, skip, stop_early=True, states=[(neuron, snap)], rng=rng)
+        self.pending.discard(c)
+        if not self.pending:  # every slice has its tensors back: drop the prefix output and the start states
+            self.x_cache, self.starts = None, []
+
+    def _release(self) -> None:
+        super()._release()
+        self.x_cache, self.starts = None, []
 
 
 class _StopRecomputation(Exception):
@@ -399,6 +515,8 @@ class CheckpointRegion(nn.Module):
         spec: the :class:`RegionSpec`.
         stats: the run-time counters to update.
     """
+
+    _frame_class: type[_Frame] = _Frame
 
     def __init__(self, body: fx.GraphModule, spec: RegionSpec, stats: RegionStats | None = None) -> None:
         super().__init__()
@@ -426,7 +544,7 @@ class CheckpointRegion(nn.Module):
         if any(p.requires_grad for p in body.parameters()):
             return True
         return any(t.requires_grad for p, names in self.spec.stateful
-                   for t in StateSnapshot.take(body.get_submodule(p), names).tensors())
+                   for t in StateSnapshot.take(self._resolve(p), names).tensors())
 
     def forward(self, box: list[Any]) -> Any:
         """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body)."""
@@ -439,14 +557,60 @@ class CheckpointRegion(nn.Module):
         if not self._needs_checkpoint(args):
             self.stats.plain_calls += 1
             del args
-            return body(box)
+            return self._plain(box)
         self.stats.checkpointed_calls += 1
-        frame = _Frame(self, body)
+        frame = self._frame_class(self, body)
         frame.store_inputs(args, self.spec.pack_bits, self.stats)
         frame.snapshot(args)
         del args  # from here on only the body holds the inputs, and only until their last use
         frame.start_seq = torch._C._autograd._get_sequence_nr()
-        with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook, _unpack_hook):
-            out = body(box)
+        out = frame.run(box)
         frame.close(self.stats, out)
         return out
+
+    def _plain(self, box: list[Any]) -> Any:
+        """Rule 7: the body as is."""
+        return self.__dict__["body"](box)
+
+    def _resolve(self, path: str) -> nn.Module:
+        """The module at ``path`` (a path in the model) used by this region."""
+        return self.__dict__["body"].get_submodule(path)
+
+
+class ChunkedRegion(CheckpointRegion):
+    """A checkpoint region whose neuron is recomputed in time slices: see Rule 8 of NOTE [Checkpoint region
+    invariants] in this file.
+
+    Args:
+        body: the *prefix*: the region's interior up to the neuron's input (region inputs -> neuron input).
+        neuron: the region's stateful module, called last; its output is the region's output.
+        neuron_path: its path in the model.
+        neuron_names: its state attribute names (empty for ``_memories`` modules).
+        chunks: requested number of time slices (clamped to T at run time).
+        keep_prefix: keep the prefix's saved tensors from the recomputation that feeds the slices (faster), or
+            recompute the prefix again for its own backward (less memory).
+        spec, stats: as for :class:`CheckpointRegion`.
+    """
+
+    _frame_class = _ChunkedFrame
+
+    def __init__(self, body: fx.GraphModule, neuron: nn.Module, neuron_path: str, neuron_names: tuple[str, ...],
+                 chunks: int, spec: RegionSpec, stats: RegionStats | None = None, keep_prefix: bool = True) -> None:
+        super().__init__(body, spec, stats)
+        self.__dict__["neuron"] = neuron  # registered in the optimized module under its own path already
+        self.neuron_path = neuron_path
+        self.neuron_names = tuple(neuron_names)
+        self.chunks = int(chunks)
+        self.keep_prefix = bool(keep_prefix)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunks={self.chunks}, keep_prefix={self.keep_prefix}"
+
+    def _plain(self, box: list[Any]) -> Any:
+        return self.__dict__["neuron"](self.__dict__["body"](box))
+
+    def _resolve(self, path: str) -> nn.Module:
+        if path == self.neuron_path or path.startswith(self.neuron_path + "."):
+            sub = path[len(self.neuron_path) + 1:]
+            return self.__dict__["neuron"].get_submodule(sub) if sub else self.__dict__["neuron"]
+        return super()._resolve(path)
