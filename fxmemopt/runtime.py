@@ -7,12 +7,14 @@ mode, grad enabled, something requiring grad) its call follows these rules; ever
 
 Rule 1 (non-reentrant). The forward runs ``body`` once, normally, with autograd recording as usual, inside a
     ``saved_tensors_hooks`` context. Every tensor autograd saves in there is handed to the region's *frame* and
-    replaced by a handle. When ``body`` returns, the frame drops those tensors (Rule 5 says when it may not), so
-    only what Rule 2 lists stays alive. Gradients flow through autograd's own graph: parameters are ordinary
-    leaves, so ``torch.autograd.grad(loss, params)``, ``backward(inputs=...)`` and DDP's hooks see each use.
+    replaced by a handle; the tensor itself is not kept (only its shape and dtype, to check Rule 3), so only what
+    Rule 2 lists stays alive and the region's forward holds no more than an unoptimized forward's temporaries.
+    Gradients flow through autograd's own graph: parameters are ordinary leaves, so
+    ``torch.autograd.grad(loss, params)``, ``backward(inputs=...)`` and DDP's hooks see each use.
 Rule 2 (what is kept). The region's inputs: bit-packed when the plan says they hold spikes and the packer's
     bit-exact check passes, else the tensor itself (no copy; its version counter is recorded). The state of every
-    stateful module inside, *as of entry*, by reference (neurons rebind their state, they do not mutate it).
+    stateful module inside, *as of entry*, by reference (neurons rebind their state, they do not mutate it; see
+    Rule 5 for those that do).
     A clone of every buffer the forward mutates (BatchNorm statistics). The CPU and CUDA RNG states. The autocast
     state. Nothing else.
 Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``body`` once: on the unpacked inputs
@@ -26,10 +28,10 @@ Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``bo
 Rule 4 (no side effects). Recomputation restores, afterwards, every module's live state, every live buffer (same
     objects) and the global RNG. The state a neuron holds after the step, BatchNorm's running statistics and
     ``num_batches_tracked`` are the forward's, updated exactly once.
-Rule 5 (lossless fallback). If, when ``body`` returns, a stateful module's entry state was modified in place,
-    the snapshot is not trustworthy: the frame keeps the real saved tensors (no recomputation, no saving, still
-    exact), counts it, and warns once. A by-reference input modified in place before backward raises, like
-    autograd's own "modified by an inplace operation" error.
+Rule 5 (in-place state). Entry states that are tensors are also copied at entry; when ``body`` returns, the copy
+    is dropped if the state is unmodified (the reference is exact), or kept and used by recomputation if the
+    module modified its state in place (counted in ``state_copies``). A by-reference input modified in place
+    before backward raises, like autograd's own "modified by an inplace operation" error.
 Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks it, so a region's working set
     shrinks while its backward runs. Tensors saved by autograd nodes that only a stateful module's final state
     depends on (a neuron's last state update) are not recomputed at all when the engine will not run those nodes
@@ -122,7 +124,7 @@ class RegionStats:
         packed_bytes: bytes of packed inputs stored by the last checkpointed call.
         kept_bytes: bytes of inputs kept unpacked (by reference) by the last checkpointed call.
         unpacked_fallbacks: planned packings that failed the bit-exact check and were stored unpacked.
-        state_fallbacks: calls that kept their saved tensors because state was modified in place (Rule 5).
+        state_copies: calls whose entry state was modified in place and is replayed from its entry copy (Rule 5).
     """
 
     checkpointed_calls: int = 0
@@ -131,7 +133,7 @@ class RegionStats:
     packed_bytes: int = 0
     kept_bytes: int = 0
     unpacked_fallbacks: int = 0
-    state_fallbacks: int = 0
+    state_copies: int = 0
     warned: set[str] = field(default_factory=set)
 
 
@@ -169,8 +171,8 @@ class _Frame:
         # Weak references to the module states at exit: a strong reference (to them or their grad_fn) would close a
         # cycle through C++ autograd nodes (node -> saved handle -> frame -> node) and leak the whole graph.
         self.state_refs: list[weakref.ref[torch.Tensor]] = []
-        self.meta: list[tuple[torch.Size, torch.dtype]] = []
-        self.keep = False
+        self.meta: list[tuple[torch.Size, torch.dtype]] = []  # shape and dtype of every saved tensor
+        self.entry_copies: list[StateSnapshot | None] = []  # Rule 5, while the forward runs
         self.task = -2
         self.consumed: set[int] = set()
 
@@ -215,6 +217,8 @@ class _Frame:
         spec = region.spec
         self.states = [(region._resolve(p), StateSnapshot.take(region._resolve(p), names))
                        for p, names in spec.stateful]
+        self.entry_copies = [snap.copied() if any(True for _ in snap.tensors()) else None
+                             for _, snap in self.states]
         clone = set(spec.entry_clone)
         for path, name in spec.buffers:
             mod = region._resolve(path)
@@ -229,9 +233,9 @@ class _Frame:
         self.autocast = _autocast_state()
 
     def pack_hook(self, t: torch.Tensor) -> tuple[_Frame, int]:
-        # Detached: a tensor with a grad_fn here would close a reference cycle through C++ autograd nodes
-        # (tensor -> grad_fn -> saved-variable hooks -> this frame -> tensor) that Python's gc cannot break.
-        self.saved.append(t.detach())
+        # Rule 1: the tensor is not kept; recomputation will bring it back.
+        self.saved.append(None)
+        self.meta.append((t.shape, t.dtype))
         # The saving node was created just before its tensors are packed: it holds the last sequence number.
         self.seqs.append(torch._C._autograd._get_sequence_nr() - 1)
         return self, len(self.saved) - 1
@@ -260,32 +264,17 @@ class _Frame:
                 return True
         return False
 
-    def _snapshots(self) -> list[tuple[nn.Module, StateSnapshot]]:
-        """Every state snapshot this frame relies on (Rule 5 checks them for in-place modification)."""
-        return self.states
-
     def close(self, stats: RegionStats, out: Any) -> None:
-        """Called when the forward of ``body`` returns: drop saved tensors unless Rule 5 applies."""
-        modified = [f"{self.region.spec.name}:{type(m).__name__}.{n}" for m, snap in self._snapshots()
-                    for n in snap.modified_in_place()]
-        if modified:
-            self.keep = True
-            stats.state_fallbacks += 1
-            self.region._warn_once(
-                "state", f"region {self.region.spec.name!r}: module state {modified} was modified in place during "
-                         f"forward, so it cannot be replayed; this call keeps its saved tensors (exact, no memory "
-                         f"saved). Rebind state (self.v = ...) instead of mutating it (self.v.add_(...)).")
-            return
-        self.meta = [(t.shape, t.dtype) for t in self.saved]
-        self.saved = [None] * len(self.saved)
+        """Called when the forward of ``body`` returns (Rules 5 and 6)."""
+        for k, ((m, snap), copy) in enumerate(zip(self.states, self.entry_copies)):
+            if copy is not None and snap.modified_in_place():
+                self.states[k] = (m, copy)  # the reference was mutated: replay from the entry copy
+                stats.state_copies += 1
+        self.entry_copies = []
         self._classify(out)
 
     # -- backward ------------------------------------------------------------------------------------------------
     def get(self, idx: int) -> torch.Tensor:
-        if self.keep:
-            t = self.saved[idx]
-            assert t is not None
-            return t
         task = _graph_task_id()
         if task != self.task:
             self.task, self.consumed = task, set()

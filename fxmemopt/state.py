@@ -105,6 +105,17 @@ class StateSnapshot:
             else:
                 module.__dict__[k] = v
 
+    def copied(self) -> StateSnapshot:
+        """A copy whose tensors are cloned (``requires_grad`` kept): immune to later in-place edits of the state."""
+
+        def copy(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.detach().clone().requires_grad_(v.requires_grad)
+            return v
+
+        memories = None if self.memories is None else {k: copy(v) for k, v in self.memories.items()}
+        return StateSnapshot(memories, {k: copy(v) for k, v in self.attrs.items()})
+
     def detached(self) -> StateSnapshot:
         """A copy whose tensors are detached aliases keeping ``requires_grad``: what recomputation runs on.
 
