@@ -387,29 +387,76 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             pos[e] = len(labels)
             labels.append(f"loss:{events[e][1]}")
 
-    # Backward: baseline order; a region recomputes just before its first backward event.
-    rc_start: dict[str, int] = {}
-    rc_pos: dict[str, dict[int, int]] = {}
-    rc_end: dict[str, int] = {}
-    bwd_last: dict[str, int] = {}
+    # Replay blocks (Rules 3 and 8): which forward events are recomputed where. An unchunked region is one block,
+    # run just before its first backward event. A chunked region (prefix -> neuron, k slices) has one block per
+    # slice, run before that slice's first backward event (the first also replays the prefix), and, when the
+    # prefix is not kept, a prefix block before the prefix's backward.
     by_region = {r.name: r for r in regions}
+    blocks: dict[tuple[str, str], list[int]] = {}
+    trigger: dict[int, tuple[str, str]] = {}  # backward event -> block to run before it
+    chunk: dict[str, dict[str, Any]] = {}
+    bwd_events: dict[str, list[int]] = {}
+    for e, (phase, node) in enumerate(events):
+        if phase == "bwd" and node in region_of:
+            bwd_events.setdefault(node, []).append(e)
+    for r in regions:
+        neuron = r.nodes[-1]
+        steps = (annotated[neuron].shape or (1,))[0] if annotated[neuron].shape else 1
+        k = max(1, min(r.chunks, steps))
+        if k == 1:
+            blocks[(r.name, "all")] = [e for n in r.nodes for e in range(ne[n][0], ne[n][1] + 1)]
+            firsts = [es[0] for n in r.nodes for es in [bwd_events.get(n, [])] if es]
+            if firsts:
+                trigger.setdefault(min(firsts), (r.name, "all"))
+            continue
+        sizes = [steps // k + (1 if i < steps % k else 0) for i in range(k)]
+        bounds = [sum(sizes[:i]) for i in range(k + 1)]
+
+        def slice_of(t: int, bounds: list[int] = bounds) -> int:
+            return max(i for i in range(len(bounds) - 1) if bounds[i] <= t)
+
+        first, last = ne[neuron]
+        nfwd = last - first + 1
+        fwd_slice = {e: slice_of(min(steps - 1, (e - first) * steps // nfwd)) for e in range(first, last + 1)}
+        prefix = [e for n in r.nodes[:-1] for e in range(ne[n][0], ne[n][1] + 1)]
+        nb = bwd_events.get(neuron, [])
+        for i, e in enumerate(nb):  # the neuron's backward runs from the last step to the first
+            c = slice_of(steps - 1 - min(steps - 1, i * steps // len(nb)))
+            trigger.setdefault(e, (r.name, f"s{c}"))
+        seen_first = False
+        for c in reversed(range(k)):
+            evs = [e for e in range(first, last + 1) if fwd_slice[e] == c]
+            blocks[(r.name, f"s{c}")] = (prefix if not seen_first else []) + evs
+            seen_first = True
+        if not r.keep_prefix:
+            blocks[(r.name, "prefix")] = prefix
+            firsts = [es[0] for n in r.nodes[:-1] for es in [bwd_events.get(n, [])] if es]
+            if firsts:
+                trigger.setdefault(min(firsts), (r.name, "prefix"))
+        chunk[r.name] = {"k": k, "fwd_slice": fwd_slice, "neuron": neuron, "steps": steps, "sizes": sizes,
+                         "prefix_nodes": set(r.nodes[:-1])}
+
+    # Backward: baseline order with the replay blocks inserted.
+    rc_start: dict[tuple[str, str], int] = {}
+    rc_pos: dict[tuple[str, str], dict[int, int]] = {}
+    rc_end: dict[tuple[str, str], int] = {}
+    bwd_last: dict[str, int] = {}
     for e in range(len(events)):
         phase, node = events[e]
         if phase != "bwd":
             continue
-        r = region_of.get(node)
-        if r is not None and r not in rc_start:
-            rc_start[r] = len(labels)
-            rc_pos[r] = {}
-            for n in by_region[r].nodes:
-                first, last = ne[n]
-                for fe in range(first, last + 1):
-                    rc_pos[r][fe] = len(labels)
-                    labels.append(f"recompute:{r}")
-            rc_end[r] = len(labels)
-            labels.append(f"recompute-end:{r}")
+        b = trigger.get(e)
+        if b is not None and b not in rc_start:
+            rc_start[b] = len(labels)
+            rc_pos[b] = {}
+            for fe in blocks[b]:
+                rc_pos[b][fe] = len(labels)
+                labels.append(f"recompute:{b[0]}")
+            rc_end[b] = len(labels)
+            labels.append(f"recompute-end:{b[0]}")
         pos[e] = len(labels)
         labels.append(f"bwd:{node}")
+        r = region_of.get(node)
         if r is not None:
             bwd_last[r] = pos[e]
     end = len(labels)
@@ -428,17 +475,34 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     def at(e: int | None) -> int:
         return end - 1 if e is None else pos.get(e, end - 1)
 
-    # Recomputation stops once the last tensor backward needs is captured (Rule 3): replay nothing after it.
-    rc_stop: dict[str, int] = {}
+    def provides(region: str, s: StorageRecord) -> list[tuple[tuple[str, str], bool]]:
+        """Blocks that recompute ``s`` (allocated inside ``region``), and whether they keep it if saved."""
+        info = chunk.get(region)
+        if info is None:
+            return [((region, "all"), True)]
+        if s.node == info["neuron"]:
+            return [((region, f"s{info['fwd_slice'][s.alloc]}"), True)]
+        first = (region, f"s{info['k'] - 1}")
+        if by_region[region].keep_prefix:
+            return [(first, True)]
+        return [(first, False), ((region, "prefix"), True)]
+
+    # Recomputation stops once the last tensor a block must keep is captured (Rule 3), except a chunked region's
+    # first block, which must finish the prefix to get the neuron's input.
+    rc_stop: dict[tuple[str, str], int] = {b: rc_start[b] for b in rc_start}
     for s in trace.storages:
-        if s.phase == "fwd" and s.consumed is not None and s.node in ne:
-            for m in s.saved_by:
-                r = region_of.get(m)
-                if r in rc_pos:
-                    p = rc_pos[r].get(s.alloc, rc_start[r])
-                    rc_stop[r] = max(rc_stop.get(r, rc_start[r]), p)
-    for r in rc_pos:
-        rc_stop.setdefault(r, rc_start[r])
+        home = region_of.get(s.node)
+        if s.phase != "fwd" or s.consumed is None or home is None or \
+                not any(region_of.get(m) == home for m in s.saved_by):
+            continue
+        for b, keeps in provides(home, s):
+            if keeps and b in rc_pos:
+                rc_stop[b] = max(rc_stop[b], rc_pos[b][s.alloc])
+    for r, info in chunk.items():
+        b = (r, f"s{info['k'] - 1}")
+        if b in rc_pos:
+            prefix_events = [e for n in info["prefix_nodes"] for e in range(ne[n][0], ne[n][1] + 1)]
+            rc_stop[b] = max([rc_stop[b]] + [rc_pos[b][e] for e in prefix_events if e in rc_pos[b]])
 
     region_inputs = {r.name: region_io(annotated, r.nodes)[0] for r in regions}
     kept_by_ref: dict[str, list[str]] = {}
@@ -453,14 +517,58 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                 elsize = _ELEMENT_SIZE.get(info.dtype or "", 4)
                 live(numel * (1 + elsize), entry[r.name], entry[r.name])  # uint8 copy + round-trip check
 
+    # Chunked regions: the concatenation of slice outputs in forward; the neuron's input and every slice's start
+    # state kept from the first slice's recomputation until the last slice's.
+    for r, info in chunk.items():
+        out_bytes = annotated[info["neuron"]].nbytes
+        live(out_bytes, pos[ne[info["neuron"]][1]], pos[ne[info["neuron"]][1]])
+        first_b, last_b = (r, f"s{info['k'] - 1}"), (r, "s0")
+        if first_b in rc_start and last_b in rc_end:
+            # Slice start states: the first is the region's entry state (referenced anyway), k - 1 are new.
+            live((info["k"] - 1) * out_bytes // max(1, info["steps"]), rc_start[first_b], rc_end[last_b])
+            # The neuron's input: the prefix's last allocation of its size (views follow it); it is cached from its
+            # recomputation until the last slice has been recomputed. Otherwise (an input of the region) it is the
+            # unpacked input, alive from the block's start.
+            x_bytes = annotated[annotated[info["neuron"]].inputs[0]].nbytes
+            # Each slice's input gradient waits for the others (the split's backward takes them all at once).
+            nb = bwd_events.get(info["neuron"], [])
+            prefix_bwd = [e for n in info["prefix_nodes"] for e in bwd_events.get(n, [])]
+            if nb:
+                done = pos[min([nb[-1]] + [e for e in prefix_bwd if e > nb[0]])]
+                for c in range(info["k"]):
+                    b = (r, f"s{c}")
+                    if b in rc_end:
+                        live(x_bytes * info["sizes"][c] // info["steps"], rc_end[b], done)
+            prefix_events = set(blocks[first_b]) - set(info["fwd_slice"])
+            candidates = [st for st in trace.storages if st.phase == "fwd" and st.alloc in prefix_events
+                          and st.nbytes == x_bytes]
+            if candidates:
+                info["x_storage"] = max(candidates, key=lambda st: st.alloc)
+                live(x_bytes, rc_pos[first_b][info["x_storage"].alloc], rc_end[last_b])
+            else:
+                live(x_bytes, rc_start[first_b], rc_end[last_b])
+
     last_user_end: dict[str, int] = {}
     for n in annotated.order:
         users = annotated.users[n]
         last_user_end[n] = max((pos[ne[u][1]] for u in users if u in ne), default=pos[ne[n][1]])
 
+    neuron_bwd_last = {info["neuron"]: max(bwd_events.get(info["neuron"], [-1])) for info in chunk.values()}
+    chunk_of_neuron = {info["neuron"]: info for info in chunk.values()}
     for s in trace.storages:
         if s.phase != "fwd" or s.node not in ne:
-            live(s.nbytes, at(s.alloc), at(s.free))
+            nbytes, start = s.nbytes, at(s.alloc)
+            info = chunk_of_neuron.get(s.node)
+            if info is not None and s.phase == "bwd" and nbytes >= annotated[info["neuron"]].nbytes:
+                if s.free is not None and s.free <= neuron_bwd_last[s.node]:
+                    # A chunked neuron's backward works on one slice at a time: per-step gradient buffers are
+                    # slice-sized.
+                    nbytes //= info["k"]
+                else:
+                    # The full input gradient exists only once every slice is done (the split's backward); until
+                    # then the slices' gradients wait (accounted above).
+                    start = max(start, pos[neuron_bwd_last[s.node]])
+            live(nbytes, start, at(s.free))
             continue
         saver_regions = {region_of.get(m) for m in s.saved_by}
         home = region_of.get(s.node)
@@ -469,26 +577,35 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             stop = max([stop] + [bwd_last[r] for r in kept_by_ref[s.value_of]])
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
-            # Saved only inside regions: dies at region exit, comes back at recomputation.
-            release = last_user_end[s.value_of] if s.value_of is not None else pos[ne[s.node][1]]
-            release = max([release] + [exit_[r] for r in saver_regions])
+            # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
+            release = last_user_end[s.value_of] if s.value_of is not None else pos[s.alloc]
             live(s.nbytes, pos[s.alloc], release)
+            if s.consumed is None:
+                continue  # never used by the recorded backward (a neuron's last state update): not recomputed
             for r in saver_regions:
-                if r not in rc_start or s.consumed is None:
-                    # Never used by the recorded backward (a neuron's last state update): not recomputed.
-                    continue
-                start = rc_pos[r].get(s.alloc, rc_start[r])
-                consumed = pos.get(s.consumed, bwd_last[r])  # a recomputed copy dies when backward unpacks it
-                live(s.nbytes, start, consumed if consumed >= start else bwd_last[r])
+                if s.node in by_region[r].nodes:
+                    continue  # recomputed by its own region's blocks, below
+                b = (r, "all") if r not in chunk else (r, f"s{chunk[r]['k'] - 1}" if by_region[r].keep_prefix
+                                                          else "prefix")
+                if b in rc_start:  # an input of r that r saves: it comes back when r recomputes
+                    consumed = pos.get(s.consumed, bwd_last[r])
+                    live(s.nbytes, rc_start[b], max(rc_start[b], consumed))
         else:
             live(s.nbytes, pos[s.alloc], stop)
-        if home is not None and home in rc_start and not (saved_in_regions and home in saver_regions):
-            # A temporary or output of the region (not kept by its own recomputation): it reappears during the
-            # recomputation and is dropped when that ends (or when it died in the forward, if earlier).
-            start = rc_pos[home][s.alloc]
-            stop_rc = rc_pos[home].get(s.free, rc_end[home]) if s.free is not None else rc_end[home]
-            if start <= rc_stop[home]:  # allocated before recomputation stopped; freed when it stops at the latest
-                live(s.nbytes, start, max(start, min(stop_rc, rc_stop[home])))
+        if home is None:
+            continue
+        for b, keeps in provides(home, s):
+            if b not in rc_start or s is chunk.get(home, {}).get("x_storage"):
+                continue  # the cached neuron input is accounted above
+            start = rc_pos[b][s.alloc]
+            if saved_in_regions and keeps and home in saver_regions and s.consumed is not None:
+                consumed = pos.get(s.consumed, bwd_last[home])
+                live(s.nbytes, start, consumed if consumed >= start else bwd_last[home])
+            elif start <= rc_stop[b]:
+                # A temporary or output of the region: it reappears during recomputation and is dropped when that
+                # ends (or when it died in the forward, if earlier).
+                stop_rc = rc_pos[b].get(s.free, rc_end[b]) if s.free is not None else rc_end[b]
+                live(s.nbytes, start, max(start, min(stop_rc, rc_stop[b])))
 
     best, best_at, cur = 0, 0, 0
     timeline = []
@@ -498,5 +615,10 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             best, best_at = cur, p
         if with_timeline:
             timeline.append((labels[p], cur))
-    extra = sum(trace.fwd_time_s.get(n, 0.0) for r in regions for n in r.nodes)
+    fwd = trace.fwd_time_s
+    extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
+    for r, info in chunk.items():  # the no-grad replay for slice start states, and the prefix again if not kept
+        extra += fwd.get(info["neuron"], 0.0)
+        if not by_region[r].keep_prefix:
+            extra += sum(fwd.get(n, 0.0) for n in info["prefix_nodes"])
     return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))

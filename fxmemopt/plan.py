@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .annotate import AnnotatedGraph
 from .packing import bits_for_max
-from .regions import Region
+from .regions import Region, region_io
 
 __all__ = ["RegionPlan", "Plan", "checkpoint_all", "input_bits", "chunkable"]
 
@@ -74,7 +74,8 @@ def checkpoint_all(regions: list[Region], graph: AnnotatedGraph, compress: bool 
 def chunkable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str]:
     """Can a region over ``nodes`` be recomputed in time chunks exactly? ``(answer, reason)``.
 
-    Yes when its last node is its only stateful call and its only output (a weight-norm-neuron layer), and that
+    Yes when its last node is its only stateful call and its output is the region's only output (a
+    weight-norm-neuron layer), and that
     module was verified time-chunkable on the example (:attr:`NodeInfo.time_chunkable`). Everything before the
     neuron (BatchNorm over T*N included) still runs over all time steps at once, so nothing changes meaning.
     """
@@ -84,6 +85,8 @@ def chunkable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str]
         return False, "the region's last node is not its only stateful module"
     if any(u in nodes for u in graph.users[last.name]):
         return False, "the neuron's output is used inside the region"
+    if region_io(graph, nodes)[1] != (last.name,):
+        return False, "the region has outputs besides the neuron's (e.g. a residual sum used later)"
     if not last.time_chunkable:
         return False, (f"{last.target} ({last.module_type}) did not reproduce its output and state when run on "
                        f"time slices of the example, or its input is not one [T, ...] tensor with T >= 2")
