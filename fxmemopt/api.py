@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +15,13 @@ from torch import fx, nn
 from .annotate import AnnotatedGraph, annotate
 from .costmodel import build_cost_graph, record_step, simulate
 from .errors import FxMemOptError, InvalidInputsError, InvalidOptionError, format_error
+from .measure import measure_step
 from .packing import packed_nbytes
-from .plan import Plan, checkpoint_all
-from .regions import Region, find_regions
+from .plan import Plan
+from .regions import Region, find_regions, region_io, split_region
 from .rewrite import rewrite
 from .runtime import RegionStats
+from .search import Decision, resolve_options, search, search_without_cost
 from .state import has_memories, probe
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
@@ -69,28 +73,30 @@ def _input_report(graph: AnnotatedGraph, node: str, bits: int) -> InputReport:
     return InputReport(node, info.shape, info.dtype, str(info.value_set), 0, info.nbytes, info.nbytes, why)
 
 
-def _summary(model: nn.Module, graph: AnnotatedGraph, regions: list[Region], plan: Plan,
+def _summary(model: nn.Module, graph: AnnotatedGraph, candidates: list[Region], plan: Plan,
              fallbacks: list[LeafFallback], stateful: dict[str, str], stats: dict[str, RegionStats]) -> Summary:
     reports = []
-    for r, rp in zip(regions, plan.regions):
+    for rp in plan.regions:
+        inputs, outputs = region_io(graph, rp.nodes)
         reports.append(RegionReport(
-            r.name, r.anchor, r.nodes, tuple(graph[n].target for n in r.stateful),
-            tuple(_input_report(graph, i, b) for i, b in zip(r.inputs, rp.pack_bits)), r.outputs))
+            rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].stateful),
+            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits)), outputs, rp.chunks,
+            rp.keep_prefix))
     notes = []
-    if not regions:
+    if not candidates:
         notes.append("no stateful module (spiking neuron) was found, so no region was formed; pass targets=... "
                      "or stateful_modules=... to say which layers to checkpoint")
     return Summary(type(model).__name__, reports, list(fallbacks), stateful, plan, notes, stats)
 
 
-def _profile(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], mode: str,
-             timeout_s: float) -> tuple[list[ProfileResult], str]:
-    """Measure the unoptimized model and the optimized module: in one reused worker, or in this process."""
-    candidates = [("unoptimized", model), ("optimized", gm)]
+def _measure(candidates: list[tuple[str, nn.Module]], inputs: tuple[Any, ...], mode: str, timeout_s: float,
+             warmup: bool) -> tuple[list[ProfileResult], str]:
+    """Measure candidate modules: in one reused worker, or in this process."""
+    w = 1 if warmup else 0
     if mode == "in-process":
-        return [run_in_process(m, inputs, name=name) for name, m in candidates], "process"
+        return [run_in_process(m, inputs, name=name, warmup=w) for name, m in candidates], "process"
     with WorkerPool() as pool:
-        results = [pool.run(make_job(name, m, inputs, timeout_s=timeout_s)) for name, m in candidates]
+        results = [pool.run(make_job(name, m, inputs, timeout_s=timeout_s, warmup=w)) for name, m in candidates]
     for r in results:
         if not r.ok:
             log.warning("fxmemopt: profiling %s was rejected (%s): %s", r.name, r.status, r.message)
@@ -102,12 +108,25 @@ def optimize(
     example_inputs: Sequence[Any],
     *,
     targets: type | tuple[type, ...] | None = None,
+    level: int | None = None,
+    prefer: str | None = None,
+    profile: str | None = None,
+    memory_budget: int | float | str | None = None,
     compress: bool = True,
+    checkpoint_budget: str | None = None,
+    max_gc_wrapped_modules: int | None = None,
+    gc_target_budget_ratio: float | None = None,
+    temporal_split_factor: int = 2,
+    max_split_rounds: int | None = None,
+    max_candidates_per_round: int | None = None,
+    allow_expensive_profiling: bool | None = None,
+    warmup_in_main_process: bool | None = None,
+    warmup_in_profile_workers: bool | None = None,
+    measure: str | None = None,
+    measure_timeout_s: float = 300.0,
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
     predict: bool = True,
-    profile: str | None = None,
-    profile_timeout_s: float = 300.0,
     return_summary: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, Summary]:
     """Rewrite ``model`` so a training step keeps far less memory for backward, with identical results.
@@ -115,7 +134,7 @@ def optimize(
     Every "weight-norm-neuron" layer becomes a checkpoint region that keeps only its inputs for backward,
     bit-packed when they are spikes, and recomputes its interior during backward. Outputs, every gradient,
     BatchNorm statistics, neuron states after the step and dropout masks are bitwise equal to the unoptimized
-    model's on CPU (see NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime`).
+    model's on CPU (see NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime`), for every plan.
 
     Args:
         model: the network (plain PyTorch, :mod:`fxmemopt.snn`, or spikingjelly multi-step modules). It is not
@@ -124,19 +143,35 @@ def optimize(
             ``no_grad`` forward runs on them to find stateful modules, shapes and spike value sets.
         targets: module classes whose instances become regions (like the seed's ``instance``); ``None`` finds
             layers automatically: each neuron with the stateless ops feeding it since the previous neuron.
+        level: 0 nothing, 1 checkpoint the layers (default), 2 + split multi-neuron regions, 3 + recompute
+            neurons in time slices (exact), 4 + unwrap the most expensive regions while the peak does not rise.
+            See :mod:`fxmemopt.search`.
+        prefer: ``"speed"`` (level 4; unwraps while the peak stays within half the unoptimized one),
+            ``"balanced"`` (level 4, peak never raised), ``"memory"`` (level 3, prefixes recomputed too).
+        profile: the seed's presets ``"safe"`` (1), ``"balanced"`` (2), ``"memory"`` (3), ``"exhaustive"`` (4).
+        memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (a typed
+            :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest reachable peak otherwise).
         compress: pack region inputs that carry spikes (1 bit for {0,1}, 2 bits for {0..3}, 1 byte up to 255).
+        checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
+            ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
+        temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the
+            level 2-3 search, as in the seed.
+        warmup_in_main_process: run one training step of the result before returning (state restored after).
+        warmup_in_profile_workers: one untimed step before each measurement.
+        measure: confirm by measurement: ``"worker"`` measures the unoptimized and the optimized module (and the
+            plan before unwrapping, which is kept if unwrapping raised the measured peak) in one spawned worker
+            process (every wait bounded by ``measure_timeout_s``; a worker that raises, runs out of memory, is
+            killed or times out, and a model that cannot be pickled, yield a rejected candidate in
+            ``summary.rejected`` and ``optimize`` carries on); ``"in-process"`` measures here, for models that
+            cannot travel (no timeout possible); ``None`` (default) measures nothing.
+        measure_timeout_s: the longest one measurement may take in a worker.
         leaf_modules: classes or module paths that must not be traced into.
         stateful_modules: classes to treat as stateful beyond those found automatically (modules with a
             ``_memories`` dict, or whose forward rebinds tensor attributes such as ``self.v``).
         predict: record one instrumented unoptimized training step on the example inputs and predict the peak
-            memory and step time before and after (summary ``predicted_*`` fields; see :mod:`fxmemopt.costmodel`).
-            The recording costs a few unoptimized steps' time and the unoptimized step's memory.
-        profile: confirm by measurement: ``"worker"`` measures the unoptimized and the optimized module in a spawned
-            worker process (reused; every wait bounded by ``profile_timeout_s``; a worker that raises, runs out of
-            memory, is killed or times out, and a model that cannot be pickled, yield a rejected candidate in
-            ``summary.rejected`` and ``optimize`` carries on); ``"in-process"`` measures here, for models that cannot
-            travel (no timeout possible); ``None`` (default) measures nothing.
-        profile_timeout_s: the longest one profiling run may take in a worker.
+            memory and step time before and after (see :mod:`fxmemopt.costmodel`; always done at levels 2-4 and
+            with a memory budget, which need it). Costs a few unoptimized steps' time and the unoptimized step's
+            memory.
         return_summary: also return a :class:`~fxmemopt.summary.Summary`.
 
     Returns:
@@ -146,9 +181,10 @@ def optimize(
 
     Raises:
         InvalidInputsError: ``example_inputs`` is not a tuple with a tensor, or the model fails on it.
-        InvalidOptionError: an option has the wrong type.
+        InvalidOptionError: an option has the wrong type or is out of range.
         TraceError: the model's own ``forward`` cannot be traced by torch.fx.
         TargetsMatchNothingError: ``targets`` matches no called module.
+        MemoryBudgetError: no plan fits ``memory_budget``.
 
     Example:
         >>> import torch, fxmemopt
@@ -159,16 +195,24 @@ def optimize(
         >>> gm(x).sum().backward()       # same gradients as model(x).sum().backward(), less memory
         >>> reset_net(gm)
     """
+    started = time.perf_counter()
     inputs = _check_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
                                               got=type(model).__name__))
-    if profile not in (None, "worker", "in-process"):
-        raise InvalidOptionError(format_error("profile", "is not a known profiling mode",
-                                              expected='None, "worker" or "in-process"', got=repr(profile)))
-    if not profile_timeout_s > 0:
-        raise InvalidOptionError(format_error("profile_timeout_s", "must be positive", expected="> 0",
-                                              got=repr(profile_timeout_s)))
+    if measure not in (None, "worker", "in-process"):
+        raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
+                                              expected='None, "worker" or "in-process"', got=repr(measure)))
+    if not measure_timeout_s > 0:
+        raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
+                                              got=repr(measure_timeout_s)))
+    opts = resolve_options(
+        level=level, prefer=prefer, profile=profile, checkpoint_budget=checkpoint_budget,
+        max_gc_wrapped_modules=max_gc_wrapped_modules, gc_target_budget_ratio=gc_target_budget_ratio,
+        temporal_split_factor=temporal_split_factor, max_split_rounds=max_split_rounds,
+        max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
+        warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
+        memory_budget=memory_budget, exact=True, compress=compress)
     target_types = _check_types("targets", targets)
     leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
     declared = _check_types("stateful_modules", stateful_modules)
@@ -189,50 +233,85 @@ def optimize(
         model, stateful_paths=stateful, leaf_types=tuple(t for t in leaf if isinstance(t, type)),
         leaf_paths=[p for p in leaf if isinstance(p, str)])
     traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
-    # annotate: shapes, bytes and spike value sets of every node (one no_grad forward, state restored)
+    # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
     annotated = annotate(traced, inputs, stateful)
-    # regions: weight-norm-neuron layers, or the instances of `targets`
+    # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
     target_paths = None
     if target_types:
         target_paths = {p for p, m in model.named_modules() if isinstance(m, target_types)}
     regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in target_types))
-    # plan: checkpoint every region, pack spike inputs
-    plan = checkpoint_all(regions, annotated, compress)
-    # costgraph: one recorded unoptimized step; predict peak memory and compute of the plan
-    cost = before = after = None
-    notes = []
-    if predict:
+    used = {r.name for r in regions}
+    splits = {r.name: parts for r in regions if len(r.stateful) > 1 for parts in [split_region(annotated, r, used)]
+              if parts}
+    # costgraph: one recorded unoptimized step (what the search and the predictions run on)
+    cost = None
+    notes = list(opts.notes)
+    if predict or opts.level >= 2 or opts.memory_budget is not None:
         try:
             cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
-            before, after = simulate(cost, None), simulate(cost, plan)
         except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
             log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
             notes.append(f"no prediction: recording a training step on the example inputs failed with "
-                         f"{type(e).__name__}: {e}")
+                         f"{type(e).__name__}: {e}; the search fell back to level 1")
+    # plan + choose: search the levels on the cost model (level 1 alone when no cost model could be built)
+    if cost is not None:
+        result = search(cost, regions, splits, opts)
+    else:
+        result = search_without_cost(regions, annotated, opts)
+    plan = result.plan
     # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
     gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                         type(model).__name__)
     # profile: confirm by measurement (never required; failures are recorded, not raised)
-    measured = _profile(model, gm, inputs, profile, profile_timeout_s) if profile else None
+    measured = None
+    rejected: list[tuple[str, str, str]] = []
+    if measure:
+        candidates = [("unoptimized", model), ("optimized", gm)]
+        pre = result.pre_unwrap
+        if pre is not None and pre != plan:
+            pre_gm, pre_stats = rewrite(model, graph, constants, annotated, pre, stateful, found.mutated_buffers,
+                                        type(model).__name__)
+            candidates.append(("before-unwrap", pre_gm))
+        results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
+        rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
+        if len(results) == 3 and results[1].ok and results[2].ok and results[1].peak_bytes > results[2].peak_bytes:
+            # Unwrapping was predicted not to raise the peak, but measurement says it did: keep the wrapped plan.
+            rejected.append(("optimized", "rejected", f"unwrapping raised the measured peak from "
+                             f"{results[2].peak_bytes} to {results[1].peak_bytes} bytes; kept the plan before it"))
+            plan, gm, stats = pre, pre_gm, pre_stats
+            results = [results[0], results[2]]
+            result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
+        measured = (results[0], results[1], where)
+    # warm up: one training step of the result, everything restored (hides first-use costs from the first step)
+    if opts.warmup_in_main_process and plan.regions:
+        try:
+            measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
+        except Exception as e:  # a warm-up is a courtesy: the rewrite is exact whether or not it ran
+            notes.append(f"warm-up step failed: {type(e).__name__}: {e}")
+        for st in stats.values():
+            st.reset()
     # report
     how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
                "declared" if isinstance(model.get_submodule(p), declared) else f"rebinds {', '.join(n)}")
            for p, n in stateful.items()}
     summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
     summary.notes += notes
-    if before is not None and after is not None:
-        summary.predicted_peak_before, summary.predicted_peak_after = before.peak_bytes, after.peak_bytes
-        summary.predicted_step_time_ratio = after.step_time_s / before.step_time_s
+    summary.search = result
+    summary.options = dataclasses.asdict(opts)
+    if cost is not None and plan.regions is not None:
+        after = simulate(cost, plan) if plan is not result.plan else result.prediction
+        summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
+        summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s
         summary.cost_graph = cost
     if measured is not None:
-        results, where = measured
-        base, opt = results
+        base, opt, where = measured
         summary.measurement = f"{opt.method or base.method} in {where}"
-        summary.rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
         summary.measured_peak_before = base.peak_bytes if base.ok else None
         summary.measured_peak_after = opt.peak_bytes if opt.ok else None
         if base.ok and opt.ok and base.step_time_s:
             summary.measured_step_time_ratio = opt.step_time_s / base.step_time_s
+    summary.rejected = rejected
+    summary.optimize_time_s = time.perf_counter() - started
     gm.fxmemopt_summary = summary
     log.info("%s", summary)
     return (gm, summary) if return_summary else gm

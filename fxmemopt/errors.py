@@ -22,6 +22,7 @@ __all__ = [
     "TargetsMatchNothingError",
     "RegionError",
     "RecomputationMismatchError",
+    "MemoryBudgetError",
     "InternalError",
     "FxMemOptWarning",
     "format_error",
@@ -80,6 +81,10 @@ class RecomputationMismatchError(FxMemOptError, RuntimeError):
     state and RNG state (for example it reads a global counter or the wall clock). The message lists every
     mismatch.
     """
+
+
+class MemoryBudgetError(FxMemOptError, ValueError):
+    """``memory_budget`` is below the smallest peak any plan reaches; the message says that smallest peak."""
 
 
 class InternalError(RuntimeError):

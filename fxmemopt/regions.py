@@ -21,6 +21,7 @@ Region names come from module paths (``ckpt_features_3_lif``), so ``gm.code`` st
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
-__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order"]
+__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region"]
 
 #: Opcodes that never belong to a region interior: inputs, the output, and parameter/buffer reads (which are
 #: passed into regions by reference and cost nothing to keep).
@@ -113,13 +114,14 @@ def _make(graph: AnnotatedGraph, anchor: str, nodes: list[str], used: set[str]) 
     return Region(name, anchor, ordered, inputs, outputs, stateful)
 
 
-def _auto_regions(graph: AnnotatedGraph) -> list[Region]:
-    claimed: set[str] = set()
+def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
+                  used: set[str] | None = None) -> list[Region]:
+    claimed: set[str] = set() if within is None else {n for n in graph.order if n not in within}
     regions: list[Region] = []
-    used: set[str] = set()
+    used = set() if used is None else used
     for seed in graph.order:
         info = graph[seed]
-        if not (info.op == "call_module" and info.stateful):
+        if not (info.op == "call_module" and info.stateful) or seed in claimed:
             continue
         members = [seed]
         claimed.add(seed)
@@ -134,6 +136,25 @@ def _auto_regions(graph: AnnotatedGraph) -> list[Region]:
             stack.extend(ni.inputs)
         regions.append(_make(graph, info.target, members, used))
     return regions
+
+
+def split_region(graph: AnnotatedGraph, region: Region, used: set[str]) -> list[Region]:
+    """Split a multi-neuron region (a ``targets`` block) into one weight-norm-neuron region per neuron.
+
+    The walk of the automatic mode runs inside the block only; nodes after the last neuron (a residual add) join
+    the last part. Returns ``[]`` when the block has fewer than two neurons or a part would not be convex.
+    """
+    parts = _auto_regions(graph, within=set(region.nodes), used=used)
+    if len(parts) < 2:
+        return []
+    covered = {n for p in parts for n in p.nodes}
+    rest = [n for n in region.nodes if n not in covered]
+    if rest:
+        last = parts[-1]
+        parts[-1] = dataclasses.replace(_make(graph, last.anchor, list(last.nodes) + rest, set()), name=last.name)
+    if any(check_convex(graph, p.nodes) for p in parts):
+        return []
+    return parts
 
 
 def _target_regions(graph: AnnotatedGraph, target_paths: set[str]) -> list[Region]:

@@ -56,6 +56,7 @@ Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the regio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -135,6 +136,11 @@ class RegionStats:
     unpacked_fallbacks: int = 0
     state_copies: int = 0
     warned: set[str] = field(default_factory=set)
+
+    def reset(self) -> None:
+        """Zero every counter (``optimize`` does this after its warm-up step, so they count the user's calls)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, set() if f.name == "warned" else 0)
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:

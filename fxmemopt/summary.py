@@ -60,6 +60,8 @@ class RegionReport:
     stateful_modules: tuple[str, ...]
     inputs: tuple[InputReport, ...]
     outputs: tuple[str, ...]
+    chunks: int = 1
+    keep_prefix: bool = True
 
     @property
     def stored_bytes(self) -> int:
@@ -106,6 +108,130 @@ class Summary:
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
     #: The networkx cost graph (see :mod:`fxmemopt.costmodel`), for inspection and re-simulation.
     cost_graph: Any = field(default=None, repr=False)
+    #: What the plan search did (:class:`fxmemopt.search.SearchResult`): decisions with reasons, steps.
+    search: Any = field(default=None, repr=False)
+    #: The resolved options (seed names), as a dict.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Wall time of :func:`fxmemopt.optimize`.
+    optimize_time_s: float = 0.0
+
+    # -- the seed's MemOptSummary fields ---------------------------------------------------------------------------
+    @property
+    def requested_level(self) -> int:
+        return int(self.options.get("level", 1))
+
+    @property
+    def applied_level(self) -> int:
+        """Highest level whose step changed the plan (1 when only wrapping happened, 0 when nothing did)."""
+        steps = self.applied_steps
+        for level, step in ((4, "level4_greedy_unwrap"), (3, "level3_temporal_split"), (2, "level2_spatial_split")):
+            if step in steps:
+                return level
+        return 1 if self.regions or "level1_gc" in steps else 0
+
+    @property
+    def profile(self) -> str | None:
+        return self.options.get("profile")
+
+    @property
+    def prefer(self) -> str | None:
+        return self.options.get("prefer")
+
+    @property
+    def checkpoint_budget(self) -> str | None:
+        return self.options.get("checkpoint_budget")
+
+    @property
+    def compress_x(self) -> bool:
+        return bool(self.options.get("compress", True))
+
+    @property
+    def allow_expensive_profiling(self) -> bool:
+        return bool(self.options.get("allow_expensive_profiling", True))
+
+    @property
+    def device(self) -> str:
+        return self.measurement or "cpu"
+
+    @property
+    def applied_steps(self) -> list[str]:
+        return list(self.search.applied_steps) if self.search is not None else []
+
+    @property
+    def skipped_steps(self) -> list[str]:
+        return list(self.search.skipped_steps) if self.search is not None else []
+
+    @property
+    def decisions(self) -> list[Any]:
+        """Every search decision with its reason (:class:`fxmemopt.search.Decision`)."""
+        return list(self.search.decisions) if self.search is not None else []
+
+    @property
+    def gc_wrap_count(self) -> int:
+        return len(self.regions)
+
+    @property
+    def gc_container_count(self) -> int:
+        return len(self.regions)
+
+    @property
+    def tcgc_container_count(self) -> int:
+        return sum(1 for r in self.regions if r.chunks > 1)
+
+    @property
+    def manual_compressor_count(self) -> int:
+        return 0  # value sets are inferred; there are no manual compressors
+
+    @property
+    def bit_compressor_count(self) -> int:
+        return sum(1 for r in self.regions for i in r.inputs if i.bits == 1)
+
+    @property
+    def null_compressor_count(self) -> int:
+        return sum(1 for r in self.regions for i in r.inputs if not i.bits and i.reason != "parameter or buffer")
+
+    @property
+    def spatial_split_count(self) -> int:
+        return sum(1 for d in self.decisions if d.action == "split")
+
+    @property
+    def temporal_split_count(self) -> int:
+        return sum(1 for d in self.decisions if d.action == "chunk")
+
+    @property
+    def unwrap_count(self) -> int:
+        return sum(1 for d in self.decisions if d.action == "unwrap")
+
+    @property
+    def gc_candidate_count(self) -> int:
+        return self.search.candidates if self.search is not None else len(self.regions)
+
+    @property
+    def gc_selected_count(self) -> int:
+        return len(self.search.selected) if self.search is not None else len(self.regions)
+
+    @property
+    def gc_selected_modules(self) -> list[str]:
+        return list(self.search.selected) if self.search is not None else [r.anchor for r in self.regions]
+
+    @property
+    def gc_selection_policy(self) -> str:
+        return self.search.policy if self.search is not None else "all_candidates"
+
+    @property
+    def gc_selection_explanation(self) -> str:
+        return self.search.explanation if self.search is not None else ""
+
+    @property
+    def recommendation(self) -> str:
+        """One line on what to try next."""
+        if not self.regions:
+            return "no region was formed: pass targets=(YourBlock,) or stateful_modules=(YourNeuron,)"
+        if self.requested_level < 3:
+            return 'for less memory try prefer="memory" (time slices); for speed try prefer="speed"'
+        if self.measured_peak_after is None:
+            return 'pass measure="worker" to confirm the predicted peak by measurement'
+        return "plan confirmed by measurement"
 
     @property
     def region_count(self) -> int:
@@ -143,12 +269,13 @@ class Summary:
 
     def table(self) -> str:
         """A fixed-width table: one row per region with its inputs' storage."""
-        rows = [("region", "anchor", "nodes", "inputs (value set -> storage)", "kept for backward")]
+        rows = [("region", "anchor", "nodes", "slices", "inputs (value set -> storage)", "kept for backward")]
         for r in self.regions:
             ins = ", ".join(
                 f"{i.node}:{i.value_set}->{str(i.bits) + 'b' if i.bits else ('ref' if i.stored_bytes == 0 else 'full')}"
                 for i in r.inputs)
-            rows.append((r.name, r.anchor, str(len(r.nodes)), ins, _fmt_bytes(r.stored_bytes)))
+            slices = str(r.chunks) + ("" if r.keep_prefix or r.chunks == 1 else "+p")
+            rows.append((r.name, r.anchor, str(len(r.nodes)), slices, ins, _fmt_bytes(r.stored_bytes)))
         widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -169,6 +296,8 @@ class Summary:
                          f"({self.measured_peak_before / self.measured_peak_after:.2f}x lower), step time "
                          f"x{self.measured_step_time_ratio:.2f}; prediction error {self.prediction_error:.1%}")
         parts += [f"rejected {c}: {st}: {msg}" for c, st, msg in self.rejected]
+        changes = [d for d in self.decisions if d.action in ("split", "chunk", "unwrap", "reject")]
+        parts += [f"{d.action} {d.region}: {d.reason}" for d in changes]
         if self.leaf_fallbacks:
             parts.append("submodules kept whole (not traceable):")
             parts += [f"  {f.path} ({f.module_type}): {f.reason}" for f in self.leaf_fallbacks]

@@ -44,3 +44,66 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
     assert torch.equal(x, x_before) and not x.requires_grad and x.grad is None
     # packing follows the value sets: never when compress=False
     assert compress or summary.packed_input_count == 0
+
+
+def _pipeline(model, x):
+    """The optimize() stages up to the plan, so a test can apply any plan."""
+    from fxmemopt.annotate import annotate
+    from fxmemopt.regions import find_regions
+    from fxmemopt.state import probe
+    from fxmemopt.trace import make_graph_module, trace
+
+    found = probe(model, (x,))
+    stateful = dict(found.stateful)
+    graph, constants, _ = trace(model, stateful_paths=stateful)
+    traced = make_graph_module(model, graph, "M", extra=constants)
+    annotated = annotate(traced, (x,), stateful)
+    return found, stateful, graph, constants, annotated, find_regions(annotated)
+
+
+@settings(max_examples=100)
+@given(spec=snn_specs(max_T=5), data=st.data())
+def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
+    """Any plan the search can produce — a subset of regions (unwraps), any packing, time slices with either prefix
+    policy on every chunkable region — trains exactly like the unoptimized model."""
+    import dataclasses
+
+    from fxmemopt.plan import Plan, checkpoint_all, chunkable
+    from fxmemopt.rewrite import rewrite
+
+    model, x = build(spec)
+    reference = copy.deepcopy(model)
+    found, stateful, graph, constants, annotated, regions = _pipeline(model, x)
+    compress = data.draw(st.booleans(), label="compress")
+    full = checkpoint_all(regions, annotated, compress)
+    keep = data.draw(st.lists(st.booleans(), min_size=len(full.regions), max_size=len(full.regions)),
+                     label="keep region")
+    chosen = []
+    for rp, k in zip(full.regions, keep):
+        if not k:
+            continue  # unwrapped
+        if chunkable(annotated, rp.nodes)[0]:
+            chunks = data.draw(st.integers(1, spec.T + 1), label=f"chunks {rp.name}")
+            rp = dataclasses.replace(rp, chunks=chunks, keep_prefix=data.draw(st.booleans(), label="keep_prefix"))
+        chosen.append(rp)
+    gm, stats = rewrite(model, graph, constants, annotated, Plan(tuple(chosen)), stateful, found.mutated_buffers,
+                        "M")
+
+    report = compare_training_step(reference, gm, (x,), between=lambda: torch.rand(5))
+
+    assert report.ok, f"{spec}\n{chosen}\n{report}"
+    for rp in chosen:
+        assert stats[rp.name].checkpointed_calls == 1
+        assert stats[rp.name].recomputations >= 1
+
+
+@settings(max_examples=30)
+@given(spec=snn_specs(max_depth=3), preset=st.sampled_from([
+    {"prefer": "memory"}, {"prefer": "speed"}, {"prefer": "balanced"}, {"level": 2}, {"level": 4},
+    {"checkpoint_budget": "speed"}]))
+def test_search_presets_are_bitwise_exact(spec: SNNSpec, preset: dict) -> None:
+    model, x = build(spec)
+    reference = copy.deepcopy(model)
+    gm = fxmemopt.optimize(model, (x,), **preset)
+    report = compare_training_step(reference, gm, (x,), between=lambda: torch.rand(5))
+    assert report.ok, f"{spec}\n{preset}\n{report}"

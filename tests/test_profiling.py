@@ -63,7 +63,7 @@ def test_profile_in_a_worker_confirms_the_prediction():
     torch.manual_seed(0)
     x = torch.rand(8, 8, 256)
     model = Net(width=256)
-    gm, s = fxmemopt.optimize(model, (x,), profile="worker", return_summary=True)
+    gm, s = fxmemopt.optimize(model, (x,), measure="worker", return_summary=True)
     assert s.rejected == []
     assert s.measured_peak_before == fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
     assert s.measured_peak_after == fxmemopt.measure_step(gm, (x,), repeats=0).peak_bytes
@@ -75,7 +75,7 @@ def test_profile_in_a_worker_confirms_the_prediction():
 def test_profile_in_process():
     x = torch.rand(4, 3, 8)
     model = _net("none")
-    gm, s = fxmemopt.optimize(model, (x,), profile="in-process", return_summary=True)
+    gm, s = fxmemopt.optimize(model, (x,), measure="in-process", return_summary=True)
     assert s.measured_peak_after == fxmemopt.measure_step(gm, (x,)).peak_bytes
     assert s.measured_peak_before == fxmemopt.measure_step(model, (x,)).peak_bytes
 
@@ -92,7 +92,7 @@ def test_faulty_workers_are_rejected_and_optimize_returns(fault, status, bound_s
     x = torch.rand(4, 3, 8)
     t0 = time.perf_counter()
     # The guard's branch must run at call time, not at trace time: keep it a leaf.
-    gm, s = fxmemopt.optimize(model, (x,), profile="worker", profile_timeout_s=3.0, leaf_modules=(Misbehave,),
+    gm, s = fxmemopt.optimize(model, (x,), measure="worker", measure_timeout_s=3.0, leaf_modules=(Misbehave,),
                               return_summary=True)
     assert time.perf_counter() - t0 < bound_s
     assert [(name, st) for name, st, _ in s.rejected] == [("unoptimized", status), ("optimized", status)]
@@ -110,13 +110,13 @@ def test_unpicklable_model_is_rejected_without_a_worker():
     model.fc1.tag = lambda: None  # lambdas do not pickle (fc1 is shared by the optimized module too)
     x = torch.rand(4, 3, 8)
     t0 = time.perf_counter()
-    gm, s = fxmemopt.optimize(model, (x,), profile="worker", return_summary=True)
+    gm, s = fxmemopt.optimize(model, (x,), measure="worker", return_summary=True)
     assert time.perf_counter() - t0 < 10
     assert [st for _, st, _ in s.rejected] == ["unpicklable", "unpicklable"]
     assert "in-process" in s.rejected[0][2]
 
 
-@pytest.mark.parametrize("kw", [{"profile": "gpu"}, {"profile": "worker", "profile_timeout_s": 0}])
+@pytest.mark.parametrize("kw", [{"measure": "gpu"}, {"measure": "worker", "measure_timeout_s": 0}])
 def test_profile_options_are_checked(kw):
     with pytest.raises(InvalidOptionError):
         fxmemopt.optimize(_net("none"), (torch.rand(2, 1, 8),), **kw)

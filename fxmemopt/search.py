@@ -1,0 +1,465 @@
+"""Stage 6, *choose*: search for the plan to apply, driven by the cost model.
+
+What it searches
+    Plans (:class:`~fxmemopt.plan.Plan`) over the candidate regions. Every move is scored by
+    :func:`fxmemopt.costmodel.simulate` (predicted peak bytes and step time); nothing here runs the model or
+    touches fx, so a search costs milliseconds per candidate and is deterministic.
+
+The levels (the seed's meaning, automated)
+    1. *wrap*: checkpoint the candidate regions, all or a budgeted subset (``checkpoint_budget`` "speed" 50%,
+       "balanced" 75%, "memory" 100%, or ``max_gc_wrapped_modules`` / ``gc_target_budget_ratio``; the smaller wins),
+       preferring regions whose inputs are largest;
+    2. *spatial split*: a region holding several neurons (a ``targets`` block) is split into one region per
+       neuron, at the spike boundaries (which pack to 1 bit); accepted when the predicted peak is strictly lower;
+    3. *temporal split*: the region that sets the peak is recomputed in more time slices (multiplied by
+       ``temporal_split_factor`` each round, clamped to T), only where that is exact (:func:`~fxmemopt.plan.chunkable`);
+       ``prefer="memory"`` also recomputes the prefix instead of keeping it; accepted when strictly lower;
+    4. *greedy unwrap*: regions whose recomputation costs the most time are unwrapped when the predicted peak
+       does not rise (``prefer="speed"`` lets it rise up to half the unoptimized peak, which still halves memory).
+
+    ``memory_budget`` replaces the goal: the fastest plan whose predicted peak fits, found by unwrapping the most
+    expensive regions from the most memory-saving plan while it still fits; or a typed error naming the smallest
+    reachable peak.
+
+Every decision is recorded with its reason (:class:`Decision`), so the summary can explain the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .annotate import AnnotatedGraph
+from .costmodel import Prediction, simulate
+from .errors import InvalidOptionError, MemoryBudgetError, format_error
+from .plan import Plan, RegionPlan, chunkable, input_bits
+from .regions import Region
+
+__all__ = ["Options", "Decision", "SearchResult", "PRESETS", "resolve_options", "search", "search_without_cost",
+           "parse_bytes"]
+
+#: The seed's presets: profile -> (level, max_split_rounds, max_candidates_per_round, warmup_in_main_process,
+#: warmup_in_profile_workers, allow_expensive_profiling).
+PRESETS: dict[str, tuple[int, int | None, int | None, bool, bool, bool]] = {
+    "safe": (1, 0, 0, False, False, False),
+    "balanced": (2, 1, 1, False, False, False),
+    "memory": (3, 2, 2, False, True, True),
+    "exhaustive": (4, None, None, True, True, True),
+}
+#: ``prefer`` -> (profile, checkpoint_budget), as in the seed; ours search further within the level.
+PREFER: dict[str, tuple[str, str]] = {
+    "speed": ("exhaustive", "memory"),
+    "balanced": ("exhaustive", "memory"),
+    "memory": ("memory", "memory"),
+}
+# What the presets mean here: "safe" wraps every layer (1); "balanced" also splits blocks per neuron (2);
+# "memory" also recomputes neurons in time slices, prefixes included (3); "exhaustive" also unwraps what does not
+# raise the peak (4). prefer="speed" is level 4 without time slices, unwrapping while the peak stays within half the
+# unoptimized one.
+#: ``checkpoint_budget`` -> fraction of candidate regions wrapped at level 1.
+CHECKPOINT_BUDGETS = {"speed": 0.5, "balanced": 0.75, "memory": 1.0}
+#: ``prefer="speed"`` accepts unwraps while the predicted peak stays at or below this fraction of the unoptimized
+#: peak: halving memory is what a user who asks for speed still expects from a memory tool.
+SPEED_PEAK_FRACTION = 0.5
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``2147483648``, ``"2GiB"``, ``"1.5 GB"``, ``"512MiB"`` -> bytes.
+
+    Raises:
+        InvalidOptionError: not a positive size.
+    """
+    if isinstance(value, bool):
+        raise InvalidOptionError(format_error("memory_budget", "is a bool", expected="bytes or a size string",
+                                              got=repr(value)))
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):]
+        if unit not in _UNITS or not num:
+            raise InvalidOptionError(format_error(
+                "memory_budget", f"cannot read {value!r} as a size", expected='bytes or e.g. "2GiB", "512MB"',
+                got=repr(value)))
+        n = float(num) * _UNITS[unit]
+    if not math.isfinite(n) or n <= 0:
+        raise InvalidOptionError(format_error("memory_budget", "must be a positive size", expected="> 0",
+                                              got=repr(value)))
+    return int(n)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Resolved search options (see :func:`resolve_options` for how the user's arguments map here)."""
+
+    level: int = 1
+    prefer: str | None = None
+    profile: str | None = None
+    checkpoint_budget: str | None = None
+    max_gc_wrapped_modules: int | None = None
+    gc_target_budget_ratio: float | None = None
+    temporal_split_factor: int = 2
+    max_split_rounds: int | None = None
+    max_candidates_per_round: int | None = None
+    allow_expensive_profiling: bool = True
+    warmup_in_main_process: bool = True
+    warmup_in_profile_workers: bool = True
+    memory_budget: int | None = None
+    exact: bool = True
+    compress: bool = True
+    notes: tuple[str, ...] = ()
+
+
+def resolve_options(*, level: int | None, prefer: str | None, profile: str | None, checkpoint_budget: str | None,
+                    max_gc_wrapped_modules: int | None, gc_target_budget_ratio: float | None,
+                    temporal_split_factor: int, max_split_rounds: int | None, max_candidates_per_round: int | None,
+                    allow_expensive_profiling: bool | None, warmup_in_main_process: bool | None,
+                    warmup_in_profile_workers: bool | None, memory_budget: int | float | str | None,
+                    exact: bool, compress: bool) -> Options:
+    """Validate the user's options and resolve presets, with the seed's precedence: explicit arguments win over
+    ``profile``, which wins over ``prefer``. Without any, the level is 1 (checkpoint every layer).
+
+    Raises:
+        InvalidOptionError: an unknown preset name or an out-of-range value.
+    """
+    notes = []
+    if prefer is not None and prefer not in PREFER:
+        raise InvalidOptionError(format_error("prefer", "is not a known preference",
+                                              expected=" / ".join(repr(p) for p in PREFER), got=repr(prefer)))
+    if prefer is not None:
+        p_profile, p_budget = PREFER[prefer]
+        if profile is None:
+            profile = p_profile
+            notes.append(f"prefer:profile={p_profile}")
+        if checkpoint_budget is None:
+            checkpoint_budget = p_budget
+            notes.append(f"prefer:checkpoint_budget={p_budget}")
+    if profile is not None and profile not in PRESETS:
+        raise InvalidOptionError(format_error("profile", "is not a known preset",
+                                              expected=" / ".join(repr(p) for p in PRESETS), got=repr(profile)))
+    if checkpoint_budget is not None and checkpoint_budget not in CHECKPOINT_BUDGETS:
+        raise InvalidOptionError(format_error("checkpoint_budget", "is not a known budget",
+                                              expected=" / ".join(repr(b) for b in CHECKPOINT_BUDGETS),
+                                              got=repr(checkpoint_budget)))
+    preset = PRESETS.get(profile or "", None)
+    if level is None:
+        level = preset[0] if preset else 1
+    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+        raise InvalidOptionError(format_error("level", "is out of range", expected="an int in 0..4", got=repr(level)))
+    if gc_target_budget_ratio is not None and not 0 < gc_target_budget_ratio <= 1:
+        raise InvalidOptionError(format_error("gc_target_budget_ratio", "is out of range", expected="in (0, 1]",
+                                              got=repr(gc_target_budget_ratio)))
+    if max_gc_wrapped_modules is not None and (not isinstance(max_gc_wrapped_modules, int)
+                                               or max_gc_wrapped_modules < 0):
+        raise InvalidOptionError(format_error("max_gc_wrapped_modules", "is out of range", expected="an int >= 0",
+                                              got=repr(max_gc_wrapped_modules)))
+    if not isinstance(temporal_split_factor, int) or temporal_split_factor < 2:
+        raise InvalidOptionError(format_error("temporal_split_factor", "is out of range", expected="an int >= 2",
+                                              got=repr(temporal_split_factor)))
+    for name, v in (("max_split_rounds", max_split_rounds), ("max_candidates_per_round", max_candidates_per_round)):
+        if v is not None and (not isinstance(v, int) or v < 0):
+            raise InvalidOptionError(format_error(name, "is out of range", expected="None or an int >= 0",
+                                                  got=repr(v)))
+    if preset:
+        # The presets' split-round limits bounded the seed's *profiling* (a process per candidate); candidates are
+        # predicted here in milliseconds, so only explicit max_split_rounds / max_candidates_per_round bound the
+        # search.
+        warmup_in_main_process = preset[3] if warmup_in_main_process is None else warmup_in_main_process
+        warmup_in_profile_workers = preset[4] if warmup_in_profile_workers is None else warmup_in_profile_workers
+        allow_expensive_profiling = preset[5] if allow_expensive_profiling is None else allow_expensive_profiling
+    if allow_expensive_profiling is False and level > 1 and profile is None:
+        # The seed's rule: without expensive profiling the split search is tightened to one round, one candidate.
+        max_split_rounds, max_candidates_per_round = 1, 1
+        warmup_in_profile_workers = False
+        notes.append("allow_expensive_profiling=False: max_split_rounds=1, max_candidates_per_round=1")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    if budget is not None and level < 4:
+        notes.append(f"memory_budget: searching every level (requested level {level})")
+        level = 4
+    return Options(level, prefer, profile, checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio,
+                   temporal_split_factor, max_split_rounds, max_candidates_per_round,
+                   True if allow_expensive_profiling is None else allow_expensive_profiling,
+                   True if warmup_in_main_process is None else warmup_in_main_process,
+                   True if warmup_in_profile_workers is None else warmup_in_profile_workers,
+                   budget, exact, compress, tuple(notes))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision of the search: ``action`` on ``region`` and why (predicted bytes/seconds in the reason)."""
+
+    region: str
+    action: str  # "wrap", "skip", "split", "chunk", "unwrap", "keep", "reject"
+    reason: str
+
+
+@dataclass
+class SearchResult:
+    """The chosen plan, its prediction, and what the search did.
+
+    Attributes:
+        plan: the chosen plan.
+        prediction: its predicted peak and time.
+        baseline: the unoptimized prediction.
+        decisions: every decision with its reason, in order.
+        applied_steps / skipped_steps: the seed's step names (``level1_gc``, ``level3_temporal_split``...).
+        candidates: number of candidate regions; selected: names wrapped at level 1; policy / explanation: how
+            they were selected.
+        evaluated: number of simulated candidate plans.
+    """
+
+    plan: Plan
+    prediction: Prediction | None
+    baseline: Prediction | None
+    decisions: list[Decision] = field(default_factory=list)
+    applied_steps: list[str] = field(default_factory=list)
+    skipped_steps: list[str] = field(default_factory=list)
+    candidates: int = 0
+    selected: list[str] = field(default_factory=list)
+    policy: str = "all_candidates"
+    explanation: str = ""
+    evaluated: int = 0
+    pre_unwrap: Plan | None = None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _region_plan(r: Region, graph: AnnotatedGraph, compress: bool) -> RegionPlan:
+    return RegionPlan(r.name, r.anchor, r.nodes, tuple(input_bits(graph, i, compress) for i in r.inputs))
+
+
+def _input_bytes(r: Region, graph: AnnotatedGraph) -> int:
+    return sum(graph[i].nbytes for i in r.inputs if graph[i].op != "get_attr")
+
+
+def _select(regions: list[Region], graph: AnnotatedGraph, opts: Options, result: SearchResult) -> list[Region]:
+    """Level 1 budget (the seed's semantics): which candidate regions to wrap."""
+    n = len(regions)
+    limits = []
+    if opts.max_gc_wrapped_modules is not None:
+        limits.append(opts.max_gc_wrapped_modules)
+    ratio = opts.gc_target_budget_ratio
+    if ratio is None and opts.max_gc_wrapped_modules is None and opts.checkpoint_budget is not None:
+        ratio = CHECKPOINT_BUDGETS[opts.checkpoint_budget]
+    if ratio is not None:
+        limits.append(max(1, min(n, math.ceil(n * ratio))))
+    if not limits:
+        result.policy, result.explanation = "all_candidates", f"all {n} candidate regions"
+        return regions
+    k = min(limits)
+    if k >= n:
+        result.policy, result.explanation = "budget_covers_all", f"budget {k} covers all {n} candidate regions"
+        return regions
+    if k <= 0:
+        result.policy, result.explanation = "explicit_zero_budget", "budget 0: nothing wrapped"
+        return []
+    position = {r.name: i for i, r in enumerate(regions)}
+    chosen = sorted(regions, key=lambda r: (-_input_bytes(r, graph), position[r.name]))[:k]
+    result.policy = "largest_input_activations"
+    result.explanation = f"{k} of {n} regions with the largest inputs"
+    return sorted(chosen, key=lambda r: position[r.name])
+
+
+def _peak_region(pred: Prediction, plan: Plan) -> str | None:
+    """The region in whose recomputation or backward the predicted peak occurs."""
+    names = {r.name for r in plan.regions}
+    where = pred.peak_at.split(":", 1)[-1]
+    if where in names:
+        return where
+    for r in plan.regions:
+        if where in r.nodes:
+            return r.name
+    return None
+
+
+def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, list[Region]],
+           opts: Options) -> SearchResult:
+    """Choose a plan (see the module docstring).
+
+    Args:
+        cost: the cost graph (:func:`fxmemopt.costmodel.build_cost_graph`).
+        regions: candidate regions (from :func:`fxmemopt.regions.find_regions`).
+        split_candidates: region name -> the per-neuron regions it can be split into (level 2).
+        opts: resolved options.
+
+    Returns:
+        A :class:`SearchResult`.
+
+    Raises:
+        MemoryBudgetError: ``memory_budget`` is below the smallest peak any plan reaches.
+    """
+    graph: AnnotatedGraph = cost.graph["annotated"]
+    baseline = simulate(cost, None)
+    result = SearchResult(Plan(()), baseline, baseline, candidates=len(regions))
+
+    def evaluate(plan: Plan) -> Prediction:
+        result.evaluated += 1
+        return simulate(cost, plan)
+
+    if opts.level == 0 or not regions:
+        result.skipped_steps.append("level0:no_optimization" if opts.level == 0 else "level1:no_candidates")
+        return result
+
+    # Level 1: wrap.
+    chosen = _select(regions, graph, opts, result)
+    result.selected = [r.anchor for r in chosen]
+    for r in regions:
+        action = "wrap" if r in chosen else "skip"
+        result.decisions.append(Decision(r.name, action, result.explanation))
+    plans = [_region_plan(r, graph, opts.compress) for r in chosen]
+    best = Plan(tuple(plans))
+    pred = evaluate(best)
+    result.applied_steps.append("level1_gc")
+
+    rounds = opts.max_split_rounds if opts.max_split_rounds is not None else 10**9
+    per_round = opts.max_candidates_per_round if opts.max_candidates_per_round is not None else 10**9
+
+    # Level 2: spatial split of multi-neuron regions, hottest first.
+    if opts.level >= 2:
+        best, pred = _spatial(best, pred, split_candidates, graph, opts, rounds, per_round, evaluate, result)
+    # Level 3: temporal split of the region that sets the peak. Preferring speed, only until the peak reaches the
+    # speed target (slices add time).
+    speed_target = int(baseline.peak_bytes * SPEED_PEAK_FRACTION) if opts.prefer == "speed" else None
+    if opts.level >= 3 and (speed_target is None or pred.peak_bytes > speed_target):
+        best, pred = _temporal(best, pred, graph, opts, rounds, per_round, evaluate, result, speed_target)
+
+    if opts.memory_budget is not None:
+        if pred.peak_bytes > opts.memory_budget:
+            smallest = pred
+            raise MemoryBudgetError(format_error(
+                "memory_budget", "no plan fits",
+                expected=f"a predicted peak <= {_mib(opts.memory_budget)}",
+                got=f"the smallest reachable predicted peak is {_mib(smallest.peak_bytes)} (unoptimized "
+                    f"{_mib(baseline.peak_bytes)})",
+                fix=f"Raise memory_budget to at least {smallest.peak_bytes} bytes, reduce the batch size or T, or "
+                    f"pass targets=... to checkpoint larger blocks."))
+        limit = opts.memory_budget
+        result.pre_unwrap = best
+        best, pred = _unwrap(best, pred, limit, evaluate, result, cost)
+    elif opts.level >= 4:
+        limit = pred.peak_bytes if speed_target is None else max(pred.peak_bytes, speed_target)
+        result.pre_unwrap = best
+        best, pred = _unwrap(best, pred, limit, evaluate, result, cost)
+    result.plan, result.prediction = best, pred
+    return result
+
+
+def _spatial(best: Plan, pred: Prediction, split_candidates: dict[str, list[Region]], graph: AnnotatedGraph,
+             opts: Options, rounds: int, per_round: int, evaluate, result: SearchResult) -> tuple[Plan, Prediction]:
+    done = 0
+    improved_any = False
+    while done < rounds:
+        done += 1
+        hot = _peak_region(pred, best)
+        order = sorted((r for r in best.regions if len(split_candidates.get(r.name, [])) > 1),
+                       key=lambda r: (r.name != hot, r.name))
+        improved = False
+        for rp in order[:per_round]:
+            parts = [_region_plan(p, graph, opts.compress) for p in split_candidates[rp.name]]
+            candidate = Plan(tuple(p for r in best.regions for p in (parts if r.name == rp.name else [r])))
+            cand = evaluate(candidate)
+            if cand.peak_bytes < pred.peak_bytes:
+                result.decisions.append(Decision(rp.name, "split", f"into {len(parts)} per-neuron regions: predicted "
+                                                 f"peak {_mib(pred.peak_bytes)} -> {_mib(cand.peak_bytes)}"))
+                best, pred, improved, improved_any = candidate, cand, True, True
+                break
+            result.decisions.append(Decision(rp.name, "reject", f"spatial split would not lower the predicted peak "
+                                             f"({_mib(cand.peak_bytes)} >= {_mib(pred.peak_bytes)})"))
+        if not improved:
+            break
+    (result.applied_steps if improved_any else result.skipped_steps).append(
+        "level2_spatial_split" if improved_any else "level2:no_improving_candidate")
+    return best, pred
+
+
+def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options, rounds: int, per_round: int,
+              evaluate, result: SearchResult, stop_at: int | None = None) -> tuple[Plan, Prediction]:
+    blocked: set[str] = set()
+    done = 0
+    improved_any = False
+    keep_prefix = opts.prefer != "memory"  # recomputing the prefix saves memory at the price of its forward
+    # Temporal splits continue while they help; rounds are bounded by the user's max_split_rounds, and by the
+    # number of regions times the doublings that fit in T otherwise.
+    limit = rounds if opts.max_split_rounds is not None else 8 * max(1, len(best.regions))
+    while done < limit and (stop_at is None or pred.peak_bytes > stop_at):
+        done += 1
+        hot = _peak_region(pred, best)
+        order = [r for r in best.regions if r.name not in blocked]
+        order.sort(key=lambda r: (r.name != hot, r.name))
+        improved = False
+        for rp in order[:per_round]:
+            ok, why = chunkable(graph, rp.nodes)
+            if not ok:
+                blocked.add(rp.name)
+                result.decisions.append(Decision(rp.name, "reject", f"not chunked: {why}"))
+                continue
+            steps = graph[rp.nodes[-1]].shape[0]
+            chunks = min(steps, rp.chunks * opts.temporal_split_factor)
+            if chunks == rp.chunks:
+                blocked.add(rp.name)
+                continue
+            new = dataclasses.replace(rp, chunks=chunks, keep_prefix=keep_prefix)
+            candidate = Plan(tuple(new if r.name == rp.name else r for r in best.regions))
+            cand = evaluate(candidate)
+            if cand.peak_bytes < pred.peak_bytes:
+                result.decisions.append(Decision(rp.name, "chunk", f"{chunks} time slices"
+                                                 f"{'' if keep_prefix else ', prefix recomputed'}: predicted peak "
+                                                 f"{_mib(pred.peak_bytes)} -> {_mib(cand.peak_bytes)}"))
+                best, pred, improved, improved_any = candidate, cand, True, True
+                break
+            blocked.add(rp.name)
+            result.decisions.append(Decision(rp.name, "reject", f"{chunks} time slices would not lower the "
+                                             f"predicted peak ({_mib(cand.peak_bytes)} >= {_mib(pred.peak_bytes)})"))
+        if not improved:
+            break
+    (result.applied_steps if improved_any else result.skipped_steps).append(
+        "level3_temporal_split" if improved_any else "level3:no_improving_candidate")
+    return best, pred
+
+
+def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchResult,
+            cost: nx.DiGraph) -> tuple[Plan, Prediction]:
+    """Level 4: unwrap regions, most recomputation time first, while the predicted peak stays within ``limit``."""
+    fwd = cost.graph["trace"].fwd_time_s
+    order = sorted(best.regions, key=lambda r: (-sum(fwd.get(n, 0.0) for n in r.nodes), r.name))
+    unwrapped = 0
+    for rp in order:
+        candidate = Plan(tuple(r for r in best.regions if r.name != rp.name))
+        cand = evaluate(candidate)
+        if cand.peak_bytes <= limit:
+            saved_ms = (pred.step_time_s - cand.step_time_s) * 1e3
+            result.decisions.append(Decision(rp.name, "unwrap", f"saves ~{saved_ms:.1f} ms per step; predicted "
+                                             f"peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
+            best, pred = candidate, cand
+            unwrapped += 1
+        else:
+            result.decisions.append(Decision(rp.name, "keep", f"unwrapping would raise the predicted peak to "
+                                             f"{_mib(cand.peak_bytes)} > {_mib(limit)}"))
+    (result.applied_steps if unwrapped else result.skipped_steps).append(
+        "level4_greedy_unwrap" if unwrapped else "level4:no_unwrap_within_peak")
+    return best, pred
+
+
+def search_without_cost(regions: list[Region], graph: AnnotatedGraph, opts: Options) -> SearchResult:
+    """Level 1 only (budgeted wrap), for when no cost model could be built; levels 2-4 need predictions."""
+    result = SearchResult(Plan(()), None, None, candidates=len(regions))
+    if opts.level == 0 or not regions:
+        result.skipped_steps.append("level0:no_optimization" if opts.level == 0 else "level1:no_candidates")
+        return result
+    chosen = _select(regions, graph, opts, result)
+    result.selected = [r.anchor for r in chosen]
+    result.decisions += [Decision(r.name, "wrap" if r in chosen else "skip", result.explanation) for r in regions]
+    result.plan = Plan(tuple(_region_plan(r, graph, opts.compress) for r in chosen))
+    result.applied_steps.append("level1_gc")
+    if opts.level > 1:
+        result.skipped_steps.append(f"level{opts.level}:no_cost_model")
+    return result

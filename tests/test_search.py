@@ -1,0 +1,166 @@
+"""The plan search: options and presets, level semantics, budgets, and exactness of what it chooses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxmemopt
+from fxmemopt.errors import InvalidOptionError, MemoryBudgetError
+from fxmemopt.search import parse_bytes, resolve_options
+from fxmemopt.snn import ConvBNNeuron, DeepConvSNN, SEWResNet18, SpikingVGG11
+from fxmemopt.verify import compare_training_step
+
+_OPTS = dict(level=None, prefer=None, profile=None, checkpoint_budget=None, max_gc_wrapped_modules=None,
+             gc_target_budget_ratio=None, temporal_split_factor=2, max_split_rounds=None,
+             max_candidates_per_round=None, allow_expensive_profiling=None, warmup_in_main_process=None,
+             warmup_in_profile_workers=None, memory_budget=None, exact=True, compress=True)
+
+
+def _opts(**kw):
+    return resolve_options(**{**_OPTS, **kw})
+
+
+@pytest.mark.parametrize("value, expected", [
+    (2048, 2048), ("2GiB", 2 * 2**30), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * 2**20), ("10kb", 10_000),
+    (1e9, 1_000_000_000),
+])
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value) == expected
+
+
+@pytest.mark.parametrize("value", ["two gigs", "-1GiB", 0, -5, "GiB", True, float("nan")])
+def test_parse_bytes_rejects(value):
+    with pytest.raises(InvalidOptionError, match="memory_budget"):
+        parse_bytes(value)
+
+
+def test_presets_and_precedence():
+    assert _opts().level == 1
+    assert _opts(profile="safe").level == 1 and _opts(profile="exhaustive").level == 4
+    assert _opts(prefer="memory").level == 3 and _opts(prefer="memory").checkpoint_budget == "memory"
+    assert _opts(prefer="speed", profile="safe").level == 1  # an explicit profile beats prefer's
+    assert _opts(prefer="speed", level=2).level == 2  # an explicit level beats both
+    assert _opts(memory_budget="1GiB").level == 4  # a budget searches every level
+    off = _opts(level=3, allow_expensive_profiling=False)
+    assert (off.max_split_rounds, off.max_candidates_per_round, off.warmup_in_profile_workers) == (1, 1, False)
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"prefer": "fast"}, "prefer"), ({"profile": "turbo"}, "profile"), ({"checkpoint_budget": "all"},
+                                                                         "checkpoint_budget"),
+    ({"level": 5}, "level"), ({"level": -1}, "level"), ({"gc_target_budget_ratio": 0.0}, "gc_target_budget_ratio"),
+    ({"gc_target_budget_ratio": 1.5}, "gc_target_budget_ratio"), ({"max_gc_wrapped_modules": -1},
+                                                                   "max_gc_wrapped_modules"),
+    ({"temporal_split_factor": 1}, "temporal_split_factor"), ({"max_split_rounds": -2}, "max_split_rounds"),
+])
+def test_out_of_range_options_are_typed_errors(kw, name):
+    with pytest.raises(InvalidOptionError, match=name):
+        _opts(**kw)
+
+
+def _deep(blocks=4, T=8):
+    torch.manual_seed(0)
+    return DeepConvSNN(num_blocks=blocks, channels=8), torch.rand(T, 2, 3, 16, 16)
+
+
+def test_level0_wraps_nothing():
+    model, x = _deep()
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), level=0, return_summary=True)
+    assert s.region_count == 0 and s.applied_level == 0 and "level0:no_optimization" in s.skipped_steps
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+@pytest.mark.parametrize("kw, wrapped, policy", [
+    ({"checkpoint_budget": "speed"}, 3, "largest_input_activations"),
+    ({"checkpoint_budget": "balanced"}, 4, "largest_input_activations"),
+    ({"checkpoint_budget": "memory"}, 5, "budget_covers_all"),
+    ({"max_gc_wrapped_modules": 2}, 2, "largest_input_activations"),
+    ({"max_gc_wrapped_modules": 2, "gc_target_budget_ratio": 0.2}, 1, "largest_input_activations"),
+    ({"max_gc_wrapped_modules": 0}, 0, "explicit_zero_budget"),
+    ({}, 5, "all_candidates"),
+])
+def test_level1_budgets_follow_the_seed(kw, wrapped, policy):
+    model, x = _deep()
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), return_summary=True, **kw)
+    assert (s.gc_candidate_count, s.gc_selected_count, s.gc_selection_policy) == (5, wrapped, policy)
+    if wrapped and wrapped < 5:
+        # largest inputs first: the blocks' 8-channel spike inputs beat the 3-channel image; ties keep model order
+        assert s.gc_selected_modules == [f"blocks.{i}.sn" for i in range(wrapped)]
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+def test_memory_preset_slices_time_and_stays_exact():
+    model, x = _deep(blocks=6)
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), prefer="memory", return_summary=True)
+    gm1, s1 = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert s.temporal_split_count >= 1 and s.tcgc_container_count >= 1 and s.applied_level == 3
+    assert s.predicted_peak_after < s1.predicted_peak_after
+    measured = fxmemopt.measure_step(gm, (x,), repeats=0).peak_bytes
+    assert measured < fxmemopt.measure_step(gm1, (x,), repeats=0).peak_bytes
+    assert compare_training_step(ref, gm, (x,), between=lambda: torch.rand(2)).ok
+
+
+def test_speed_preset_unwraps_and_halves_memory():
+    model, x = _deep(blocks=8)
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), prefer="speed", return_summary=True)
+    assert s.unwrap_count >= 1 and "level4_greedy_unwrap" in s.applied_steps
+    assert s.predicted_peak_after <= s.predicted_peak_before / 2
+    assert all(d.reason for d in s.decisions)
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+def test_memory_budget_gives_the_fastest_plan_that_fits():
+    model, x = _deep(blocks=8)
+    _, full = fxmemopt.optimize(model, (x,), return_summary=True)
+    budget = (full.predicted_peak_before + full.predicted_peak_after) // 2
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), memory_budget=budget, return_summary=True)
+    assert s.predicted_peak_after <= budget
+    assert s.unwrap_count >= 1 and s.predicted_step_time_ratio < full.predicted_step_time_ratio
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+def test_memory_budget_below_reach_names_the_smallest_peak():
+    model, x = _deep()
+    with pytest.raises(MemoryBudgetError, match="smallest reachable predicted peak is") as info:
+        fxmemopt.optimize(model, (x,), memory_budget=1024)
+    assert "Raise memory_budget to at least" in str(info.value)
+
+
+def test_level2_splits_multi_neuron_blocks_at_spikes():
+    torch.manual_seed(0)
+    model = SEWResNet18(width=0.125)
+    x = torch.rand(2, 2, 3, 32, 32)
+    ref = copy.deepcopy(model)
+    from fxmemopt.snn.models import SEWBasicBlock
+
+    gm, s = fxmemopt.optimize(model, (x,), targets=(SEWBasicBlock,), level=2, return_summary=True)
+    assert s.spatial_split_count >= 1 and s.applied_level >= 2
+    assert compare_training_step(ref, gm, (x,)).ok
+
+
+def test_level4_on_vgg_is_exact_and_reports_every_decision():
+    torch.manual_seed(0)
+    model = SpikingVGG11(width=0.125, dropout=0.2)
+    x = torch.rand(4, 2, 2, 48, 48)
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), level=4, return_summary=True)
+    assert s.requested_level == 4 and s.search.evaluated >= len(s.regions)
+    assert compare_training_step(ref, gm, (x,), between=lambda: torch.rand(2)).ok
+    text = str(s)
+    assert "predicted peak" in text
+    assert s.optimize_time_s > 0
+
+
+def test_targets_still_work_with_levels():
+    model, x = _deep()
+    ref = copy.deepcopy(model)
+    gm, s = fxmemopt.optimize(model, (x,), targets=(ConvBNNeuron,), prefer="memory", return_summary=True)
+    assert compare_training_step(ref, gm, (x,)).ok
