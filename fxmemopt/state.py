@@ -154,8 +154,9 @@ class ModelState:
     """Everything fxmemopt could disturb in a model while analysing it, captured so it can be put back.
 
     Captures buffer *values* (cloned: analysis runs mutate them in place), every stateful module's state (by
-    reference), parameter ``.grad`` references, training flags and the global RNG states. ``restore()`` puts all of
-    it back: buffers are copied back in place and rebound to their original objects.
+    reference), every module attribute (by reference, so anything a forward rebinds is put back), parameter ``.grad``
+    references, training flags and the global RNG states. ``restore()`` puts all of it back: buffers are copied back
+    in place and rebound to their original objects.
 
     Example:
         >>> saved = ModelState.capture(model, stateful={})          # doctest: +SKIP
@@ -176,6 +177,9 @@ class ModelState:
             self.states.append((mod, StateSnapshot.take(mod, names)))
         self.grads = [(p, p.grad) for p in model.parameters()]
         self.training = [(m, m.training) for m in model.modules()]
+        # Every module's attributes by reference: whatever a forward rebinds (a plain-PyTorch neuron's ``self.v``,
+        # a counter) is put back, whether or not it was known to be state.
+        self.attrs = [(m, dict(m.__dict__)) for m in model.modules()]
         self.cuda_devices = _cuda_devices_in_use()
         self.rng = rng_state(self.cuda_devices)
 
@@ -188,6 +192,12 @@ class ModelState:
             for mod, name, original, value in self.buffers:
                 mod._buffers[name] = original
                 original.copy_(value)
+        for m, attrs in self.attrs:
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if m.__dict__.get(k, _MISSING) is not v:
+                    m.__dict__[k] = v
         for mod, snap in self.states:
             snap.restore(mod)
         for p, g in self.grads:

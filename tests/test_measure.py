@@ -52,3 +52,26 @@ def test_measure_step_is_deterministic_and_side_effect_free():
 def test_default_loss_sums_floating_outputs():
     out = (torch.ones(2), torch.tensor([1, 2]), {"a": torch.full((3,), 2.0)})
     assert default_loss(out).item() == 8.0
+
+
+def test_measure_step_restores_rebound_attributes_of_plain_neurons():
+    """Regression: a plain-PyTorch neuron's rebound `self.v` must not survive a measurement (or optimize's
+    warm-up step): the next training step would back-propagate into a freed graph."""
+    from torch import nn
+
+    class PlainIF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = 0.0
+
+        def forward(self, x):
+            self.v = self.v + x
+            return (self.v >= 1).to(x) + 0 * self.v
+
+    model = nn.Sequential(nn.Linear(3, 3), PlainIF())
+    v0 = model[1].v
+    fxmemopt.measure_step(model, (torch.rand(2, 3),), repeats=1)
+    assert model[1].v is v0
+    gm = fxmemopt.optimize(model, (torch.rand(2, 3),))
+    assert model[1].v is v0
+    gm(torch.rand(2, 3)).sum().backward()
