@@ -252,6 +252,7 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
     saved = ModelState.capture(gm, stateful)
     with saved.restored_after():
         def clear() -> None:
+            saved.restore()  # every step starts from the same state (plain neurons' rebound attributes included)
             for p in params:
                 p.grad = None
             reset_states(gm)

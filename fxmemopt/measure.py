@@ -148,6 +148,7 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
     saved = ModelState.capture(module, stateful)
 
     def step() -> None:
+        saved.restore()  # every step starts from the same state (plain neurons' rebound attributes included)
         for p in params:
             p.grad = None
         reset(module)
