@@ -1,4 +1,4 @@
-"""Peak training-step memory and step time: unoptimized vs ``fxmemopt.optimize`` (default call), on CPU.
+"""Peak training-step memory and step time: unoptimized vs ``fxmemopt.optimize`` (default call and presets), on CPU.
 
 Memory is the CPU storage tracker's peak (deterministic); time is the median of repeated steps, interleaved
 baseline/optimized rounds in one process, reported as a ratio. Run by hand:
@@ -26,12 +26,15 @@ WORKLOADS = {
 }
 
 
-def run(name: str, factory, shape, rounds: int, repeats: int) -> dict:
+VARIANTS = {"default": {}, 'prefer="memory"': {"prefer": "memory"}, 'prefer="speed"': {"prefer": "speed"}}
+
+
+def run(name: str, factory, shape, rounds: int, repeats: int, variant: str) -> dict:
     torch.manual_seed(0)
     model = factory()
     x = torch.rand(shape)
     t0 = time.perf_counter()
-    gm = fxmemopt.optimize(model, (x,))
+    gm = fxmemopt.optimize(model, (x,), **VARIANTS[variant])
     optimize_s = time.perf_counter() - t0
     base = fxmemopt.measure_step(model, (x,), repeats=0, warmup=1)
     opt = fxmemopt.measure_step(gm, (x,), repeats=0, warmup=1)
@@ -42,7 +45,7 @@ def run(name: str, factory, shape, rounds: int, repeats: int) -> dict:
         ratios.append((o.step_time_s / b.step_time_s, b.step_time_s, o.step_time_s))
     ratios.sort()
     ratio, bt, ot = ratios[len(ratios) // 2]
-    return {"workload": name, "baseline_peak_bytes": base.peak_bytes, "optimized_peak_bytes": opt.peak_bytes,
+    return {"workload": name, "variant": variant, "baseline_peak_bytes": base.peak_bytes, "optimized_peak_bytes": opt.peak_bytes,
             "memory_ratio": base.peak_bytes / opt.peak_bytes, "baseline_step_s": bt, "optimized_step_s": ot,
             "step_time_ratio": ratio, "optimize_s": optimize_s}
 
@@ -53,13 +56,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    results = [run(n, f, s, args.rounds, args.repeats) for n, (f, s) in WORKLOADS.items()]
+    results = [run(n, f, s, args.rounds, args.repeats, v) for n, (f, s) in WORKLOADS.items() for v in VARIANTS]
     print(f"CPU, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| workload | unoptimized peak | fxmemopt peak | memory | step time | optimize() |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | call | unoptimized peak | fxmemopt peak | memory | step time | optimize() |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['workload']} | {r['baseline_peak_bytes'] / 2**20:.1f} MiB | "
+        print(f"| {r['workload']} | {r['variant']} | {r['baseline_peak_bytes'] / 2**20:.1f} MiB | "
               f"{r['optimized_peak_bytes'] / 2**20:.1f} MiB | {r['memory_ratio']:.2f}x lower | "
               f"{r['step_time_ratio']:.2f}x | {r['optimize_s']:.2f} s |")
     if args.json:
