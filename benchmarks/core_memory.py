@@ -45,9 +45,9 @@ def run(name: str, factory, shape, rounds: int, repeats: int, variant: str) -> d
         ratios.append((o.step_time_s / b.step_time_s, b.step_time_s, o.step_time_s))
     ratios.sort()
     ratio, bt, ot = ratios[len(ratios) // 2]
-    return {"workload": name, "variant": variant, "baseline_peak_bytes": base.peak_bytes, "optimized_peak_bytes": opt.peak_bytes,
-            "memory_ratio": base.peak_bytes / opt.peak_bytes, "baseline_step_s": bt, "optimized_step_s": ot,
-            "step_time_ratio": ratio, "optimize_s": optimize_s}
+    return {"workload": name, "variant": variant, "baseline_peak_bytes": base.peak_bytes,
+            "optimized_peak_bytes": opt.peak_bytes, "memory_ratio": base.peak_bytes / opt.peak_bytes,
+            "baseline_step_s": bt, "optimized_step_s": ot, "step_time_ratio": ratio, "optimize_s": optimize_s}
 
 
 def main() -> None:

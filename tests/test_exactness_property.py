@@ -97,13 +97,16 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
         assert stats[rp.name].recomputations >= 1
 
 
-@settings(max_examples=30)
+@settings(max_examples=40)
 @given(spec=snn_specs(max_depth=3), preset=st.sampled_from([
     {"prefer": "memory"}, {"prefer": "speed"}, {"prefer": "balanced"}, {"level": 2}, {"level": 4},
-    {"checkpoint_budget": "speed"}]))
-def test_search_presets_are_bitwise_exact(spec: SNNSpec, preset: dict) -> None:
+    {"checkpoint_budget": "speed"}]), blocks=st.booleans())
+def test_search_presets_are_bitwise_exact(spec: SNNSpec, preset: dict, blocks: bool) -> None:
+    """Whatever the search chooses (splits of residual blocks into per-neuron regions, time slices, unwraps)."""
     model, x = build(spec)
     reference = copy.deepcopy(model)
-    gm = fxmemopt.optimize(model, (x,), **preset)
+    has_blocks = any(isinstance(m, (ConvLayer, ResLayer)) for m in model.modules())
+    targets = (ConvLayer, ResLayer) if blocks and has_blocks else None
+    gm = fxmemopt.optimize(model, (x,), targets=targets, **preset)
     report = compare_training_step(reference, gm, (x,), between=lambda: torch.rand(5))
     assert report.ok, f"{spec}\n{preset}\n{report}"
