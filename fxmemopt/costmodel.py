@@ -20,7 +20,8 @@ Why a trace replay
     * a region's temporaries and outputs reappear during its recomputation at the same relative moments, up to
       the allocation of the last saved tensor backward uses (recomputation stops there);
     * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
-      until the region's backward has run; inputs kept by reference live at least that long.
+      until the region's backward has run; inputs kept by reference live to the end of the step (the frame lives
+      until the neuron's state is reset).
 
     Compute: a checkpointed region runs its forward twice; the extra time is the sum of its nodes' forward
     times, measured in a separate untracked forward.
@@ -575,7 +576,9 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         home = region_of.get(s.node)
         stop = at(s.free)
         if s.value_of in kept_by_ref:
-            stop = max([stop] + [bwd_last[r] for r in kept_by_ref[s.value_of]])
+            # A frame lives until its neuron's state is reset (its final-state handles keep it, so a later backward
+            # through the state still works): an input it keeps by reference lives to the end of the step.
+            stop = end - 1
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
             # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
