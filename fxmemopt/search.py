@@ -353,77 +353,87 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     return result
 
 
-def _spatial(best: Plan, pred: Prediction, split_candidates: dict[str, list[Region]], graph: AnnotatedGraph,
-             opts: Options, rounds: int, per_round: int, evaluate, result: SearchResult) -> tuple[Plan, Prediction]:
-    done = 0
+_Proposal = tuple[Plan, str] | str | None
+
+
+def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, per_round: int, evaluate,
+             result: SearchResult, step: str, stop_at: int | None = None) -> tuple[Plan, Prediction]:
+    """Rounds of: try regions, the one at the predicted peak first, at most ``per_round`` candidates a round;
+    accept the first candidate that strictly lowers the predicted peak; stop after a round without improvement.
+
+    ``propose(region_plan, plan)`` returns ``(candidate plan, description)``, a reason string when the region
+    cannot take this move (recorded once), or ``None`` when it simply does not apply.
+    """
+    blocked: set[str] = set()
     improved_any = False
-    while done < rounds:
+    done = 0
+    while done < rounds and (stop_at is None or pred.peak_bytes > stop_at):
         done += 1
         hot = _peak_region(pred, best)
-        order = sorted((r for r in best.regions if len(split_candidates.get(r.name, [])) > 1),
-                       key=lambda r: (r.name != hot, r.name))
+        tried = 0
         improved = False
-        for rp in order[:per_round]:
-            parts = [_region_plan(p, graph, opts.compress) for p in split_candidates[rp.name]]
-            candidate = Plan(tuple(p for r in best.regions for p in (parts if r.name == rp.name else [r])))
+        for rp in sorted((r for r in best.regions if r.name not in blocked), key=lambda r: (r.name != hot, r.name)):
+            if tried >= per_round:
+                break
+            proposal = propose(rp, best)
+            if not isinstance(proposal, tuple):
+                blocked.add(rp.name)
+                if proposal:
+                    result.decisions.append(Decision(rp.name, "reject", proposal))
+                continue
+            tried += 1
+            candidate, what = proposal
             cand = evaluate(candidate)
             if cand.peak_bytes < pred.peak_bytes:
-                result.decisions.append(Decision(rp.name, "split", f"into {len(parts)} per-neuron regions: predicted "
-                                                 f"peak {_mib(pred.peak_bytes)} -> {_mib(cand.peak_bytes)}"))
+                result.decisions.append(Decision(rp.name, action, f"{what}: predicted peak {_mib(pred.peak_bytes)} "
+                                                 f"-> {_mib(cand.peak_bytes)}"))
                 best, pred, improved, improved_any = candidate, cand, True, True
                 break
-            result.decisions.append(Decision(rp.name, "reject", f"spatial split would not lower the predicted peak "
+            blocked.add(rp.name)
+            result.decisions.append(Decision(rp.name, "reject", f"{what} would not lower the predicted peak "
                                              f"({_mib(cand.peak_bytes)} >= {_mib(pred.peak_bytes)})"))
         if not improved:
             break
-    (result.applied_steps if improved_any else result.skipped_steps).append(
-        "level2_spatial_split" if improved_any else "level2:no_improving_candidate")
+    if improved_any:
+        result.applied_steps.append(f"level{step}")
+    else:
+        result.skipped_steps.append(f"level{step[0]}:no_improving_candidate")
     return best, pred
+
+
+def _spatial(best: Plan, pred: Prediction, split_candidates: dict[str, list[Region]], graph: AnnotatedGraph,
+             opts: Options, rounds: int, per_round: int, evaluate, result: SearchResult) -> tuple[Plan, Prediction]:
+    """Level 2: split multi-neuron regions into their per-neuron regions."""
+
+    def propose(rp: RegionPlan, plan: Plan) -> _Proposal:
+        if len(split_candidates.get(rp.name, [])) < 2:
+            return None
+        parts = [_region_plan(p, graph, opts.compress) for p in split_candidates[rp.name]]
+        return (Plan(tuple(p for r in plan.regions for p in (parts if r.name == rp.name else [r]))),
+                f"split into {len(parts)} per-neuron regions")
+
+    return _improve(best, pred, "split", propose, rounds, per_round, evaluate, result, "2_spatial_split")
 
 
 def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options, rounds: int, per_round: int,
               evaluate, result: SearchResult, stop_at: int | None = None) -> tuple[Plan, Prediction]:
-    blocked: set[str] = set()
-    done = 0
-    improved_any = False
+    """Level 3: recompute the neuron of the region at the peak in more time slices (exact regions only)."""
     keep_prefix = opts.prefer != "memory"  # recomputing the prefix saves memory at the price of its forward
-    # Temporal splits continue while they help; rounds are bounded by the user's max_split_rounds, and by the
-    # number of regions times the doublings that fit in T otherwise.
+
+    def propose(rp: RegionPlan, plan: Plan) -> _Proposal:
+        ok, why = chunkable(graph, rp.nodes)
+        if not ok:
+            return f"not chunked: {why}"
+        chunks = min(graph[rp.nodes[-1]].shape[0], rp.chunks * opts.temporal_split_factor)
+        if chunks == rp.chunks:
+            return None  # already one slice per time step
+        new = dataclasses.replace(rp, chunks=chunks, keep_prefix=keep_prefix)
+        return (Plan(tuple(new if r.name == rp.name else r for r in plan.regions)),
+                f"{chunks} time slices{'' if keep_prefix else ', prefix recomputed'}")
+
+    # Without an explicit max_split_rounds, rounds are bounded by the regions times the doublings that fit in T.
     limit = rounds if opts.max_split_rounds is not None else 8 * max(1, len(best.regions))
-    while done < limit and (stop_at is None or pred.peak_bytes > stop_at):
-        done += 1
-        hot = _peak_region(pred, best)
-        order = [r for r in best.regions if r.name not in blocked]
-        order.sort(key=lambda r: (r.name != hot, r.name))
-        improved = False
-        for rp in order[:per_round]:
-            ok, why = chunkable(graph, rp.nodes)
-            if not ok:
-                blocked.add(rp.name)
-                result.decisions.append(Decision(rp.name, "reject", f"not chunked: {why}"))
-                continue
-            steps = graph[rp.nodes[-1]].shape[0]
-            chunks = min(steps, rp.chunks * opts.temporal_split_factor)
-            if chunks == rp.chunks:
-                blocked.add(rp.name)
-                continue
-            new = dataclasses.replace(rp, chunks=chunks, keep_prefix=keep_prefix)
-            candidate = Plan(tuple(new if r.name == rp.name else r for r in best.regions))
-            cand = evaluate(candidate)
-            if cand.peak_bytes < pred.peak_bytes:
-                result.decisions.append(Decision(rp.name, "chunk", f"{chunks} time slices"
-                                                 f"{'' if keep_prefix else ', prefix recomputed'}: predicted peak "
-                                                 f"{_mib(pred.peak_bytes)} -> {_mib(cand.peak_bytes)}"))
-                best, pred, improved, improved_any = candidate, cand, True, True
-                break
-            blocked.add(rp.name)
-            result.decisions.append(Decision(rp.name, "reject", f"{chunks} time slices would not lower the "
-                                             f"predicted peak ({_mib(cand.peak_bytes)} >= {_mib(pred.peak_bytes)})"))
-        if not improved:
-            break
-    (result.applied_steps if improved_any else result.skipped_steps).append(
-        "level3_temporal_split" if improved_any else "level3:no_improving_candidate")
-    return best, pred
+    return _improve(best, pred, "chunk", propose, limit, per_round, evaluate, result, "3_temporal_split", stop_at)
 
 
 def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchResult,
