@@ -74,6 +74,7 @@ class StorageRecord:
         value_of: the graph node whose output value lives in this storage (``None`` for temporaries).
         consumed: last event at which backward unpacked it (``None``: saved but never used by backward, like a
             neuron's last state update).
+        views: every graph node whose output value lives in this storage (``value_of`` and views of it).
     """
 
     nbytes: int
@@ -84,6 +85,7 @@ class StorageRecord:
     saved_by: tuple[str, ...]
     value_of: str | None
     consumed: int | None = None
+    views: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class _Recorder(TorchDispatchMode):
             if key in self.recs or key in inputs:
                 continue
             rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node,
-                   "phase": self.phase, "saved_by": set(), "value_of": None, "consumed": None}
+                   "phase": self.phase, "saved_by": set(), "value_of": None, "consumed": None, "views": []}
             self.recs[key] = rec
             self.live += rec["nbytes"]
             self.peak = max(self.peak, self.live)
@@ -211,9 +213,12 @@ class _RecordingInterpreter(fx.Interpreter):
         result = super().run_node(n)
         for t in tree_leaves(result):
             if isinstance(t, torch.Tensor):
-                key = rec.storage_key(t)
-                if key in rec.recs and rec.recs[key]["value_of"] is None:
-                    rec.recs[key]["value_of"] = n.name
+                r = rec.recs.get(rec.storage_key(t))
+                if r is not None:
+                    if r["value_of"] is None:
+                        r["value_of"] = n.name
+                    if n.name not in r["views"]:
+                        r["views"].append(n.name)
         last = rec.mark()  # end marker: frees after this node's last use land here
         self.node_events[n.name] = (first, last)
         return result
@@ -309,7 +314,7 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
     records = rec.done + list(rec.recs.values())
     storages = tuple(sorted(
         (StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"], tuple(sorted(r["saved_by"])),
-                       r["value_of"], r["consumed"]) for r in records),
+                       r["value_of"], r["consumed"], tuple(r["views"])) for r in records),
         key=lambda s: (s.alloc, s.nbytes)))
     step_time = sorted(step_times)[len(step_times) // 2]
     return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak)
@@ -528,10 +533,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         if first_b in rc_start and last_b in rc_end:
             # Slice start states: the first is the region's entry state (referenced anyway), k - 1 are new.
             live((info["k"] - 1) * out_bytes // max(1, info["steps"]), rc_start[first_b], rc_end[last_b])
-            # The neuron's input: the prefix's last allocation of its size (views follow it); it is cached from its
-            # recomputation until the last slice has been recomputed. Otherwise (an input of the region) it is the
-            # unpacked input, alive from the block's start.
-            x_bytes = annotated[annotated[info["neuron"]].inputs[0]].nbytes
+            x_node = annotated[info["neuron"]].inputs[0]
+            x_bytes = annotated[x_node].nbytes
             # Each slice's input gradient waits for the others (the split's backward takes them all at once).
             nb = bwd_events.get(info["neuron"], [])
             prefix_bwd = [e for n in info["prefix_nodes"] for e in bwd_events.get(n, [])]
@@ -541,11 +544,13 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                     b = (r, f"s{c}")
                     if b in rc_end:
                         live(x_bytes * info["sizes"][c] // info["steps"], rc_end[b], done)
-            prefix_events = set(blocks[first_b]) - set(info["fwd_slice"])
-            candidates = [st for st in trace.storages if st.phase == "fwd" and st.alloc in prefix_events
-                          and st.nbytes == x_bytes]
+            # The neuron's input (the storage its input node's value lives in): cached from its recomputation until
+            # the last slice has been recomputed. Otherwise (an input of the region) it is the unpacked input, alive
+            # from the block's start.
+            candidates = [st for st in trace.storages if st.phase == "fwd" and x_node in st.views
+                          and st.node in info["prefix_nodes"]]
             if candidates:
-                info["x_storage"] = max(candidates, key=lambda st: st.alloc)
+                info["x_storage"] = candidates[0]
                 live(x_bytes, rc_pos[first_b][info["x_storage"].alloc], rc_end[last_b])
             else:
                 live(x_bytes, rc_start[first_b], rc_end[last_b])
@@ -575,14 +580,14 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         saver_regions = {region_of.get(m) for m in s.saved_by}
         home = region_of.get(s.node)
         stop = at(s.free)
-        if s.value_of in kept_by_ref:
+        if any(v in kept_by_ref for v in s.views):
             # A frame lives until its neuron's state is reset (its final-state handles keep it, so a later backward
             # through the state still works): an input it keeps by reference lives to the end of the step.
             stop = end - 1
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
             # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
-            release = last_user_end[s.value_of] if s.value_of is not None else pos[s.alloc]
+            release = max(last_user_end[v] for v in s.views) if s.views else pos[s.alloc]
             live(s.nbytes, pos[s.alloc], release)
             if s.consumed is None:
                 continue  # never used by the recorded backward (a neuron's last state update): not recomputed

@@ -36,7 +36,7 @@ from .annotate import AnnotatedGraph
 from .costmodel import Prediction, simulate
 from .errors import InvalidOptionError, MemoryBudgetError, format_error
 from .plan import Plan, RegionPlan, chunkable, input_bits
-from .regions import Region
+from .regions import Region, region_io
 
 __all__ = ["Options", "Decision", "SearchResult", "PRESETS", "resolve_options", "search", "search_without_cost",
            "parse_bytes"]
@@ -344,11 +344,11 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
                     f"pass targets=... to checkpoint larger blocks."))
         limit = opts.memory_budget
         result.pre_unwrap = best
-        best, pred = _unwrap(best, pred, limit, evaluate, result, cost)
+        best, pred = _unwrap(best, pred, limit, evaluate, result, cost, graph, shrink=True)
     elif opts.level >= 4:
         limit = pred.peak_bytes if speed_target is None else max(pred.peak_bytes, speed_target)
         result.pre_unwrap = best
-        best, pred = _unwrap(best, pred, limit, evaluate, result, cost)
+        best, pred = _unwrap(best, pred, limit, evaluate, result, cost, graph, shrink=speed_target is not None)
     result.plan, result.prediction = best, pred
     return result
 
@@ -436,26 +436,44 @@ def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options
     return _improve(best, pred, "chunk", propose, limit, per_round, evaluate, result, "3_temporal_split", stop_at)
 
 
-def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchResult,
-            cost: nx.DiGraph) -> tuple[Plan, Prediction]:
-    """Level 4: unwrap regions, most recomputation time first, while the predicted peak stays within ``limit``."""
+def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchResult, cost: nx.DiGraph,
+            graph: AnnotatedGraph | None = None, shrink: bool = False) -> tuple[Plan, Prediction]:
+    """Level 4: give up recomputation where it costs the most time, while the predicted peak stays within ``limit``.
+
+    Moves: *unwrap* a region, or (with ``shrink``, for speed) *shrink* it to its neuron — the neuron's per-step
+    tensors are most of a layer's memory but cheap to recompute, while convolutions are the opposite. Each round
+    takes the move that saves the most predicted time among those that keep the peak within ``limit``.
+    """
     fwd = cost.graph["trace"].fwd_time_s
-    order = sorted(best.regions, key=lambda r: (-sum(fwd.get(n, 0.0) for n in r.nodes), r.name))
-    unwrapped = 0
-    for rp in order:
-        candidate = Plan(tuple(r for r in best.regions if r.name != rp.name))
-        cand = evaluate(candidate)
-        if cand.peak_bytes <= limit:
-            saved_ms = (pred.step_time_s - cand.step_time_s) * 1e3
-            result.decisions.append(Decision(rp.name, "unwrap", f"saves ~{saved_ms:.1f} ms per step; predicted "
-                                             f"peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
-            best, pred = candidate, cand
-            unwrapped += 1
-        else:
-            result.decisions.append(Decision(rp.name, "keep", f"unwrapping would raise the predicted peak to "
-                                             f"{_mib(cand.peak_bytes)} > {_mib(limit)}"))
-    (result.applied_steps if unwrapped else result.skipped_steps).append(
-        "level4_greedy_unwrap" if unwrapped else "level4:no_unwrap_within_peak")
+    changed = 0
+    while True:
+        moves = []
+        for rp in best.regions:
+            moves.append(("unwrap", rp, Plan(tuple(r for r in best.regions if r.name != rp.name)),
+                          sum(fwd.get(n, 0.0) for n in rp.nodes)))
+            if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].stateful:
+                nodes = (rp.nodes[-1],)
+                bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
+                small = dataclasses.replace(rp, nodes=nodes, pack_bits=bits, chunks=1, keep_prefix=True)
+                moves.append(("shrink", rp, Plan(tuple(small if r.name == rp.name else r for r in best.regions)),
+                              sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
+        chosen = None
+        for action, rp, candidate, _ in sorted(moves, key=lambda m: (-m[3], m[1].name, m[0])):
+            cand = evaluate(candidate)
+            if cand.peak_bytes <= limit:
+                chosen = (action, rp, candidate, cand)
+                break
+        if chosen is None:
+            break
+        action, rp, candidate, cand = chosen
+        saved_ms = (pred.step_time_s - cand.step_time_s) * 1e3
+        what = "shrunk to its neuron (the prefix is no longer recomputed)" if action == "shrink" else "unwrapped"
+        result.decisions.append(Decision(rp.name, action, f"{what}: saves ~{saved_ms:.1f} ms per step; predicted "
+                                         f"peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
+        best, pred = candidate, cand
+        changed += 1
+    (result.applied_steps if changed else result.skipped_steps).append(
+        "level4_greedy_unwrap" if changed else "level4:no_unwrap_within_peak")
     return best, pred
 
 
