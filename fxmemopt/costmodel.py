@@ -580,14 +580,15 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         saver_regions = {region_of.get(m) for m in s.saved_by}
         home = region_of.get(s.node)
         stop = at(s.free)
-        if any(v in kept_by_ref for v in s.views):
+        views = s.views or ((s.value_of,) if s.value_of else ())
+        if any(v in kept_by_ref for v in views):
             # A frame lives until its neuron's state is reset (its final-state handles keep it, so a later backward
             # through the state still works): an input it keeps by reference lives to the end of the step.
             stop = end - 1
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
             # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
-            release = max(last_user_end[v] for v in s.views) if s.views else pos[s.alloc]
+            release = max(last_user_end[v] for v in views) if views else pos[s.alloc]
             live(s.nbytes, pos[s.alloc], release)
             if s.consumed is None:
                 continue  # never used by the recorded backward (a neuron's last state update): not recomputed
