@@ -15,7 +15,9 @@ The levels (the seed's meaning, automated)
        ``temporal_split_factor`` each round, clamped to T), only where that is exact (:func:`~fxmemopt.plan.chunkable`);
        ``prefer="memory"`` also recomputes the prefix instead of keeping it; accepted when strictly lower;
     4. *greedy unwrap*: regions whose recomputation costs the most time are unwrapped when the predicted peak
-       does not rise (``prefer="speed"`` lets it rise up to half the unoptimized peak, which still halves memory).
+       does not rise. ``prefer="speed"`` lets it rise up to half the unoptimized peak (which still halves memory)
+       and may also *shrink* a region to its neuron: the neuron's per-step tensors are most of a layer's memory
+       but cheap to recompute, the convolution before it the opposite.
 
     ``memory_budget`` replaces the goal: the fastest plan whose predicted peak fits, found by unwrapping the most
     expensive regions from the most memory-saving plan while it still fits; or a typed error naming the smallest
