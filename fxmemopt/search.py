@@ -336,13 +336,12 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
 
     if opts.memory_budget is not None:
         if pred.peak_bytes > opts.memory_budget:
-            smallest = pred
             raise MemoryBudgetError(format_error(
                 "memory_budget", "no plan fits",
                 expected=f"a predicted peak <= {_mib(opts.memory_budget)}",
-                got=f"the smallest reachable predicted peak is {_mib(smallest.peak_bytes)} (unoptimized "
+                got=f"the smallest reachable predicted peak is {_mib(pred.peak_bytes)} (unoptimized "
                     f"{_mib(baseline.peak_bytes)})",
-                fix=f"Raise memory_budget to at least {smallest.peak_bytes} bytes, reduce the batch size or T, or "
+                fix=f"Raise memory_budget to at least {pred.peak_bytes} bytes, reduce the batch size or T, or "
                     f"pass targets=... to checkpoint larger blocks."))
         limit = opts.memory_budget
         result.pre_unwrap = best
@@ -420,7 +419,9 @@ def _spatial(best: Plan, pred: Prediction, split_candidates: dict[str, list[Regi
 def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options, rounds: int, per_round: int,
               evaluate, result: SearchResult, stop_at: int | None = None) -> tuple[Plan, Prediction]:
     """Level 3: recompute the neuron of the region at the peak in more time slices (exact regions only)."""
-    keep_prefix = opts.prefer != "memory"  # recomputing the prefix saves memory at the price of its forward
+    # Recomputing the prefix saves memory at the price of its forward: for prefer="memory", and under a budget
+    # (whose search starts from the smallest peak and then buys time back).
+    keep_prefix = opts.prefer != "memory" and opts.memory_budget is None
 
     def propose(rp: RegionPlan, plan: Plan) -> _Proposal:
         ok, why = chunkable(graph, rp.nodes)
