@@ -535,8 +535,7 @@ class CheckpointRegion(nn.Module):
             return False
         if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return True
-        body = self.__dict__["body"]
-        if any(p.requires_grad for p in body.parameters()):
+        if any(p.requires_grad for p in self._parameters_used()):
             return True
         return any(t.requires_grad for p, names in self.spec.stateful
                    for t in StateSnapshot.take(self._resolve(p), names).tensors())
@@ -571,6 +570,10 @@ class CheckpointRegion(nn.Module):
         """The module at ``path`` (a path in the model) used by this region."""
         return self.__dict__["body"].get_submodule(path)
 
+    def _parameters_used(self) -> Iterator[nn.Parameter]:
+        """Every parameter the region's computation reads."""
+        return self.__dict__["body"].parameters()
+
 
 class ChunkedRegion(CheckpointRegion):
     """A checkpoint region whose neuron is recomputed in time slices: see Rule 8 of NOTE [Checkpoint region
@@ -603,6 +606,10 @@ class ChunkedRegion(CheckpointRegion):
 
     def _plain(self, box: list[Any]) -> Any:
         return self.__dict__["neuron"](self.__dict__["body"](box))
+
+    def _parameters_used(self) -> Iterator[nn.Parameter]:
+        yield from super()._parameters_used()
+        yield from self.__dict__["neuron"].parameters()
 
     def _resolve(self, path: str) -> nn.Module:
         if path == self.neuron_path or path.startswith(self.neuron_path + "."):
