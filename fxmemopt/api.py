@@ -212,7 +212,7 @@ def optimize(
         temporal_split_factor=temporal_split_factor, max_split_rounds=max_split_rounds,
         max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
         warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
-        memory_budget=memory_budget, exact=True, compress=compress)
+        memory_budget=memory_budget, compress=compress)
     target_types = _check_types("targets", targets)
     leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
     declared = _check_types("stateful_modules", stateful_modules)
@@ -298,7 +298,7 @@ def optimize(
     summary.notes += notes
     summary.search = result
     summary.options = dataclasses.asdict(opts)
-    if cost is not None and plan.regions is not None:
+    if cost is not None:
         after = simulate(cost, plan) if plan is not result.plan else result.prediction
         summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
         summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s

@@ -114,7 +114,6 @@ class Options:
     warmup_in_main_process: bool = True
     warmup_in_profile_workers: bool = True
     memory_budget: int | None = None
-    exact: bool = True
     compress: bool = True
     notes: tuple[str, ...] = ()
 
@@ -124,7 +123,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                     temporal_split_factor: int, max_split_rounds: int | None, max_candidates_per_round: int | None,
                     allow_expensive_profiling: bool | None, warmup_in_main_process: bool | None,
                     warmup_in_profile_workers: bool | None, memory_budget: int | float | str | None,
-                    exact: bool, compress: bool) -> Options:
+                    compress: bool) -> Options:
     """Validate the user's options and resolve presets, with the seed's precedence: explicit arguments win over
     ``profile``, which wins over ``prefer``. Without any, the level is 1 (checkpoint every layer).
 
@@ -190,7 +189,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                    True if allow_expensive_profiling is None else allow_expensive_profiling,
                    True if warmup_in_main_process is None else warmup_in_main_process,
                    True if warmup_in_profile_workers is None else warmup_in_profile_workers,
-                   budget, exact, compress, tuple(notes))
+                   budget, compress, tuple(notes))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from fxmemopt.verify import compare_training_step
 _OPTS = dict(level=None, prefer=None, profile=None, checkpoint_budget=None, max_gc_wrapped_modules=None,
              gc_target_budget_ratio=None, temporal_split_factor=2, max_split_rounds=None,
              max_candidates_per_round=None, allow_expensive_profiling=None, warmup_in_main_process=None,
-             warmup_in_profile_workers=None, memory_budget=None, exact=True, compress=True)
+             warmup_in_profile_workers=None, memory_budget=None, compress=True)
 
 
 def _opts(**kw):
