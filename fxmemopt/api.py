@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .search import Decision, resolve_options, search, search_without_cost
 from .state import has_memories, probe
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
+from .verify import slice_effects
 from .workers import ProfileResult, WorkerPool, make_job, run_in_process
 
 __all__ = ["optimize"]
@@ -44,6 +46,23 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...]:
             got=", ".join(type(a).__name__ for a in example_inputs) or "an empty tuple",
             fix="Pass example tensors shaped like real inputs, e.g. (torch.rand(T, N, C, H, W),)."))
     return tuple(example_inputs)
+
+
+@contextlib.contextmanager
+def _input_grads_kept(example_inputs: Any) -> Iterator[None]:
+    """Put back the ``.grad`` of every example tensor afterwards (examples that require grad get gradients from the
+    recorded and measured steps)."""
+    tensors = [t for t in (example_inputs if isinstance(example_inputs, (tuple, list)) else ())
+               if isinstance(t, torch.Tensor)]
+    grads = [(t.grad, None if t.grad is None else t.grad.detach().clone()) for t in tensors]
+    try:
+        yield
+    finally:
+        for t, (g, value) in zip(tensors, grads):
+            if g is not None:
+                with torch.no_grad():
+                    g.copy_(value)  # a step accumulates into an existing .grad in place
+            t.grad = g
 
 
 def _check_types(name: str, value: Any, allow_str: bool = False) -> tuple[Any, ...]:
@@ -81,7 +100,7 @@ def _summary(model: nn.Module, graph: AnnotatedGraph, candidates: list[Region], 
         reports.append(RegionReport(
             rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].stateful),
             tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits)), outputs, rp.chunks,
-            rp.keep_prefix))
+            rp.keep_prefix, rp.whole_slices))
     notes = []
     if not candidates:
         notes.append("no stateful module (spiking neuron) was found, so no region was formed; pass targets=... "
@@ -113,6 +132,7 @@ def optimize(
     profile: str | None = None,
     memory_budget: int | float | str | None = None,
     compress: bool = True,
+    exact: bool = True,
     checkpoint_budget: str | None = None,
     max_gc_wrapped_modules: int | None = None,
     gc_target_budget_ratio: float | None = None,
@@ -134,7 +154,8 @@ def optimize(
     Every "weight-norm-neuron" layer becomes a checkpoint region that keeps only its inputs for backward,
     bit-packed when they are spikes, and recomputes its interior during backward. Outputs, every gradient,
     BatchNorm statistics, neuron states after the step and dropout masks are bitwise equal to the unoptimized
-    model's on CPU (see NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime`), for every plan.
+    model's on CPU (see NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime`), for every plan, unless
+    you pass ``exact=False``.
 
     Args:
         model: the network (plain PyTorch, :mod:`fxmemopt.snn`, or spikingjelly multi-step modules). It is not
@@ -152,6 +173,11 @@ def optimize(
         memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (a typed
             :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest reachable peak otherwise).
         compress: pack region inputs that carry spikes (1 bit for {0,1}, 2 bits for {0..3}, 1 byte up to 255).
+        exact: ``False`` accepts the seed's approximate temporal split at level 3: a whole region (BatchNorm
+            included) runs on each time slice, so only one slice's tensors are ever recomputed at once, but
+            anything coupling time steps changes meaning (BatchNorm statistics are per slice and updated once per
+            slice). ``summary.semantics_changed`` lists each sliced region whose output differed from the unsliced
+            one on the example, by how much. Default ``True``: only exact moves.
         checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
             ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
         temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the
@@ -196,122 +222,126 @@ def optimize(
         >>> reset_net(gm)
     """
     started = time.perf_counter()
-    inputs = _check_inputs(example_inputs)
-    if not isinstance(model, nn.Module):
-        raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
-                                              got=type(model).__name__))
-    if measure not in (None, "worker", "in-process"):
-        raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
-                                              expected='None, "worker" or "in-process"', got=repr(measure)))
-    if not measure_timeout_s > 0:
-        raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
-                                              got=repr(measure_timeout_s)))
-    opts = resolve_options(
-        level=level, prefer=prefer, profile=profile, checkpoint_budget=checkpoint_budget,
-        max_gc_wrapped_modules=max_gc_wrapped_modules, gc_target_budget_ratio=gc_target_budget_ratio,
-        temporal_split_factor=temporal_split_factor, max_split_rounds=max_split_rounds,
-        max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
-        warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
-        memory_budget=memory_budget, compress=compress)
-    target_types = _check_types("targets", targets)
-    leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
-    declared = _check_types("stateful_modules", stateful_modules)
+    with _input_grads_kept(example_inputs):  # analysis steps must not add to the examples' .grad
+        inputs = _check_inputs(example_inputs)
+        if not isinstance(model, nn.Module):
+            raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
+                                                  got=type(model).__name__))
+        if measure not in (None, "worker", "in-process"):
+            raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
+                                                  expected='None, "worker" or "in-process"', got=repr(measure)))
+        if not measure_timeout_s > 0:
+            raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
+                                                  got=repr(measure_timeout_s)))
+        opts = resolve_options(
+            level=level, prefer=prefer, profile=profile, checkpoint_budget=checkpoint_budget,
+            max_gc_wrapped_modules=max_gc_wrapped_modules, gc_target_budget_ratio=gc_target_budget_ratio,
+            temporal_split_factor=temporal_split_factor, max_split_rounds=max_split_rounds,
+            max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
+            warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
+            memory_budget=memory_budget, compress=compress, exact=exact)
+        target_types = _check_types("targets", targets)
+        leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
+        declared = _check_types("stateful_modules", stateful_modules)
 
-    # probe: which modules carry state across calls, which buffers a forward mutates (model left untouched)
-    try:
-        found = probe(model, inputs, declared)
-    except FxMemOptError:
-        raise
-    except Exception as e:
-        raise InvalidInputsError(format_error(
-            f"{type(model).__name__}(*example_inputs)", f"raised {type(e).__name__}: {e}",
-            fix="Check that example_inputs are what the model's forward expects (a tuple of positional inputs).",
-        )) from e
-    stateful = dict(found.stateful)
-    # trace: fx graph with neurons and untraceable submodules as leaves
-    graph, constants, fallbacks = trace(
-        model, stateful_paths=stateful, leaf_types=tuple(t for t in leaf if isinstance(t, type)),
-        leaf_paths=[p for p in leaf if isinstance(p, str)])
-    traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
-    # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
-    annotated = annotate(traced, inputs, stateful)
-    # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
-    target_paths = None
-    if target_types:
-        target_paths = {p for p, m in model.named_modules() if isinstance(m, target_types)}
-    regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in target_types))
-    used = {r.name for r in regions}
-    splits = {r.name: parts for r in regions if len(r.stateful) > 1 for parts in [split_region(annotated, r, used)]
-              if parts}
-    # costgraph: one recorded unoptimized step (what the search and the predictions run on)
-    cost = None
-    notes = list(opts.notes)
-    if predict or opts.level >= 2 or opts.memory_budget is not None:
+        # probe: which modules carry state across calls, which buffers a forward mutates (model left untouched)
         try:
-            cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
-        except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
-            log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
-            notes.append(f"no prediction: recording a training step on the example inputs failed with "
-                         f"{type(e).__name__}: {e}; the search fell back to level 1")
-    # plan + choose: search the levels on the cost model (level 1 alone when no cost model could be built)
-    if cost is not None:
-        result = search(cost, regions, splits, opts)
-    else:
-        result = search_without_cost(regions, annotated, opts)
-    plan = result.plan
-    # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
-    gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
-                        type(model).__name__)
-    # profile: confirm by measurement (never required; failures are recorded, not raised)
-    measured = None
-    rejected: list[tuple[str, str, str]] = []
-    if measure:
-        candidates = [("unoptimized", model), ("optimized", gm)]
-        pre = result.pre_unwrap
-        if pre is not None and pre != plan:
-            pre_gm, pre_stats = rewrite(model, graph, constants, annotated, pre, stateful, found.mutated_buffers,
-                                        type(model).__name__)
-            candidates.append(("before-unwrap", pre_gm))
-        results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
-        rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
-        if len(results) == 3 and results[1].ok and results[2].ok and results[1].peak_bytes > results[2].peak_bytes:
-            # Unwrapping was predicted not to raise the peak, but measurement says it did: keep the wrapped plan.
-            rejected.append(("optimized", "rejected", f"unwrapping raised the measured peak from "
-                             f"{results[2].peak_bytes} to {results[1].peak_bytes} bytes; kept the plan before it"))
-            plan, gm, stats = pre, pre_gm, pre_stats
-            results = [results[0], results[2]]
-            result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
-        measured = (results[0], results[1], where)
-    # warm up: one training step of the result, everything restored (hides first-use costs from the first step)
-    if opts.warmup_in_main_process and plan.regions:
-        try:
-            measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
-        except Exception as e:  # a warm-up is a courtesy: the rewrite is exact whether or not it ran
-            notes.append(f"warm-up step failed: {type(e).__name__}: {e}")
-        for st in stats.values():
-            st.reset()
-    # report
-    how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
-               "declared" if isinstance(model.get_submodule(p), declared) else f"rebinds {', '.join(n)}")
-           for p, n in stateful.items()}
-    summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
-    summary.notes += notes
-    summary.search = result
-    summary.options = dataclasses.asdict(opts)
-    if cost is not None:
-        after = simulate(cost, plan) if plan is not result.plan else result.prediction
-        summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
-        summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s
-        summary.cost_graph = cost
-    if measured is not None:
-        base, opt, where = measured
-        summary.measurement = f"{opt.method or base.method} in {where}"
-        summary.measured_peak_before = base.peak_bytes if base.ok else None
-        summary.measured_peak_after = opt.peak_bytes if opt.ok else None
-        if base.ok and opt.ok and base.step_time_s:
-            summary.measured_step_time_ratio = opt.step_time_s / base.step_time_s
-    summary.rejected = rejected
-    summary.optimize_time_s = time.perf_counter() - started
-    gm.fxmemopt_summary = summary
-    log.info("%s", summary)
-    return (gm, summary) if return_summary else gm
+            found = probe(model, inputs, declared)
+        except FxMemOptError:
+            raise
+        except Exception as e:
+            raise InvalidInputsError(format_error(
+                f"{type(model).__name__}(*example_inputs)", f"raised {type(e).__name__}: {e}",
+                fix="Check that example_inputs are what the model's forward expects (a tuple of positional inputs).",
+            )) from e
+        stateful = dict(found.stateful)
+        # trace: fx graph with neurons and untraceable submodules as leaves
+        graph, constants, fallbacks = trace(
+            model, stateful_paths=stateful, leaf_types=tuple(t for t in leaf if isinstance(t, type)),
+            leaf_paths=[p for p in leaf if isinstance(p, str)])
+        traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
+        # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
+        annotated = annotate(traced, inputs, stateful)
+        # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
+        target_paths = None
+        if target_types:
+            target_paths = {p for p, m in model.named_modules() if isinstance(m, target_types)}
+        regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in target_types))
+        used = {r.name for r in regions}
+        splits = {r.name: parts for r in regions if len(r.stateful) > 1 for parts in [split_region(annotated, r, used)]
+                  if parts}
+        # costgraph: one recorded unoptimized step (what the search and the predictions run on)
+        cost = None
+        notes = list(opts.notes)
+        if predict or opts.level >= 2 or opts.memory_budget is not None:
+            try:
+                cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
+            except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
+                log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
+                notes.append(f"no prediction: recording a training step on the example inputs failed with "
+                             f"{type(e).__name__}: {e}; the search fell back to level 1")
+        # plan + choose: search the levels on the cost model (level 1 alone when no cost model could be built)
+        if cost is not None:
+            result = search(cost, regions, splits, opts)
+        else:
+            result = search_without_cost(regions, annotated, opts)
+        plan = result.plan
+        # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
+        gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
+                            type(model).__name__)
+        # profile: confirm by measurement (never required; failures are recorded, not raised)
+        measured = None
+        rejected: list[tuple[str, str, str]] = []
+        if measure:
+            candidates = [("unoptimized", model), ("optimized", gm)]
+            pre = result.pre_unwrap
+            if pre is not None and pre != plan:
+                pre_gm, pre_stats = rewrite(model, graph, constants, annotated, pre, stateful, found.mutated_buffers,
+                                            type(model).__name__)
+                candidates.append(("before-unwrap", pre_gm))
+            results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
+            rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
+            if len(results) == 3 and results[1].ok and results[2].ok and results[1].peak_bytes > results[2].peak_bytes:
+                # Unwrapping was predicted not to raise the peak, but measurement says it did: keep the wrapped plan.
+                rejected.append(("optimized", "rejected", f"unwrapping raised the measured peak from "
+                                 f"{results[2].peak_bytes} to {results[1].peak_bytes} bytes; kept the plan before it"))
+                plan, gm, stats = pre, pre_gm, pre_stats
+                results = [results[0], results[2]]
+                result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
+            measured = (results[0], results[1], where)
+        # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
+        sliced = slice_effects(model, gm, inputs, stateful) if any(r.whole_slices for r in plan.regions) else {}
+        # warm up: one training step of the result, everything restored (hides first-use costs from the first step)
+        if opts.warmup_in_main_process and plan.regions:
+            try:
+                measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
+            except Exception as e:  # a warm-up is a courtesy: the rewrite is exact whether or not it ran
+                notes.append(f"warm-up step failed: {type(e).__name__}: {e}")
+            for st in stats.values():
+                st.reset()
+        # report
+        how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
+                   "declared" if isinstance(model.get_submodule(p), declared) else f"rebinds {', '.join(n)}")
+               for p, n in stateful.items()}
+        summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
+        summary.notes += notes
+        summary.sliced_regions = sliced
+        summary.search = result
+        summary.options = dataclasses.asdict(opts)
+        if cost is not None:
+            after = simulate(cost, plan) if plan is not result.plan else result.prediction
+            summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
+            summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s
+            summary.cost_graph = cost
+        if measured is not None:
+            base, opt, where = measured
+            summary.measurement = f"{opt.method or base.method} in {where}"
+            summary.measured_peak_before = base.peak_bytes if base.ok else None
+            summary.measured_peak_after = opt.peak_bytes if opt.ok else None
+            if base.ok and opt.ok and base.step_time_s:
+                summary.measured_step_time_ratio = opt.step_time_s / base.step_time_s
+        summary.rejected = rejected
+        summary.optimize_time_s = time.perf_counter() - started
+        gm.fxmemopt_summary = summary
+        log.info("%s", summary)
+        return (gm, summary) if return_summary else gm

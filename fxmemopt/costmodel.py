@@ -406,15 +406,20 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     for e, (phase, node) in enumerate(events):
         if phase == "bwd" and node in region_of:
             bwd_events.setdefault(node, []).append(e)
+    # Whole-region slices (Rule 9) are one block whose tensors exist one slice at a time: the region's own storages
+    # are scaled by the largest slice's share of T (an approximation; the region's outputs stay whole).
+    sliced_share: dict[str, float] = {}
     for r in regions:
-        neuron = r.nodes[-1]
+        neuron = r.nodes[-1] if not r.whole_slices else region_io(annotated, r.nodes)[1][0]
         steps = (annotated[neuron].shape or (1,))[0] if annotated[neuron].shape else 1
         k = max(1, min(r.chunks, steps))
-        if k == 1:
+        if k == 1 or r.whole_slices:
             blocks[(r.name, "all")] = [e for n in r.nodes for e in range(ne[n][0], ne[n][1] + 1)]
             firsts = [es[0] for n in r.nodes for es in [bwd_events.get(n, [])] if es]
             if firsts:
                 trigger.setdefault(min(firsts), (r.name, "all"))
+            if k > 1:
+                sliced_share[r.name] = math.ceil(steps / k) / steps
             continue
         sizes = [steps // k + (1 if i < steps % k else 0) for i in range(k)]
         bounds = [sum(sizes[:i]) for i in range(k + 1)]
@@ -562,9 +567,26 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
 
     neuron_bwd_last = {info["neuron"]: max(bwd_events.get(info["neuron"], [-1])) for info in chunk.values()}
     chunk_of_neuron = {info["neuron"]: info for info in chunk.values()}
+    sliced_outputs = {o for r in regions if r.name in sliced_share for o in region_io(annotated, r.nodes)[1]}
+    for r, share in sliced_share.items():
+        nodes = by_region[r].nodes
+        outs = region_io(annotated, nodes)[1]
+        live(sum(annotated[o].nbytes for o in outs), exit_[r], exit_[r])  # the slices' outputs and their concatenation
+        # Every slice after the first keeps its entry states (one time step of each stateful module's output, as an
+        # estimate of its state) from forward to the region's backward.
+        steps = annotated[outs[0]].shape[0]
+        state = sum(annotated[n].nbytes // steps for n in nodes if annotated[n].stateful)
+        live((round(1 / share) - 1) * state, exit_[r], bwd_last[r])
+
+    def size(s: StorageRecord) -> int:
+        share = sliced_share.get(region_of.get(s.node, ""))
+        if share is None or s.free is None or (s.phase == "fwd" and any(v in sliced_outputs for v in s.views)):
+            return s.nbytes  # not one slice's: an output, or alive after the step (a module's final state)
+        return int(s.nbytes * share)
+
     for s in trace.storages:
         if s.phase != "fwd" or s.node not in ne:
-            nbytes, start = s.nbytes, at(s.alloc)
+            nbytes, start = size(s), at(s.alloc)
             info = chunk_of_neuron.get(s.node)
             if info is not None and s.phase == "bwd" and nbytes >= annotated[info["neuron"]].nbytes:
                 if s.free is not None and s.free <= neuron_bwd_last[s.node]:
@@ -589,7 +611,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         if saved_in_regions:
             # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
             release = max(last_user_end[v] for v in views) if views else pos[s.alloc]
-            live(s.nbytes, pos[s.alloc], release)
+            live(size(s), pos[s.alloc], release)
             if s.consumed is None:
                 continue  # never used by the recorded backward (a neuron's last state update): not recomputed
             for r in saver_regions:
@@ -601,7 +623,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                     consumed = pos.get(s.consumed, bwd_last[r])
                     live(s.nbytes, rc_start[b], max(rc_start[b], consumed))
         else:
-            live(s.nbytes, pos[s.alloc], stop)
+            live(size(s), pos[s.alloc], stop)
         if home is None:
             continue
         for b, keeps in provides(home, s):
@@ -610,12 +632,13 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             start = rc_pos[b][s.alloc]
             if saved_in_regions and keeps and home in saver_regions and s.consumed is not None:
                 consumed = pos.get(s.consumed, bwd_last[home])
-                live(s.nbytes, start, consumed if consumed >= start else bwd_last[home])
+                live(size(s), start, consumed if consumed >= start else bwd_last[home])
             elif start <= rc_stop[b]:
                 # A temporary or output of the region: it reappears during recomputation and is dropped when that
                 # ends (or when it died in the forward, if earlier).
                 stop_rc = rc_pos[b].get(s.free, rc_end[b]) if s.free is not None else rc_end[b]
-                live(s.nbytes, start, max(start, min(stop_rc, rc_stop[b])))
+                live(size(s) if home not in sliced_share else int(s.nbytes * sliced_share[home]), start,
+                     max(start, min(stop_rc, rc_stop[b])))
 
     best, best_at, cur = 0, 0, 0
     timeline = []

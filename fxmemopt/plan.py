@@ -16,7 +16,7 @@ from .annotate import AnnotatedGraph
 from .packing import bits_for_max
 from .regions import Region, region_io
 
-__all__ = ["RegionPlan", "Plan", "checkpoint_all", "input_bits", "chunkable"]
+__all__ = ["RegionPlan", "Plan", "checkpoint_all", "input_bits", "chunkable", "sliceable"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class RegionPlan:
             :mod:`fxmemopt.runtime`); only for regions :func:`chunkable` accepts.
         keep_prefix: with chunks, keep the prefix's recomputed tensors for its backward (faster) or recompute it
             again (less memory).
+        whole_slices: with chunks, run the *whole* region on each time slice, prefix included (Rule 9 in
+            :mod:`fxmemopt.runtime`; the seed's approximate temporal split, only with ``optimize(exact=False)``;
+            see :func:`sliceable`) instead of only its neuron (Rule 8).
     """
 
     name: str
@@ -40,6 +43,7 @@ class RegionPlan:
     pack_bits: tuple[int, ...]
     chunks: int = 1
     keep_prefix: bool = True
+    whole_slices: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class Plan:
     def to_dict(self) -> dict:
         """A JSON-able dict (lists and strings only)."""
         return {"regions": [{"name": r.name, "anchor": r.anchor, "nodes": list(r.nodes),
-                             "pack_bits": list(r.pack_bits), "chunks": r.chunks, "keep_prefix": r.keep_prefix}
+                             "pack_bits": list(r.pack_bits), "chunks": r.chunks, "keep_prefix": r.keep_prefix,
+                             "whole_slices": r.whole_slices}
                             for r in self.regions]}
 
 
@@ -91,3 +96,25 @@ def chunkable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str]
         return False, (f"{last.target} ({last.module_type}) did not reproduce its output and state when run on "
                        f"time slices of the example, or its input is not one [T, ...] tensor with T >= 2")
     return True, "neuron verified chunkable on the example"
+
+
+def sliceable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str, tuple[bool, ...]]:
+    """Can the whole region over ``nodes`` run on time slices (Rule 9, approximate)? ``(answer, reason, sliced)``.
+
+    Yes when every output is a tensor whose first dimension is the same ``T >= 2`` and at least one input is a
+    tensor with that first dimension; ``sliced`` flags those inputs (the others reach every slice whole). Whether
+    slicing changes the region's values (BatchNorm statistics, attention over T) is not decided here: the region
+    is run both ways on the example after the rewrite and the summary reports the difference.
+    """
+    inputs, outputs = region_io(graph, nodes)
+    firsts = {graph[o].shape[0] if graph[o].is_tensor and graph[o].shape else None for o in outputs}
+    if len(firsts) != 1 or None in firsts:
+        return False, "its outputs are not tensors with one common first (time) dimension", ()
+    (steps,) = firsts
+    if steps < 2:
+        return False, f"its outputs have T={steps} time steps: nothing to slice", ()
+    sliced = tuple(bool(graph[i].is_tensor and graph[i].op != "get_attr" and graph[i].shape
+                        and graph[i].shape[0] == steps) for i in inputs)
+    if not any(sliced):
+        return False, f"none of its inputs is a tensor with T={steps} leading steps", ()
+    return True, f"T={steps}; {sum(sliced)} of {len(inputs)} inputs sliced", sliced

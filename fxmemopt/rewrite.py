@@ -22,9 +22,9 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .annotate import AnnotatedGraph
 from .errors import InternalError
-from .plan import Plan, RegionPlan
+from .plan import Plan, RegionPlan, sliceable
 from .regions import region_io, unit_order
-from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, region_args, release_args
+from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, SlicedRegion, region_args, release_args
 from .trace import _resolve, make_graph_module
 
 __all__ = ["rewrite"]
@@ -105,7 +105,14 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         buffers, clone = _owned_buffers(model, prefixes, mutated)
         spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone)
         stats[rp.name] = RegionStats()
-        if rp.chunks > 1:
+        if rp.chunks > 1 and rp.whole_slices:
+            # Rule 9: the whole body runs on time slices of the time-major inputs.
+            ok, why, sliced = sliceable(annotated, rp.nodes)
+            if not ok:
+                raise InternalError(f"plan asks to slice {rp.name} whole, but {why}")
+            body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
+            modules[rp.name] = SlicedRegion(body, spec, stats[rp.name], chunks=rp.chunks, sliced=sliced)
+        elif rp.chunks > 1:
             # Rule 8: the body is the prefix up to the neuron's input; the neuron is called by the region.
             neuron_node = node_by_name[rp.nodes[-1]]
             if outputs != (neuron_node.name,) or neuron_node.op != "call_module" or len(neuron_node.args) != 1 \

@@ -51,6 +51,15 @@ Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its fo
     prefix's backward needs them (less memory).
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
+Rule 9 (whole-region time slices, approximate). A :class:`SlicedRegion` runs its *whole* body on ``k`` consecutive
+    time slices of its time-major inputs (the seed's temporal split), each slice a checkpointed call of its own
+    (Rules 1-6) that starts from the states the previous slice left, and concatenates the slices' outputs. Only
+    one slice's tensors are recomputed at a time, prefix included. This changes the meaning of anything that
+    couples time steps (BatchNorm in training computes statistics per slice and updates running statistics once
+    per slice; attention or pooling over T sees one slice), so the plan search proposes it only with
+    ``optimize(exact=False)``, and :func:`fxmemopt.optimize` reports, per region, whether the sliced output
+    equalled the unsliced one on the example. It slices in plain mode too (Rule 7), so the region means the same
+    whether or not gradients are recorded.
 """
 
 from __future__ import annotations
@@ -71,7 +80,8 @@ from .errors import RecomputationMismatchError, RegionError, format_error
 from .packing import PackedTensor, try_pack, unpack
 from .state import StateSnapshot, rng_state, set_rng_state
 
-__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "region_args", "release_args"]
+__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "region_args",
+           "release_args"]
 
 
 def region_args(*args: Any) -> list[Any]:
@@ -119,10 +129,10 @@ class RegionStats:
     """Run-time counters of one region (live: they keep counting after :func:`fxmemopt.optimize` returns).
 
     Attributes:
-        checkpointed_calls: forwards that ran as checkpoints (Rules 1-6).
+        checkpointed_calls: forwards that ran as checkpoints (Rules 1-6; one per time slice under Rule 9).
         plain_calls: forwards that ran plainly (Rule 7).
         recomputations: recomputations in backward.
-        packed_bytes: bytes of packed inputs stored by the last checkpointed call.
+        packed_bytes: bytes of packed inputs stored by the last checkpointed call (all its time slices).
         kept_bytes: bytes of inputs kept unpacked (by reference) by the last checkpointed call.
         unpacked_fallbacks: planned packings that failed the bit-exact check and were stored unpacked.
         state_copies: calls whose entry state was modified in place and is replayed from its entry copy (Rule 5).
@@ -185,7 +195,6 @@ class _Frame:
     # -- forward -------------------------------------------------------------------------------------------------
     def store_inputs(self, args: tuple[Any, ...], bits: tuple[int, ...], stats: RegionStats) -> None:
         seen: dict[int, int] = {}
-        stats.packed_bytes = stats.kept_bytes = 0
         for a, b, name in zip(args, bits, self.region.spec.inputs):
             if isinstance(a, torch.Tensor) and id(a) in seen:
                 self.arg_slots.append(seen[id(a)])
@@ -435,7 +444,7 @@ class _ChunkedFrame(_Frame):
         self.neuron_rng = rng_state(self.cuda_devices)
         outs = []
         t0 = 0
-        for xc in x.tensor_split(max(1, min(region.chunks, x.shape[0])), dim=0):
+        for xc in time_slices(x, region.chunks):
             rg = [t.requires_grad for t in StateSnapshot.take(neuron, region.neuron_names).tensors()]
             lo = len(self.saved)
             with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
@@ -487,6 +496,16 @@ class _ChunkedFrame(_Frame):
     def _release(self) -> None:
         super()._release()
         self.x_cache, self.starts = None, []
+
+
+def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``x`` split along dim 0 into ``min(k, T)`` consecutive slices, the first ``T % k`` one step longer.
+
+    One ``split_with_sizes``, not ``tensor_split`` (which slices): its backward concatenates the slices' gradients
+    once, where each slice's own backward would allocate a zero-filled gradient of the whole of ``x``.
+    """
+    k = max(1, min(k, x.shape[0]))
+    return x.split([x.shape[0] // k + (1 if i < x.shape[0] % k else 0) for i in range(k)], dim=0)
 
 
 class _StopRecomputation(Exception):
@@ -542,25 +561,35 @@ class CheckpointRegion(nn.Module):
 
     def forward(self, box: list[Any]) -> Any:
         """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body)."""
-        body: fx.GraphModule = self.__dict__["body"]
-        if not isinstance(box, list) or len(box) != len(self.spec.inputs):
-            got = f"{len(box)} inputs" if isinstance(box, list) else type(box).__name__
-            raise RegionError(format_error(f"region {self.spec.name!r}", "called with the wrong inputs",
-                                           expected=f"a list of {len(self.spec.inputs)} inputs", got=got))
+        self._check_box(box)
         args = tuple(box)
         if not self._needs_checkpoint(args):
             self.stats.plain_calls += 1
             del args
             return self._plain(box)
-        self.stats.checkpointed_calls += 1
-        frame = self._frame_class(self, body)
-        frame.store_inputs(args, self.spec.pack_bits, self.stats)
-        frame.snapshot(args)
         del args  # from here on only the body holds the inputs, and only until their last use
+        self.stats.packed_bytes = self.stats.kept_bytes = 0
+        return self._checkpointed(box)
+
+    def _checkpointed(self, box: list[Any], last: bool = True) -> Any:
+        """One checkpointed call on ``box`` (Rules 1-6). ``last=False``: a later call continues from the states
+        this one leaves (Rule 9), so none of its saved tensors is classified as needed by final states only."""
+        self.stats.checkpointed_calls += 1
+        frame = self._frame_class(self, self.__dict__["body"])
+        frame.store_inputs(tuple(box), self.spec.pack_bits, self.stats)
+        frame.snapshot(tuple(box))
         frame.start_seq = torch._C._autograd._get_sequence_nr()
         out = frame.run(box)
         frame.close(self.stats, out)
+        if not last:
+            frame.state_only, frame.state_refs = set(), []
         return out
+
+    def _check_box(self, box: Any) -> None:
+        if not isinstance(box, list) or len(box) != len(self.spec.inputs):
+            got = f"{len(box)} inputs" if isinstance(box, list) else type(box).__name__
+            raise RegionError(format_error(f"region {self.spec.name!r}", "called with the wrong inputs",
+                                           expected=f"a list of {len(self.spec.inputs)} inputs", got=got))
 
     def _plain(self, box: list[Any]) -> Any:
         """Rule 7: the body as is."""
@@ -616,3 +645,58 @@ class ChunkedRegion(CheckpointRegion):
             sub = path[len(self.neuron_path) + 1:]
             return self.__dict__["neuron"].get_submodule(sub) if sub else self.__dict__["neuron"]
         return super()._resolve(path)
+
+
+class SlicedRegion(CheckpointRegion):
+    """A checkpoint region run on time slices of its inputs, whole (Rule 9 of NOTE [Checkpoint region invariants]).
+
+    Args:
+        body: the region's interior, as for :class:`CheckpointRegion`.
+        spec: the :class:`RegionSpec`.
+        stats: the run-time counters to update.
+        chunks: requested number of time slices (clamped to T at run time; uneven slices allowed).
+        sliced: per region input, whether it is time-major (sliced along dim 0) or passed whole to every slice.
+    """
+
+    def __init__(self, body: fx.GraphModule, spec: RegionSpec, stats: RegionStats | None = None, *, chunks: int,
+                 sliced: tuple[bool, ...]) -> None:
+        super().__init__(body, spec, stats)
+        if len(sliced) != len(spec.inputs) or not any(sliced):
+            raise RegionError(format_error(f"region {spec.name!r}", "needs at least one time-major input to slice",
+                                           expected=f"{len(spec.inputs)} flags, one True", got=repr(sliced)))
+        self.chunks = int(chunks)
+        self.sliced = tuple(bool(s) for s in sliced)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunks={self.chunks}, whole-region slices (approximate)"
+
+    def _parts(self, box: list[Any]) -> list[list[Any]]:
+        steps = {a.shape[0] for a, s in zip(box, self.sliced) if s and isinstance(a, torch.Tensor) and a.dim() > 0}
+        if len(steps) != 1:
+            raise RegionError(format_error(
+                f"region {self.spec.name!r}", "cannot slice its inputs along time (dim 0)",
+                expected="time-major tensors with the same first dimension",
+                got=f"first dimensions {sorted(steps)}" if steps else "no tensor to slice",
+                fix="Call the optimized model with inputs shaped like the examples, or optimize with exact=True."))
+        k = max(1, min(self.chunks, steps.pop()))
+        pieces = [time_slices(a, k) if s else (a,) * k for a, s in zip(box, self.sliced)]
+        return [[p[c] for p in pieces] for c in range(k)]
+
+    def forward(self, box: list[Any]) -> Any:
+        """Run the region on the inputs in ``box``, slice by slice (Rule 9)."""
+        self._check_box(box)
+        parts = self._parts(box)
+        box.clear()
+        checkpoint = self._needs_checkpoint(tuple(parts[0]))
+        if checkpoint:
+            self.stats.packed_bytes = self.stats.kept_bytes = 0
+        else:
+            self.stats.plain_calls += 1
+        outs = []
+        for c in range(len(parts)):
+            part, parts[c] = parts[c], []  # each slice's inputs die with its call (its body empties the list)
+            last = c == len(parts) - 1
+            outs.append(self._checkpointed(part, last=last) if checkpoint else self._plain(part))
+        if isinstance(outs[0], torch.Tensor):
+            return torch.cat(outs, dim=0)
+        return tuple(torch.cat([o[j] for o in outs], dim=0) for j in range(len(outs[0])))

@@ -13,7 +13,11 @@ The levels (the seed's meaning, automated)
        neuron, at the spike boundaries (which pack to 1 bit); accepted when the predicted peak is strictly lower;
     3. *temporal split*: the region that sets the peak is recomputed in more time slices (multiplied by
        ``temporal_split_factor`` each round, clamped to T), only where that is exact (:func:`~fxmemopt.plan.chunkable`);
-       ``prefer="memory"`` also recomputes the prefix instead of keeping it; accepted when strictly lower;
+       ``prefer="memory"`` also recomputes the prefix instead of keeping it; accepted when strictly lower.
+       With ``exact=False``, a region that cannot be sliced exactly (a block of several neurons, a residual
+       output) gets the seed's move instead: the *whole* region runs on each slice (Rule 9 of
+       :mod:`fxmemopt.runtime`), which may change values (BatchNorm statistics per slice); ``optimize`` reports
+       per region whether it did on the example;
     4. *greedy unwrap*: regions whose recomputation costs the most time are unwrapped when the predicted peak
        does not rise. ``prefer="speed"`` lets it rise up to half the unoptimized peak (which still halves memory)
        and may also *shrink* a region to its neuron: the neuron's per-step tensors are most of a layer's memory
@@ -37,7 +41,7 @@ import networkx as nx
 from .annotate import AnnotatedGraph
 from .costmodel import Prediction, simulate
 from .errors import InvalidOptionError, MemoryBudgetError, format_error
-from .plan import Plan, RegionPlan, chunkable, input_bits
+from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
 __all__ = ["Options", "Decision", "SearchResult", "PRESETS", "resolve_options", "search", "search_without_cost",
@@ -116,6 +120,7 @@ class Options:
     memory_budget: int | None = None
     compress: bool = True
     notes: tuple[str, ...] = ()
+    exact: bool = True
 
 
 def resolve_options(*, level: int | None, prefer: str | None, profile: str | None, checkpoint_budget: str | None,
@@ -123,7 +128,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                     temporal_split_factor: int, max_split_rounds: int | None, max_candidates_per_round: int | None,
                     allow_expensive_profiling: bool | None, warmup_in_main_process: bool | None,
                     warmup_in_profile_workers: bool | None, memory_budget: int | float | str | None,
-                    compress: bool) -> Options:
+                    compress: bool, exact: bool = True) -> Options:
     """Validate the user's options and resolve presets, with the seed's precedence: explicit arguments win over
     ``profile``, which wins over ``prefer``. Without any, the level is 1 (checkpoint every layer).
 
@@ -180,6 +185,8 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
         max_split_rounds, max_candidates_per_round = 1, 1
         warmup_in_profile_workers = False
         notes.append("allow_expensive_profiling=False: max_split_rounds=1, max_candidates_per_round=1")
+    if not isinstance(exact, bool):
+        raise InvalidOptionError(format_error("exact", "must be a bool", expected="True or False", got=repr(exact)))
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     if budget is not None and level < 4:
         notes.append(f"memory_budget: searching every level (requested level {level})")
@@ -189,7 +196,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                    True if allow_expensive_profiling is None else allow_expensive_profiling,
                    True if warmup_in_main_process is None else warmup_in_main_process,
                    True if warmup_in_profile_workers is None else warmup_in_profile_workers,
-                   budget, compress, tuple(notes))
+                   budget, compress, tuple(notes), exact)
 
 
 @dataclass(frozen=True)
@@ -422,7 +429,7 @@ def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options
     # (whose search starts from the smallest peak and then buys time back).
     keep_prefix = opts.prefer != "memory" and opts.memory_budget is None
 
-    def propose(rp: RegionPlan, plan: Plan) -> _Proposal:
+    def exact_move(rp: RegionPlan, plan: Plan) -> _Proposal:
         ok, why = chunkable(graph, rp.nodes)
         if not ok:
             return f"not chunked: {why}"
@@ -432,6 +439,28 @@ def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options
         new = dataclasses.replace(rp, chunks=chunks, keep_prefix=keep_prefix)
         return (Plan(tuple(new if r.name == rp.name else r for r in plan.regions)),
                 f"{chunks} time slices{'' if keep_prefix else ', prefix recomputed'}")
+
+    def whole_move(rp: RegionPlan, plan: Plan) -> _Proposal:
+        # The seed's temporal split: the whole region on each slice (Rule 9); may change values, reported.
+        ok, why, _ = sliceable(graph, rp.nodes)
+        if not ok:
+            return f"not sliced: {why}"
+        chunks = min(graph[region_io(graph, rp.nodes)[1][0]].shape[0], rp.chunks * opts.temporal_split_factor)
+        if chunks == rp.chunks:
+            return None
+        new = dataclasses.replace(rp, chunks=chunks, whole_slices=True)
+        return (Plan(tuple(new if r.name == rp.name else r for r in plan.regions)),
+                f"{chunks} whole-region time slices (exact=False)")
+
+    def propose(rp: RegionPlan, plan: Plan) -> _Proposal:
+        # Exact where possible; with exact=False, whole slices only for regions exact slicing cannot handle (a
+        # multi-neuron block, a residual output): where both apply, exact slices keep less (whole slices keep every
+        # slice's entry state from forward to backward) and change nothing.
+        exact = exact_move(rp, plan)
+        if opts.exact or not isinstance(exact, str):
+            return exact
+        whole = whole_move(rp, plan)
+        return whole if whole is None or isinstance(whole, tuple) else f"{exact}; {whole}"
 
     # Without an explicit max_split_rounds, rounds are bounded by the regions times the doublings that fit in T.
     limit = rounds if opts.max_split_rounds is not None else 8 * max(1, len(best.regions))
@@ -456,7 +485,8 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
             if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].stateful:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
-                small = dataclasses.replace(rp, nodes=nodes, pack_bits=bits, chunks=1, keep_prefix=True)
+                small = dataclasses.replace(rp, nodes=nodes, pack_bits=bits, chunks=1, keep_prefix=True,
+                                            whole_slices=False)
                 moves.append(("shrink", rp, Plan(tuple(small if r.name == rp.name else r for r in best.regions)),
                               sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
         chosen = None

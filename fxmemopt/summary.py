@@ -62,6 +62,7 @@ class RegionReport:
     outputs: tuple[str, ...]
     chunks: int = 1
     keep_prefix: bool = True
+    whole_slices: bool = False
 
     @property
     def stored_bytes(self) -> int:
@@ -114,6 +115,14 @@ class Summary:
     options: dict[str, Any] = field(default_factory=dict)
     #: Wall time of :func:`fxmemopt.optimize`.
     optimize_time_s: float = 0.0
+    #: Regions run whole on time slices (``exact=False``) -> ``"equal"`` when their output on the example was
+    #: bitwise the unsliced one, else how it differed (see :func:`fxmemopt.verify.slice_effects`).
+    sliced_regions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def semantics_changed(self) -> list[tuple[str, str]]:
+        """``(region, what changed)`` for every region whose meaning ``exact=False`` changed (empty when exact)."""
+        return [(r, what) for r, what in self.sliced_regions.items() if what != "equal"]
 
     # -- the seed's MemOptSummary fields ---------------------------------------------------------------------------
     @property
@@ -274,7 +283,8 @@ class Summary:
             ins = ", ".join(
                 f"{i.node}:{i.value_set}->{str(i.bits) + 'b' if i.bits else ('ref' if i.stored_bytes == 0 else 'full')}"
                 for i in r.inputs)
-            slices = str(r.chunks) + ("" if r.keep_prefix or r.chunks == 1 else "+p")
+            # "+p": prefix recomputed again; "w": the whole region runs per slice (exact=False)
+            slices = str(r.chunks) + ("" if r.keep_prefix or r.chunks == 1 else "+p") + ("w" if r.whole_slices else "")
             rows.append((r.name, r.anchor, str(len(r.nodes)), slices, ins, _fmt_bytes(r.stored_bytes)))
         widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -296,6 +306,7 @@ class Summary:
                          f"({self.measured_peak_before / self.measured_peak_after:.2f}x lower), step time "
                          f"x{self.measured_step_time_ratio:.2f}; prediction error {self.prediction_error:.1%}")
         parts += [f"rejected {c}: {st}: {msg}" for c, st, msg in self.rejected]
+        parts += [f"SEMANTICS CHANGED (exact=False) in {r}: {what}" for r, what in self.semantics_changed]
         changes = [d for d in self.decisions if d.action in ("split", "chunk", "unwrap", "reject")]
         parts += [f"{d.action} {d.region}: {d.reason}" for d in changes]
         if self.leaf_fallbacks:

@@ -19,8 +19,10 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .measure import default_loss
+from .runtime import SlicedRegion
+from .state import ModelState, rng_state, set_rng_state
 
-__all__ = ["EquivalenceReport", "compare_training_step", "module_states"]
+__all__ = ["EquivalenceReport", "compare_training_step", "module_states", "slice_effects"]
 
 
 @dataclass
@@ -138,3 +140,57 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
             _compare(report, f"{group}:{name}", a, b, exact, atol)
     _compare(report, "rng state after the step", ref["rng"], cand["rng"], True, 0.0)
     return report
+
+
+def slice_effects(model: nn.Module, gm: nn.Module, inputs: Sequence[Any],
+                  stateful: dict[str, Sequence[str]]) -> dict[str, str]:
+    """What running whole regions on time slices (Rule 9 of :mod:`fxmemopt.runtime`) changes, on the example.
+
+    Runs ``gm`` forward once in training mode without grad; at every :class:`~fxmemopt.runtime.SlicedRegion` it
+    also runs the region's body unsliced from the same states and RNG, and compares the outputs. Everything the
+    run touched (BatchNorm statistics, neuron states, RNG) is restored afterwards.
+
+    Returns:
+        region name -> ``"equal"`` when the sliced output was bitwise equal to the unsliced one, else a
+        description of the difference (largest absolute difference, and which modules inside couple time steps).
+    """
+    effects: dict[str, str] = {}
+    whole: dict[str, Any] = {}
+    handles = []
+
+    def pre(region: SlicedRegion, args: tuple[Any, ...]) -> None:
+        state = ModelState.capture(model, stateful)
+        rng = rng_state()
+        try:
+            whole[region.spec.name] = region.__dict__["body"](list(args[0]))
+        finally:
+            state.restore()
+            set_rng_state(rng)
+
+    def post(region: SlicedRegion, args: tuple[Any, ...], out: Any) -> None:
+        ref, got = tree_leaves(whole.pop(region.spec.name)), tree_leaves(out)
+        if len(ref) == len(got) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(ref, got)):
+            effects[region.spec.name] = "equal"
+            return
+        diffs = [(a.double() - b.double()).abs().max().item() for a, b in zip(ref, got) if a.shape == b.shape]
+        coupled = sorted({type(m).__name__ for m in region.__dict__["body"].modules()
+                          if isinstance(m, nn.modules.batchnorm._NormBase) or "attention" in type(m).__name__.lower()})
+        why = f" (inside: {', '.join(coupled)})" if coupled else ""
+        effects[region.spec.name] = (f"output differs from the unsliced region by up to {max(diffs, default=0.0):.3g} "
+                                     f"on the example{why}")
+
+    for m in gm.modules():
+        if isinstance(m, SlicedRegion):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    if not handles:
+        return effects
+    state = ModelState.capture(model, stateful)
+    try:
+        gm.train()
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        state.restore()
+    return effects
