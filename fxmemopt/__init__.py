@@ -11,12 +11,14 @@ from .errors import FxMemOptError, FxMemOptWarning
 from .measure import StepMeasurement, measure_step
 from .packing import PackedTensor, try_pack, unpack
 from .plan import Plan, RegionPlan
+from .report import Explanation, Timeline, dump, explain, memory_timeline, render_dot
 from .summary import Summary
 from .verify import EquivalenceReport, compare_training_step
 
 __all__ = [
     "optimize", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
     "measure_step", "StepMeasurement", "compare_training_step", "EquivalenceReport",
-    "PackedTensor", "try_pack", "unpack",
+    "PackedTensor", "try_pack", "unpack", "explain", "Explanation", "dump", "render_dot", "memory_timeline",
+    "Timeline",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,15 +16,15 @@ import torch
 from torch import fx, nn
 
 from .annotate import AnnotatedGraph, annotate
-from .costmodel import build_cost_graph, record_step, simulate
-from .errors import FxMemOptError, InvalidInputsError, InvalidOptionError, format_error
+from .costmodel import build_cost_graph, record_step, region_working_sets, simulate
+from .errors import FxMemOptError, FxMemOptWarning, InvalidInputsError, InvalidOptionError, PlanError, format_error
 from .measure import measure_step
 from .packing import packed_nbytes
-from .plan import Plan
+from .plan import Plan, check_plan, graph_fingerprint, inputs_signature
 from .regions import Region, find_regions, region_io, split_region
 from .rewrite import rewrite
 from .runtime import RegionStats
-from .search import Decision, resolve_options, search, search_without_cost
+from .search import Decision, applied, resolve_options, search, search_without_cost
 from .state import has_memories, probe
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
@@ -46,6 +48,30 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...]:
             got=", ".join(type(a).__name__ for a in example_inputs) or "an empty tuple",
             fix="Pass example tensors shaped like real inputs, e.g. (torch.rand(T, N, C, H, W),)."))
     return tuple(example_inputs)
+
+
+def _load_plan(plan: Plan | str | os.PathLike[str] | None) -> tuple[Plan | None, str]:
+    """``plan=`` as a Plan (or None) and a name for messages."""
+    if plan is None or isinstance(plan, Plan):
+        return plan, "plan"
+    if isinstance(plan, str) and plan.lstrip().startswith("{"):
+        return Plan.from_json(plan, "plan"), "plan"
+    if isinstance(plan, (str, os.PathLike)):
+        path = os.fspath(plan)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise PlanError(format_error(f"plan file {path!r}", "cannot be read", got=str(e),
+                                         fix="Pass the path of a file written with --save-plan or "
+                                             "summary.save_plan().")) from e
+        return Plan.from_json(text, f"plan file {path!r}"), f"plan file {path!r}"
+    raise InvalidOptionError(format_error("plan", "has the wrong type", expected="a Plan, JSON text or a path",
+                                          got=type(plan).__name__))
+
+
+def _sig(signature: tuple[tuple[tuple[int, ...] | None, str], ...]) -> str:
+    return ", ".join(f"{list(shape)} {dtype}" if shape is not None else dtype for shape, dtype in signature)
 
 
 @contextlib.contextmanager
@@ -147,6 +173,7 @@ def optimize(
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
     predict: bool = True,
+    plan: Plan | str | os.PathLike[str] | None = None,
     return_summary: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, Summary]:
     """Rewrite ``model`` so a training step keeps far less memory for backward, with identical results.
@@ -198,6 +225,11 @@ def optimize(
             memory and step time before and after (see :mod:`fxmemopt.costmodel`; always done at levels 2-4 and
             with a memory budget, which need it). Costs a few unoptimized steps' time and the unoptimized step's
             memory.
+        plan: apply this saved plan instead of searching (a :class:`~fxmemopt.plan.Plan`, its JSON text, or the
+            path of a file written by ``summary.save_plan`` / ``fxmemopt optimize --save-plan``): nothing is
+            searched or measured (unless ``measure`` asks), and the search options are ignored. A plan made for
+            another architecture raises :class:`~fxmemopt.errors.PlanError`; one made for other input shapes
+            applies (exactly) with a warning.
         return_summary: also return a :class:`~fxmemopt.summary.Summary`.
 
     Returns:
@@ -211,6 +243,7 @@ def optimize(
         TraceError: the model's own ``forward`` cannot be traced by torch.fx.
         TargetsMatchNothingError: ``targets`` matches no called module.
         MemoryBudgetError: no plan fits ``memory_budget``.
+        PlanError: ``plan`` is malformed or does not fit the model.
 
     Example:
         >>> import torch, fxmemopt
@@ -240,6 +273,7 @@ def optimize(
             max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
             warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
             memory_budget=memory_budget, compress=compress, exact=exact)
+        saved, source = _load_plan(plan)
         target_types = _check_types("targets", targets)
         leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
         declared = _check_types("stateful_modules", stateful_modules)
@@ -273,19 +307,30 @@ def optimize(
         # costgraph: one recorded unoptimized step (what the search and the predictions run on)
         cost = None
         notes = list(opts.notes)
-        if predict or opts.level >= 2 or opts.memory_budget is not None:
+        if predict or (saved is None and (opts.level >= 2 or opts.memory_budget is not None)):
             try:
                 cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
             except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
                 log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
                 notes.append(f"no prediction: recording a training step on the example inputs failed with "
                              f"{type(e).__name__}: {e}; the search fell back to level 1")
-        # plan + choose: search the levels on the cost model (level 1 alone when no cost model could be built)
-        if cost is not None:
+        # plan + choose: a saved plan as is, or search the levels on the cost model (level 1 alone without one)
+        signature = inputs_signature(inputs)
+        if saved is not None:
+            check_plan(saved, annotated, source)
+            if saved.inputs and saved.inputs != signature:
+                warnings.warn(f"fxmemopt: {source} was made for example inputs {_sig(saved.inputs)}, these are "
+                              f"{_sig(signature)}; it applies exactly, but its memory predictions were for the "
+                              f"other shapes", FxMemOptWarning, stacklevel=3)
+            result = applied(saved, cost, source)
+        elif cost is not None:
             result = search(cost, regions, splits, opts)
         else:
             result = search_without_cost(regions, annotated, opts)
-        plan = result.plan
+        stamp = {"graph_fingerprint": graph_fingerprint(annotated), "inputs": signature}
+        plan = result.plan = dataclasses.replace(result.plan, **stamp)
+        if result.pre_unwrap is not None:
+            result.pre_unwrap = dataclasses.replace(result.pre_unwrap, **stamp)
         # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
         gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                             type(model).__name__)
@@ -326,10 +371,12 @@ def optimize(
         summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
         summary.notes += notes
         summary.sliced_regions = sliced
+        summary.graph = annotated
         summary.search = result
         summary.options = dataclasses.asdict(opts)
         if cost is not None:
-            after = simulate(cost, plan) if plan is not result.plan else result.prediction
+            after = simulate(cost, plan, with_timeline=True)
+            summary.working_sets = region_working_sets(after.timeline)
             summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
             summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s
             summary.cost_graph = cost

@@ -55,7 +55,8 @@ from .plan import Plan
 from .regions import region_io, unit_order
 from .state import ModelState
 
-__all__ = ["StorageRecord", "StepTrace", "Prediction", "record_step", "build_cost_graph", "simulate"]
+__all__ = ["StorageRecord", "StepTrace", "Prediction", "record_step", "build_cost_graph", "simulate",
+           "region_working_sets"]
 
 LOSS = "<loss>"
 
@@ -655,3 +656,17 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         if not by_region[r].keep_prefix:
             extra += sum(fwd.get(n, 0.0) for n in info["prefix_nodes"])
     return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))
+
+
+def region_working_sets(timeline: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Per region, the predicted working set of its recomputation: the most live bytes while it recomputes, minus
+    the live bytes just before it started (from a :func:`simulate` timeline, ``with_timeline=True``)."""
+    sets: dict[str, int] = {}
+    before = 0
+    for label, live in timeline:
+        phase, _, region = label.partition(":")
+        if phase == "recompute":
+            sets[region] = max(sets.get(region, 0), live - before)
+        else:
+            before = live
+    return sets

@@ -23,6 +23,7 @@ __all__ = [
     "RegionError",
     "RecomputationMismatchError",
     "MemoryBudgetError",
+    "PlanError",
     "InternalError",
     "FxMemOptWarning",
     "format_error",
@@ -85,6 +86,10 @@ class RecomputationMismatchError(FxMemOptError, RuntimeError):
 
 class MemoryBudgetError(FxMemOptError, ValueError):
     """``memory_budget`` is below the smallest peak any plan reaches; the message says that smallest peak."""
+
+
+class PlanError(FxMemOptError, ValueError):
+    """A saved plan is malformed, or does not fit the model it is applied to."""
 
 
 class InternalError(RuntimeError):

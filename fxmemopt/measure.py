@@ -71,6 +71,25 @@ class LiveBytesTracker(TorchDispatchMode):
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._free, key)
 
+    def mark(self, label: str) -> None:
+        """Add a marker ``("mark:<label>", live bytes)`` to the timeline (phase changes, region boundaries)."""
+        if self.timeline is not None:
+            self.timeline.append((f"mark:{label}", self.live))
+
+    def __enter__(self) -> LiveBytesTracker:
+        if self.timeline is not None:
+            from . import runtime
+
+            runtime.LISTENERS.append(self.mark)  # regions report enter/exit/recompute (see runtime.notify)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        from . import runtime
+
+        if self.mark in runtime.LISTENERS:
+            runtime.LISTENERS.remove(self.mark)
+        super().__exit__(*exc)
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         inputs = {st._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
@@ -94,7 +113,9 @@ class StepMeasurement:
         times_s: every timed repeat.
         device: "cpu" or the CUDA device.
         method: "cpu-storage-tracker" or "cuda-allocator".
-        timeline: ``(op, live bytes)`` per op of the measured step (CPU, when asked for with ``timeline=True``).
+        timeline: ``(op, live bytes)`` per op of the measured step (CPU, when asked for with ``timeline=True``),
+            with markers ``("mark:backward", ...)`` where backward starts and ``("mark:enter:<region>", ...)``,
+            ``exit:``, ``recompute:`` and ``recompute-end:`` where regions run (see :mod:`fxmemopt.report`).
     """
 
     peak_bytes: int
@@ -147,12 +168,17 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
     stateful = {p: () for p, m in module.named_modules() if has_memories(m)}
     saved = ModelState.capture(module, stateful)
 
+    tracker: LiveBytesTracker | None = None
+
     def step() -> None:
         saved.restore()  # every step starts from the same state (plain neurons' rebound attributes included)
         for p in params:
             p.grad = None
         reset(module)
-        loss_fn(module(*inputs)).backward()
+        loss = loss_fn(module(*inputs))
+        if tracker is not None:
+            tracker.mark("backward")
+        loss.backward()
 
     with saved.restored_after():
         for _ in range(warmup):
@@ -177,6 +203,7 @@ def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[
                     step()
                 peak, method = tracker.peak, "cpu-storage-tracker"
                 ops = tuple(tracker.timeline or ())
+                tracker = None
         times = []
         for _ in range(repeats):
             if device.type == "cuda":

@@ -10,13 +10,23 @@ region input whose value set is a small integer range is packed at the narrowest
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from .annotate import AnnotatedGraph
-from .packing import bits_for_max
-from .regions import Region, region_io
+from .errors import PlanError, format_error
+from .packing import SUPPORTED_BITS, bits_for_max
+from .regions import Region, check_convex, region_io
 
-__all__ = ["RegionPlan", "Plan", "checkpoint_all", "input_bits", "chunkable", "sliceable"]
+__all__ = ["RegionPlan", "Plan", "checkpoint_all", "input_bits", "chunkable", "sliceable", "graph_fingerprint",
+           "inputs_signature", "check_plan", "PLAN_FORMAT"]
+
+#: The ``format`` field of plan files; bumped when the layout changes incompatibly.
+PLAN_FORMAT = "fxmemopt-plan/1"
+_REGION_KEYS = {"name": str, "anchor": str, "nodes": list, "pack_bits": list, "chunks": int, "keep_prefix": bool,
+                "whole_slices": bool}
 
 
 @dataclass(frozen=True)
@@ -48,16 +58,162 @@ class RegionPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """The decisions applied to a traced model: which regions are checkpointed and how inputs are stored."""
+    """The decisions applied to a traced model: which regions are checkpointed and how inputs are stored.
+
+    A plan is plain data and saves as JSON (never pickle): ``summary.plan.to_json()`` and
+    ``Plan.from_json(text)``; ``fxmemopt.optimize(model, example_inputs, plan=...)`` applies a saved plan without
+    searching or measuring. It carries the fingerprint of the traced graph it was made for
+    (:func:`graph_fingerprint`) and the example inputs' shapes and dtypes (:func:`inputs_signature`), so applying
+    it to a model it does not fit fails with a :class:`~fxmemopt.errors.PlanError` that says what differs.
+
+    Attributes:
+        regions: the regions, in graph order.
+        graph_fingerprint: of the traced graph the plan was made for ("" when unknown).
+        inputs: the example inputs' ``(shape, dtype)`` (shape ``None`` for non-tensors).
+    """
 
     regions: tuple[RegionPlan, ...]
+    graph_fingerprint: str = ""
+    inputs: tuple[tuple[tuple[int, ...] | None, str], ...] = ()
 
-    def to_dict(self) -> dict:
-        """A JSON-able dict (lists and strings only)."""
-        return {"regions": [{"name": r.name, "anchor": r.anchor, "nodes": list(r.nodes),
-                             "pack_bits": list(r.pack_bits), "chunks": r.chunks, "keep_prefix": r.keep_prefix,
-                             "whole_slices": r.whole_slices}
-                            for r in self.regions]}
+    def to_dict(self, report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A JSON-able dict (lists, numbers and strings only); ``report`` is stored alongside for humans and
+        ``fxmemopt explain`` (ignored when the plan is applied)."""
+        from . import __version__
+
+        d: dict[str, Any] = {
+            "format": PLAN_FORMAT, "fxmemopt_version": __version__, "graph_fingerprint": self.graph_fingerprint,
+            "inputs": [{"shape": None if shape is None else list(shape), "dtype": dtype}
+                       for shape, dtype in self.inputs],
+            "regions": [{"name": r.name, "anchor": r.anchor, "nodes": list(r.nodes), "pack_bits": list(r.pack_bits),
+                         "chunks": r.chunks, "keep_prefix": r.keep_prefix, "whole_slices": r.whole_slices}
+                        for r in self.regions]}
+        if report is not None:
+            d["report"] = report
+        return d
+
+    def to_json(self, report: dict[str, Any] | None = None, indent: int | None = 1) -> str:
+        """The plan as JSON text (see :meth:`from_json`)."""
+        return json.dumps(self.to_dict(report), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "plan") -> Plan:
+        """Read a plan from :meth:`to_dict`'s layout; :class:`~fxmemopt.errors.PlanError` names the bad field."""
+        def bad(field: str, expected: str, got: Any) -> PlanError:
+            return PlanError(format_error(f"{source}: {field}", "is not a valid plan field", expected=expected,
+                                          got=repr(got)[:200],
+                                          fix="Save plans with summary.plan.to_json() (or `fxmemopt optimize "
+                                              "--save-plan`) and do not edit them by hand."))
+        if not isinstance(d, dict):
+            raise bad("top level", "a JSON object", type(d).__name__)
+        if d.get("format") != PLAN_FORMAT:
+            raise bad("format", repr(PLAN_FORMAT), d.get("format"))
+        fp = d.get("graph_fingerprint", "")
+        if not isinstance(fp, str):
+            raise bad("graph_fingerprint", "a string", fp)
+        inputs = d.get("inputs", [])
+        if not isinstance(inputs, list):
+            raise bad("inputs", "a list", inputs)
+        sig = []
+        for k, i in enumerate(inputs):
+            ok = isinstance(i, dict) and isinstance(i.get("dtype"), str) and (
+                i.get("shape") is None or (isinstance(i.get("shape"), list)
+                                           and all(isinstance(n, int) for n in i["shape"])))
+            if not ok:
+                raise bad(f"inputs[{k}]", '{"shape": [ints] or null, "dtype": str}', i)
+            sig.append((None if i["shape"] is None else tuple(i["shape"]), i["dtype"]))
+        regions = d.get("regions")
+        if not isinstance(regions, list):
+            raise bad("regions", "a list of region objects", regions)
+        out = []
+        for k, r in enumerate(regions):
+            if not isinstance(r, dict):
+                raise bad(f"regions[{k}]", "an object", r)
+            for key, typ in _REGION_KEYS.items():
+                v = r.get(key)
+                if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+                    raise bad(f"regions[{k}].{key}", typ.__name__, v)
+            if not r["nodes"] or not all(isinstance(n, str) for n in r["nodes"]):
+                raise bad(f"regions[{k}].nodes", "a non-empty list of node names", r["nodes"])
+            if not all(isinstance(b, int) and not isinstance(b, bool) and b in (0, *SUPPORTED_BITS)
+                       for b in r["pack_bits"]):
+                raise bad(f"regions[{k}].pack_bits", f"a list of 0 or {'/'.join(map(str, SUPPORTED_BITS))}",
+                          r["pack_bits"])
+            if r["chunks"] < 1:
+                raise bad(f"regions[{k}].chunks", "an int >= 1", r["chunks"])
+            out.append(RegionPlan(r["name"], r["anchor"], tuple(r["nodes"]), tuple(r["pack_bits"]), r["chunks"],
+                                  r["keep_prefix"], r["whole_slices"]))
+        return cls(tuple(out), fp, tuple(sig))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        """Read a plan saved by :meth:`to_json`.
+
+        Raises:
+            PlanError: the text is not JSON or not a plan (the message names the offending field).
+        """
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise PlanError(format_error(source, "is not valid JSON", got=str(e),
+                                         fix="Pass the text of a file written by summary.plan.to_json().")) from e
+        return cls.from_dict(d, source)
+
+
+def graph_fingerprint(graph: AnnotatedGraph) -> str:
+    """A short hash of the traced graph's structure: every node's name, opcode, target and inputs, in order.
+
+    Two models with the same architecture (and the same tracing) have the same fingerprint whatever their
+    weights; any change to layers, their order or their wiring changes it.
+    """
+    structure = [[n, graph[n].op, graph[n].target, list(graph[n].inputs)] for n in graph.order]
+    return hashlib.sha256(json.dumps(structure).encode()).hexdigest()[:16]
+
+
+def inputs_signature(inputs: Any) -> tuple[tuple[tuple[int, ...] | None, str], ...]:
+    """``(shape, dtype)`` of each example input (shape ``None`` and the type name for non-tensors)."""
+    import torch
+
+    return tuple((tuple(a.shape), str(a.dtype).replace("torch.", "")) if isinstance(a, torch.Tensor)
+                 else (None, type(a).__name__) for a in inputs)
+
+
+def check_plan(plan: Plan, graph: AnnotatedGraph, source: str = "plan") -> None:
+    """Check that ``plan`` fits the traced ``graph`` (raises :class:`~fxmemopt.errors.PlanError` naming what
+    does not): same fingerprint, existing and convex regions, one packing width per region input, time slices
+    only where they apply."""
+    fix = "Re-run fxmemopt.optimize on this model (without plan=) and save the new plan."
+    if plan.graph_fingerprint and plan.graph_fingerprint != graph_fingerprint(graph):
+        known = set(graph.order)
+        missing = sorted({n for r in plan.regions for n in r.nodes if n not in known})
+        detail = (f"nodes {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} of the plan are not in the "
+                  f"model's graph" if missing else "same node names, different layers or wiring")
+        raise PlanError(format_error(source, "was made for a different model", expected=f"graph fingerprint "
+                                     f"{plan.graph_fingerprint}", got=f"{graph_fingerprint(graph)} ({detail})",
+                                     fix=fix))
+    seen: dict[str, str] = {}
+    for r in plan.regions:
+        what = f"{source}: region {r.name!r}"
+        unknown = [n for n in r.nodes if n not in graph.nodes]
+        if unknown:
+            raise PlanError(format_error(what, "names nodes the model's graph does not have",
+                                         got=", ".join(unknown[:5]), fix=fix))
+        for n in r.nodes:
+            if n in seen:
+                raise PlanError(format_error(what, f"shares node {n!r} with region {seen[n]!r}", fix=fix))
+            seen[n] = r.name
+        if check_convex(graph, r.nodes):
+            raise PlanError(format_error(what, "is not a convex set of nodes (a path leaves and re-enters it)",
+                                         fix=fix))
+        inputs = region_io(graph, r.nodes)[0]
+        if len(r.pack_bits) != len(inputs):
+            raise PlanError(format_error(what, "has the wrong number of packing widths",
+                                         expected=f"{len(inputs)} (one per input)", got=str(len(r.pack_bits)),
+                                         fix=fix))
+        if r.chunks > 1:
+            ok, why = sliceable(graph, r.nodes)[:2] if r.whole_slices else chunkable(graph, r.nodes)
+            if not ok:
+                raise PlanError(format_error(what, f"asks for {r.chunks} time slices, but {why}", fix=fix))
 
 
 def input_bits(graph: AnnotatedGraph, node: str, compress: bool) -> int:

@@ -81,7 +81,17 @@ from .packing import PackedTensor, try_pack, unpack
 from .state import StateSnapshot, rng_state, set_rng_state
 
 __all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "region_args",
-           "release_args"]
+           "release_args", "LISTENERS"]
+
+
+#: Callables told ``"enter:<region>"``, ``"exit:<region>"``, ``"recompute:<region>"`` and ``"recompute-end:<region>"``
+#: as regions run (the memory timeline's markers; empty, and free, otherwise).
+LISTENERS: list[Callable[[str], None]] = []
+
+
+def notify(label: str) -> None:
+    for listener in LISTENERS:
+        listener(label)
 
 
 def region_args(*args: Any) -> list[Any]:
@@ -389,9 +399,13 @@ class _Frame:
                 raise _StopRecomputation  # nothing after this is needed
 
         result = None
+        if LISTENERS:
+            notify(f"recompute:{self.region.spec.name}")
         with contextlib.suppress(_StopRecomputation), self._replayed_context(**context), \
                 torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
             result = fn()
+        if LISTENERS:
+            notify(f"recompute-end:{self.region.spec.name}")
         expected = (last + 1 - lo) if last is not None else hi - lo
         problems = []
         if len(seen) != expected:
@@ -569,7 +583,12 @@ class CheckpointRegion(nn.Module):
             return self._plain(box)
         del args  # from here on only the body holds the inputs, and only until their last use
         self.stats.packed_bytes = self.stats.kept_bytes = 0
-        return self._checkpointed(box)
+        if LISTENERS:
+            notify(f"enter:{self.spec.name}")
+        out = self._checkpointed(box)
+        if LISTENERS:
+            notify(f"exit:{self.spec.name}")
+        return out
 
     def _checkpointed(self, box: list[Any], last: bool = True) -> Any:
         """One checkpointed call on ``box`` (Rules 1-6). ``last=False``: a later call continues from the states
@@ -690,6 +709,8 @@ class SlicedRegion(CheckpointRegion):
         checkpoint = self._needs_checkpoint(tuple(parts[0]))
         if checkpoint:
             self.stats.packed_bytes = self.stats.kept_bytes = 0
+            if LISTENERS:
+                notify(f"enter:{self.spec.name}")
         else:
             self.stats.plain_calls += 1
         outs = []
@@ -697,6 +718,8 @@ class SlicedRegion(CheckpointRegion):
             part, parts[c] = parts[c], []  # each slice's inputs die with its call (its body empties the list)
             last = c == len(parts) - 1
             outs.append(self._checkpointed(part, last=last) if checkpoint else self._plain(part))
+        if checkpoint and LISTENERS:
+            notify(f"exit:{self.spec.name}")
         if isinstance(outs[0], torch.Tensor):
             return torch.cat(outs, dim=0)
         return tuple(torch.cat([o[j] for o in outs], dim=0) for j in range(len(outs[0])))

@@ -45,7 +45,7 @@ from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
 __all__ = ["Options", "Decision", "SearchResult", "PRESETS", "resolve_options", "search", "search_without_cost",
-           "parse_bytes"]
+           "parse_bytes", "applied"]
 
 #: The seed's presets: profile -> (level, max_split_rounds, max_candidates_per_round, warmup_in_main_process,
 #: warmup_in_profile_workers, allow_expensive_profiling).
@@ -507,6 +507,18 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
     (result.applied_steps if changed else result.skipped_steps).append(
         "level4_greedy_unwrap" if changed else "level4:no_unwrap_within_peak")
     return best, pred
+
+
+def applied(plan: Plan, cost: nx.DiGraph | None, source: str = "plan") -> SearchResult:
+    """The result of applying a saved plan as is (no search): its prediction when a cost graph exists."""
+    baseline = simulate(cost, None) if cost is not None else None
+    prediction = simulate(cost, plan) if cost is not None else None
+    result = SearchResult(plan, prediction, baseline, candidates=len(plan.regions),
+                          selected=[r.anchor for r in plan.regions], policy="saved_plan",
+                          explanation=f"applied {source} as saved; nothing was searched or measured")
+    result.decisions = [Decision(r.name, "wrap", f"from {source}") for r in plan.regions]
+    result.applied_steps.append("saved_plan")
+    return result
 
 
 def search_without_cost(regions: list[Region], graph: AnnotatedGraph, opts: Options) -> SearchResult:

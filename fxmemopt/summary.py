@@ -7,6 +7,7 @@ the stateful modules found, and live run-time counters (calls, recomputations, p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,21 @@ class Summary:
     #: Regions run whole on time slices (``exact=False``) -> ``"equal"`` when their output on the example was
     #: bitwise the unsliced one, else how it differed (see :func:`fxmemopt.verify.slice_effects`).
     sliced_regions: dict[str, str] = field(default_factory=dict)
+    #: Region -> predicted working set of its recomputation in backward (bytes; from the cost model).
+    working_sets: dict[str, int] = field(default_factory=dict)
+    #: The annotated traced graph (:class:`fxmemopt.annotate.AnnotatedGraph`, plain data), for :func:`fxmemopt.dump`.
+    graph: Any = field(default=None, repr=False)
+
+    def save_plan(self, path: str | os.PathLike[str]) -> str:
+        """Write the plan as JSON, with the explain report alongside (for ``fxmemopt explain``), to ``path``.
+
+        Apply it later with ``fxmemopt.optimize(model, example_inputs, plan=path)``: no search, no measurement.
+        """
+        from .report import _report
+
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.plan.to_json(report=_report(self)))
+        return os.fspath(path)
 
     @property
     def semantics_changed(self) -> list[tuple[str, str]]:
