@@ -1,8 +1,18 @@
-"""Command line: ``python -m fxmemopt demo`` (more subcommands come with the inspection tools).
+"""Command line: ``python -m fxmemopt`` (or ``fxmemopt``) ``demo | optimize | explain``.
 
-``demo`` optimizes the bundled spiking VGG-11 on CIFAR10-DVS-shaped input on CPU, checks that a training step is
-bitwise identical to the unoptimized model's, and prints baseline vs optimized peak memory, step time and the
-checkpoint regions.
+``demo``
+    optimizes the bundled spiking VGG-11 on CIFAR10-DVS-shaped input on CPU, checks that a training step is
+    bitwise identical to the unoptimized model's, and prints baseline vs optimized peak memory, step time and the
+    checkpoint regions.
+``optimize MODULE:FACTORY --input-shape T,N,C,H,W``
+    builds your model by calling ``FACTORY()`` from ``MODULE`` (a dotted module name or a ``.py`` file), optimizes
+    it on random example inputs of that shape, prints the explain table, and optionally saves the plan
+    (``--save-plan``), the memory timeline (``--plot``, ``--timeline-csv``) and the graph (``--dump``, ``--dot``).
+    ``--plan p.json`` applies a saved plan instead of searching.
+``explain PLAN.json``
+    prints the explain table stored in a plan file.
+
+Errors end the command with exit status 2 and a one-line reason (``-v`` shows the traceback and logs each stage).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import logging
 import sys
 import time
 import warnings
+from typing import Any
 
 
 def _mib(n: int) -> str:
@@ -65,6 +76,110 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _load_factory(spec: str) -> Any:
+    """``module:factory`` or ``path/to/file.py:factory`` -> the factory callable."""
+    import importlib
+    import importlib.util
+    import os
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model {spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:build or models.py:build")
+    if module_name.endswith(".py") or os.sep in module_name:
+        if not os.path.exists(module_name):
+            raise FileNotFoundError(f"model {spec!r}: no file {module_name!r}")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)))
+        mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0],
+                                                          module_name)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 10,4,2,48,48") from None
+    if not shape or any(n <= 0 for n in shape):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes like 10,4,2,48,48")
+    return shape
+
+
+def optimize_cmd(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import json
+
+    import torch
+
+    import fxmemopt
+
+    factory = _load_factory(args.model)
+    kwargs = json.loads(args.factory_kwargs) if args.factory_kwargs else {}
+    torch.manual_seed(args.seed)
+    model = factory(**kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model {args.model!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    inputs = []
+    for shape in args.input_shape:
+        if args.input_kind == "spikes":
+            inputs.append((torch.rand(shape) > 0.5).float())
+        elif args.input_kind == "int":
+            inputs.append(torch.randint(0, args.vocab, shape))
+        else:
+            inputs.append(torch.rand(shape))
+    quiet = args.quiet
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(f"fxmemopt: {line}", file=sys.stderr, flush=True)
+
+    options = {"level": args.level, "prefer": args.prefer, "profile": args.profile,
+               "memory_budget": args.memory_budget, "measure": args.measure, "exact": not args.approximate,
+               "plan": args.plan}
+    options = {k: v for k, v in options.items() if v is not None}
+    t0 = time.perf_counter()
+    gm, summary = fxmemopt.optimize(model, tuple(inputs), return_summary=True, progress=progress, **options)
+    progress(f"[{time.perf_counter() - t0:6.1f} s] done")
+    print(fxmemopt.explain(summary))
+    if args.save_plan:
+        summary.save_plan(args.save_plan)
+        print(f"plan saved to {args.save_plan} (apply it with --plan {args.save_plan})")
+    if args.dump:
+        with open(args.dump, "w", encoding="utf-8") as f:
+            f.write(fxmemopt.dump(gm))
+        print(f"graph dump written to {args.dump}")
+    if args.dot:
+        dot = fxmemopt.dump(gm, format="dot")
+        if args.dot.endswith(".dot") or args.dot.endswith(".gv"):
+            with open(args.dot, "w", encoding="utf-8") as f:
+                f.write(dot)
+        else:
+            fxmemopt.render_dot(dot, args.dot)
+        print(f"graph written to {args.dot}")
+    if args.plot or args.timeline_csv or args.timeline_json:
+        progress("measuring the memory timeline of both models")
+        tl = fxmemopt.memory_timeline(model, gm, tuple(inputs))
+        for path, write in ((args.timeline_csv, tl.to_csv), (args.timeline_json, tl.to_json), (args.plot, tl.plot)):
+            if path:
+                write(path)
+                print(f"memory timeline written to {path}")
+    return 0
+
+
+def explain_cmd(args: argparse.Namespace) -> int:
+    import fxmemopt
+
+    print(fxmemopt.explain(args.plan_file))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxmemopt", description="Train deep SNNs in less memory, exactly.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
@@ -75,14 +190,45 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch", type=int, default=4, help="batch size")
     d.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
     d.set_defaults(func=demo)
+
+    o = sub.add_parser("optimize", help="optimize your model (MODULE:FACTORY) and print what changed")
+    o.add_argument("model", help="MODULE:FACTORY (dotted module or a .py file), e.g. models.py:build_vgg")
+    o.add_argument("--input-shape", type=_shape, action="append", required=True,
+                   help="shape of one example input, e.g. 10,4,2,48,48 (repeat for several inputs)")
+    o.add_argument("--input-kind", choices=("rand", "spikes", "int"), default="rand",
+                   help="example values: uniform [0, 1) floats, 0/1 spikes, or integer ids below --vocab")
+    o.add_argument("--vocab", type=int, default=1000, help="upper bound of --input-kind int values")
+    o.add_argument("--factory-kwargs", help='JSON keyword arguments for the factory, e.g. \'{"width": 0.5}\'')
+    o.add_argument("--seed", type=int, default=0, help="torch seed for the model and the example inputs")
+    o.add_argument("--level", type=int, help="0-4 (default 1; see README 'Levels, presets and budgets')")
+    o.add_argument("--prefer", choices=("speed", "balanced", "memory"))
+    o.add_argument("--profile", choices=("safe", "balanced", "memory", "exhaustive"))
+    o.add_argument("--memory-budget", help='bytes or a size such as "2GiB"')
+    o.add_argument("--approximate", action="store_true",
+                   help="exact=False: allow the seed's whole-region time slices (BatchNorm per slice)")
+    o.add_argument("--measure", choices=("worker", "in-process"), help="confirm by measuring both models")
+    o.add_argument("--plan", help="apply this saved plan instead of searching")
+    o.add_argument("--save-plan", help="write the plan (JSON, with its report) here")
+    o.add_argument("--plot", help="write the memory timeline plot here (PNG/SVG; needs matplotlib)")
+    o.add_argument("--timeline-csv", help="write the memory timeline here as CSV")
+    o.add_argument("--timeline-json", help="write the memory timeline here as JSON")
+    o.add_argument("--dump", help="write the text graph dump (regions marked) here")
+    o.add_argument("--dot", help="write the graph as DOT (.dot/.gv) or render it (.svg/.png; needs Graphviz)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    o.set_defaults(func=optimize_cmd)
+
+    e = sub.add_parser("explain", help="print the explain table stored in a plan file")
+    e.add_argument("plan_file", help="a plan saved with --save-plan or summary.save_plan()")
+    e.set_defaults(func=explain_cmd)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
     except Exception as e:  # one-line reason, non-zero exit
         if args.verbose:
             raise
-        print(f"fxmemopt: error: {type(e).__name__}: {e}", file=sys.stderr)
+        reason = " ".join(str(e).split())  # one line, even for multi-line messages
+        print(f"fxmemopt: error: {type(e).__name__}: {reason}", file=sys.stderr)
         return 2
 
 

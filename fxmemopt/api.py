@@ -9,7 +9,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -174,6 +174,7 @@ def optimize(
     stateful_modules: Sequence[type] = (),
     predict: bool = True,
     plan: Plan | str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
     return_summary: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, Summary]:
     """Rewrite ``model`` so a training step keeps far less memory for backward, with identical results.
@@ -230,6 +231,8 @@ def optimize(
             searched or measured (unless ``measure`` asks), and the search options are ignored. A plan made for
             another architecture raises :class:`~fxmemopt.errors.PlanError`; one made for other input shapes
             applies (exactly) with a warning.
+        progress: called with a short line as each stage starts (and during long searches), e.g. ``print``;
+            the command line shows these.
         return_summary: also return a :class:`~fxmemopt.summary.Summary`.
 
     Returns:
@@ -274,11 +277,18 @@ def optimize(
             warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
             memory_budget=memory_budget, compress=compress, exact=exact)
         saved, source = _load_plan(plan)
+
+        def step(what: str) -> None:
+            log.debug("fxmemopt: %.2f s: %s", time.perf_counter() - started, what)
+            if progress is not None:
+                progress(f"[{time.perf_counter() - started:6.1f} s] {what}")
+
         target_types = _check_types("targets", targets)
         leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
         declared = _check_types("stateful_modules", stateful_modules)
 
         # probe: which modules carry state across calls, which buffers a forward mutates (model left untouched)
+        step("probing stateful modules")
         try:
             found = probe(model, inputs, declared)
         except FxMemOptError:
@@ -290,11 +300,13 @@ def optimize(
             )) from e
         stateful = dict(found.stateful)
         # trace: fx graph with neurons and untraceable submodules as leaves
+        step("tracing")
         graph, constants, fallbacks = trace(
             model, stateful_paths=stateful, leaf_types=tuple(t for t in leaf if isinstance(t, type)),
             leaf_paths=[p for p in leaf if isinstance(p, str)])
         traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
         # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
+        step("annotating shapes and spike value sets")
         annotated = annotate(traced, inputs, stateful)
         # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
         target_paths = None
@@ -308,6 +320,7 @@ def optimize(
         cost = None
         notes = list(opts.notes)
         if predict or (saved is None and (opts.level >= 2 or opts.memory_budget is not None)):
+            step("recording one training step for the cost model")
             try:
                 cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
             except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
@@ -324,7 +337,8 @@ def optimize(
                               f"other shapes", FxMemOptWarning, stacklevel=3)
             result = applied(saved, cost, source)
         elif cost is not None:
-            result = search(cost, regions, splits, opts)
+            step(f"searching plans (level {opts.level}, {len(regions)} candidate regions)")
+            result = search(cost, regions, splits, opts, progress=step)
         else:
             result = search_without_cost(regions, annotated, opts)
         stamp = {"graph_fingerprint": graph_fingerprint(annotated), "inputs": signature}
@@ -332,12 +346,14 @@ def optimize(
         if result.pre_unwrap is not None:
             result.pre_unwrap = dataclasses.replace(result.pre_unwrap, **stamp)
         # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
+        step("rewriting")
         gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                             type(model).__name__)
         # profile: confirm by measurement (never required; failures are recorded, not raised)
         measured = None
         rejected: list[tuple[str, str, str]] = []
         if measure:
+            step(f"measuring unoptimized and optimized steps ({measure})")
             candidates = [("unoptimized", model), ("optimized", gm)]
             pre = result.pre_unwrap
             if pre is not None and pre != plan:

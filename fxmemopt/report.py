@@ -355,7 +355,8 @@ class Timeline:
     def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
         """The rows as CSV (written to ``path`` when given); returns the text."""
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["series", "index", "op", "live_bytes", "phase", "region"])
+        w = csv.DictWriter(buf, fieldnames=["series", "index", "op", "live_bytes", "phase", "region"],
+                           lineterminator="\n")
         w.writeheader()
         w.writerows(self.rows())
         if path is not None:

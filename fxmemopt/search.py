@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -290,7 +291,7 @@ def _peak_region(pred: Prediction, plan: Plan) -> str | None:
 
 
 def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, list[Region]],
-           opts: Options) -> SearchResult:
+           opts: Options, progress: Callable[[str], None] | None = None) -> SearchResult:
     """Choose a plan (see the module docstring).
 
     Args:
@@ -298,6 +299,7 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
         regions: candidate regions (from :func:`fxmemopt.regions.find_regions`).
         split_candidates: region name -> the per-neuron regions it can be split into (level 2).
         opts: resolved options.
+        progress: told how many candidate plans have been evaluated, every 100.
 
     Returns:
         A :class:`SearchResult`.
@@ -311,6 +313,8 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
 
     def evaluate(plan: Plan) -> Prediction:
         result.evaluated += 1
+        if progress is not None and result.evaluated % 100 == 0:
+            progress(f"searching: {result.evaluated} candidate plans evaluated")
         return simulate(cost, plan)
 
     if opts.level == 0 or not regions:
