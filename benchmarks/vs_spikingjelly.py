@@ -20,80 +20,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 import warnings
 
 import torch
-from torch import nn
 
 import fxmemopt
-from fxmemopt.measure import LiveBytesTracker
-from fxmemopt.snn import BaseNode, DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
+from fxmemopt.bench import patch_sj_for_cpu, with_sj_neurons
+from fxmemopt.snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
 from fxmemopt.snn.models import ConvBNNeuron, SEWBasicBlock, SpikformerBlock, SpikformerPatchEmbed
 
 
 def _sj():
     try:
-        from spikingjelly.activation_based import memopt, neuron, surrogate
-        from spikingjelly.activation_based.memopt import pipeline
+        from spikingjelly.activation_based import memopt
     except ImportError as e:  # pragma: no cover - optional
         raise SystemExit("spikingjelly is not installed: pip install --no-deps spikingjelly==2.0.0 && "
                          "pip install loguru numpy packaging tqdm scipy h5py") from e
-    return memopt, neuron, surrogate, pipeline
-
-
-def with_sj_neurons(model: nn.Module) -> nn.Module:
-    """Replace every fxmemopt.snn neuron by spikingjelly's multi-step LIFNode (same tau, threshold, reset)."""
-    _, neuron, surrogate, _ = _sj()
-    for name, child in list(model.named_children()):
-        if isinstance(child, BaseNode):
-            setattr(model, name, neuron.LIFNode(tau=2.0, v_threshold=child.v_threshold, v_reset=child.v_reset,
-                                                surrogate_function=surrogate.ATan(), detach_reset=child.detach_reset,
-                                                step_mode="m"))
-        else:
-            with_sj_neurons(child)
-    return model
-
-
-def patch_for_cpu() -> None:
-    """spikingjelly measures candidates on CUDA only; measure them with the CPU tracker instead."""
-    _, _, _, P = _sj()
-
-    def measure_peak(model, example_forward):
-        state = P._capture_runtime(model)
-        try:
-            P._execute_example(model, example_forward, backward=True)
-            P._restore_runtime(model, state)
-            with LiveBytesTracker() as tracker:
-                P._execute_example(model, example_forward, backward=True)
-            return float(tracker.peak)
-        finally:
-            P._restore_runtime(model, state)
-
-    def forward_costs(model, example_forward, process_group):
-        leaves = P._checkpoint_leaves(model)
-        costs = {path: 0.0 for path, _ in leaves}
-        starts, handles = {}, []
-        state = P._capture_runtime(model)
-        try:
-            for path, wrapper in leaves:
-                original = P._unwrap_checkpoint_module(wrapper)
-                handles.append(original.register_forward_pre_hook(
-                    lambda m, a, path=path: starts.__setitem__(path, time.perf_counter())))
-                handles.append(original.register_forward_hook(
-                    lambda m, a, o, path=path: costs.__setitem__(path, costs[path] + time.perf_counter()
-                                                                  - starts[path])))
-            for _ in range(3):
-                example_forward(model)
-                P._restore_runtime(model, state)
-        finally:
-            for h in handles:
-                h.remove()
-            P._restore_runtime(model, state)
-        return costs
-
-    P._measure_peak = measure_peak
-    P._forward_costs = forward_costs
+    return memopt
 
 
 WORKLOADS = {
@@ -112,8 +55,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
     args = p.parse_args()
-    memopt, _, _, _ = _sj()
-    patch_for_cpu()
+    memopt = _sj()
+    patch_sj_for_cpu()
     warnings.filterwarnings("ignore")
     print("spikingjelly 2.0.0 optimize_memory levels 2-4 measured with the CPU storage tracker instead of CUDA "
           "(see this file's docstring)")

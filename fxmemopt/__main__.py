@@ -1,4 +1,4 @@
-"""Command line: ``python -m fxmemopt`` (or ``fxmemopt``) ``demo | optimize | explain``.
+"""Command line: ``python -m fxmemopt`` (or ``fxmemopt``) ``demo | optimize | explain | bench``.
 
 ``demo``
     optimizes the bundled spiking VGG-11 on CIFAR10-DVS-shaped input on CPU, checks that a training step is
@@ -11,6 +11,8 @@
     ``--plan p.json`` applies a saved plan instead of searching.
 ``explain PLAN.json``
     prints the explain table stored in a plan file.
+``bench [--full] [--models vgg,sew] [--json out.json] [--markdown out.md] [--plot scaling.png]``
+    the benchmark suite (see :mod:`fxmemopt.bench`).
 
 Errors end the command with exit status 2 and a one-line reason (``-v`` shows the traceback and logs each stage).
 """
@@ -220,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("explain", help="print the explain table stored in a plan file")
     e.add_argument("plan_file", help="a plan saved with --save-plan or summary.save_plan()")
     e.set_defaults(func=explain_cmd)
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="benchmark the reference models: unoptimized, torch checkpoint, spikingjelly, "
+                                     "fxmemopt levels and presets; memory vs T and depth")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:

@@ -32,10 +32,13 @@ class EquivalenceReport:
     Attributes:
         checked: number of tensors compared.
         mismatches: ``(what, detail)`` for every difference (empty when equivalent).
+        max_grad_diff: the largest absolute gradient difference (parameters and inputs).
     """
 
     checked: int = 0
     mismatches: list[tuple[str, str]] = field(default_factory=list)
+    #: Largest absolute difference over every parameter and input gradient (0.0 when all are equal).
+    max_grad_diff: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -126,6 +129,11 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
         report.mismatches.append(("outputs", f"{len(ref['outputs'])} vs {len(cand['outputs'])} tensors"))
     for k, (a, b) in enumerate(zip(ref["input_grads"], cand["input_grads"])):
         _compare(report, f"input[{k}].grad", a, b, exact, atol)
+    pairs = list(zip(ref["input_grads"], cand["input_grads"]))
+    pairs += [(ref["grads"][n], cand["grads"][n]) for n in ref["grads"] if n in cand["grads"]]
+    report.max_grad_diff = max([(a.double() - b.double()).abs().max().item()
+                                for a, b in pairs if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                and a.shape == b.shape and a.numel()] + [0.0])
     for group in ("grads", "buffers", "states"):
         keys = set(ref[group]) | set(cand[group])
         for name in sorted(keys):
