@@ -445,6 +445,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         if not args.quiet:
@@ -465,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
                              with_spikingjelly=not args.no_spikingjelly, log=log)
     scale = [] if args.no_scaling else scaling(args.device, log=log)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+        f"CPU {_cpu_name()} ({platform.machine()}, {torch.get_num_threads()} threads)")
     header = (f"fxmemopt {__import__('fxmemopt').__version__} bench, {device}, torch {torch.__version__}, "
               f"{datetime.date.today().isoformat()}; peaks by "
               f"{'the CUDA allocator' if args.device.startswith('cuda') else 'the CPU storage tracker'}; "
