@@ -50,6 +50,16 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...]:
     return tuple(example_inputs)
 
 
+#: Module namespaces whose layers are kept whole on purpose: spikingjelly's ``layer.*`` wrappers are per-step
+#: operations (their forwards branch on ``step_mode`` and reshape by ``x.shape``), stateless or stateful alike.
+LIBRARY_LEAF_MODULES = ("spikingjelly.activation_based.layer",)
+
+
+def _library_leaves(model: nn.Module) -> tuple[type, ...]:
+    return tuple({type(m) for m in model.modules()
+                  if type(m).__module__.startswith(LIBRARY_LEAF_MODULES) and m is not model})
+
+
 def _load_plan(plan: Plan | str | os.PathLike[str] | None) -> tuple[Plan | None, str]:
     """``plan=`` as a Plan (or None) and a name for messages."""
     if plan is None or isinstance(plan, Plan):
@@ -302,7 +312,8 @@ def optimize(
         # trace: fx graph with neurons and untraceable submodules as leaves
         step("tracing")
         graph, constants, fallbacks = trace(
-            model, stateful_paths=stateful, leaf_types=tuple(t for t in leaf if isinstance(t, type)),
+            model, stateful_paths=stateful,
+            leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
             leaf_paths=[p for p in leaf if isinstance(p, str)])
         traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
         # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
@@ -382,7 +393,7 @@ def optimize(
                 st.reset()
         # report
         how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
-                   "declared" if isinstance(model.get_submodule(p), declared) else f"rebinds {', '.join(n)}")
+                   "declared" if isinstance(model.get_submodule(p), declared) else f"updates {', '.join(n)}")
                for p, n in stateful.items()}
         summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
         summary.notes += notes

@@ -51,6 +51,10 @@ Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its fo
     prefix's backward needs them (less memory).
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
+Rule 10 (torch.compile). A region's forward is excluded from compilation (``torch.compiler.disable``): Dynamo
+    cannot keep the contract (it traces saved-tensor hooks, RNG snapshots and state swaps into graphs with other
+    semantics; measured: a wrong input gradient with backend="eager", an error with "aot_eager"). So
+    ``torch.compile(gm)`` compiles the code *between* regions and neurons, and every region runs eagerly, exactly.
 Rule 9 (whole-region time slices, approximate). A :class:`SlicedRegion` runs its *whole* body on ``k`` consecutive
     time slices of its time-major inputs (the seed's temporal split), each slice a checkpointed call of its own
     (Rules 1-6) that starts from the states the previous slice left, and concatenates the slices' outputs. Only
@@ -573,8 +577,12 @@ class CheckpointRegion(nn.Module):
         return any(t.requires_grad for p, names in self.spec.stateful
                    for t in StateSnapshot.take(self._resolve(p), names).tensors())
 
+    @torch.compiler.disable
     def forward(self, box: list[Any]) -> Any:
-        """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body)."""
+        """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body).
+
+        Opaque to ``torch.compile`` (Rule 10): the region always runs eagerly.
+        """
         self._check_box(box)
         args = tuple(box)
         if not self._needs_checkpoint(args):
@@ -701,8 +709,9 @@ class SlicedRegion(CheckpointRegion):
         pieces = [time_slices(a, k) if s else (a,) * k for a, s in zip(box, self.sliced)]
         return [[p[c] for p in pieces] for c in range(k)]
 
+    @torch.compiler.disable
     def forward(self, box: list[Any]) -> Any:
-        """Run the region on the inputs in ``box``, slice by slice (Rule 9)."""
+        """Run the region on the inputs in ``box``, slice by slice (Rule 9); opaque to ``torch.compile``."""
         self._check_box(box)
         parts = self._parts(box)
         box.clear()

@@ -154,8 +154,9 @@ class ModelState:
     """Everything fxmemopt could disturb in a model while analysing it, captured so it can be put back.
 
     Captures buffer *values* (cloned: analysis runs mutate them in place), every stateful module's state (by
-    reference), every module attribute (by reference, so anything a forward rebinds is put back), parameter ``.grad``
-    references, training flags and the global RNG states. ``restore()`` puts all of it back: buffers are copied back
+    reference), every module attribute (by reference, so anything a forward rebinds is put back, and for tensors also
+    by value, so anything a forward updates in place is put back), parameter ``.grad`` references, training flags
+    and the global RNG states. ``restore()`` puts all of it back: buffers are copied back
     in place and rebound to their original objects.
 
     Example:
@@ -180,6 +181,16 @@ class ModelState:
         # Every module's attributes by reference: whatever a forward rebinds (a plain-PyTorch neuron's ``self.v``,
         # a counter) is put back, whether or not it was known to be state.
         self.attrs = [(m, dict(m.__dict__)) for m in model.modules()]
+        # ... and the values of tensors held in attributes (states a forward updates in place, self.v.mul_(...)).
+        seen: set[int] = set()
+        self.values: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        for m in model.modules():
+            mem = m.__dict__.get("_memories")
+            held = list(m.__dict__.values()) + (list(mem.values()) if isinstance(mem, dict) else [])
+            for v in held:
+                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and id(v) not in seen:
+                    seen.add(id(v))
+                    self.values.append((v, v._version, v.detach().clone()))
         self.cuda_devices = _cuda_devices_in_use()
         self.rng = rng_state(self.cuda_devices)
 
@@ -200,6 +211,10 @@ class ModelState:
                     m.__dict__[k] = v
         for mod, snap in self.states:
             snap.restore(mod)
+        with torch.no_grad():
+            for t, version, value in self.values:
+                if t._version != version:
+                    t.copy_(value)
         for p, g in self.grads:
             p.grad = g
         for m, training in self.training:
@@ -247,14 +262,16 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
         A :class:`ProbeResult`.
     """
     paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
-    before_attrs: dict[nn.Module, dict[str, int]] = {}
+    before_attrs: dict[nn.Module, dict[str, tuple[int, int]]] = {}
     before_bufs: dict[nn.Module, dict[str, tuple[int, torch.Tensor]]] = {}
     changed_attrs: dict[nn.Module, set[str]] = {}
     changed_bufs: set[tuple[str, str]] = set()
     counts: dict[str, int] = {}
 
     def pre(mod: nn.Module, args: Any) -> None:
-        before_attrs[mod] = {k: id(v) for k, v in mod.__dict__.items() if _is_state_value(v)}
+        # Identity and version: a state rebound (self.v = ...) or updated in place (self.v.mul_(...)) both count.
+        before_attrs[mod] = {k: (id(v), v._version if isinstance(v, torch.Tensor) else 0)
+                             for k, v in mod.__dict__.items() if _is_state_value(v)}
         # Values, not version counters: kernels such as batch_norm update running statistics without bumping them.
         before_bufs[mod] = {k: (id(b), b.detach().clone()) for k, b in mod._buffers.items() if b is not None}
 
@@ -263,7 +280,8 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
         counts[path] = counts.get(path, 0) + 1
         old = before_attrs.get(mod, {})
         for k, v in mod.__dict__.items():
-            if _is_state_value(v) and k not in ("training",) and old.get(k) != id(v):
+            now = (id(v), v._version if isinstance(v, torch.Tensor) else 0)
+            if _is_state_value(v) and k not in ("training",) and old.get(k) != now:
                 changed_attrs.setdefault(mod, set()).add(k)
         for k, (bid, value) in before_bufs.get(mod, {}).items():
             b = mod._buffers.get(k)

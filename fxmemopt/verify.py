@@ -62,6 +62,11 @@ def module_states(module: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _plain_name(name: str) -> str:
+    """A parameter/buffer name without the wrapper prefix ``torch.compile`` adds (``_orig_mod.``)."""
+    return name[len("_orig_mod."):] if name.startswith("_orig_mod.") else name
+
+
 def _compare(report: EquivalenceReport, what: str, a: Any, b: Any, exact: bool, atol: float) -> None:
     report.checked += 1
     if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
@@ -117,9 +122,9 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
         results.append({
             "outputs": [t.detach() for t in tree_leaves(out) if isinstance(t, torch.Tensor)],
             "input_grads": [x.grad for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point()],
-            "grads": {n: p.grad for n, p in module.named_parameters()},
-            "buffers": dict(module.named_buffers()),
-            "states": module_states(module),
+            "grads": {_plain_name(n): p.grad for n, p in module.named_parameters()},
+            "buffers": {_plain_name(n): b for n, b in module.named_buffers()},
+            "states": {_plain_name(n): v for n, v in module_states(module).items()},
             "rng": torch.get_rng_state(),
         })
     ref, cand = results

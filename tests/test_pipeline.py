@@ -113,11 +113,76 @@ def test_plain_pytorch_neurons_are_detected_as_stateful():
     x = torch.rand(3, 2, 4) * 2
     ref = copy.deepcopy(model)
     gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
-    assert summary.stateful_modules == {"1": "rebinds v", "3": "rebinds v"}
+    assert summary.stateful_modules == {"1": "updates v", "3": "updates v"}
     assert summary.region_count == 2
     report = compare_training_step(ref, gm, (x,))
     assert report.ok, str(report)
     assert torch.equal(model[1].v, ref[1].v)
+
+
+class InPlaceLIF(nn.Module):
+    """A neuron that keeps its membrane potential in one tensor and updates it in place (never rebinding it)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.v = torch.zeros(shape)
+
+    def forward(self, x):
+        out = []
+        for t in range(x.shape[0]):
+            h = self.v * 0.5 + x[t]
+            s = (h >= 1.0).to(x) + 0.0 * h
+            with torch.no_grad():
+                self.v.copy_(h * (1 - s))  # state carried without a gradient path, updated in place
+            out.append(s)
+        return torch.stack(out)
+
+
+class Opaque(nn.Module):
+    """Keeps its state in a float it only changes on the second call: the example run cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0.0
+        self.gain = 1.0
+
+    def forward(self, x):
+        self.calls = self.calls + 1.0
+        if self.calls > 1.0:
+            self.gain = self.gain * 0.5
+        return x * self.gain
+
+
+def test_neurons_updating_state_in_place_are_detected_and_left_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(4, 4)), InPlaceLIF((2, 4)),
+                          SeqToANNContainer(nn.Linear(4, 4)), InPlaceLIF((2, 4)))
+    x = torch.rand(3, 2, 4) * 2
+    model(x)  # non-trivial state, which optimize must not change
+    ref = copy.deepcopy(model)
+    before = model[1].v.clone()
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert summary.stateful_modules == {"1": "updates v", "3": "updates v"}
+    assert torch.equal(model[1].v, before)
+    report = compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
+    assert torch.equal(model[3].v, ref[3].v)
+
+
+def test_declared_stateful_modules_are_snapshotted_even_when_the_example_does_not_show_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(4, 4)), Opaque(), SeqToANNContainer(nn.Linear(4, 4)),
+                          PlainLIF())
+    x = torch.rand(3, 2, 4) * 2
+    _, auto = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert auto.stateful_modules["1"] == "updates calls"  # 'gain' changed on no example call
+    gm, declared = fxmemopt.optimize(model, (x,), stateful_modules=(Opaque,), return_summary=True)
+    assert declared.stateful_modules["1"] == "declared"
+    ref = copy.deepcopy(model)
+    for _ in range(2):  # the second call changes 'gain': recomputation must replay the entry value
+        report = compare_training_step(ref, gm, (x,))
+        assert report.ok, str(report)
+        model[3].v = ref[3].v = 0.0  # reset the neuron between steps, as training does
 
 
 def test_optimize_leaves_the_model_untouched():

@@ -1,0 +1,97 @@
+"""Optimizing under ``torch.distributed``: plan once, broadcast the plan, apply it on every rank, then wrap in DDP.
+
+Every rank must run the *same* rewritten graph, or DistributedDataParallel's gradient buckets would not line up.
+Searching on every rank could pick different plans (the search is deterministic, but examples and predicted times
+differ per rank), so :func:`optimize_distributed` searches on one rank and sends the plan, as JSON text, to the
+others, which apply it without searching (:func:`fxmemopt.optimize` with ``plan=``)::
+
+    dist.init_process_group("nccl")                      # or "gloo"
+    model = build_model().to(device)
+    gm = fxmemopt.distributed.optimize_distributed(model, (example_x,), prefer="memory")
+    ddp = torch.nn.parallel.DistributedDataParallel(gm, device_ids=[local_rank])   # no static_graph needed
+    for x, y in loader:
+        loss = criterion(ddp(x).mean(0), y); loss.backward(); opt.step(); opt.zero_grad()
+        functional.reset_net(ddp)                         # or fxmemopt.snn.reset_net
+
+Why it works with DDP: fxmemopt's checkpoint regions are non-reentrant (Rule 1 in :mod:`fxmemopt.runtime`): the
+forward records autograd's graph as usual and recomputation in backward only refills saved tensors, so each
+parameter's gradient is produced once per backward, in the order DDP expects ("marked ready twice" cannot
+happen, and ``static_graph``/``find_unused_parameters`` are not required).
+
+A plan file works the same way without this helper: ``summary.save_plan("plan.json")`` once, then every rank calls
+``fxmemopt.optimize(model, example_inputs, plan="plan.json")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import fx, nn
+
+from .errors import FxMemOptError, format_error
+
+__all__ = ["optimize_distributed"]
+
+#: Search options that only the planning rank uses (the others apply its plan).
+_SEARCH_ONLY = ("level", "prefer", "profile", "memory_budget", "checkpoint_budget", "max_gc_wrapped_modules",
+                "gc_target_budget_ratio", "temporal_split_factor", "max_split_rounds", "max_candidates_per_round",
+                "allow_expensive_profiling", "warmup_in_profile_workers", "measure", "measure_timeout_s", "exact",
+                "targets")
+
+
+def optimize_distributed(model: nn.Module, example_inputs: Sequence[Any], *, src: int = 0, group: Any = None,
+                         **optimize_kwargs: Any) -> fx.GraphModule:
+    """:func:`fxmemopt.optimize` on rank ``src``, the same plan applied on every other rank of ``group``.
+
+    Collective: every rank of ``group`` must call it (with its own copy of the same architecture and example
+    inputs of the same shapes). If planning fails on ``src``, every rank raises (``src`` its own error, the others
+    an :class:`~fxmemopt.errors.FxMemOptError` quoting it) instead of waiting.
+
+    Args:
+        model: this rank's model (not yet wrapped in DDP).
+        example_inputs: as for :func:`fxmemopt.optimize`.
+        src: the rank that searches.
+        group: the process group (default: the world).
+        **optimize_kwargs: passed to :func:`fxmemopt.optimize` on ``src``; the other ranks get only those that do
+            not concern the search (``leaf_modules``, ``stateful_modules``, ``compress``, ``predict``...).
+
+    Returns:
+        This rank's optimized module; wrap it in ``DistributedDataParallel``.
+    """
+    import torch.distributed as dist
+
+    from .api import optimize
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise FxMemOptError(format_error("optimize_distributed", "needs an initialized default process group",
+                                         fix="Call torch.distributed.init_process_group(...) first, or use "
+                                             "fxmemopt.optimize in a single process."))
+    if optimize_kwargs.get("return_summary") or "plan" in optimize_kwargs:
+        raise FxMemOptError(format_error("optimize_distributed", "takes neither return_summary nor plan",
+                                         fix="Read gm.fxmemopt_summary for the summary; to apply a plan file on "
+                                             "every rank, call fxmemopt.optimize(..., plan=path) directly."))
+    rank = dist.get_rank(group)
+    message: list[Any] = [None]
+    gm = None
+    error: BaseException | None = None
+    if rank == src:
+        try:
+            gm = optimize(model, example_inputs, **optimize_kwargs)
+            message[0] = ("plan", gm.fxmemopt_summary.plan.to_json(indent=None))
+        except BaseException as e:  # every rank must hear about it, or they would wait for a plan that never comes
+            error = e
+            message[0] = ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(message, src=dist.get_global_rank(group, src) if group is not None else src,
+                               group=group)
+    kind, payload = message[0]
+    if rank == src:
+        if error is not None:
+            raise error
+        return gm
+    if kind == "error":
+        raise FxMemOptError(format_error(f"optimize_distributed (rank {rank})",
+                                         f"planning failed on rank {src}: {payload}",
+                                         fix="Fix the error reported on that rank; every rank stopped with it."))
+    apply_kwargs = {k: v for k, v in optimize_kwargs.items() if k not in _SEARCH_ONLY}
+    return optimize(model, example_inputs, plan=payload, **apply_kwargs)
