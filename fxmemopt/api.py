@@ -25,7 +25,7 @@ from .regions import Region, find_regions, region_io, split_region
 from .rewrite import rewrite
 from .runtime import RegionStats
 from .search import Decision, applied, resolve_options, search, search_without_cost
-from .state import has_memories, probe
+from .state import ModelState, has_memories, probe
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
 from .verify import slice_effects
@@ -58,6 +58,36 @@ LIBRARY_LEAF_MODULES = ("spikingjelly.activation_based.layer",)
 def _library_leaves(model: nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules()
                   if type(m).__module__.startswith(LIBRARY_LEAF_MODULES) and m is not model})
+
+
+class ResetOnEntry:
+    """Forward pre-hook: put stateful modules back to the state the model's own ``forward`` resets them to.
+
+    Tracing records tensor operations only, so a ``reset_net(self)`` at the top of the user's ``forward`` would
+    silently disappear from the optimized module; :func:`fxmemopt.state.probe` finds it, and this hook keeps it.
+    """
+
+    def __init__(self, resets: dict[str, dict[str, Any]]) -> None:
+        self.resets = resets
+
+    def __call__(self, gm: nn.Module, args: Any) -> None:
+        for path, values in self.resets.items():
+            m = gm.get_submodule(path)
+            if has_memories(m) and callable(getattr(m, "reset", None)):
+                m.reset()  # the module's own reset (spikingjelly / fxmemopt.snn convention)
+                continue
+            memories = m.__dict__.get("_memories")
+            for k, v in values.items():  # plain modules: the values found at entry (fresh tensor copies)
+                value = v.clone() if isinstance(v, torch.Tensor) else v
+                if isinstance(memories, dict) and k in memories:
+                    memories[k] = value
+                else:
+                    m.__dict__[k] = value
+
+
+def _keep_resets(gm: nn.Module, resets: dict[str, dict[str, Any]]) -> None:
+    if resets:
+        gm.register_forward_pre_hook(ResetOnEntry(resets))
 
 
 def _load_plan(plan: Plan | str | os.PathLike[str] | None) -> tuple[Plan | None, str]:
@@ -311,10 +341,11 @@ def optimize(
         stateful = dict(found.stateful)
         # trace: fx graph with neurons and untraceable submodules as leaves
         step("tracing")
-        graph, constants, fallbacks = trace(
-            model, stateful_paths=stateful,
-            leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
-            leaf_paths=[p for p in leaf if isinstance(p, str)])
+        with ModelState.capture(model, stateful).restored_after():  # tracing runs Python code such as resets
+            graph, constants, fallbacks = trace(
+                model, stateful_paths=stateful,
+                leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
+                leaf_paths=[p for p in leaf if isinstance(p, str)])
         traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
         # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
         step("annotating shapes and spike value sets")
@@ -360,6 +391,7 @@ def optimize(
         step("rewriting")
         gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                             type(model).__name__)
+        _keep_resets(gm, found.resets)
         # profile: confirm by measurement (never required; failures are recorded, not raised)
         measured = None
         rejected: list[tuple[str, str, str]] = []
@@ -370,6 +402,7 @@ def optimize(
             if pre is not None and pre != plan:
                 pre_gm, pre_stats = rewrite(model, graph, constants, annotated, pre, stateful, found.mutated_buffers,
                                             type(model).__name__)
+                _keep_resets(pre_gm, found.resets)
                 candidates.append(("before-unwrap", pre_gm))
             results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
             rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
@@ -397,6 +430,9 @@ def optimize(
                for p, n in stateful.items()}
         summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
         summary.notes += notes
+        if found.resets:
+            summary.notes.append(f"the model's forward resets {', '.join(found.resets)} before using them; the "
+                                 f"optimized module does the same at the start of every call (tracing cannot see it)")
         summary.sliced_regions = sliced
         summary.graph = annotated
         summary.search = result

@@ -239,11 +239,38 @@ class ProbeResult:
             modules, whose state names are read live from the dict). Sorted by path.
         mutated_buffers: (module path, buffer name) pairs the forward mutated in place or rebound.
         call_counts: module path -> number of times the module was called.
+        resets: stateful module path -> its state when the forward first calls it (tensors cloned), for modules
+            the model's own ``forward`` puts back to that state before using them (a second forward found them
+            there again although the first had changed them): ``reset_net(self)`` at the top of ``forward``.
     """
 
     stateful: dict[str, tuple[str, ...]]
     mutated_buffers: tuple[tuple[str, str], ...]
     call_counts: dict[str, int]
+    resets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _state_values(m: nn.Module) -> dict[str, Any]:
+    """A module's state-like values (``_memories`` entries and tensor/number attributes), tensors cloned."""
+    mem = m.__dict__.get("_memories")
+    items = list(mem.items()) if isinstance(mem, dict) else []
+    items += [(k, v) for k, v in m.__dict__.items() if _is_state_value(v) and k != "training"]
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in items}
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def probe(model: nn.Module, example_inputs: tuple[Any, ...],
@@ -267,8 +294,13 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
     changed_attrs: dict[nn.Module, set[str]] = {}
     changed_bufs: set[tuple[str, str]] = set()
     counts: dict[str, int] = {}
+    resets: dict[str, dict[str, Any]] = {}
+
+    first_entry: dict[nn.Module, dict[str, Any]] = {}
 
     def pre(mod: nn.Module, args: Any) -> None:
+        if mod not in first_entry:
+            first_entry[mod] = _state_values(mod)
         # Identity and version: a state rebound (self.v = ...) or updated in place (self.v.mul_(...)) both count.
         before_attrs[mod] = {k: (id(v), v._version if isinstance(v, torch.Tensor) else 0)
                              for k, v in mod.__dict__.items() if _is_state_value(v)}
@@ -300,6 +332,24 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
             handles.append(m.register_forward_hook(post))
         with torch.no_grad():
             model(*example_inputs)
+        for h in handles:
+            h.remove()
+        handles = []
+        # A second forward tells whether the model's own forward resets stateful modules before using them.
+        candidates = [m for m in paths if has_memories(m) or isinstance(m, declared) or m in changed_attrs]
+        after_first = {m: _state_values(m) for m in candidates}
+        second_entry: dict[nn.Module, dict[str, Any]] = {}
+        def entry(mod: nn.Module, args: Any) -> None:
+            if mod not in second_entry:
+                second_entry[mod] = _state_values(mod)
+
+        for m in candidates:
+            handles.append(m.register_forward_pre_hook(entry))
+        with torch.no_grad():
+            model(*example_inputs)
+        resets = {paths[m]: first_entry[m] for m in candidates
+                  if m in first_entry and m in second_entry and not _same_values(after_first[m], first_entry[m])
+                  and _same_values(second_entry[m], first_entry[m])}
     finally:
         for h in handles:
             h.remove()
@@ -320,4 +370,5 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
             stateful[p] = tuple(sorted(names | changed_attrs.get(m, set())))
         elif m in changed_attrs:
             stateful[p] = tuple(sorted(changed_attrs[m]))
-    return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs)), counts)
+    return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs)), counts,
+                       {p: v for p, v in sorted(resets.items()) if p in stateful})

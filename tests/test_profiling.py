@@ -14,7 +14,7 @@ from torch import nn
 import fxmemopt
 from fxmemopt.errors import InvalidOptionError
 from fxmemopt.snn import IFNode, SeqToANNContainer
-from fxmemopt.verify import compare_training_step
+from fxmemopt.verify import compare_training_step, module_states
 from fxmemopt.workers import WORKER_ENV_VAR
 
 
@@ -37,6 +37,8 @@ class Misbehave(nn.Module):
                 raise RuntimeError("boom in the worker")
             elif self.fault == "exit":
                 os._exit(3)
+            elif self.fault == "oom":
+                raise MemoryError("simulated out of memory")
         return x
 
 
@@ -84,12 +86,21 @@ def test_profile_in_process():
     ("sleep", "timeout", 30.0),
     ("raise", "error", 20.0),
     ("exit", "crashed", 20.0),
+    ("oom", "oom", 20.0),
 ])
 def test_faulty_workers_are_rejected_and_optimize_returns(fault, status, bound_s):
     torch.manual_seed(0)
     model = _net(fault)
-    ref = copy.deepcopy(model)
     x = torch.rand(4, 3, 8)
+    model(x).sum().backward()  # gradients and neuron states are non-trivial: optimize must leave them as they are
+    for m in model.modules():
+        for k, v in getattr(m, "_memories", {}).items():
+            m._memories[k] = v.detach() if isinstance(v, torch.Tensor) else v  # graph-free, so deepcopy works
+    ref = copy.deepcopy(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    states = {k: v.clone() for k, v in module_states(model).items() if isinstance(v, torch.Tensor)}
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     t0 = time.perf_counter()
     # The guard's branch must run at call time, not at trace time: keep it a leaf.
     gm, s = fxmemopt.optimize(model, (x,), measure="worker", measure_timeout_s=3.0, leaf_modules=(Misbehave,),
@@ -102,6 +113,13 @@ def test_faulty_workers_are_rejected_and_optimize_returns(fault, status, bound_s
         assert "3" in s.rejected[0][2]
     assert s.measured_peak_after is None and s.predicted_peak_after is not None
     assert "rejected optimized" in str(s)
+    # the caller's model is as it was: parameters, buffers, gradients, neuron states, the global RNG
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    assert states and all(torch.equal(states[k], v) for k, v in module_states(model).items() if k in states)
+    assert torch.equal(rng, torch.get_rng_state())
+    model.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
     assert compare_training_step(ref, gm, (x,)).ok  # the rewrite itself is unaffected
 
 
