@@ -78,7 +78,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from .errors import RecomputationMismatchError, RegionError, format_error
 from .packing import PackedTensor, try_pack, unpack
@@ -178,6 +178,34 @@ def _graph_task_id() -> int:
     return get() if get is not None else -1
 
 
+#: Non-tensor region inputs kept as they are (immutable values).
+_CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
+              type(Ellipsis), torch.memory_format, torch.layout)
+
+
+@dataclass
+class _Container:
+    """A tuple/list/dict region input: its tensors by reference (with versions), rebuilt for recomputation."""
+
+    spec: Any
+    leaves: list[Any]
+    versions: list[int | None]
+    requires_grad: list[bool]
+
+    def rebuild(self, what: str) -> Any:
+        out = []
+        for v, version, rg in zip(self.leaves, self.versions, self.requires_grad):
+            if isinstance(v, torch.Tensor):
+                if v._version != version:
+                    raise RuntimeError(format_error(
+                        what, "holds a tensor that was modified in place after the region's forward and before "
+                              "backward", expected=f"version {version}", got=f"version {v._version}",
+                        fix="Use the out-of-place form of the operation (x = x + y instead of x += y)."))
+                v = v.detach().requires_grad_(rg) if rg else v.detach()
+            out.append(v)
+        return tree_unflatten(out, self.spec)
+
+
 class _Frame:
     """What one checkpointed call of a region keeps for backward (Rule 2) and how it recomputes (Rule 3)."""
 
@@ -217,7 +245,7 @@ class _Frame:
             self.arg_slots.append(slot)
             self.names.append(name)
             if not isinstance(a, torch.Tensor):
-                self.stored.append(a)
+                self.stored.append(self._container(a, name))
                 self.requires_grad.append(False)
                 self.versions.append(None)
                 continue
@@ -240,6 +268,25 @@ class _Frame:
                 self.versions.append(a._version)
                 stats.kept_bytes += a.numel() * a.element_size()
             self.requires_grad.append(a.requires_grad)
+
+    def _container(self, value: Any, name: str) -> Any:
+        """A non-tensor input (Rule 2): constants as they are; tuples, lists and dicts flattened into their tensors
+        (each kept by reference with its version, rebuilt detached for recomputation); anything else is refused,
+        since the region could not tell whether it changed before backward."""
+        leaves, spec = tree_flatten(value)
+        if not any(isinstance(v, torch.Tensor) for v in leaves) and all(isinstance(v, _CONSTANTS) for v in leaves):
+            return value
+        bad = [type(v).__name__ for v in leaves if not isinstance(v, (torch.Tensor, *_CONSTANTS))]
+        if bad:
+            raise RegionError(format_error(
+                f"region {self.region.spec.name!r}, input {name!r}", "is not a tensor, a constant, or a "
+                "tuple/list/dict of those", expected="tensors (or containers of tensors and constants)",
+                got=f"{type(value).__name__} holding {', '.join(sorted(set(bad)))}",
+                fix="Pass tensors between layers, or keep the module that takes this value out of the region "
+                    "(leaf_modules=... for a module fxmemopt should not trace into, or leave it out of targets)."))
+        return _Container(spec, list(leaves),
+                          [v._version if isinstance(v, torch.Tensor) else None for v in leaves],
+                          [isinstance(v, torch.Tensor) and v.requires_grad for v in leaves])
 
     def snapshot(self, args: tuple[Any, ...]) -> None:
         region = self.region
@@ -329,6 +376,9 @@ class _Frame:
                         expected=f"version {self.versions[k]}", got=f"version {s._version}",
                         fix="Use the out-of-place form of the operation (x = x + y instead of x += y)."))
                 x = s.detach()
+            elif isinstance(s, _Container):
+                values.append(s.rebuild(f"region {self.region.spec.name!r}, input {self.names[k]!r}"))
+                continue
             else:
                 values.append(s)
                 continue
