@@ -51,10 +51,6 @@ Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its fo
     prefix's backward needs them (less memory).
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
-Rule 10 (torch.compile). A region's forward is excluded from compilation (``torch.compiler.disable``): Dynamo
-    cannot keep the contract (it traces saved-tensor hooks, RNG snapshots and state swaps into graphs with other
-    semantics; measured: a wrong input gradient with backend="eager", an error with "aot_eager"). So
-    ``torch.compile(gm)`` compiles the code *between* regions and neurons, and every region runs eagerly, exactly.
 Rule 9 (whole-region time slices, approximate). A :class:`SlicedRegion` runs its *whole* body on ``k`` consecutive
     time slices of its time-major inputs (the seed's temporal split), each slice a checkpointed call of its own
     (Rules 1-6) that starts from the states the previous slice left, and concatenates the slices' outputs. Only
@@ -64,6 +60,10 @@ Rule 9 (whole-region time slices, approximate). A :class:`SlicedRegion` runs its
     ``optimize(exact=False)``, and :func:`fxmemopt.optimize` reports, per region, whether the sliced output
     equalled the unsliced one on the example. It slices in plain mode too (Rule 7), so the region means the same
     whether or not gradients are recorded.
+Rule 10 (torch.compile). A region's forward is excluded from compilation (``torch.compiler.disable``): Dynamo
+    cannot keep the contract (it traces saved-tensor hooks, RNG snapshots and state swaps into graphs with other
+    semantics; measured: a wrong input gradient with backend="eager", an error with "aot_eager"). So
+    ``torch.compile(gm)`` compiles the code *between* regions and neurons, and every region runs eagerly, exactly.
 """
 
 from __future__ import annotations
