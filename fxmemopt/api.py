@@ -24,7 +24,7 @@ from .plan import Plan, check_plan, graph_fingerprint, inputs_signature
 from .regions import Region, find_regions, region_io, split_region
 from .rewrite import rewrite
 from .runtime import RegionStats
-from .search import Decision, applied, resolve_options, search, search_without_cost
+from .search import SPEED_PEAK_FRACTION, Decision, applied, resolve_options, search, search_without_cost
 from .state import ModelState, has_memories, probe
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
@@ -406,10 +406,19 @@ def optimize(
                 candidates.append(("before-unwrap", pre_gm))
             results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
             rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
-            if len(results) == 3 and results[1].ok and results[2].ok and results[1].peak_bytes > results[2].peak_bytes:
-                # Unwrapping was predicted not to raise the peak, but measurement says it did: keep the wrapped plan.
-                rejected.append(("optimized", "rejected", f"unwrapping raised the measured peak from "
-                                 f"{results[2].peak_bytes} to {results[1].peak_bytes} bytes; kept the plan before it"))
+            if len(results) == 3 and results[1].ok and results[2].ok:
+                # Unwraps may raise the peak up to the search's limit (the plan before unwrapping for level 4, half
+                # the unoptimized peak for prefer="speed", the budget with memory_budget); measured beyond it, the
+                # prediction was wrong: keep the wrapped plan.
+                allowed = results[2].peak_bytes
+                if opts.memory_budget is not None:
+                    allowed = max(allowed, opts.memory_budget)
+                elif opts.prefer == "speed" and results[0].ok:
+                    allowed = max(allowed, int(results[0].peak_bytes * SPEED_PEAK_FRACTION))
+            if len(results) == 3 and results[1].ok and results[2].ok and results[1].peak_bytes > allowed:
+                rejected.append(("optimized", "rejected", f"unwrapping raised the measured peak to "
+                                 f"{results[1].peak_bytes} bytes, above the {allowed} bytes allowed (plan before "
+                                 f"unwrapping: {results[2].peak_bytes}); kept the plan before it"))
                 plan, gm, stats = pre, pre_gm, pre_stats
                 results = [results[0], results[2]]
                 result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))

@@ -164,3 +164,42 @@ def test_targets_still_work_with_levels():
     ref = copy.deepcopy(model)
     gm, s = fxmemopt.optimize(model, (x,), targets=(ConvBNNeuron,), prefer="memory", return_summary=True)
     assert compare_training_step(ref, gm, (x,)).ok
+
+
+def _fake_measure(peaks):
+    """A stand-in for the profiling stage returning the given peaks for (unoptimized, optimized, before-unwrap)."""
+    from fxmemopt.workers import ProfileResult
+
+    def measure(candidates, inputs, mode, timeout_s, warmup):
+        names = [n for n, _ in candidates]
+        return [ProfileResult(n, "ok", peaks[n], 0.1, "cpu-storage-tracker", 0.0) for n in names], "a test"
+    return measure
+
+
+def test_measured_unwraps_within_the_speed_limit_are_kept(monkeypatch):
+    """prefer="speed" raises the peak on purpose (up to half the unoptimized one): measuring must not undo that."""
+    torch.manual_seed(0)
+    model = DeepConvSNN(num_blocks=6, channels=8)
+    x = torch.rand(4, 4, 3, 16, 16)
+    base = fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
+    monkeypatch.setattr(fxmemopt.api, "_measure", _fake_measure(
+        {"unoptimized": base, "optimized": int(base * 0.45), "before-unwrap": int(base * 0.1)}))
+    _, s = fxmemopt.optimize(model, (x,), prefer="speed", measure="in-process", return_summary=True)
+    assert any(d.action in ("unwrap", "shrink") for d in s.decisions)
+    assert not any(name == "optimized" and status == "rejected" for name, status, _ in s.rejected)
+    assert s.plan == s.search.plan and s.plan.regions != s.search.pre_unwrap.regions  # unwraps kept
+
+
+def test_measured_unwraps_beyond_the_limit_are_reverted(monkeypatch):
+    torch.manual_seed(0)
+    model = DeepConvSNN(num_blocks=6, channels=8)
+    x = torch.rand(4, 4, 3, 16, 16)
+    base = fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
+    monkeypatch.setattr(fxmemopt.api, "_measure", _fake_measure(
+        {"unoptimized": base, "optimized": int(base * 0.6), "before-unwrap": int(base * 0.1)}))
+    gm, s = fxmemopt.optimize(model, (x,), prefer="speed", measure="in-process", return_summary=True)
+    assert any(name == "optimized" and status == "rejected" and "above" in msg for name, status, msg in s.rejected)
+    assert s.plan.regions == s.search.pre_unwrap.regions  # the plan before unwrapping was kept
+    assert any(d.reason == "unwraps reverted: the measured peak rose" for d in s.decisions)
+    reference = copy.deepcopy(model)
+    assert compare_training_step(reference, gm, (x,)).ok
