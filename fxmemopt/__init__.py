@@ -8,6 +8,7 @@ returns a ``torch.fx.GraphModule`` that trains exactly like the model.
 from . import errors
 from .api import optimize
 from .errors import FxMemOptError, FxMemOptWarning
+from .manual import Checkpointed
 from .measure import StepMeasurement, measure_step
 from .packing import PackedTensor, try_pack, unpack
 from .plan import Plan, RegionPlan
@@ -19,6 +20,6 @@ __all__ = [
     "optimize", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
     "measure_step", "StepMeasurement", "compare_training_step", "EquivalenceReport",
     "PackedTensor", "try_pack", "unpack", "explain", "Explanation", "dump", "render_dot", "memory_timeline",
-    "Timeline",
+    "Timeline", "Checkpointed",
 ]
 __version__ = "0.1.0"

@@ -250,8 +250,8 @@ class _Frame:
                 self.versions.append(None)
                 continue
             seen[id(a)] = slot
-            packed = try_pack(a, b) if b else None
-            if b and packed is None:
+            packed = try_pack(a, b) if b and (a.is_floating_point() or not self.region.pack_if_binary) else None
+            if b and packed is None and not self.region.pack_if_binary:
                 stats.unpacked_fallbacks += 1
                 self.region._warn_once(
                     "unpacked",
@@ -599,6 +599,9 @@ class CheckpointRegion(nn.Module):
     """
 
     _frame_class: type[_Frame] = _Frame
+    #: Hand-placed regions (:class:`fxmemopt.manual.Checkpointed`) pack what is binary in each call, quietly;
+    #: planned regions warn and count when a planned packing fails.
+    pack_if_binary: bool = False
 
     def __init__(self, body: fx.GraphModule, spec: RegionSpec, stats: RegionStats | None = None) -> None:
         super().__init__()
