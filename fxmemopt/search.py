@@ -239,7 +239,8 @@ class SearchResult:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    # Two decimals: a move the search accepts must read as lower (a strictly lower byte count can round equal).
+    return f"{n / 2**20:.2f} MiB"
 
 
 def _region_plan(r: Region, graph: AnnotatedGraph, compress: bool) -> RegionPlan:
