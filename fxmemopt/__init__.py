@@ -5,7 +5,7 @@
 returns a ``torch.fx.GraphModule`` that trains exactly like the model.
 """
 
-from . import errors
+from . import distributed, errors
 from .api import optimize
 from .errors import FxMemOptError, FxMemOptWarning
 from .manual import Checkpointed
@@ -17,7 +17,7 @@ from .summary import Summary
 from .verify import EquivalenceReport, compare_training_step
 
 __all__ = [
-    "optimize", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
+    "optimize", "distributed", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
     "measure_step", "StepMeasurement", "compare_training_step", "EquivalenceReport",
     "PackedTensor", "try_pack", "unpack", "explain", "Explanation", "dump", "render_dot", "memory_timeline",
     "Timeline", "Checkpointed",

@@ -112,4 +112,4 @@ def test_planning_failure_reaches_every_rank_instead_of_hanging(tmp_path):
 
 def test_needs_a_process_group():
     with pytest.raises(fxmemopt.FxMemOptError, match="process group"):
-        optimize_distributed(DeepConvSNN(num_blocks=1, channels=2), (torch.rand(2, 1, 3, 8, 8),))
+        fxmemopt.distributed.optimize_distributed(DeepConvSNN(num_blocks=1, channels=2), (torch.rand(2, 1, 3, 8, 8),))
