@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import FxMemOptError, InvalidOptionError, format_error
 from .plan import Plan
-from .summary import Summary, _fmt_bytes
+from .summary import Summary, _fmt_bytes, slices_label
 
 __all__ = ["Explanation", "explain", "dump", "render_dot", "Timeline", "memory_timeline", "MissingDependencyError"]
 
@@ -105,7 +105,7 @@ def _report(summary: Summary) -> dict[str, Any]:
     rows = []
     for r in summary.regions:
         d = last.get(r.name)
-        slices = str(r.chunks) + ("" if r.keep_prefix or r.chunks == 1 else "+p") + ("w" if r.whole_slices else "")
+        slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
         rows.append({
             "region": r.name, "anchor": r.anchor, "nodes": len(r.nodes), "slices": slices,
             "inputs": [{"node": i.node, "value_set": i.value_set, "bits": i.bits, "full_bytes": i.full_bytes,
@@ -146,9 +146,9 @@ def explain(obj: nn.Module | Summary | str | os.PathLike[str] | dict[str, Any]) 
         if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
             plan = Plan.from_dict(d)
             rows = [{"region": r.name, "anchor": r.anchor, "nodes": len(r.nodes),
-                     "slices": str(r.chunks) + ("" if r.keep_prefix or r.chunks == 1 else "+p")
-                     + ("w" if r.whole_slices else ""), "inputs": [], "stored_bytes": 0, "unpacked_bytes": 0,
-                     "working_set_bytes": None, "decision": "wrap", "reason": "from the plan (no report saved)"}
+                     "slices": slices_label(r.chunks, r.keep_prefix, r.whole_slices), "inputs": [],
+                     "stored_bytes": 0, "unpacked_bytes": 0, "working_set_bytes": None, "decision": "wrap",
+                     "reason": "from the plan (no report saved)"}
                     for r in plan.regions]
             return Explanation("(plan without report)", rows, {"stored_bytes": 0, "unpacked_bytes": 0},
                                ["this plan file has no report: save it with summary.save_plan() for byte counts"])

@@ -26,6 +26,12 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def slices_label(chunks: int, keep_prefix: bool, whole_slices: bool) -> str:
+    """How a region is sliced in time, for tables: the slice count, ``+p`` when the prefix is recomputed again,
+    ``w`` when the whole region runs per slice (``exact=False``)."""
+    return str(chunks) + ("" if keep_prefix or chunks == 1 else "+p") + ("w" if whole_slices else "")
+
+
 @dataclass(frozen=True)
 class InputReport:
     """How one region input is stored for backward.
@@ -299,8 +305,7 @@ class Summary:
             ins = ", ".join(
                 f"{i.node}:{i.value_set}->{str(i.bits) + 'b' if i.bits else ('ref' if i.stored_bytes == 0 else 'full')}"
                 for i in r.inputs)
-            # "+p": prefix recomputed again; "w": the whole region runs per slice (exact=False)
-            slices = str(r.chunks) + ("" if r.keep_prefix or r.chunks == 1 else "+p") + ("w" if r.whole_slices else "")
+            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
             rows.append((r.name, r.anchor, str(len(r.nodes)), slices, ins, _fmt_bytes(r.stored_bytes)))
         widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
