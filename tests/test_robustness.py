@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from test_pipeline import PlainLIF
 from torch import nn
 
 import fxmemopt
@@ -128,30 +129,13 @@ def test_a_model_that_resets_its_neurons_inside_forward_keeps_doing_so():
         assert report.ok, report.mismatches
 
 
-class PlainNeuron(nn.Module):
-    """A plain-PyTorch neuron: state in ``self.v``, rebound every step."""
-
-    def __init__(self):
-        super().__init__()
-        self.v = 0.0
-
-    def forward(self, x):
-        out = []
-        for t in range(x.shape[0]):
-            self.v = self.v * 0.5 + x[t]
-            s = (self.v >= 1.0).to(x) + 0.0 * self.v
-            self.v = self.v * (1 - s)
-            out.append(s)
-        return torch.stack(out)
-
-
 class PlainSelfResetting(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc1 = SeqToANNContainer(nn.Linear(6, 6))
-        self.sn1 = PlainNeuron()
+        self.sn1 = PlainLIF()
         self.fc2 = SeqToANNContainer(nn.Linear(6, 6))
-        self.sn2 = PlainNeuron()
+        self.sn2 = PlainLIF()
 
     def forward(self, x):
         self.sn1.v = 0.0  # the reset, written by hand
