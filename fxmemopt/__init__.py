@@ -5,9 +5,17 @@
 returns a ``torch.fx.GraphModule`` that trains exactly like the model.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # torch warns at import when NumPy is absent; fxmemopt never uses NumPy, so a fresh install's first screen
+    # (`python -m fxmemopt demo`) should not start with that warning. Only this message, only during this import.
+    warnings.filterwarnings("ignore", message=r"Failed to initialize NumPy")
+    import torch  # noqa: F401
+
 from . import distributed, errors
 from .api import optimize
-from .errors import FxMemOptError, FxMemOptWarning
+from .errors import FxMemOptError, FxMemOptWarning, GuardError
 from .manual import Checkpointed
 from .measure import StepMeasurement, measure_step
 from .packing import PackedTensor, try_pack, unpack
@@ -20,6 +28,6 @@ __all__ = [
     "optimize", "distributed", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
     "measure_step", "StepMeasurement", "compare_training_step", "EquivalenceReport",
     "PackedTensor", "try_pack", "unpack", "explain", "Explanation", "dump", "render_dot", "memory_timeline",
-    "Timeline", "Checkpointed",
+    "Timeline", "Checkpointed", "GuardError",
 ]
 __version__ = "0.1.0"

@@ -99,6 +99,10 @@ class NodeInfo:
         time_chunkable: for a stateful call on one ``[T, ...]`` tensor: calling the module on consecutive time
             slices (state carried) reproduced its output and final state bit for bit on the example, so it may be
             recomputed in time chunks.
+        spiking: a module call that turns real values into spikes: its output (or an element of the tuple it
+            returns, such as norse's ``(spikes, state)`` or snntorch's ``(spk, mem)``) is a floating tensor holding
+            only small non-negative integers on the example, while a floating input holds real values. Such a call
+            seeds a region whether or not the module keeps state.
     """
 
     name: str
@@ -116,6 +120,12 @@ class NodeInfo:
     value_set: ValueSet
     stateful: bool
     time_chunkable: bool = False
+    spiking: bool = False
+
+    @property
+    def seeds_region(self) -> bool:
+        """A neuron: a module call that keeps state or produces spikes (see ``stateful`` and ``spiking``)."""
+        return self.op == "call_module" and (self.stateful or self.spiking)
 
 
 @dataclass(frozen=True)
@@ -319,6 +329,12 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _makes_spikes(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+    """Real floating values in, a floating tensor of small non-negative integers (spikes) out."""
+    real_in = any(t.is_floating_point() and t.numel() and not observe_value_set(t).is_int for t in inputs)
+    return real_in and any(t.is_floating_point() and t.numel() and observe_value_set(t).is_int for t in outputs)
+
+
 def _target_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, str):
@@ -365,6 +381,10 @@ class _Annotator(fx.Interpreter):
     def _time_chunkable(self, n: fx.Node, module: nn.Module, before: list[tuple[nn.Module, StateSnapshot]],
                         result: Any) -> bool:
         """Does calling ``module`` on time slices (state carried) reproduce ``result`` and its final state?"""
+        if any(p.requires_grad for p in module.parameters()):
+            # A neuron with trainable parameters (spikingjelly's ParametricLIFNode.w) would get its gradient as a
+            # sum over slices, in another order than over all steps at once: not bitwise (measured: 1e-11 apart).
+            return False
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
         x = args[0] if len(args) == 1 and not n.kwargs else None
         if not (isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor) and x.dim() >= 1
@@ -393,8 +413,11 @@ class _Annotator(fx.Interpreter):
             if stateful else []
         result = super().run_node(n)
         chunkable = stateful and module is not None and self._time_chunkable(n, module, before, result)
-        static = static_value_set(n, self._arg_set, module, stateful)
         tensors = _flat_tensors(result)
+        spiking = n.op == "call_module" and _makes_spikes(
+            [t for a in n.all_input_nodes for t in _flat_tensors(self.env.get(a))], tensors)
+        # A neuron fxmemopt has no rule for (norse, snntorch): the example decides, the packer re-checks every call.
+        static = UNKNOWN if spiking and not stateful else static_value_set(n, self._arg_set, module, stateful)
         observed = observe_value_set(result) if tensors else REAL
         single = isinstance(result, torch.Tensor)
         dtype = result.dtype if single else None
@@ -402,7 +425,8 @@ class _Annotator(fx.Interpreter):
             value_set = REAL  # a float input is data, whatever the example happens to hold
         else:
             value_set = _decide(static, observed)
-        self.sets[n.name] = value_set
+        # what `z, s = neuron(x)` picks out is decided element by element (spikes binary, the state real)
+        self.sets[n.name] = UNKNOWN if spiking and not stateful and not single else value_set
         # Bytes per distinct storage: views of one storage (chunk, split) add up, capped at the storage size.
         per_storage: dict[int, list[int]] = {}
         for t in tensors:
@@ -417,7 +441,7 @@ class _Annotator(fx.Interpreter):
             module_stack=_module_stack(n), is_tensor=single,
             shape=tuple(result.shape) if single else None, dtype=str(dtype).replace("torch.", "") if single else None,
             nbytes=nbytes, static=static, observed=observed, value_set=value_set, stateful=stateful,
-            time_chunkable=chunkable,
+            time_chunkable=chunkable, spiking=spiking,
         )
         n.meta["fxmemopt"] = self.infos[n.name]
         return result

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,16 +17,16 @@ import torch
 from torch import fx, nn
 
 from .annotate import AnnotatedGraph, annotate
-from .costmodel import build_cost_graph, record_step, region_working_sets, simulate
+from .costmodel import build_cost_graph, peak_over_calls, record_step, region_working_sets, simulate
 from .errors import FxMemOptError, FxMemOptWarning, InvalidInputsError, InvalidOptionError, PlanError, format_error
 from .measure import measure_step
 from .packing import packed_nbytes
-from .plan import Plan, check_plan, graph_fingerprint, inputs_signature
+from .plan import Plan, check_plan, graph_fingerprint, guard_lines, inputs_signature
 from .regions import Region, find_regions, region_io, split_region
 from .rewrite import rewrite
-from .runtime import RegionStats
+from .runtime import CheckpointRegion, RegionStats
 from .search import SPEED_PEAK_FRACTION, Decision, applied, resolve_options, search, search_without_cost
-from .state import ModelState, has_memories, probe
+from .state import ModelState, has_memories, probe, set_state
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
 from .verify import slice_effects
@@ -82,7 +83,7 @@ class ResetOnEntry:
                 if isinstance(memories, dict) and k in memories:
                     memories[k] = value
                 else:
-                    m.__dict__[k] = value
+                    set_state(m, k, value)
 
 
 def _keep_resets(gm: nn.Module, resets: dict[str, dict[str, Any]]) -> None:
@@ -164,14 +165,80 @@ def _summary(model: nn.Module, graph: AnnotatedGraph, candidates: list[Region], 
     for rp in plan.regions:
         inputs, outputs = region_io(graph, rp.nodes)
         reports.append(RegionReport(
-            rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].stateful),
-            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits)), outputs, rp.chunks,
+            rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].seeds_region),
+            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits)
+                  if graph[i].is_tensor or graph[i].nbytes or graph[i].op in ("placeholder", "get_attr")),
+            outputs, rp.chunks,
             rp.keep_prefix, rp.whole_slices))
     notes = []
     if not candidates:
         notes.append("no stateful module (spiking neuron) was found, so no region was formed; pass targets=... "
                      "or stateful_modules=... to say which layers to checkpoint")
     return Summary(type(model).__name__, reports, list(fallbacks), stateful, plan, notes, stats)
+
+
+def _step_error(gm: nn.Module, inputs: tuple[Any, ...]) -> BaseException | None:
+    """Run one training step of ``gm`` (state, buffers, gradients and RNG restored); its exception, if any."""
+    try:
+        measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
+    except Exception as e:
+        return e
+    return None
+
+
+def _regions_in(error: BaseException, names: set[str]) -> set[str]:
+    """Regions whose forward or recomputation is on the traceback of ``error``."""
+    found: set[str] = set()
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        region = owner if isinstance(owner, CheckpointRegion) else getattr(owner, "region", None)
+        if isinstance(region, CheckpointRegion) and region.spec.name in names:
+            found.add(region.spec.name)
+    return found
+
+
+def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, inputs: tuple[Any, ...],
+               build: Callable[[Plan], tuple[fx.GraphModule, dict[str, RegionStats]]], model: nn.Module,
+               notes: list[str]) -> tuple[fx.GraphModule, dict[str, RegionStats], Plan, list[tuple[str, str]]]:
+    """Run one training step of the optimized module; unwrap every region that fails in it, until it runs.
+
+    A region that fails (a recomputation mismatch from a forward that is not a deterministic function of its
+    inputs and state, an input kind the runtime cannot keep, a library's own error under checkpointing) is named by
+    the traceback, or else by trying each region alone; it is left out of the plan and the step runs again. Returns
+    the module, its counters, the plan it was built from, and ``(region, reason)`` for each region left out. When
+    the model's own training step fails on the examples the same way (nothing requires grad, say), that is not the
+    regions' doing: they are kept, and a note says so.
+    """
+    failed: list[tuple[str, str]] = []
+    while plan.regions:
+        error = _step_error(gm, inputs)
+        if error is None:
+            break
+        if not failed and _step_error(model, inputs) is not None:
+            notes.append(f"the validation training step (sum of the outputs, backward) fails on the model itself, "
+                         f"unoptimized: {_first_line_of(error)}; the regions were kept (they run exactly as the "
+                         f"model does)")
+            break
+        names = {r.name for r in plan.regions}
+        bad = _regions_in(error, names)
+        if not bad:  # not on the traceback (raised from autograd's engine): try each region on its own
+            bad = {r.name for r in plan.regions
+                   if _step_error(build(dataclasses.replace(plan, regions=(r,)))[0], inputs) is not None}
+        bad = bad or names  # the step fails whichever region runs: leave all of them out
+        why = _first_line_of(error)
+        failed += [(n, why) for n in sorted(bad)]
+        log.warning("fxmemopt: region(s) %s failed a training step (%s); left unoptimized", ", ".join(sorted(bad)),
+                    why)
+        plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name not in bad))
+        gm, stats = build(plan)
+    for st in stats.values():
+        st.reset()
+    return gm, stats, plan, failed
+
+
+def _first_line_of(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def _measure(candidates: list[tuple[str, nn.Module]], inputs: tuple[Any, ...], mode: str, timeout_s: float,
@@ -213,6 +280,7 @@ def optimize(
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
     predict: bool = True,
+    calls_per_step: int = 1,
     plan: Plan | str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     return_summary: bool = False,
@@ -266,6 +334,11 @@ def optimize(
             memory and step time before and after (see :mod:`fxmemopt.costmodel`; always done at levels 2-4 and
             with a memory budget, which need it). Costs a few unoptimized steps' time and the unoptimized step's
             memory.
+        calls_per_step: how many calls of the module make one training step: ``T`` for a single-step network
+            (snntorch's ``init_hidden=True`` style, norse cells) called once per time step by your training loop,
+            with one backward after the last call. ``example_inputs`` are one call's inputs. The predicted peaks
+            (and ``explain``) are for that whole step: each earlier call keeps what its forward keeps for backward.
+            The plan itself is chosen on one call (regions that lower one call's kept bytes lower every call's).
         plan: apply this saved plan instead of searching (a :class:`~fxmemopt.plan.Plan`, its JSON text, or the
             path of a file written by ``summary.save_plan`` / ``fxmemopt optimize --save-plan``): nothing is
             searched or measured (unless ``measure`` asks), and the search options are ignored. A plan made for
@@ -306,6 +379,11 @@ def optimize(
         if measure not in (None, "worker", "in-process"):
             raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
                                                   expected='None, "worker" or "in-process"', got=repr(measure)))
+        if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+            raise InvalidOptionError(format_error("calls_per_step", "must be a positive int", expected=">= 1",
+                                                  got=repr(calls_per_step),
+                                                  fix="Pass the number of module calls per training step (T for a "
+                                                      "single-step network called once per time step)."))
         if not measure_timeout_s > 0:
             raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
                                                   got=repr(measure_timeout_s)))
@@ -341,11 +419,11 @@ def optimize(
         stateful = dict(found.stateful)
         # trace: fx graph with neurons and untraceable submodules as leaves
         step("tracing")
-        with ModelState.capture(model, stateful).restored_after():  # tracing runs Python code such as resets
-            graph, constants, fallbacks = trace(
-                model, stateful_paths=stateful,
-                leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
-                leaf_paths=[p for p in leaf if isinstance(p, str)])
+        with ModelState.capture(model, stateful).restored_after():  # tracing runs the model on the examples
+            captured = trace(model, inputs, stateful_paths=stateful,
+                             leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
+                             leaf_paths=[p for p in leaf if isinstance(p, str)])
+        graph, constants, fallbacks = captured.graph, captured.constants, captured.fallbacks
         traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
         # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
         step("annotating shapes and spike value sets")
@@ -372,7 +450,7 @@ def optimize(
         # plan + choose: a saved plan as is, or search the levels on the cost model (level 1 alone without one)
         signature = inputs_signature(inputs)
         if saved is not None:
-            check_plan(saved, annotated, source)
+            check_plan(saved, annotated, source, guard_lines(captured.guards))
             if saved.inputs and saved.inputs != signature:
                 warnings.warn(f"fxmemopt: {source} was made for example inputs {_sig(saved.inputs)}, these are "
                               f"{_sig(signature)}; it applies exactly, but its memory predictions were for the "
@@ -383,7 +461,8 @@ def optimize(
             result = search(cost, regions, splits, opts, progress=step)
         else:
             result = search_without_cost(regions, annotated, opts)
-        stamp = {"graph_fingerprint": graph_fingerprint(annotated), "inputs": signature}
+        stamp = {"graph_fingerprint": graph_fingerprint(annotated), "inputs": signature,
+                 "guards": guard_lines(captured.guards)}
         plan = result.plan = dataclasses.replace(result.plan, **stamp)
         if result.pre_unwrap is not None:
             result.pre_unwrap = dataclasses.replace(result.pre_unwrap, **stamp)
@@ -392,6 +471,23 @@ def optimize(
         gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
                             type(model).__name__)
         _keep_resets(gm, found.resets)
+
+        def build(p: Plan) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
+            out, st = rewrite(model, graph, constants, annotated, p, stateful, found.mutated_buffers,
+                              type(model).__name__)
+            _keep_resets(out, found.resets)
+            return out, st
+
+        # validate: one training step of the result (also the warm-up); a region that fails there is unwrapped
+        step("validating one training step of the result")
+        gm, stats, plan, failed = _validated(gm, stats, plan, inputs, build, model, notes)
+        if failed:
+            result.pre_unwrap = None
+            for name, why in failed:
+                result.decisions.append(Decision(name, "unwrap", f"failed in the validation step: {why}"))
+            warnings.warn(f"fxmemopt: {len(failed)} region(s) failed a training step on the example inputs and were "
+                          f"left unoptimized: " + "; ".join(f"{n} ({why})" for n, why in failed),
+                          FxMemOptWarning, stacklevel=3)
         # profile: confirm by measurement (never required; failures are recorded, not raised)
         measured = None
         rejected: list[tuple[str, str, str]] = []
@@ -425,14 +521,6 @@ def optimize(
             measured = (results[0], results[1], where)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
         sliced = slice_effects(model, gm, inputs, stateful) if any(r.whole_slices for r in plan.regions) else {}
-        # warm up: one training step of the result, everything restored (hides first-use costs from the first step)
-        if opts.warmup_in_main_process and plan.regions:
-            try:
-                measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
-            except Exception as e:  # a warm-up is a courtesy: the rewrite is exact whether or not it ran
-                notes.append(f"warm-up step failed: {type(e).__name__}: {e}")
-            for st in stats.values():
-                st.reset()
         # report
         how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
                    "declared" if isinstance(model.get_submodule(p), declared) else f"updates {', '.join(n)}")
@@ -450,8 +538,13 @@ def optimize(
             after = simulate(cost, plan, with_timeline=True)
             summary.working_sets = region_working_sets(after.timeline)
             summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
+            if calls_per_step > 1:
+                before = simulate(cost, Plan(()), with_timeline=True)
+                summary.predicted_peak_before = peak_over_calls(before, calls_per_step)
+                summary.predicted_peak_after = peak_over_calls(after, calls_per_step)
             summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s
             summary.cost_graph = cost
+        summary.calls_per_step = calls_per_step
         if measured is not None:
             base, opt, where = measured
             summary.measurement = f"{opt.method or base.method} in {where}"
@@ -460,6 +553,8 @@ def optimize(
             if base.ok and opt.ok and base.step_time_s:
                 summary.measured_step_time_ratio = opt.step_time_s / base.step_time_s
         summary.rejected = rejected
+        summary.failed_regions = failed
+        summary.guards = captured.guards
         summary.optimize_time_s = time.perf_counter() - started
         gm.fxmemopt_summary = summary
         log.info("%s", summary)

@@ -658,6 +658,24 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))
 
 
+def retained_bytes(prediction: Prediction) -> int:
+    """Live bytes when backward starts (what one forward keeps for backward, its output included), from a
+    :func:`simulate` timeline (``with_timeline=True``)."""
+    kept = 0
+    for label, live in prediction.timeline:
+        if label.startswith(("bwd:", "recompute:")):
+            break
+        kept = live
+    return kept
+
+
+def peak_over_calls(prediction: Prediction, calls: int) -> int:
+    """Predicted peak of a training step made of ``calls`` forward calls and one backward (a single-step network
+    called once per time step): each earlier call keeps what a forward keeps for backward until the backward runs,
+    and the last call's step comes on top of that. A linear model, exact when the calls are alike."""
+    return prediction.peak_bytes + (calls - 1) * retained_bytes(prediction)
+
+
 def region_working_sets(timeline: Sequence[tuple[str, int]]) -> dict[str, int]:
     """Per region, the predicted working set of its recomputation: the most live bytes while it recomputes, minus
     the live bytes just before it started (from a :func:`simulate` timeline, ``with_timeline=True``)."""

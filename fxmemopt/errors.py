@@ -24,6 +24,7 @@ __all__ = [
     "RecomputationMismatchError",
     "MemoryBudgetError",
     "PlanError",
+    "GuardError",
     "InternalError",
     "FxMemOptWarning",
     "format_error",
@@ -90,6 +91,16 @@ class MemoryBudgetError(FxMemOptError, ValueError):
 
 class PlanError(FxMemOptError, ValueError):
     """A saved plan is malformed, or does not fit the model it is applied to."""
+
+
+class GuardError(FxMemOptError, RuntimeError):
+    """A call of an optimized module breaks an assumption its trace specialized on (a *guard*).
+
+    Python control flow on shapes (``if x.ndim == 4``, ``for t in range(x.size(0))``) was resolved with the
+    example inputs when the model was traced; the optimized module checks each such decision on every call and
+    raises this, naming the guard, the value traced and the value of this call, instead of running code that was
+    specialized for other inputs. Optimize again with example inputs like this call's.
+    """
 
 
 class InternalError(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,14 @@ class Plan:
         regions: the regions, in graph order.
         graph_fingerprint: of the traced graph the plan was made for ("" when unknown).
         inputs: the example inputs' ``(shape, dtype)`` (shape ``None`` for non-tensors).
+        guards: what the trace specialized on, one ``"kind(expression) == value"`` line per guard
+            (:class:`fxmemopt.trace.Guard`); a plan applies only to a trace that took the same decisions.
     """
 
     regions: tuple[RegionPlan, ...]
     graph_fingerprint: str = ""
     inputs: tuple[tuple[tuple[int, ...] | None, str], ...] = ()
+    guards: tuple[str, ...] = ()
 
     def to_dict(self, report: dict[str, Any] | None = None) -> dict[str, Any]:
         """A JSON-able dict (lists, numbers and strings only); ``report`` is stored alongside for humans and
@@ -85,6 +89,7 @@ class Plan:
             "format": PLAN_FORMAT, "fxmemopt_version": __version__, "graph_fingerprint": self.graph_fingerprint,
             "inputs": [{"shape": None if shape is None else list(shape), "dtype": dtype}
                        for shape, dtype in self.inputs],
+            "guards": list(self.guards),
             "regions": [{"name": r.name, "anchor": r.anchor, "nodes": list(r.nodes), "pack_bits": list(r.pack_bits),
                          "chunks": r.chunks, "keep_prefix": r.keep_prefix, "whole_slices": r.whole_slices}
                         for r in self.regions]}
@@ -122,6 +127,9 @@ class Plan:
             if not ok:
                 raise bad(f"inputs[{k}]", '{"shape": [ints] or null, "dtype": str}', i)
             sig.append((None if i["shape"] is None else tuple(i["shape"]), i["dtype"]))
+        guards = d.get("guards", [])
+        if not isinstance(guards, list) or not all(isinstance(g, str) for g in guards):
+            raise bad("guards", "a list of strings", guards)
         regions = d.get("regions")
         if not isinstance(regions, list):
             raise bad("regions", "a list of region objects", regions)
@@ -143,7 +151,7 @@ class Plan:
                 raise bad(f"regions[{k}].chunks", "an int >= 1", r["chunks"])
             out.append(RegionPlan(r["name"], r["anchor"], tuple(r["nodes"]), tuple(r["pack_bits"]), r["chunks"],
                                   r["keep_prefix"], r["whole_slices"]))
-        return cls(tuple(out), fp, tuple(sig))
+        return cls(tuple(out), fp, tuple(sig), tuple(guards))
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> Plan:
@@ -178,10 +186,15 @@ def inputs_signature(inputs: Any) -> tuple[tuple[tuple[int, ...] | None, str], .
                  else (None, type(a).__name__) for a in inputs)
 
 
-def check_plan(plan: Plan, graph: AnnotatedGraph, source: str = "plan") -> None:
+def guard_lines(guards: Sequence[Any]) -> tuple[str, ...]:
+    """The plan file's form of :class:`fxmemopt.trace.Guard` objects: ``kind(expression) == value``."""
+    return tuple(f"{g.kind}({g.expression}) == {g.expected!r}" for g in guards)
+
+
+def check_plan(plan: Plan, graph: AnnotatedGraph, source: str = "plan", guards: tuple[str, ...] = ()) -> None:
     """Check that ``plan`` fits the traced ``graph`` (raises :class:`~fxmemopt.errors.PlanError` naming what
-    does not): same fingerprint, existing and convex regions, one packing width per region input, time slices
-    only where they apply."""
+    does not): same fingerprint, same guards (``guards``: :func:`guard_lines` of this trace), existing and convex
+    regions, one packing width per region input, time slices only where they apply."""
     fix = "Re-run fxmemopt.optimize on this model (without plan=) and save the new plan."
     if plan.graph_fingerprint and plan.graph_fingerprint != graph_fingerprint(graph):
         known = set(graph.order)
@@ -191,6 +204,13 @@ def check_plan(plan: Plan, graph: AnnotatedGraph, source: str = "plan") -> None:
         raise PlanError(format_error(source, "was made for a different model", expected=f"graph fingerprint "
                                      f"{plan.graph_fingerprint}", got=f"{graph_fingerprint(graph)} ({detail})",
                                      fix=fix))
+    if plan.guards != guards:
+        differ = [f"{a} vs {b}" for a, b in zip(plan.guards, guards) if a != b]
+        detail = differ[0] if differ else f"{len(plan.guards)} vs {len(guards)} guards"
+        raise PlanError(format_error(source, "was made for a trace that specialized on other example inputs",
+                                     expected="the plan's guards", got=detail,
+                                     fix="Apply it with example inputs like the ones it was made with (its "
+                                         "'inputs' field), or re-run fxmemopt.optimize without plan=."))
     seen: dict[str, str] = {}
     for r in plan.regions:
         what = f"{source}: region {r.name!r}"

@@ -6,7 +6,8 @@ never touches fx.
 
 Two ways to find regions:
 
-* **automatic** (``targets=None``): every call of a stateful module (a spiking neuron) seeds one region,
+* **automatic** (``targets=None``): every neuron call (a module that keeps state or turns real values into spikes,
+  see :attr:`~fxmemopt.annotate.NodeInfo.seeds_region`) seeds one region,
   together with the stateless nodes that feed it since the previous layer boundary. The walk goes backwards
   from the neuron through node inputs and stops at placeholders, parameter reads (``get_attr``), other stateful
   calls and nodes an earlier region already claimed. Seeds are taken in graph order, which keeps every region
@@ -15,6 +16,12 @@ Two ways to find regions:
 * **by module class** (``targets=(VGGBlock,)``): every call of a module whose class is a target forms one region
   of all nodes traced inside that call (the outermost target wins when targets nest). A leaf module that is a
   target forms a one-node region.
+
+Both modes then tidy the *metadata* nodes (Python values that hold no tensor: ``x.shape``, ``x.size(0)``, ``T * N``,
+and the capture's ``check_guard`` nodes): those computed from a region's inputs alone are moved out in front of it
+(they become cheap int inputs, available to later regions too, instead of extra outputs), and those that read the
+region's interior and are used only by guards move in (so a guard does not make the region output an interior
+tensor). A region then has one output in the usual case, which time slicing needs.
 
 Region names come from module paths (``ckpt_features_3_lif``), so ``gm.code`` stays readable.
 """
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
-__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region"]
+__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure"]
 
 #: Opcodes that never belong to a region interior: inputs, the output, and parameter/buffer reads (which are
 #: passed into regions by reference and cost nothing to keep).
@@ -96,6 +103,113 @@ def check_convex(graph: AnnotatedGraph, nodes: Iterable[str]) -> list[str]:
     return sorted(set(bad), key=position.__getitem__)
 
 
+def _picks_from_neuron(graph: AnnotatedGraph, name: str) -> bool:
+    """``z, state = neuron(x)``: the ``getitem`` that picks the spikes (or the state) out of a neuron's tuple output.
+    It stays outside the next region, whose input is then the spike tensor itself (packable), not the tuple."""
+    info = graph[name]
+    return info.op == "call_function" and info.target.endswith("getitem") and len(info.inputs) == 1 \
+        and graph[info.inputs[0]].seeds_region
+
+
+def _is_metadata(graph: AnnotatedGraph, name: str) -> bool:
+    """A node that computes a Python value holding no tensor (a shape, an int, a guard): free to move."""
+    info = graph[name]
+    return info.op in ("call_function", "call_method") and not info.is_tensor and info.nbytes == 0 \
+        and not info.stateful
+
+
+def metadata_closure(graph: AnnotatedGraph, nodes: Sequence[str]) -> tuple[str, ...]:
+    """``nodes`` plus the metadata chains that compute their metadata inputs from their tensor inputs.
+
+    A region whose body runs on time slices (Rule 9 of :mod:`fxmemopt.runtime`) must recompute ``x.shape[0]`` from
+    the slice, not receive it from outside: this is the node set such a body is built from. Chains that read a
+    tensor the region does not already read are left as inputs.
+    """
+    members = set(nodes)
+    inputs = set(region_io(graph, nodes)[0])
+    extra: set[str] = set()
+
+    def chain(n: str, seen: set[str]) -> bool:
+        if n in members or n in extra or n in seen:
+            return True
+        if not _is_metadata(graph, n):
+            return n in inputs or graph[n].op == "get_attr"
+        seen.add(n)
+        return all(chain(i, seen) for i in graph[n].inputs)
+
+    for i in region_io(graph, nodes)[0]:
+        seen: set[str] = set()
+        if _is_metadata(graph, i) and chain(i, seen):
+            extra |= seen
+    position = {n: k for k, n in enumerate(graph.order)}
+    return tuple(sorted(members | extra, key=position.__getitem__))
+
+
+def _tidy(graph: AnnotatedGraph, members: list[str], free: set[str]) -> list[str]:
+    """Move metadata nodes out of (hoist) and into (absorb) one region's node set (see the module docstring).
+
+    Args:
+        graph: the annotated graph.
+        members: the region's nodes.
+        free: nodes outside every region that may be absorbed (they are removed from it when they are).
+    """
+    position = {n: i for i, n in enumerate(graph.order)}
+    inside = set(members)
+    changed = True
+    while changed:  # hoist: metadata computed from outside values only (chains such as x.shape -> [0] -> * N)
+        changed = False
+        for n in sorted(inside, key=position.__getitem__):
+            if _is_metadata(graph, n) and not any(i in inside for i in graph[n].inputs) and len(inside) > 1:
+                inside.discard(n)
+                changed = True
+    # absorb: metadata that reads the interior and is used, transitively, only inside the region (guards)
+    downstream: set[str] = set()  # outside nodes that depend on the region: reading one would break convexity
+    stack = [u for n in inside for u in graph.users[n] if u not in inside]
+    while stack:
+        n = stack.pop()
+        if n not in downstream:
+            downstream.add(n)
+            stack.extend(u for u in graph.users[n] if u not in inside)
+
+    def readable(i: str) -> bool:  # what an absorbed node may read without adding a tensor input to the region
+        return i in inside or i in added_set or graph[i].op == "get_attr" or (
+            not graph[i].is_tensor and graph[i].nbytes == 0 and i not in downstream)
+
+    added: list[str] = []
+    added_set: set[str] = set()
+    for n in graph.order:
+        ins = graph[n].inputs
+        if n in free and _is_metadata(graph, n) and any(i in inside or i in added_set for i in ins) \
+                and all(readable(i) for i in ins):
+            added.append(n)
+            added_set.add(n)
+    keep = set(added)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(keep):
+            # used outside, or reading a candidate that was itself dropped (it would read the region from outside)
+            if any(u not in inside and u not in keep for u in graph.users[n]) or \
+                    any(i in added_set and i not in keep for i in graph[n].inputs):
+                keep.discard(n)
+                changed = True
+    for n in keep:
+        free.discard(n)
+    return [n for n in graph.order if n in inside or n in keep]
+
+
+def _tidy_all(graph: AnnotatedGraph, regions: list[Region], within: Iterable[str] | None = None) -> list[Region]:
+    """:func:`_tidy` every region (names kept); only nodes of ``within`` (default: all) may be absorbed."""
+    claimed = {n for r in regions for n in r.nodes}
+    free = {n for n in (graph.order if within is None else within) if n not in claimed}
+    out = []
+    for r in regions:
+        nodes = _tidy(graph, list(r.nodes), free)
+        out.append(r if tuple(nodes) == r.nodes else dataclasses.replace(_make(graph, r.anchor, nodes, set()),
+                                                                         name=r.name))
+    return out
+
+
 def _identifier(path: str) -> str:
     ident = re.sub(r"\W", "_", path).strip("_") or "root"
     return f"ckpt_{ident}"
@@ -110,7 +224,7 @@ def _make(graph: AnnotatedGraph, anchor: str, nodes: list[str], used: set[str]) 
     while name in used:
         name, k = f"{base}_{k}", k + 1
     used.add(name)
-    stateful = tuple(n for n in ordered if graph[n].stateful)
+    stateful = tuple(n for n in ordered if graph[n].seeds_region)
     return Region(name, anchor, ordered, inputs, outputs, stateful)
 
 
@@ -121,7 +235,7 @@ def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
     used = set() if used is None else used
     for seed in graph.order:
         info = graph[seed]
-        if not (info.op == "call_module" and info.stateful) or seed in claimed:
+        if not info.seeds_region or seed in claimed:
             continue
         members = [seed]
         claimed.add(seed)
@@ -129,7 +243,7 @@ def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
         while stack:
             n = stack.pop()
             ni = graph[n]
-            if n in claimed or ni.op in _BOUNDARY_OPS or (ni.op == "call_module" and ni.stateful):
+            if n in claimed or ni.op in _BOUNDARY_OPS or ni.seeds_region or _picks_from_neuron(graph, n):
                 continue
             claimed.add(n)
             members.append(n)
@@ -149,6 +263,9 @@ def split_region(graph: AnnotatedGraph, region: Region, used: set[str]) -> list[
         return []
     covered = {n for p in parts for n in p.nodes}
     rest = [n for n in region.nodes if n not in covered]
+    if rest:
+        parts = _tidy_all(graph, parts, within=rest)
+        rest = [n for n in rest if not any(n in p.nodes for p in parts)]
     if rest:
         last = parts[-1]
         parts[-1] = dataclasses.replace(_make(graph, last.anchor, list(last.nodes) + rest, set()), name=last.name)
@@ -212,6 +329,7 @@ def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
                 fix="Check the classes (a wrapper class is not its wrapped class), or use targets=None to find "
                     "layers automatically.",
             ))
+    regions = _tidy_all(graph, regions)
     position = {n: i for i, n in enumerate(graph.order)}
     regions.sort(key=lambda r: position[r.nodes[0]])
     seen: set[str] = set()

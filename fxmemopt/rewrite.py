@@ -23,22 +23,23 @@ from torch.nn.modules.batchnorm import _NormBase
 from .annotate import AnnotatedGraph
 from .errors import InternalError
 from .plan import Plan, RegionPlan, sliceable
-from .regions import region_io, unit_order
+from .regions import metadata_closure, region_io, unit_order
 from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, SlicedRegion, region_args, release_args
 from .trace import _resolve, make_graph_module
 
 __all__ = ["rewrite"]
 
 
-def _owned_buffers(model: nn.Module, paths: Sequence[str], mutated: set[tuple[str, str]]
+def _owned_buffers(model: nn.Module, paths: Sequence[str], mutated: set[tuple[str, str]],
+                   stateful: dict[str, Sequence[str]]
                    ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
     buffers: dict[tuple[str, str], None] = {}
     clone: dict[tuple[str, str], None] = {}
     for path in paths:
         for sub_path, sub in model.get_submodule(path).named_modules(prefix=path):
             for name, buf in sub._buffers.items():
-                if buf is None:
-                    continue
+                if buf is None or name in stateful.get(sub_path, ()):
+                    continue  # a buffer the forward rebinds is module state (snapshotted, Rule 2), not a statistic
                 key = (sub_path, name)
                 buffers[key] = None
                 # Norm layers update statistics in training whatever mode the probe saw; others as observed.
@@ -102,7 +103,7 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         prefixes = tuple(dict.fromkeys(paths))
         inner_state = tuple((p, tuple(names)) for p, names in stateful.items()
                             if any(p == q or p.startswith(q + ".") for q in prefixes))
-        buffers, clone = _owned_buffers(model, prefixes, mutated)
+        buffers, clone = _owned_buffers(model, prefixes, mutated, stateful)
         spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone)
         stats[rp.name] = RegionStats()
         if rp.chunks > 1 and rp.whole_slices:
@@ -110,7 +111,8 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
             ok, why, sliced = sliceable(annotated, rp.nodes)
             if not ok:
                 raise InternalError(f"plan asks to slice {rp.name} whole, but {why}")
-            body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
+            # x.shape[0] and the like are recomputed from each slice inside the body (its inputs stay as they are)
+            body = _body(model, graph, rp, metadata_closure(annotated, rp.nodes), inputs, outputs, node_by_name)
             modules[rp.name] = SlicedRegion(body, spec, stats[rp.name], chunks=rp.chunks, sliced=sliced)
         elif rp.chunks > 1:
             # Rule 8: the body is the prefix up to the neuron's input; the neuron is called by the region.

@@ -487,7 +487,7 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
         for rp in best.regions:
             moves.append(("unwrap", rp, Plan(tuple(r for r in best.regions if r.name != rp.name)),
                           sum(fwd.get(n, 0.0) for n in rp.nodes)))
-            if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].stateful:
+            if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
                 small = dataclasses.replace(rp, nodes=nodes, pack_bits=bits, chunks=1, keep_prefix=True,

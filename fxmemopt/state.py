@@ -44,6 +44,24 @@ __all__ = [
 _MISSING = object()
 
 
+def get_state(module: nn.Module, name: str) -> Any:
+    """A state value by name: a plain attribute, or a buffer the forward rebinds (snntorch keeps ``mem`` in a
+    non-persistent buffer); a private MISSING marker when neither exists."""
+    if name in module.__dict__:
+        return module.__dict__[name]
+    return module._buffers.get(name, _MISSING) if name in module._buffers else _MISSING
+
+
+def set_state(module: nn.Module, name: str, value: Any) -> None:
+    """Put a state value back where :func:`get_state` found it (MISSING removes a plain attribute)."""
+    if name in module._buffers:
+        module._buffers[name] = None if value is _MISSING else value
+    elif value is _MISSING:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = value
+
+
 def has_memories(m: nn.Module) -> bool:
     """True for modules following the ``_memories`` dict convention (fxmemopt.snn, spikingjelly)."""
     return isinstance(m.__dict__.get("_memories"), dict)
@@ -72,7 +90,7 @@ class StateSnapshot:
     def take(cls, module: nn.Module, attr_names: Sequence[str]) -> StateSnapshot:
         mem = module.__dict__.get("_memories")
         memories = dict(mem) if isinstance(mem, dict) else None
-        attrs = {n: module.__dict__.get(n, _MISSING) for n in attr_names}
+        attrs = {n: get_state(module, n) for n in attr_names}
         snap = cls(memories, attrs)
         snap.versions = {id(t): t._version for t in snap.tensors()}
         return snap
@@ -100,10 +118,7 @@ class StateSnapshot:
             mem.clear()
             mem.update(self.memories)
         for k, v in self.attrs.items():
-            if v is _MISSING:
-                module.__dict__.pop(k, None)
-            else:
-                module.__dict__[k] = v
+            set_state(module, k, v)
 
     def copied(self) -> StateSnapshot:
         """A copy whose tensors are cloned (``requires_grad`` kept): immune to later in-place edits of the state."""
@@ -255,6 +270,7 @@ def _state_values(m: nn.Module) -> dict[str, Any]:
     mem = m.__dict__.get("_memories")
     items = list(mem.items()) if isinstance(mem, dict) else []
     items += [(k, v) for k, v in m.__dict__.items() if _is_state_value(v) and k != "training"]
+    items += [(k, v) for k, v in m._buffers.items() if v is not None]
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in items}
 
 
@@ -317,7 +333,11 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
                 changed_attrs.setdefault(mod, set()).add(k)
         for k, (bid, value) in before_bufs.get(mod, {}).items():
             b = mod._buffers.get(k)
-            if b is None or id(b) != bid or not torch.equal(b, value):
+            if b is not None and id(b) != bid:
+                # Rebound by the forward (snntorch's `self.mem = ...` on a registered buffer): state, carried
+                # from call to call by reference like an attribute, not a statistic updated in place.
+                changed_attrs.setdefault(mod, set()).add(k)
+            elif b is None or not torch.equal(b, value):
                 changed_bufs.add((path, k))
 
     # Stateful by convention, declared classes included, found before the run so their state is restored too.
@@ -370,5 +390,6 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
             stateful[p] = tuple(sorted(names | changed_attrs.get(m, set())))
         elif m in changed_attrs:
             stateful[p] = tuple(sorted(changed_attrs[m]))
-    return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs)), counts,
+    state_buffers = {(paths[m], k) for m, ks in changed_attrs.items() for k in ks}
+    return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs - state_buffers)), counts,
                        {p: v for p, v in sorted(resets.items()) if p in stateful})

@@ -13,7 +13,7 @@ from typing import Any
 
 from .plan import Plan
 from .runtime import RegionStats
-from .trace import LeafFallback
+from .trace import Guard, LeafFallback
 
 __all__ = ["InputReport", "RegionReport", "Summary"]
 
@@ -129,6 +129,16 @@ class Summary:
     working_sets: dict[str, int] = field(default_factory=dict)
     #: The annotated traced graph (:class:`fxmemopt.annotate.AnnotatedGraph`, plain data), for :func:`fxmemopt.dump`.
     graph: Any = field(default=None, repr=False)
+    #: What the trace specialized on (:class:`fxmemopt.trace.Guard`: Python control flow on shapes resolved with the
+    #: example inputs). The optimized module checks each on every call and raises
+    #: :class:`~fxmemopt.errors.GuardError` when a call differs; empty: the module is as shape-generic as the model.
+    guards: tuple[Guard, ...] = ()
+    #: Regions that failed the validation training step on the example and were left unoptimized:
+    #: ``(region, reason)``.
+    failed_regions: list[tuple[str, str]] = field(default_factory=list)
+    #: Calls of the module that make one training step (``optimize(calls_per_step=T)`` for a single-step network
+    #: called once per time step); predictions are for that many calls and one backward.
+    calls_per_step: int = 1
 
     def save_plan(self, path: str | os.PathLike[str]) -> str:
         """Write the plan as JSON, with the explain report alongside (for ``fxmemopt explain``), to ``path``.
@@ -326,12 +336,20 @@ class Summary:
                          f"{_fmt_bytes(self.measured_peak_after)} "
                          f"({self.measured_peak_before / self.measured_peak_after:.2f}x lower), step time "
                          f"x{self.measured_step_time_ratio:.2f}; prediction error {self.prediction_error:.1%}")
+        if self.calls_per_step > 1:
+            parts.append(f"one training step = {self.calls_per_step} calls of the module (calls_per_step), then "
+                         f"one backward: predictions are for that step")
         parts += [f"rejected {c}: {st}: {msg}" for c, st, msg in self.rejected]
+        parts += [f"left unoptimized {r}: failed the validation training step: {why}"
+                  for r, why in self.failed_regions]
         parts += [f"SEMANTICS CHANGED (exact=False) in {r}: {what}" for r, what in self.semantics_changed]
         changes = [d for d in self.decisions if d.action in ("split", "chunk", "unwrap", "reject")]
         parts += [f"{d.action} {d.region}: {d.reason}" for d in changes]
         if self.leaf_fallbacks:
             parts.append("submodules kept whole (not traceable):")
             parts += [f"  {f.path} ({f.module_type}): {f.reason}" for f in self.leaf_fallbacks]
+        if self.guards:
+            parts.append(f"guards ({len(self.guards)}; checked on every call, GuardError when a call differs):")
+            parts += [f"  {g}" for g in self.guards]
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)

@@ -1,4 +1,20 @@
-"""Stage 1, *trace*: turn the user's ``nn.Module`` into a ``torch.fx.Graph``.
+"""Stage 1, *trace* (capture): turn the user's ``nn.Module`` into a ``torch.fx.Graph``, using the example inputs.
+
+Capture is ``torch.fx`` symbolic tracing in which every proxy also carries the *concrete value* the example inputs
+give it (each op is run on the real example values as it is recorded, under ``no_grad``; the model's state is
+restored by the caller). That lets ordinary Python in the user's ``forward`` trace as it runs:
+
+* control flow on shapes and ranks (``if x.ndim == 4:``, ``assert x.shape[0] == self.T``, ``T, B, *rest = x.shape``,
+  ``y.reshape(T, N, *y.shape[1:])``) and loops over time (``for t in range(x.size(0))``) are resolved with the
+  example's metadata;
+* each such decision becomes a :class:`Guard`: a ``check_guard`` node in the graph that re-evaluates the same
+  expression on every call and raises :class:`~fxmemopt.errors.GuardError` if it comes out differently (never a
+  silent wrong result). Only what the control flow reads is specialized: an ``x.ndim`` test guards the rank, a
+  loop over ``range(x.size(0))`` guards T, a model without such control flow stays shape-generic;
+* shapes used as *values* (``x.view(x.shape[0], -1)``) stay symbolic graph nodes, as in plain fx.
+
+Control flow on tensor *data* (``if spikes.sum() > 0``, ``.item()``) is not specialized: it would be wrong for the
+next batch. A submodule that does it cannot be traced through and is kept whole (see below).
 
 Leaf policy (a leaf is kept as one ``call_module`` node instead of being traced through):
 
@@ -6,10 +22,10 @@ Leaf policy (a leaf is kept as one ``call_module`` node instead of being traced 
   state must be snapshotted as a unit;
 * torch's own layers (the default ``torch.fx`` rule: ``torch.nn`` modules other than containers);
 * modules the user names in ``leaf_modules`` (classes or qualified names);
-* **automatically**, any submodule whose ``forward`` fails to trace symbolically — shape unpacking such as
-  ``y.reshape(T, N, *y.shape[1:])``, data-dependent Python, calls fx cannot proxy. The partial trace of that
-  submodule is rolled back and the submodule becomes a leaf; :class:`LeafFallback` records which and why, and
-  the summary reports it. Only a failure in the root module's own code raises :class:`~fxmemopt.errors.TraceError`.
+* **automatically**, any submodule whose ``forward`` still fails to trace (data-dependent Python, calls fx cannot
+  proxy). The partial trace of that submodule is rolled back and the submodule becomes a leaf;
+  :class:`LeafFallback` records which and why, and the summary reports it. Only a failure in the root module's own
+  code raises :class:`~fxmemopt.errors.TraceError`.
 
 Known limitation: a submodule whose failed trace had side effects on its own attributes (assigning a Proxy to
 ``self.something``) keeps them; such modules are rare and fail loudly when run.
@@ -17,16 +33,24 @@ Known limitation: a submodule whose failed trace had side effects on its own att
 
 from __future__ import annotations
 
+import linecache
 import logging
-from collections.abc import Callable, Iterable
+import operator
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.proxy import Attribute
 
-from .errors import TraceError, format_error
+from .errors import GuardError, TraceError, format_error
+from .state import ModelState
 
-__all__ = ["LeafFallback", "trace"]
+__all__ = ["Capture", "Guard", "LeafFallback", "check_guard", "trace"]
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +70,280 @@ class LeafFallback:
     reason: str
 
 
+@dataclass(frozen=True)
+class Guard:
+    """One assumption the trace specialized on, checked on every call of the optimized module.
+
+    Attributes:
+        index: position in the trace's guard list.
+        kind: how the traced value was used: ``"bool"`` (an ``if``/``assert``), ``"index"`` (``range(n)``, an
+            index), ``"len"`` (unpacking or iterating), ``"int"`` / ``"float"`` (a Python number).
+        expression: the expression in terms of the graph's inputs, e.g. ``"x.ndim == 4"``.
+        expected: its value on the example inputs.
+        where: the user's source line that made the decision (``file:line in function: code``).
+        node: the graph node that checks it.
+    """
+
+    index: int
+    kind: str
+    expression: str
+    expected: bool | int | float
+    where: str
+    node: str
+
+    def __str__(self) -> str:
+        if self.kind == "bool":
+            return f"({self.expression}) is {self.expected}  [{self.where}]"
+        shown = f"{self.kind}({self.expression})" if self.kind in ("len", "int", "float") else self.expression
+        return f"{shown} == {self.expected!r}  [{self.where}]"
+
+
+_GUARD_OPS: dict[str, Callable[[Any], Any]] = {"bool": bool, "index": operator.index, "len": len, "int": int,
+                                               "float": float}
+
+
+def check_guard(value: Any, index: int, kind: str, expected: Any, expression: str, where: str) -> None:
+    """Raise :class:`~fxmemopt.errors.GuardError` unless ``kind(value) == expected`` (a graph node of the optimized
+    module: one Python comparison per guard and call)."""
+    got = _GUARD_OPS[kind](value)
+    if got != expected or type(got) is not type(expected):
+        raise GuardError(format_error(
+            f"guard {index} ({expression}, from {where})",
+            "this call differs from the example inputs the model was optimized with, and the traced code took "
+            "decisions on that value", expected=f"{kind} {expected!r} as traced", got=repr(got),
+            fix="Call fxmemopt.optimize again with example inputs shaped like this call's (summary.guards lists "
+                "every assumption the trace made)."))
+
+
+torch.fx.node.has_side_effect(check_guard)
+
+#: Tensor attributes and methods that read metadata, not data: values derived from them (and from Python numbers)
+#: are safe to specialize under a guard; anything derived from tensor *data* is not.
+_META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_sparse",
+                         "is_quantized", "is_meta"})
+_META_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "element_size", "is_floating_point",
+                           "is_complex", "is_contiguous", "get_device", "stride", "storage_offset", "type"})
+#: torch factory functions whose sizes may be traced values (see ``_CaptureTracer.trace``).
+_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _user_frame() -> str:
+    """``file:line in function: code`` of the innermost frame outside torch and fxmemopt's tracing code."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        fname = os.path.abspath(frame.f_code.co_filename)
+        if not fname.startswith(_TORCH) and not fname.startswith(_HERE + os.sep + "trace.py"):
+            code = linecache.getline(fname, frame.f_lineno).strip()
+            short = os.sep.join(fname.split(os.sep)[-2:])
+            return f"{short}:{frame.f_lineno} in {frame.f_code.co_name}: {code}"
+        frame = frame.f_back
+    return "unknown location"
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-class _LeafFallbackTracer(fx.Tracer):
-    """A Tracer that keeps stateful and requested modules whole and falls back to a leaf on trace failure."""
+_SYMBOLS = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=", operator.gt: ">",
+            operator.ge: ">=", operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//",
+            operator.mod: "%", operator.truediv: "/", operator.and_: "&", operator.or_: "|"}
 
-    def __init__(self, stateful_paths: Iterable[str], leaf_types: tuple[type, ...], leaf_paths: Iterable[str]):
+
+def _describe(a: Any, depth: int = 0) -> str:
+    """A short Python-like expression for a node (what a guard reads), for messages."""
+    if not isinstance(a, fx.Node):
+        if isinstance(a, slice):
+            parts = ["" if v is None else _describe(v, depth + 1) for v in (a.start, a.stop)]
+            return ":".join(parts) + ("" if a.step is None else f":{_describe(a.step, depth + 1)}")
+        if isinstance(a, (tuple, list)):
+            return ", ".join(_describe(v, depth + 1) for v in a)
+        return repr(a)
+    if depth > 6:
+        return a.name
+    args = a.args
+    if a.op == "placeholder":
+        return str(a.target)
+    if a.op == "call_function" and a.target is getattr and len(args) == 2:
+        return f"{_describe(args[0], depth + 1)}.{args[1]}"
+    if a.op == "call_function" and a.target is operator.getitem:
+        return f"{_describe(args[0], depth + 1)}[{_describe(args[1], depth + 1)}]"
+    if a.op == "call_function" and a.target in _SYMBOLS and len(args) == 2:
+        return f"({_describe(args[0], depth + 1)} {_SYMBOLS[a.target]} {_describe(args[1], depth + 1)})" if depth \
+            else f"{_describe(args[0], depth + 1)} {_SYMBOLS[a.target]} {_describe(args[1], depth + 1)}"
+    if a.op == "call_function" and a.target in (len, operator.not_):
+        return f"{getattr(a.target, '__name__', 'fn')}({_describe(args[0], depth + 1)})"
+    if a.op == "call_method" and a.target in _META_METHODS:
+        rest = ", ".join(_describe(v, depth + 1) for v in args[1:])
+        return f"{_describe(args[0], depth + 1)}.{a.target}({rest})"
+    if a.op == "call_module":
+        return f"<output of {a.target}>"
+    return f"<{a.name}>"
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A proxy whose Python conversions (``bool``, ``range``, ``len``, iteration, ``int``) use the example's value
+    under a guard, instead of failing as plain fx proxies do."""
+
+    def __getattr__(self, k: str) -> _ConcreteAttribute:
+        return _ConcreteAttribute(self, k)
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        n = self.tracer.specialize(self, "len")  # type: ignore[attr-defined]
+        return iter([self[i] for i in range(n)])
+
+    def __len__(self) -> int:
+        return self.tracer.specialize(self, "len")  # type: ignore[attr-defined]
+
+    def __index__(self) -> int:
+        return self.tracer.specialize(self, "index")  # type: ignore[attr-defined]
+
+    def __int__(self) -> int:
+        return self.tracer.specialize(self, "int")  # type: ignore[attr-defined]
+
+    def __float__(self) -> float:
+        return self.tracer.specialize(self, "float")  # type: ignore[attr-defined]
+
+
+class _ConcreteAttribute(Attribute, _ConcreteProxy):
+    """``proxy.attr`` (fx's lazy attribute proxy) with the same conversions."""
+
+
+class _CaptureTracer(fx.Tracer):
+    """The capture tracer: fx tracing with concrete example values (see the module docstring), stateful and
+    requested modules kept whole, and a fallback to a leaf when a submodule cannot be traced."""
+
+    def __init__(self, root: nn.Module, example_inputs: tuple[Any, ...], stateful_paths: Iterable[str],
+                 leaf_types: tuple[type, ...], leaf_paths: Iterable[str]):
         super().__init__()
         self.forced = set(stateful_paths) | set(leaf_paths)
         self.leaf_types = leaf_types
         self.fallbacks: list[LeafFallback] = []
+        self.guards: list[Guard] = []
         self._param_cache: dict[str, fx.Proxy] | None = None
+        self._root_module = root
+        # Copies: an in-place op in the traced code runs on these, never on the caller's tensors.
+        self._examples = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in example_inputs]
+        self._placeholders = 0
+        self.values: dict[fx.Node, Any] = {}
+        self.meta_only: dict[fx.Node, bool] = {}
+        self._guarded: set[tuple[fx.Node, str]] = set()
 
+    # -- concrete values ---------------------------------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     name: str | None = None, type_expr: Any | None = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind != "output":
+            self._evaluate(p.node)
+        return p
+
+    def _value(self, node: fx.Node) -> Any:
+        if node not in self.values:
+            if node.op != "get_attr":  # created outside create_proxy (fx's tensor constants are get_attr)
+                raise TraceError(f"no example value for node {node.name}")
+            self._evaluate(node)
+        return self.values[node]
+
+    def _evaluate(self, node: fx.Node) -> None:
+        """Run ``node`` on the example values of its inputs; record its value and whether it is metadata only."""
+        args = fx.node.map_arg(node.args, self._value)
+        kwargs = fx.node.map_arg(node.kwargs, self._value)
+        inputs = node.all_input_nodes
+        meta = False
+        with _maybe_revert_all_patches(), torch.no_grad():  # run the real modules, not the tracing wrappers
+            if node.op == "placeholder":
+                if self._placeholders < len(self._examples):
+                    value = self._examples[self._placeholders]
+                elif node.args:
+                    value = node.args[0]  # the parameter's default
+                else:
+                    raise TraceError(f"forward() takes more positional inputs than example_inputs gives "
+                                     f"(no value for {node.target!r})")
+                self._placeholders += 1
+                meta = True  # a guard on an input's shape or value is a guard on the input
+            elif node.op == "get_attr":
+                value = _resolve(self._root_module, str(node.target))
+            elif node.op == "call_module":
+                value = self._root_module.get_submodule(str(node.target))(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                meta = node.target in _META_METHODS and isinstance(args[0], torch.Tensor)
+            else:
+                value = node.target(*args, **kwargs)  # type: ignore[operator]
+                meta = (node.target is getattr and isinstance(args[0], torch.Tensor) and args[1] in _META_ATTRS) \
+                    or (node.target is len and isinstance(args[0], torch.Tensor))
+        if not meta and not isinstance(value, torch.Tensor) and node.op not in ("call_module", "get_attr"):
+            # Python values computed only from metadata and constants (x.shape[0] * 2) stay metadata.
+            meta = all(self.meta_only.get(i, False) for i in inputs) and not any(
+                isinstance(v, torch.Tensor) for v in _leaves((args, kwargs)))
+        self.values[node] = value
+        self.meta_only[node] = meta and not isinstance(value, torch.Tensor)
+
+    def specialize(self, proxy: fx.Proxy, kind: str) -> Any:
+        """Use the example value of ``proxy`` as a Python ``kind`` (see :class:`Guard`), under a guard."""
+        node = proxy.node
+        value = self._value(node)
+        if kind == "len" and isinstance(value, (tuple, list)) and not self.meta_only.get(node, False):
+            return len(value)  # a module's tuple output (spk, mem): its length is the code's, not the data's
+        if not self.meta_only.get(node, False):
+            what = "a tensor" if isinstance(value, torch.Tensor) else "a value computed from tensor data"
+            raise TraceError(f"Python control flow on {what} ({_describe(node)}, {_user_frame()}) cannot be "
+                             f"specialized: it would not hold for other data")
+        result = _GUARD_OPS[kind](value)
+        if (node, kind) in self._guarded:  # `*x.shape` asks len() and iter(): one guard is enough
+            return result
+        self._guarded.add((node, kind))
+        index, expression, where = len(self.guards), _describe(node), _user_frame()
+        guard = self.create_node("call_function", check_guard, (node, index, kind, result, expression, where), {},
+                                 name=f"guard_{index}")
+        self.guards.append(Guard(index, kind, expression, result, where, guard.name))
+        return result
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.specialize(obj, "bool")
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        return iter(obj)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # Factory functions with a traced size (torch.zeros(x.shape[1], 16), snntorch/norse state initialisation)
+        # are not dispatched to proxies by torch's argument parser: record them as calls while tracing.
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+        def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            def factory(*args: Any, **kwargs: Any) -> Any:
+                if any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
+                    return self.create_proxy("call_function", fn, args, kwargs)
+                return fn(*args, **kwargs)
+            return factory
+
+        # A custom autograd.Function (a surrogate spike function) called on proxies would be traced *through*: its
+        # forward recorded as plain ops and its backward lost. Refuse it, so the module calling it stays a leaf.
+        function_apply = torch.autograd.Function.__dict__["apply"]
+
+        def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
+                raise TraceError(f"custom autograd.Function {cls.__name__}.apply cannot be traced through (its "
+                                 f"backward would be lost)")
+            return function_apply.__func__(cls, *args, **kwargs)
+
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, wrap(name, fn))
+            torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+            return super().trace(root, concrete_args)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+            torch.autograd.Function.apply = function_apply  # type: ignore[method-assign]
+
+    # -- leaves and fallbacks ----------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced or isinstance(m, self.leaf_types):
             return True
@@ -79,10 +362,12 @@ class _LeafFallbackTracer(fx.Tracer):
         last = graph._root.prev  # the node after which a failed attempt's nodes start
         stack = list(self.module_stack.items())
         calls = dict(self.num_calls)
+        guards = len(self.guards)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as e:  # any failure inside this submodule: roll back, keep it whole
             self._rollback(last)
+            del self.guards[guards:]
             self.module_stack.clear()
             self.module_stack.update(stack)
             self.num_calls.clear()
@@ -103,46 +388,87 @@ class _LeafFallbackTracer(fx.Tracer):
         erased = set()
         for node in reversed(created):  # users were created after their inputs: erase them first
             self.graph.erase_node(node)
+            self.values.pop(node, None)
+            self.meta_only.pop(node, None)
             erased.add(node)
+        self._guarded = {g for g in self._guarded if g[0] not in erased}
         if self._param_cache is not None:
             for k in [k for k, p in self._param_cache.items() if p.node in erased]:
                 del self._param_cache[k]
 
 
-def trace(model: nn.Module, *, stateful_paths: Iterable[str] = (), leaf_types: tuple[type, ...] = (),
-          leaf_paths: Iterable[str] = ()) -> tuple[fx.Graph, dict[str, Any], list[LeafFallback]]:
-    """Symbolically trace ``model`` with the fxmemopt leaf policy.
+def _leaves(x: Any) -> list[Any]:
+    return torch.utils._pytree.tree_leaves(x)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What :func:`trace` returns.
+
+    Attributes:
+        graph: the graph (``call_module``/``get_attr`` targets are paths in the model or keys of ``constants``).
+        constants: tensor constants the graph reads by ``get_attr`` that are not attributes of the model
+            (``_tensor_constant0`` ...).
+        fallbacks: the submodules that became leaves automatically, in the order met.
+        guards: the assumptions the trace specialized on (each checked by a ``check_guard`` node on every call).
+    """
+
+    graph: fx.Graph
+    constants: dict[str, Any]
+    fallbacks: tuple[LeafFallback, ...]
+    guards: tuple[Guard, ...]
+
+
+def trace(model: nn.Module, example_inputs: tuple[Any, ...], *, stateful_paths: Iterable[str] = (),
+          leaf_types: tuple[type, ...] = (), leaf_paths: Iterable[str] = ()) -> Capture:
+    """Trace ``model`` with the fxmemopt leaf policy, resolving shape control flow with ``example_inputs``.
+
+    The model runs once on the example inputs while it is traced (under ``no_grad``); its state (neuron states,
+    buffers, attributes, the RNG) is restored afterwards (:class:`fxmemopt.state.ModelState`).
 
     Args:
         model: the module to trace. Not modified (tensor constants torch.fx would attach to it are returned
             instead).
+        example_inputs: positional inputs, as for ``model(*example_inputs)``.
         stateful_paths: qualified paths of stateful modules (kept as leaves).
         leaf_types: module classes to keep as leaves.
         leaf_paths: qualified paths to keep as leaves.
 
     Returns:
-        ``(graph, constants, fallbacks)``: the graph (``call_module``/``get_attr`` targets are paths in
-        ``model``), tensor constants the graph refers to by ``get_attr`` that are not attributes of ``model``
-        (``_tensor_constant0`` ...), and the submodules that became leaves automatically, in the order met.
+        A :class:`Capture`.
 
     Raises:
         TraceError: the root module's own ``forward`` cannot be traced.
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def forward(self, x):
+        ...         if x.ndim == 4:            # resolved with the example, checked on every call
+        ...             x = x.unsqueeze(0)
+        ...         return x.relu()
+        >>> cap = trace(M(), (torch.rand(2, 3, 4, 4),))
+        >>> str(cap.guards[0]).split("  ")[0]
+        '(x.ndim == 4) is True'
     """
-    tracer = _LeafFallbackTracer(stateful_paths, leaf_types, leaf_paths)
+    stateful_paths = list(stateful_paths)
+    tracer = _CaptureTracer(model, tuple(example_inputs), stateful_paths, leaf_types, leaf_paths)
+    saved = ModelState.capture(model, {p: () for p in stateful_paths})
     before = set(model.__dict__)
     try:
         graph = tracer.trace(model)
     except Exception as e:
         raise TraceError(format_error(
             f"{type(model).__name__} (the root module)",
-            f"its forward() cannot be traced symbolically by torch.fx: {_first_line(e)}",
-            fix="Move the untraceable code (shape unpacking such as `T, N = x.shape[:2]`, `*x.shape`, Python "
-                "`if` on tensor values) into a submodule: submodules that fail to trace are kept whole "
-                "automatically. Or pass leaf_modules=(TheClass,) for modules fxmemopt should not trace into.",
+            f"its forward() cannot be traced by torch.fx: {_first_line(e)}",
+            fix="Move the untraceable code (Python `if` on tensor *values*, `.item()`, calls fx cannot record) into "
+                "a submodule: submodules that fail to trace are kept whole automatically. Or pass "
+                "leaf_modules=(TheClass,) for modules fxmemopt should not trace into.",
         )) from e
     finally:
         # torch.fx stores tensor constants on the root module it traces; move them out of the user's model.
         constants = {k: model.__dict__.pop(k) for k in list(model.__dict__) if k not in before}
+        saved.restore()
+        tracer.values.clear()  # example values: drop them now rather than with the tracer
     for node in graph.nodes:
         # Under `from __future__ import annotations` fx records type annotations as strings, which GraphModule
         # pickling cannot handle (it tries to import them by name; pytorch/pytorch#167117). They carry no
@@ -150,7 +476,7 @@ def trace(model: nn.Module, *, stateful_paths: Iterable[str] = (), leaf_types: t
         if isinstance(node.type, str):
             node.type = None
     graph.lint()
-    return graph, constants, tracer.fallbacks
+    return Capture(graph, constants, tuple(tracer.fallbacks), tuple(tracer.guards))
 
 
 def _resolve(root: nn.Module, target: str) -> Any:

@@ -30,7 +30,8 @@ def run_annotate(model: nn.Module, *inputs: object) -> AnnotatedGraph:
     """The pipeline of fxmemopt.optimize up to annotate: probe -> trace -> make_graph_module -> annotate."""
     found = probe(model, inputs)
     stateful = dict(found.stateful)
-    graph, constants, _ = trace(model, stateful_paths=stateful)
+    cap = trace(model, inputs, stateful_paths=stateful)
+    graph, constants = cap.graph, cap.constants
     gm = make_graph_module(model, graph, type(model).__name__, extra=constants)
     return annotate(gm, inputs, stateful)
 
@@ -560,7 +561,9 @@ def test_region_input_bits(three, x, expected):
     got = {r.anchor: [(i.node, i.value_set, i.bits) for i in r.inputs] for r in summary.regions}
     assert got == expected
     for r, rp in zip(summary.regions, summary.plan.regions):
-        assert rp.pack_bits == tuple(i.bits for i in r.inputs)
+        # the report lists tensor inputs; the plan also has a width (0) for each metadata input (x.shape[0] ...)
+        extra = len(rp.pack_bits) - len(r.inputs)
+        assert extra >= 0 and tuple(b for b in rp.pack_bits if b) == tuple(i.bits for i in r.inputs if i.bits)
         for i in r.inputs:
             numel = 1
             for s in i.shape:
@@ -663,7 +666,8 @@ def test_annotate_alone_leaves_model_untouched():
     found = probe(model, (x,))
     stateful = dict(found.stateful)
     assert set(stateful) == {"n1", "n2"}
-    graph, constants, _ = trace(model, stateful_paths=stateful)
+    cap = trace(model, (x,), stateful_paths=stateful)
+    graph, constants = cap.graph, cap.constants
     gm = make_graph_module(model, graph, "StateNet", extra=constants)
     before = _model_state(model)
     g = annotate(gm, (x,), stateful)

@@ -55,7 +55,8 @@ def _pipeline(model, x):
 
     found = probe(model, (x,))
     stateful = dict(found.stateful)
-    graph, constants, _ = trace(model, stateful_paths=stateful)
+    cap = trace(model, (x,), stateful_paths=stateful)
+    graph, constants = cap.graph, cap.constants
     traced = make_graph_module(model, graph, "M", extra=constants)
     annotated = annotate(traced, (x,), stateful)
     return found, stateful, graph, constants, annotated, find_regions(annotated)

@@ -78,7 +78,8 @@ def test_static_value_sets_are_sound_on_random_programs(steps, seed) -> None:
     example = torch.rand(3, 2, 5) * 2
     found = probe(model, (example,))
     stateful = dict(found.stateful)
-    graph, constants, _ = trace(model, stateful_paths=stateful)
+    cap = trace(model, (example,), stateful_paths=stateful)
+    graph, constants = cap.graph, cap.constants
     gm = make_graph_module(model, graph, "P", extra=constants)
     annotated = annotate(gm, (example,), stateful)
     claims = {n: annotated[n].static for n in annotated.order if annotated[n].is_tensor}

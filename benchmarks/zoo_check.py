@@ -1,0 +1,163 @@
+"""Run fxmemopt over every model of spikingjelly's zoo (``tests/sj_zoo.py``) and print one line per model and preset.
+
+For each ZOO entry (or the names given): build it, check that the unoptimized model trains (one measured step:
+its peak and step time are the baseline), then for each preset (default, ``prefer="memory"``) optimize a copy with
+``fxmemopt.optimize(..., return_summary=True)``, reset neuron states (``functional.reset_net``) on the optimized
+module and on an untouched copy, compare one training step of the two (``fxmemopt.compare_training_step``) and
+measure the optimized module's peak. Exceptions are caught per model and stage so that the script always finishes.
+
+    python benchmarks/zoo_check.py                      # every model
+    python benchmarks/zoo_check.py sew_resnet18 qkformer
+    python benchmarks/zoo_check.py --list
+
+Columns: model, preset, state (OK / FAIL: the comparison found differences / ERROR: an exception), number of
+checkpoint regions, optimize time, check time (compare_training_step; for the unoptimized row, its measured step),
+peak of one training step unoptimized and optimized (fxmemopt.measure_step) and their ratio, then the error:
+``[stage] exception type: first line of its message``, or the first mismatch of the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import sj_zoo  # noqa: E402
+from spikingjelly.activation_based import functional  # noqa: E402
+
+import fxmemopt  # noqa: E402
+
+PRESETS: dict[str, dict] = {"default": {}, "memory": {"prefer": "memory"}}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _peak(module: torch.nn.Module, inputs, repeats: int) -> int:
+    functional.reset_net(module)
+    return fxmemopt.measure_step(module, inputs, repeats=repeats, warmup=1).peak_bytes
+
+
+def _row(name: str, preset: str, status: str, regions="-", t_opt="-", t_cmp="-", base=None, peak=None,
+         err: str = "") -> str:
+    ratio = f"{peak / base:.3f}" if base and peak is not None else "-"
+    return (f"{name:28s} {preset:11s} {status:5s} {regions!s:>7s} {t_opt!s:>8s} {t_cmp!s:>8s} "
+            f"{_mib(base):>9s} {_mib(peak):>9s} {ratio:>6s}  {err}")
+
+
+def check(name: str, presets: list[str], repeats: int, verbose: bool) -> list[dict]:
+    """Check one ZOO entry; print and return one result per preset (and one for the unoptimized baseline)."""
+    results = []
+
+    def emit(preset, status, **kw):
+        print(_row(name, preset, status, **kw), flush=True)
+        results.append({"model": name, "preset": preset, "status": status, **kw})
+
+    try:
+        torch.manual_seed(0)
+        model, inputs = sj_zoo.ZOO[name]()
+        pristine = copy.deepcopy(model)
+    except Exception as e:
+        emit("build", "ERROR", err=_first_line(e))
+        if verbose:
+            traceback.print_exc()
+        return results
+    try:
+        t0 = time.perf_counter()
+        base = _peak(copy.deepcopy(pristine), inputs, repeats)
+        emit("unoptimized", "OK", t_cmp=f"{time.perf_counter() - t0:.2f}s", base=base, peak=base)
+    except Exception as e:
+        emit("unoptimized", "ERROR", err=_first_line(e))
+        if verbose:
+            traceback.print_exc()
+        return results  # the model itself does not train: nothing to compare against
+
+    for preset in presets:
+        regions, t_opt, t_cmp, peak = "-", "-", "-", None
+        stage = "optimize"
+        try:
+            reference = copy.deepcopy(pristine)
+            candidate = copy.deepcopy(pristine)
+            t0 = time.perf_counter()
+            gm, summary = fxmemopt.optimize(candidate, inputs, return_summary=True, **PRESETS[preset])
+            t_opt = f"{time.perf_counter() - t0:.2f}s"
+            regions = len(summary.regions)
+            stage = "compare"
+            functional.reset_net(reference)
+            functional.reset_net(gm)
+            t0 = time.perf_counter()
+            report = fxmemopt.compare_training_step(reference, gm, inputs)
+            t_cmp = f"{time.perf_counter() - t0:.2f}s"
+            stage = "measure"
+            peak = _peak(gm, inputs, repeats)
+            if report.ok:
+                emit(preset, "OK", regions=regions, t_opt=t_opt, t_cmp=t_cmp, base=base, peak=peak)
+            else:
+                what, detail = report.mismatches[0]
+                detail = (str(detail).strip().splitlines() or [""])[0]
+                emit(preset, "FAIL", regions=regions, t_opt=t_opt, t_cmp=t_cmp, base=base, peak=peak,
+                     err=f"{len(report.mismatches)} of {report.checked} differ, first {what}: {detail}")
+        except Exception as e:
+            emit(preset, "ERROR", regions=regions, t_opt=t_opt, t_cmp=t_cmp, base=base, peak=peak,
+                 err=f"[{stage}] {_first_line(e)}")
+            if verbose:
+                traceback.print_exc()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help="ZOO entries to check (default: all)")
+    p.add_argument("--list", action="store_true", help="list the ZOO entries and exit")
+    p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated, of {', '.join(PRESETS)}")
+    p.add_argument("--repeats", type=int, default=1, help="measured steps per measure_step (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--warnings", action="store_true", help="show warnings (hidden by default)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks")
+    args = p.parse_args(argv)
+
+    if args.list:
+        for name, factory in sj_zoo.ZOO.items():
+            print(f"{name:28s} {(factory.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    unknown = [n for n in args.names if n not in sj_zoo.ZOO]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; see --list")
+    presets = [s for s in args.presets.split(",") if s]
+    if bad := [s for s in presets if s not in PRESETS]:
+        p.error(f"unknown preset(s) {bad}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.warnings:
+        warnings.filterwarnings("ignore")
+
+    print(f"{'model':28s} {'preset':11s} {'state':5s} {'regions':>7s} {'optimize':>8s} {'check':>8s} "
+          f"{'base MiB':>9s} {'opt MiB':>9s} {'ratio':>6s}  error")
+    results = []
+    t0 = time.perf_counter()
+    for name in args.names or list(sj_zoo.ZOO):
+        results.extend(check(name, presets, args.repeats, args.verbose))
+    tried = [r for r in results if r["preset"] in presets]
+    ok = sum(r["status"] == "OK" for r in tried)
+    broken = sorted({r["model"] for r in results if r["preset"] in ("build", "unoptimized") and r["status"] != "OK"})
+    print(f"\n{ok}/{len(tried)} optimized runs OK; {len(tried) - ok} FAIL/ERROR; "
+          f"models that do not train unoptimized: {broken or 'none'}; {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Capture with the example inputs: shape control flow under guards, neurons from any library, validation.
+
+Each model here is written the way SNN libraries write theirs (``if x.ndim == 4``, loops over ``range(x.size(0))``,
+``T, B, *rest = x.shape``, stateless neurons returning ``(spikes, state)``, state in a rebound buffer), and every
+result is compared bitwise with the unoptimized model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxmemopt
+from fxmemopt.errors import GuardError, InvalidOptionError, PlanError
+from fxmemopt.snn import LIFNode, reset_net
+from fxmemopt.snn.surrogate import ATanSpike
+from fxmemopt.trace import trace
+
+
+def atan(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Heaviside forward, arctan surrogate gradient."""
+    return ATanSpike.apply(x, alpha)
+
+
+class ShapeFlowNet(nn.Module):
+    """spikingjelly zoo style: a 4-D image is repeated over T, a 5-D sequence is used as is; blocks reshape with
+    ``*y.shape[1:]`` and check their input's rank."""
+
+    def __init__(self, T: int = 4):
+        super().__init__()
+        self.T = T
+        self.c1, self.b1, self.n1 = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), LIFNode()
+        self.c2, self.b2, self.n2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), LIFNode()
+
+    def _to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            return x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        if x.ndim == 5:
+            return x
+        raise ValueError(f"expected 4D or 5D input, got {x.shape}")
+
+    def layer(self, conv: nn.Module, bn: nn.Module, neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise ValueError("expected [T, B, C, H, W]")
+        T, B, *_ = x.shape
+        y = bn(conv(x.flatten(0, 1)))
+        return neuron(y.reshape(T, B, *y.shape[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._to_sequence(x)
+        x = self.layer(self.c1, self.b1, self.n1, x)
+        x = self.layer(self.c2, self.b2, self.n2, x)
+        return x.mean((0, 3, 4))
+
+
+class StepLIF(nn.Module):
+    """A single-step neuron keeping no state (snntorch's ``Leaky`` without ``init_hidden``): ``(x, mem) ->
+    (spk, mem)``. It calls a custom autograd.Function, so tracing keeps it whole."""
+
+    def forward(self, x, mem):
+        mem = 0.5 * mem + x
+        spk = atan(mem - 1.0, 2.0)
+        return spk, mem * (1 - spk)
+
+
+class LoopNet(nn.Module):
+    """snntorch tutorial style: the time loop is in ``forward``, over ``range(x.size(0))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.lif1, self.fc2, self.lif2 = nn.Linear(6, 16), StepLIF(), nn.Linear(16, 4), StepLIF()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mem1 = torch.zeros(x.shape[1], 16)
+        mem2 = torch.zeros(x.shape[1], 4)
+        out = []
+        for t in range(x.size(0)):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            out.append(spk2)
+        return torch.stack(out)
+
+
+def _exact(model: nn.Module, gm: nn.Module, x: torch.Tensor, ref: nn.Module) -> None:
+    reset_net(ref)
+    reset_net(gm)
+    report = fxmemopt.compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
+    reset_net(ref)
+    reset_net(gm)
+
+
+@pytest.mark.parametrize("prefer", [None, "memory"])
+def test_shape_control_flow_traces_under_guards_and_is_exact(prefer):
+    torch.manual_seed(0)
+    model = ShapeFlowNet()
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 2, 2, 8, 8)
+    gm, summary = fxmemopt.optimize(model, (x,), prefer=prefer, return_summary=True)
+    assert [r.anchor for r in summary.regions] == ["n1", "n2"]
+    assert not summary.leaf_fallbacks
+    # only what the control flow reads: the rank of x and of each block's input, the lengths it unpacks
+    texts = [str(g) for g in summary.guards]
+    assert texts[0].startswith("(x.ndim == 4) is False") and "test_capture.py" in texts[0]
+    assert all("size" not in g.expression for g in summary.guards)  # no guard on T or the batch
+    assert "guards (" in str(summary)
+    _exact(model, gm, x, ref)
+    # shape-generic where the code is: another T and batch, same rank, exact
+    x2 = torch.rand(6, 3, 2, 8, 8)
+    _exact(model, gm, x2, ref)
+    # a 4-D image took the other branch when traced: a typed error naming the guard, never a wrong result
+    with pytest.raises(GuardError, match=r"guard 0 \(x.ndim == 4.*expected bool False as traced, got True"):
+        gm(torch.rand(2, 2, 8, 8))
+
+
+def test_image_input_repeated_over_T_traces_that_branch():
+    torch.manual_seed(0)
+    model = ShapeFlowNet(T=3)
+    ref = copy.deepcopy(model)
+    img = torch.rand(2, 2, 8, 8)
+    gm, summary = fxmemopt.optimize(model, (img,), return_summary=True)
+    assert str(summary.guards[0]).startswith("(x.ndim == 4) is True")
+    _exact(model, gm, img, ref)
+    _exact(model, gm, torch.rand(5, 2, 8, 8), ref)  # another batch: fine
+    with pytest.raises(GuardError):
+        gm(torch.rand(3, 2, 2, 8, 8))
+
+
+def test_time_loop_in_forward_is_unrolled_under_a_guard_on_T():
+    torch.manual_seed(0)
+    model = LoopNet()
+    ref = copy.deepcopy(model)
+    x = torch.rand(5, 3, 6) * 2
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert {f.path for f in summary.leaf_fallbacks} == {"lif1", "lif2"}  # the custom Function: kept whole
+    assert len(summary.regions) == 10  # one per neuron call: 2 neurons x 5 unrolled steps
+    guards = [g for g in summary.guards if g.kind == "index"]
+    assert len(guards) == 1 and guards[0].expression == "x.size(0)" and guards[0].expected == 5
+    _exact(model, gm, x, ref)
+    _exact(model, gm, torch.rand(5, 7, 6) * 2, ref)  # the batch is free
+    with pytest.raises(GuardError, match=r"x.size\(0\).*expected index 5 as traced, got 8"):
+        gm(torch.rand(8, 3, 6))
+
+
+def test_data_dependent_control_flow_is_not_specialized():
+    class DataBranch(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # a decision on data: would be wrong for the next batch
+                return x * 2
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch = DataBranch()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.branch(self.fc(x))
+
+    cap = trace(Net(), (torch.rand(2, 4),))
+    assert [f.path for f in cap.fallbacks] == ["branch"] and "tensor" in cap.fallbacks[0].reason
+    assert cap.guards == ()
+
+
+def test_model_without_control_flow_has_no_guards():
+    from fxmemopt.snn import DeepConvSNN
+
+    model = DeepConvSNN(num_blocks=2, channels=4)
+    _, summary = fxmemopt.optimize(model, (torch.rand(2, 2, 3, 8, 8),), return_summary=True)
+    assert summary.guards == ()
+
+
+def test_plan_file_carries_the_guards(tmp_path):
+    torch.manual_seed(0)
+    model = ShapeFlowNet()
+    x = torch.rand(4, 2, 2, 8, 8)
+    _, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    path = tmp_path / "plan.json"
+    summary.save_plan(path)
+    saved = json.loads(path.read_text())
+    assert saved["guards"][0] == "bool(x.ndim == 4) == False"
+    fxmemopt.optimize(model, (x,), plan=str(path))  # same decisions: applies
+    with pytest.raises(PlanError, match="different model"):
+        fxmemopt.optimize(model, (torch.rand(2, 2, 8, 8),), plan=str(path))  # the image branch: another graph
+    # the same graph with another decision recorded: refused by the guards themselves
+    edited = json.loads(path.read_text())
+    edited["guards"][0] = "bool(x.ndim == 4) == True"
+    with pytest.raises(PlanError, match="specialized on other example inputs.*bool\\(x.ndim == 4\\) == True"):
+        fxmemopt.optimize(model, (x,), plan=json.dumps(edited))
+
+
+class StatelessLIF(nn.Module):
+    """norse style: keeps nothing, returns ``(spikes, state)``; the state is threaded through the graph."""
+
+    def forward(self, x, v=None):
+        v = torch.zeros_like(x[0]) if v is None else v
+        out = []
+        for t in range(x.shape[0]):
+            v = 0.5 * v + x[t]
+            s = atan(v - 1.0, 2.0)
+            v = v * (1 - s)
+            out.append(s)
+        return torch.stack(out), v
+
+
+class StatelessNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.l1 = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), StatelessLIF()
+        self.c2, self.b2, self.l2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), StatelessLIF()
+
+    def forward(self, x):
+        T, N = x.shape[:2]
+        z, _ = self.l1(self.b1(self.c1(x.flatten(0, 1))).unflatten(0, (T, N)))
+        z, s = self.l2(self.b2(self.c2(z.flatten(0, 1))).unflatten(0, (T, N)))
+        return z.mean((0, 3, 4)) + s.mean((1, 2))
+
+
+def test_stateless_neurons_seed_regions():
+    torch.manual_seed(0)
+    model = StatelessNet()
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 2, 2, 8, 8)
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, leaf_modules=(StatelessLIF,))
+    assert summary.stateful_modules == {}
+    assert [r.anchor for r in summary.regions] == ["l1", "l2"]
+    assert summary.regions[1].inputs[0].bits == 1  # l1's spikes, packed
+    _exact(model, gm, x, ref)
+
+
+class BufferNeuron(nn.Module):
+    """snntorch style: the membrane lives in a non-persistent buffer that forward rebinds, reset lazily when the
+    input's shape differs; a class-level registry of instances."""
+
+    instances: list[nn.Module] = []
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mem", torch.zeros(0), persistent=False)
+        BufferNeuron.instances.append(self)
+
+    def forward(self, x):
+        if not self.mem.shape == x.shape:
+            self.mem = torch.zeros_like(x)
+        self.mem = 0.5 * self.mem + x
+        spk = atan(self.mem - 1.0, 2.0)
+        self.mem = self.mem - spk * self.mem
+        return spk, self.mem
+
+
+def test_state_in_a_rebound_buffer_over_an_outer_time_loop():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), _First(BufferNeuron()), nn.Conv2d(4, 4, 3),
+                        _First(BufferNeuron()))
+    ref = copy.deepcopy(net)
+    T, x = 5, torch.rand(5, 2, 1, 10, 10) * 2
+    gm, summary = fxmemopt.optimize(net, (x[0],), return_summary=True, calls_per_step=T)
+    assert summary.stateful_modules == {"2.m": "updates mem", "4.m": "updates mem"}
+    assert len(summary.regions) == 2 and not summary.failed_regions
+    assert summary.calls_per_step == T and "5 calls of the module" in str(summary)
+    assert summary.predicted_peak_before > summary.predicted_peak_after
+
+    def run(m):
+        for mod in m.modules():
+            if isinstance(mod, BufferNeuron):
+                mod.mem = torch.zeros(0)
+        out = torch.stack([m(x[t]) for t in range(T)])
+        out.sum().backward()
+        return out
+
+    torch.manual_seed(1)
+    a = run(ref)
+    torch.manual_seed(1)
+    b = run(gm)
+    assert torch.equal(a, b)
+    for (n, p), q in zip(ref.named_parameters(), net.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    for p, q in zip(ref.buffers(), net.buffers()):
+        assert torch.equal(p, q)
+
+
+class _First(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x)[0]
+
+
+def test_calls_per_step_is_validated():
+    with pytest.raises(InvalidOptionError, match="calls_per_step"):
+        fxmemopt.optimize(ShapeFlowNet(), (torch.rand(4, 2, 2, 8, 8),), calls_per_step=0)
+
+
+class Flaky(nn.Module):
+    """A layer whose forward is not a function of its inputs and state: a Python counter changes its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = [0]  # kept in a list: invisible to state detection, so recomputation sees another value
+
+    def forward(self, x):
+        self.calls[0] += 1
+        return x * 2 if self.calls[0] % 2 else x.relu()  # relu saves its result for backward, * 2 saves nothing
+
+
+def test_a_region_that_fails_the_validation_step_is_unwrapped():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n1 = nn.Conv2d(2, 4, 3, padding=1), LIFNode()
+            self.flaky = Flaky()
+            self.c2, self.n2 = nn.Conv2d(4, 4, 3, padding=1), LIFNode()
+
+        def forward(self, x):
+            y = self.n1(self.c1(x.flatten(0, 1)).unflatten(0, x.shape[:2]))
+            z = self.c2(y.flatten(0, 1)).unflatten(0, x.shape[:2])
+            return self.n2(self.flaky(z)).sum((0, 2, 3, 4))
+
+    model = Net()
+    x = torch.rand(3, 2, 2, 6, 6)
+    with pytest.warns(fxmemopt.FxMemOptWarning, match="failed a training step"):
+        gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, leaf_modules=(Flaky,))
+    assert [r for r, _ in summary.failed_regions] == ["ckpt_n2"]
+    assert "RecomputationMismatchError" in summary.failed_regions[0][1]
+    assert [r.anchor for r in summary.regions] == ["n1"]
+    assert "left unoptimized ckpt_n2" in str(summary)
+    gm(x).sum().backward()  # the returned module trains

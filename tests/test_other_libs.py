@@ -1,0 +1,75 @@
+"""snntorch 1.0.0 and norse 1.1.0 models written the way their tutorials write them (``tests/other_libs.py``):
+exact over the whole BPTT sequence, and at least 2x lower peak with ``prefer="memory"`` where activations dominate.
+
+Install with ``pip install --no-deps snntorch==1.0.0 norse==1.1.0 "nir<=1.0.4" nirtorch`` (their declared
+dependencies pull other torch builds); skipped where absent.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxmemopt
+
+pytest.importorskip("snntorch")
+pytest.importorskip("norse")
+import other_libs  # noqa: E402  (pytest puts tests/ on sys.path)
+
+#: norse's SequentialState / LIFCell-loop models as written do not trace yet (see the issue notes): not listed.
+SEQUENCE_MODELS = ["snntorch_loop_in_forward_net", "snntorch_init_hidden_loop_in_forward", "norse_lif_multistep_module"]
+
+
+def _loss(out):
+    return sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+               and t.is_floating_point())
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_sequence_model_is_exact_and_regions_form(name):
+    model, inputs = other_libs.FACTORIES[name]()
+    reference = copy.deepcopy(model)
+    gm, summary = fxmemopt.optimize(model, inputs, prefer="memory", return_summary=True)
+    assert summary.regions and not summary.failed_regions, str(summary)
+    report = fxmemopt.compare_training_step(reference, gm, inputs, loss_fn=_loss)
+    assert report.ok, f"{name}: {report}"
+
+
+@pytest.mark.parametrize("name", ["snntorch_init_hidden_loop_in_forward"])
+def test_sequence_model_peak_at_least_halved(name):
+    model, inputs = other_libs.FACTORIES[name]()
+    base = fxmemopt.measure_step(model, inputs, repeats=0, loss_fn=_loss).peak_bytes
+    gm = fxmemopt.optimize(model, inputs, prefer="memory")
+    opt = fxmemopt.measure_step(gm, inputs, repeats=0, loss_fn=_loss).peak_bytes
+    assert base / opt >= 2.0, f"{name}: {base} -> {opt} bytes ({base / opt:.2f}x)"
+
+
+def test_snntorch_single_step_net_over_an_outer_time_loop():
+    """Tutorial 7: the net is called once per time step by the training loop (``calls_per_step=T``)."""
+    net, (x0,) = other_libs.snntorch_single_step_net()
+    x_seq = other_libs.snntorch_example_sequence()
+    reference = copy.deepcopy(net)
+    gm, summary = fxmemopt.optimize(net, (x0,), prefer="memory", calls_per_step=x_seq.shape[0], return_summary=True)
+    assert len(summary.regions) == 3 and not summary.failed_regions
+    assert summary.predicted_peak_before / summary.predicted_peak_after >= 2.0
+
+    def step(m):
+        for mod in m.modules():  # utils.reset's class-level list does not hold a deepcopy: reset each neuron
+            if hasattr(mod, "reset_mem"):
+                mod.reset_mem()
+        spk, mem = torch.zeros(0), torch.zeros(0)
+        outs = []
+        for t in range(x_seq.shape[0]):
+            spk, mem = m(x_seq[t])
+            outs.append(spk)
+        out = torch.stack(outs)
+        (out.sum() + mem.sum()).backward()
+        return out, mem
+
+    a, ma = step(reference)
+    b, mb = step(gm)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    for (n, p), q in zip(reference.named_parameters(), net.parameters()):
+        assert torch.equal(p.grad, q.grad), n

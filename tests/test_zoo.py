@@ -1,0 +1,36 @@
+"""spikingjelly 2.0.0's own model zoo (``activation_based.model``), unmodified, multi-step: ``optimize`` succeeds with
+the default and with ``prefer="memory"``, every region it formed runs (none left out by the validation step), and
+one training step is bitwise equal to the unoptimized model's. Builders and sizes: ``tests/sj_zoo.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import fxmemopt
+
+pytest.importorskip("spikingjelly.activation_based")
+import sj_zoo  # noqa: E402  (pytest puts tests/ on sys.path)
+from spikingjelly.activation_based import functional  # noqa: E402
+
+#: The classic VGGs carry spikingjelly's fixed 512*7*7 -> 4096 -> 4096 classifier (0.5 GB of parameters): one preset
+#: each keeps the suite within its time budget; every other builder runs with both.
+_HEAVY = {"spiking_vgg11_bn": "memory", "spiking_vgg11": None}
+CASES = [(name, prefer) for name in sj_zoo.ZOO for prefer in (None, "memory")
+         if name not in _HEAVY or _HEAVY[name] == prefer]
+
+
+@pytest.mark.parametrize(("name", "prefer"), CASES, ids=[f"{n}-{p or 'default'}" for n, p in CASES])
+def test_zoo_model_is_optimized_and_exact(name, prefer):
+    model, inputs = sj_zoo.ZOO[name]()
+    reference = copy.deepcopy(model)
+    gm, summary = fxmemopt.optimize(model, inputs, prefer=prefer, return_summary=True)
+    assert summary.regions, f"{name}: no region formed"
+    assert not summary.failed_regions, summary.failed_regions
+    for m in (reference, gm):
+        functional.reset_net(m)
+    report = fxmemopt.compare_training_step(reference, gm, inputs)
+    assert report.ok, f"{name} prefer={prefer}: {report}"
+    assert all(st.checkpointed_calls or st.plain_calls for st in summary.runtime.values())
