@@ -18,11 +18,19 @@ from torch import fx, nn
 
 from .annotate import AnnotatedGraph, annotate
 from .costmodel import build_cost_graph, peak_over_calls, record_step, region_working_sets, simulate
-from .errors import FxMemOptError, FxMemOptWarning, InvalidInputsError, InvalidOptionError, PlanError, format_error
+from .errors import (
+    FxMemOptError,
+    FxMemOptWarning,
+    InvalidInputsError,
+    InvalidOptionError,
+    PlanError,
+    first_line,
+    format_error,
+)
 from .measure import measure_step
 from .packing import packed_nbytes
 from .plan import Plan, check_plan, graph_fingerprint, guard_lines, inputs_signature
-from .regions import Region, find_regions, region_io, split_region
+from .regions import Region, find_regions, is_metadata, region_io, split_region
 from .rewrite import rewrite
 from .runtime import CheckpointRegion, RegionStats
 from .search import SPEED_PEAK_FRACTION, Decision, applied, resolve_options, search, search_without_cost
@@ -166,8 +174,7 @@ def _summary(model: nn.Module, graph: AnnotatedGraph, candidates: list[Region], 
         inputs, outputs = region_io(graph, rp.nodes)
         reports.append(RegionReport(
             rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].seeds_region),
-            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits)
-                  if graph[i].is_tensor or graph[i].nbytes or graph[i].op in ("placeholder", "get_attr")),
+            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits) if not is_metadata(graph, i)),
             outputs, rp.chunks,
             rp.keep_prefix, rp.whole_slices))
     notes = []
@@ -216,7 +223,7 @@ def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, in
             break
         if not failed and _step_error(model, inputs) is not None:
             notes.append(f"the validation training step (sum of the outputs, backward) fails on the model itself, "
-                         f"unoptimized: {_first_line_of(error)}; the regions were kept (they run exactly as the "
+                         f"unoptimized: {first_line(error, 300)}; the regions were kept (they run exactly as the "
                          f"model does)")
             break
         names = {r.name for r in plan.regions}
@@ -225,7 +232,7 @@ def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, in
             bad = {r.name for r in plan.regions
                    if _step_error(build(dataclasses.replace(plan, regions=(r,)))[0], inputs) is not None}
         bad = bad or names  # the step fails whichever region runs: leave all of them out
-        why = _first_line_of(error)
+        why = first_line(error, 300)
         failed += [(n, why) for n in sorted(bad)]
         log.warning("fxmemopt: region(s) %s failed a training step (%s); left unoptimized", ", ".join(sorted(bad)),
                     why)
@@ -234,11 +241,6 @@ def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, in
     for st in stats.values():
         st.reset()
     return gm, stats, plan, failed
-
-
-def _first_line_of(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def _measure(candidates: list[tuple[str, nn.Module]], inputs: tuple[Any, ...], mode: str, timeout_s: float,

@@ -28,6 +28,7 @@ __all__ = [
     "InternalError",
     "FxMemOptWarning",
     "format_error",
+    "first_line",
 ]
 
 
@@ -46,6 +47,13 @@ def format_error(obj: str, problem: str, *, expected: str | None = None, got: st
     if fix:
         msg += f" {fix}"
     return msg
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """``"ErrorType: first line of the message"`` (cut to ``limit`` characters): an exception in one line."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(e).__name__}: {line[:limit] if limit else line}"
 
 
 class FxMemOptError(Exception):

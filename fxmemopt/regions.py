@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
-__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure"]
+__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure",
+           "is_metadata"]
 
 #: Opcodes that never belong to a region interior: inputs, the output, and parameter/buffer reads (which are
 #: passed into regions by reference and cost nothing to keep).
@@ -111,7 +112,7 @@ def _picks_from_neuron(graph: AnnotatedGraph, name: str) -> bool:
         and graph[info.inputs[0]].seeds_region
 
 
-def _is_metadata(graph: AnnotatedGraph, name: str) -> bool:
+def is_metadata(graph: AnnotatedGraph, name: str) -> bool:
     """A node that computes a Python value holding no tensor (a shape, an int, a guard): free to move."""
     info = graph[name]
     return info.op in ("call_function", "call_method") and not info.is_tensor and info.nbytes == 0 \
@@ -126,20 +127,21 @@ def metadata_closure(graph: AnnotatedGraph, nodes: Sequence[str]) -> tuple[str, 
     tensor the region does not already read are left as inputs.
     """
     members = set(nodes)
-    inputs = set(region_io(graph, nodes)[0])
+    ordered_inputs = region_io(graph, nodes)[0]
+    inputs = set(ordered_inputs)
     extra: set[str] = set()
 
     def chain(n: str, seen: set[str]) -> bool:
         if n in members or n in extra or n in seen:
             return True
-        if not _is_metadata(graph, n):
+        if not is_metadata(graph, n):
             return n in inputs or graph[n].op == "get_attr"
         seen.add(n)
         return all(chain(i, seen) for i in graph[n].inputs)
 
-    for i in region_io(graph, nodes)[0]:
+    for i in ordered_inputs:
         seen: set[str] = set()
-        if _is_metadata(graph, i) and chain(i, seen):
+        if is_metadata(graph, i) and chain(i, seen):
             extra |= seen
     position = {n: k for k, n in enumerate(graph.order)}
     return tuple(sorted(members | extra, key=position.__getitem__))
@@ -159,7 +161,7 @@ def _tidy(graph: AnnotatedGraph, members: list[str], free: set[str]) -> list[str
     while changed:  # hoist: metadata computed from outside values only (chains such as x.shape -> [0] -> * N)
         changed = False
         for n in sorted(inside, key=position.__getitem__):
-            if _is_metadata(graph, n) and not any(i in inside for i in graph[n].inputs) and len(inside) > 1:
+            if is_metadata(graph, n) and not any(i in inside for i in graph[n].inputs) and len(inside) > 1:
                 inside.discard(n)
                 changed = True
     # absorb: metadata that reads the interior and is used, transitively, only inside the region (guards)
@@ -179,7 +181,7 @@ def _tidy(graph: AnnotatedGraph, members: list[str], free: set[str]) -> list[str
     added_set: set[str] = set()
     for n in graph.order:
         ins = graph[n].inputs
-        if n in free and _is_metadata(graph, n) and any(i in inside or i in added_set for i in ins) \
+        if n in free and is_metadata(graph, n) and any(i in inside or i in added_set for i in ins) \
                 and all(readable(i) for i in ins):
             added.append(n)
             added_set.add(n)

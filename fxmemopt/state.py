@@ -49,7 +49,7 @@ def get_state(module: nn.Module, name: str) -> Any:
     non-persistent buffer); a private MISSING marker when neither exists."""
     if name in module.__dict__:
         return module.__dict__[name]
-    return module._buffers.get(name, _MISSING) if name in module._buffers else _MISSING
+    return module._buffers.get(name, _MISSING)
 
 
 def set_state(module: nn.Module, name: str, value: Any) -> None:

@@ -46,8 +46,9 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.proxy import Attribute
+from torch.utils._pytree import tree_leaves
 
-from .errors import GuardError, TraceError, format_error
+from .errors import GuardError, TraceError, first_line, format_error
 from .state import ModelState
 
 __all__ = ["Capture", "Guard", "LeafFallback", "check_guard", "trace"]
@@ -140,11 +141,6 @@ def _user_frame() -> str:
             return f"{short}:{frame.f_lineno} in {frame.f_code.co_name}: {code}"
         frame = frame.f_back
     return "unknown location"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 _SYMBOLS = {operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=", operator.gt: ">",
@@ -281,7 +277,7 @@ class _CaptureTracer(fx.Tracer):
         if not meta and not isinstance(value, torch.Tensor) and node.op not in ("call_module", "get_attr"):
             # Python values computed only from metadata and constants (x.shape[0] * 2) stay metadata.
             meta = all(self.meta_only.get(i, False) for i in inputs) and not any(
-                isinstance(v, torch.Tensor) for v in _leaves((args, kwargs)))
+                isinstance(v, torch.Tensor) for v in tree_leaves((args, kwargs)))
         self.values[node] = value
         self.meta_only[node] = meta and not isinstance(value, torch.Tensor)
 
@@ -316,9 +312,9 @@ class _CaptureTracer(fx.Tracer):
         # are not dispatched to proxies by torch's argument parser: record them as calls while tracing.
         originals = {name: getattr(torch, name) for name in _FACTORIES}
 
-        def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             def factory(*args: Any, **kwargs: Any) -> Any:
-                if any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
+                if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
                     return self.create_proxy("call_function", fn, args, kwargs)
                 return fn(*args, **kwargs)
             return factory
@@ -328,14 +324,14 @@ class _CaptureTracer(fx.Tracer):
         function_apply = torch.autograd.Function.__dict__["apply"]
 
         def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-            if any(isinstance(a, fx.Proxy) for a in _leaves((args, kwargs))):
+            if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
                 raise TraceError(f"custom autograd.Function {cls.__name__}.apply cannot be traced through (its "
                                  f"backward would be lost)")
             return function_apply.__func__(cls, *args, **kwargs)
 
         try:
             for name, fn in originals.items():
-                setattr(torch, name, wrap(name, fn))
+                setattr(torch, name, wrap(fn))
             torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
             return super().trace(root, concrete_args)
         finally:
@@ -372,7 +368,7 @@ class _CaptureTracer(fx.Tracer):
             self.module_stack.update(stack)
             self.num_calls.clear()
             self.num_calls.update(calls)
-            reason = _first_line(e)
+            reason = first_line(e)
             log.info("fxmemopt: %s (%s) cannot be traced through (%s); keeping it as a leaf", path,
                      type(m).__name__, reason)
             self.fallbacks.append(LeafFallback(path, type(m).__name__, reason))
@@ -395,10 +391,6 @@ class _CaptureTracer(fx.Tracer):
         if self._param_cache is not None:
             for k in [k for k, p in self._param_cache.items() if p.node in erased]:
                 del self._param_cache[k]
-
-
-def _leaves(x: Any) -> list[Any]:
-    return torch.utils._pytree.tree_leaves(x)
 
 
 @dataclass(frozen=True)
@@ -459,7 +451,7 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...], *, stateful_paths: 
     except Exception as e:
         raise TraceError(format_error(
             f"{type(model).__name__} (the root module)",
-            f"its forward() cannot be traced by torch.fx: {_first_line(e)}",
+            f"its forward() cannot be traced by torch.fx: {first_line(e)}",
             fix="Move the untraceable code (Python `if` on tensor *values*, `.item()`, calls fx cannot record) into "
                 "a submodule: submodules that fail to trace are kept whole automatically. Or pass "
                 "leaf_modules=(TheClass,) for modules fxmemopt should not trace into.",
