@@ -52,7 +52,7 @@ from .annotate import AnnotatedGraph
 from .measure import default_loss, reset_states
 from .packing import packed_nbytes
 from .plan import Plan
-from .regions import region_io, unit_order
+from .regions import SIDE_EFFECT_TARGETS, region_io, unit_order
 from .state import ModelState
 
 __all__ = ["StorageRecord", "StepTrace", "Prediction", "record_step", "build_cost_graph", "simulate",
@@ -377,7 +377,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     entry: dict[str, int] = {}
     exit_: dict[str, int] = {}
     inputs_of = {n: annotated[n].inputs for n in annotated.order}
-    for unit, members in unit_order(annotated.order, inputs_of, region_of):
+    barriers = [n for n in annotated.order if annotated[n].target in SIDE_EFFECT_TARGETS]
+    for unit, members in unit_order(annotated.order, inputs_of, region_of, barriers):
         if unit in region_of.values():
             entry[unit] = len(labels)
             labels += [f"pack:{unit}", f"enter:{unit}"]

@@ -37,6 +37,10 @@ from dataclasses import dataclass
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
+#: Graph nodes that change module state (``fxmemopt.trace.set_module_state``; named here, not imported: planning
+#: never imports the tracer): never inside a region, and ordered before every unit that follows them.
+SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.trace.set_module_state"})
+
 __all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure",
            "is_metadata"]
 
@@ -116,7 +120,7 @@ def is_metadata(graph: AnnotatedGraph, name: str) -> bool:
     """A node that computes a Python value holding no tensor (a shape, an int, a guard): free to move."""
     info = graph[name]
     return info.op in ("call_function", "call_method") and not info.is_tensor and info.nbytes == 0 \
-        and not info.stateful
+        and not info.stateful and info.target not in SIDE_EFFECT_TARGETS
 
 
 def metadata_closure(graph: AnnotatedGraph, nodes: Sequence[str]) -> tuple[str, ...]:
@@ -245,7 +249,8 @@ def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
         while stack:
             n = stack.pop()
             ni = graph[n]
-            if n in claimed or ni.op in _BOUNDARY_OPS or ni.seeds_region or _picks_from_neuron(graph, n):
+            if n in claimed or ni.op in _BOUNDARY_OPS or ni.seeds_region or _picks_from_neuron(graph, n) \
+                    or ni.target in SIDE_EFFECT_TARGETS:  # a state assignment runs once, outside any region
                 continue
             claimed.add(n)
             members.append(n)
@@ -343,7 +348,7 @@ def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
 
 
 def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
-               region_of: Mapping[str, str]) -> list[tuple[str, list[str]]]:
+               region_of: Mapping[str, str], barriers: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
     """The execution order of a graph once each region is collapsed into one call.
 
     Units are regions (named by ``region_of``) or single nodes. They are emitted in a stable topological order that
@@ -354,6 +359,8 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
         order: node names in graph order.
         inputs: node name -> names of the nodes it reads.
         region_of: node name -> region name, for nodes inside regions.
+        barriers: nodes with side effects on module state (outside regions): every unit whose first node comes
+            after a barrier in ``order`` runs after it, although no data flows between them.
 
     Returns:
         ``[(unit, member nodes in graph order), ...]``.
@@ -372,6 +379,10 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
                 v = region_of.get(i, i)
                 if v != u:
                     deps[u].add(v)
+    for b in barriers:
+        for u, names in members.items():
+            if position[names[0]] > position[b]:
+                deps[u].add(b)
     waiting = {u: len(d) for u, d in deps.items()}
     dependents: dict[str, list[str]] = {u: [] for u in members}
     for u, d in deps.items():

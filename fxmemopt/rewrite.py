@@ -25,7 +25,7 @@ from .errors import InternalError
 from .plan import Plan, RegionPlan, sliceable
 from .regions import metadata_closure, region_io, unit_order
 from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, SlicedRegion, region_args, release_args
-from .trace import _resolve, make_graph_module
+from .trace import _resolve, make_graph_module, set_module_state
 
 __all__ = ["rewrite"]
 
@@ -137,7 +137,8 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     region_name = {n: rp.name for n, rp in region_of.items()}
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
-    for u, _ in unit_order(order, inputs_of, region_name):
+    barriers = [n.name for n in graph.nodes if n.target is set_module_state]
+    for u, _ in unit_order(order, inputs_of, region_name, barriers):
         if u in modules:
             inputs, outputs = io[u]
             box = new.create_node("call_function", region_args, tuple(env[i] for i in inputs), {},

@@ -33,6 +33,7 @@ Known limitation: a submodule whose failed trace had side effects on its own att
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import logging
 import operator
@@ -117,6 +118,16 @@ def check_guard(value: Any, index: int, kind: str, expected: Any, expression: st
 
 
 torch.fx.node.has_side_effect(check_guard)
+
+def set_module_state(module: nn.Module, name: str, value: Any) -> Any:
+    """``module.name = value`` as a graph node: what traced code assigns to a module (snntorch's ``init_leaky()`` /
+    ``utils.reset`` rebinding ``mem`` at the top of ``forward``) happens on every call, not only while tracing.
+    Returns ``value``."""
+    setattr(module, name, value)
+    return value
+
+
+torch.fx.node.has_side_effect(set_module_state)  # (regions.SIDE_EFFECT_TARGETS names it for planning)
 
 #: Tensor attributes and methods that read metadata, not data: values derived from them (and from Python numbers)
 #: are safe to specialize under a guard; anything derived from tensor *data* is not.
@@ -214,6 +225,9 @@ class _CaptureTracer(fx.Tracer):
     def __init__(self, root: nn.Module, example_inputs: tuple[Any, ...], stateful_paths: Iterable[str],
                  leaf_types: tuple[type, ...], leaf_paths: Iterable[str]):
         super().__init__()
+        # Buffers read by traced code are graph reads (get_attr), not the example's tensors baked in: a state kept in
+        # a buffer (snntorch's mem) must be read at run time.
+        self.proxy_buffer_attributes = True
         self.forced = set(stateful_paths) | set(leaf_paths)
         self.leaf_types = leaf_types
         self.fallbacks: list[LeafFallback] = []
@@ -226,6 +240,7 @@ class _CaptureTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self.meta_only: dict[fx.Node, bool] = {}
         self._guarded: set[tuple[fx.Node, str]] = set()
+        self._assigned: dict[int, fx.Proxy] = {}
 
     # -- concrete values ---------------------------------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -311,6 +326,12 @@ class _CaptureTracer(fx.Tracer):
         # Factory functions with a traced size (torch.zeros(x.shape[1], 16), snntorch/norse state initialisation)
         # are not dispatched to proxies by torch's argument parser: record them as calls while tracing.
         originals = {name: getattr(torch, name) for name in _FACTORIES}
+        if concrete_args is None and isinstance(root, nn.Module):
+            # Parameters the example inputs do not give take their defaults, as in the model's own call
+            # (norse's `SequentialState.forward(input, state=None)` tests `state is None`).
+            params = list(inspect.signature(root.forward).parameters.values())[len(self._examples):]
+            concrete_args = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} or None
 
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             def factory(*args: Any, **kwargs: Any) -> Any:
@@ -329,15 +350,36 @@ class _CaptureTracer(fx.Tracer):
                                  f"backward would be lost)")
             return function_apply.__func__(cls, *args, **kwargs)
 
+        # Traced code that assigns a traced value to a module (`self.mem = torch.zeros_like(self.mem)`) is recorded
+        # as a set_module_state node; the module gets the example value meanwhile, and reading the attribute back
+        # gives the assigned proxy (so what follows depends on the assignment, as in Python).
+        module_setattr = nn.Module.__setattr__
+
+        def record_setattr(mod: nn.Module, name: str, value: Any) -> None:
+            if isinstance(value, fx.Proxy) and mod is not root:  # (the root's own attributes: as plain fx does)
+                path = self.path_of_module(mod)
+                target = self.create_node("get_attr", path, (), {})
+                self.values[target] = mod
+                node = self.create_node("call_function", set_module_state, (target, name, value.node), {},
+                                        name=f"set_{path.replace('.', '_')}_{name}")
+                concrete = self._value(value.node)
+                self.values[node] = concrete
+                self.meta_only[node] = False
+                self._assigned[id(concrete)] = self.proxy(node)
+                value = concrete
+            module_setattr(mod, name, value)
+
         try:
             for name, fn in originals.items():
                 setattr(torch, name, wrap(fn))
             torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+            nn.Module.__setattr__ = record_setattr  # type: ignore[method-assign]
             return super().trace(root, concrete_args)
         finally:
             for name, fn in originals.items():
                 setattr(torch, name, fn)
             torch.autograd.Function.apply = function_apply  # type: ignore[method-assign]
+            nn.Module.__setattr__ = module_setattr  # type: ignore[method-assign]
 
     # -- leaves and fallbacks ----------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -347,6 +389,8 @@ class _CaptureTracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
         self._param_cache = parameter_proxy_cache  # remembered so a rolled-back trace can drop stale proxies
+        if id(attr_val) in self._assigned:  # a value this trace assigned (set_module_state): its proxy
+            return self._assigned[id(attr_val)]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
@@ -388,6 +432,7 @@ class _CaptureTracer(fx.Tracer):
             self.meta_only.pop(node, None)
             erased.add(node)
         self._guarded = {g for g in self._guarded if g[0] not in erased}
+        self._assigned = {k: p for k, p in self._assigned.items() if p.node not in erased}
         if self._param_cache is not None:
             for k in [k for k, p in self._param_cache.items() if p.node in erased]:
                 del self._param_cache[k]

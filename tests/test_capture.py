@@ -334,3 +334,35 @@ def test_a_region_that_fails_the_validation_step_is_unwrapped():
     assert [r.anchor for r in summary.regions] == ["n1"]
     assert "left unoptimized ckpt_n2" in str(summary)
     gm(x).sum().backward()  # the returned module trains
+
+
+class ResetsInForward(nn.Module):
+    """snntorch's ``mem1 = self.lif1.init_leaky()`` at the top of ``forward``: traced code rebinds a neuron's buffer,
+    which the optimized module must do on every call (a graph node), not only while tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.n1 = nn.Linear(6, 8), BufferNeuron()
+        self.fc2, self.n2 = nn.Linear(8, 4), BufferNeuron()
+
+    def forward(self, x):
+        self.n1.mem = torch.zeros_like(self.n1.mem)
+        self.n2.mem = torch.zeros_like(self.n2.mem)
+        out = []
+        for t in range(x.size(0)):
+            s1, _ = self.n1(self.fc1(x[t]))
+            s2, _ = self.n2(self.fc2(s1))
+            out.append(s2)
+        return torch.stack(out)
+
+
+def test_state_assigned_by_traced_code_is_assigned_on_every_call():
+    torch.manual_seed(0)
+    model = ResetsInForward()
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 6) * 2
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    assert "set_module_state" in gm.code and len(summary.regions) == 8
+    for step in range(2):  # the second step starts from the reset, as the model's own does
+        report = fxmemopt.compare_training_step(ref, gm, (x,))
+        assert report.ok, f"step {step}: {report}"

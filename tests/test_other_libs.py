@@ -30,6 +30,15 @@ def test_sequence_model_is_exact_and_regions_form(name):
     assert summary.regions and not summary.failed_regions, str(summary)
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, f"{name}: {report}"
+    if name == "snntorch_init_hidden_loop_in_forward":
+        # utils.reset in its forward resets snntorch's class-level list of neurons, which a deepcopy is not in: the
+        # reference cannot take a second step. The optimized module's second step must repeat its first.
+        first = gm(*inputs)
+        second = gm(*inputs)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    else:  # the forward resets its state: a second step is the first again, on both
+        report = fxmemopt.compare_training_step(reference, gm, inputs)
+        assert report.ok, f"{name}, second step: {report}"
 
 
 @pytest.mark.parametrize("name", ["snntorch_init_hidden_loop_in_forward"])
