@@ -144,7 +144,7 @@ def optimize_cmd(args: argparse.Namespace) -> int:
 
     options = {"level": args.level, "prefer": args.prefer, "profile": args.profile,
                "memory_budget": args.memory_budget, "measure": args.measure, "exact": not args.approximate,
-               "plan": args.plan}
+               "plan": args.plan, "calls_per_step": args.calls_per_step}
     options = {k: v for k, v in options.items() if v is not None}
     t0 = time.perf_counter()
     gm, summary = fxmemopt.optimize(model, tuple(inputs), return_summary=True, progress=progress, **options)
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--approximate", action="store_true",
                    help="exact=False: allow the seed's whole-region time slices (BatchNorm per slice)")
     o.add_argument("--measure", choices=("worker", "in-process"), help="confirm by measuring both models")
+    o.add_argument("--calls-per-step", type=int,
+                   help="module calls per training step (T for a single-step net called once per time step)")
     o.add_argument("--plan", help="apply this saved plan instead of searching")
     o.add_argument("--save-plan", help="write the plan (JSON, with its report) here")
     o.add_argument("--plot", help="write the memory timeline plot here (PNG/SVG; needs matplotlib)")

@@ -275,6 +275,7 @@ def test_cli_optimize_save_plan_plot_then_reuse_and_explain(tmp_path, capsys):
     (["optimize", "models.py:build", "--input-shape", "4,2,2,48,48", "--memory-budget", "-1"], "memory_budget"),
     (["optimize", "nomodule", "--input-shape", "4"], "expected MODULE:FACTORY"),
     (["explain", "missing.json"], "PlanError"),
+    (["optimize", "models.py:build", "--input-shape", "4,2,2,48,48", "--calls-per-step", "0"], "calls_per_step"),
 ])
 def test_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, reason):
     (tmp_path / "models.py").write_text(MODEL_FILE)
@@ -298,3 +299,32 @@ def test_no_warning_when_the_plan_matches():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FxMemOptWarning)
         fxmemopt.optimize(DeepConvSNN(num_blocks=2, channels=4), (x,), plan=s.plan)
+
+
+STEP_MODEL_FILE = """
+import torch
+from torch import nn
+
+
+class StepLIF(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.v = 0.0
+
+    def forward(self, x):
+        self.v = 0.5 * self.v + x
+        s = (self.v >= 1.0).float()
+        self.v = self.v * (1 - s)
+        return s + (self.v - self.v.detach()) * 0  # a straight-through path so the spikes carry a gradient
+
+
+def build():
+    return nn.Sequential(nn.Linear(8, 16), StepLIF(), nn.Linear(16, 4), StepLIF())
+"""
+
+
+def test_cli_calls_per_step(tmp_path, capsys):
+    (tmp_path / "step.py").write_text(STEP_MODEL_FILE)
+    argv = ["optimize", f"{tmp_path / 'step.py'}:build", "--input-shape", "4,8", "--calls-per-step", "6", "-q"]
+    assert cli.main(argv) == 0
+    assert "one training step = 6 calls of the module" in capsys.readouterr().out
