@@ -18,8 +18,9 @@ pytest.importorskip("snntorch")
 pytest.importorskip("norse")
 import other_libs  # noqa: E402  (pytest puts tests/ on sys.path)
 
-#: norse's SequentialState / LIFCell-loop models as written do not trace yet (see the issue notes): not listed.
-SEQUENCE_MODELS = ["snntorch_loop_in_forward_net", "snntorch_init_hidden_loop_in_forward", "norse_lif_multistep_module"]
+#: norse's models.conv.ConvNet (writes into a preallocated tensor) does not trace yet: not listed.
+SEQUENCE_MODELS = ["snntorch_loop_in_forward_net", "snntorch_init_hidden_loop_in_forward", "norse_lif_multistep",
+                   "norse_lif_multistep_module", "norse_sequential_state", "norse_sequential_state_readme"]
 
 
 @pytest.mark.parametrize("name", SEQUENCE_MODELS)
