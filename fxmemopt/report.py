@@ -123,12 +123,7 @@ def _report(summary: Summary) -> dict[str, Any]:
               "predicted_step_time_ratio": summary.predicted_step_time_ratio,
               "measured_step_time_ratio": summary.measured_step_time_ratio}
     notes = [f"semantics changed (exact=False) in {r}: {what}" for r, what in summary.semantics_changed]
-    if summary.calls_per_step > 1:
-        notes.append(f"one training step = {summary.calls_per_step} calls of the module, then one backward "
-                     f"(calls_per_step): predicted peaks are for that step")
-    notes += [f"left unoptimized {r}: failed the validation training step: {why}"
-              for r, why in summary.failed_regions]
-    notes += [f"guard: {g}" for g in summary.guards]
+    notes += summary.capture_notes()
     return {"model": summary.model, "rows": rows, "totals": totals, "notes": notes}
 
 

@@ -322,6 +322,16 @@ class Summary:
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
+    def capture_notes(self, guards: bool = True) -> list[str]:
+        """Lines about the step definition, regions left out by the validation step, and (``guards``) each guard:
+        the summary and :func:`fxmemopt.explain` both show them."""
+        lines = []
+        if self.calls_per_step > 1:
+            lines.append(f"one training step = {self.calls_per_step} calls of the module (calls_per_step), then "
+                         f"one backward: predictions are for that step")
+        lines += [f"left unoptimized {r}: failed the validation training step: {why}" for r, why in self.failed_regions]
+        return lines + ([f"guard: {g}" for g in self.guards] if guards else [])
+
     def __str__(self) -> str:
         parts = [f"fxmemopt summary for {self.model}: {self.region_count} checkpoint regions, "
                  f"{self.packed_input_count} packed inputs, {_fmt_bytes(self.stored_bytes)} kept for backward by "
@@ -336,12 +346,8 @@ class Summary:
                          f"{_fmt_bytes(self.measured_peak_after)} "
                          f"({self.measured_peak_before / self.measured_peak_after:.2f}x lower), step time "
                          f"x{self.measured_step_time_ratio:.2f}; prediction error {self.prediction_error:.1%}")
-        if self.calls_per_step > 1:
-            parts.append(f"one training step = {self.calls_per_step} calls of the module (calls_per_step), then "
-                         f"one backward: predictions are for that step")
+        parts += self.capture_notes(guards=False)  # the guards are listed in full below
         parts += [f"rejected {c}: {st}: {msg}" for c, st, msg in self.rejected]
-        parts += [f"left unoptimized {r}: failed the validation training step: {why}"
-                  for r, why in self.failed_regions]
         parts += [f"SEMANTICS CHANGED (exact=False) in {r}: {what}" for r, what in self.semantics_changed]
         changes = [d for d in self.decisions if d.action in ("split", "chunk", "unwrap", "reject")]
         parts += [f"{d.action} {d.region}: {d.reason}" for d in changes]
