@@ -181,12 +181,15 @@ def _tidy(graph: AnnotatedGraph, members: list[str], free: set[str]) -> list[str
         return i in inside or i in added_set or graph[i].op == "get_attr" or (
             not graph[i].is_tensor and graph[i].nbytes == 0 and i not in downstream)
 
+    # Reading only what the region outputs anyway (a neuron's spikes) needs no absorbing: leaving such a guard outside
+    # keeps the neuron the region's last node, so it can still be sliced in time.
+    outputs = {n for n in inside if any(u not in inside for u in graph.users[n])}
     added: list[str] = []
     added_set: set[str] = set()
     for n in graph.order:
         ins = graph[n].inputs
-        if n in free and is_metadata(graph, n) and any(i in inside or i in added_set for i in ins) \
-                and all(readable(i) for i in ins):
+        if n in free and is_metadata(graph, n) and any(i in inside and i not in outputs or i in added_set
+                                                        for i in ins) and all(readable(i) for i in ins):
             added.append(n)
             added_set.add(n)
     keep = set(added)
