@@ -339,7 +339,8 @@ def optimize(
         calls_per_step: how many calls of the module make one training step: ``T`` for a single-step network
             (snntorch's ``init_hidden=True`` style, norse cells) called once per time step by your training loop,
             with one backward after the last call. ``example_inputs`` are one call's inputs. The predicted peaks
-            (and ``explain``) are for that whole step: each earlier call keeps what its forward keeps for backward.
+            (and ``explain``) are for that whole step: each earlier call keeps what its forward keeps for backward
+            (a linear model: see :func:`fxmemopt.costmodel.peak_over_calls` for how far off it was measured).
             The plan itself is chosen on one call (regions that lower one call's kept bytes lower every call's).
         plan: apply this saved plan instead of searching (a :class:`~fxmemopt.plan.Plan`, its JSON text, or the
             path of a file written by ``summary.save_plan`` / ``fxmemopt optimize --save-plan``): nothing is

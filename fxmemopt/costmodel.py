@@ -673,7 +673,9 @@ def retained_bytes(prediction: Prediction) -> int:
 def peak_over_calls(prediction: Prediction, calls: int) -> int:
     """Predicted peak of a training step made of ``calls`` forward calls and one backward (a single-step network
     called once per time step): each earlier call keeps what a forward keeps for backward until the backward runs,
-    and the last call's step comes on top of that. A linear model, exact when the calls are alike."""
+    and the last call's step comes on top of that. A linear model from one recorded call: it does not see what a
+    call keeps only because the next call reads it (a neuron state carrying the autograd graph from call to call).
+    Measured on snntorch's tutorial-7 net over 16 calls: unoptimized +22%, optimized -27% (see the README)."""
     return prediction.peak_bytes + (calls - 1) * retained_bytes(prediction)
 
 
