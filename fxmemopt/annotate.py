@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from .packing import _INT_VIEW, _as_small_uint8
 from .state import ModelState, StateSnapshot
@@ -96,13 +97,15 @@ class NodeInfo:
         requires_grad_hint: False for integer/bool outputs (they can never carry gradients).
         static, observed, value_set: static inference, example observation, and the decision (see module doc).
         stateful: the node calls a stateful module (or a leaf that contains one).
-        time_chunkable: for a stateful call on one ``[T, ...]`` tensor: calling the module on consecutive time
-            slices (state carried) reproduced its output and final state bit for bit on the example, so it may be
-            recomputed in time chunks.
+        time_chunkable: for a neuron call on one ``[T, ...]`` tensor: calling the module on consecutive time
+            slices reproduced its output and final state bit for bit on the example, so it may be recomputed in
+            time chunks. The state is carried in the module (``stateful``) or, for a neuron that stores nothing,
+            as a value: ``neuron(x)`` / ``neuron(x, s)`` returning ``(out, s)`` (norse's multi-step ``LIF``).
         spiking: a module call that turns real values into spikes: its output (or an element of the tuple it
             returns, such as norse's ``(spikes, state)`` or snntorch's ``(spk, mem)``) is a floating tensor holding
             only small non-negative integers on the example, while a floating input holds real values. Such a call
             seeds a region whether or not the module keeps state.
+        time_steps: T, the length of the time dimension a ``time_chunkable`` call slices (0 otherwise).
     """
 
     name: str
@@ -121,6 +124,7 @@ class NodeInfo:
     stateful: bool
     time_chunkable: bool = False
     spiking: bool = False
+    time_steps: int = 0
 
     @property
     def seeds_region(self) -> bool:
@@ -312,6 +316,11 @@ def _decide(static: ValueSet, observed: ValueSet) -> ValueSet:
     return REAL
 
 
+def _is_value_state_result(result: Any) -> bool:
+    """``(out, state)``: what a neuron that returns its state (norse) gives back."""
+    return type(result) is tuple and len(result) == 2 and isinstance(result[0], torch.Tensor)
+
+
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -379,27 +388,47 @@ class _Annotator(fx.Interpreter):
                 if p == path or p.startswith(prefix)]
 
     def _time_chunkable(self, n: fx.Node, module: nn.Module, before: list[tuple[nn.Module, StateSnapshot]],
-                        result: Any) -> bool:
-        """Does calling ``module`` on time slices (state carried) reproduce ``result`` and its final state?"""
+                        result: Any, stateful: bool) -> bool:
+        """Does calling ``module`` on time slices, state carried, reproduce ``result`` (and the final state)?
+
+        Two ways of carrying the state are tried: in the module's own attributes (``stateful``: spikingjelly,
+        snntorch), or as a value (a stateless neuron called ``neuron(x)`` or ``neuron(x, s)`` that returns
+        ``(out, s)``: norse's multi-step ``LIF``), where each slice is called with the state the last one returned.
+        """
         if any(p.requires_grad for p in module.parameters()):
             # A neuron with trainable parameters (spikingjelly's ParametricLIFNode.w) would get its gradient as a
             # sum over slices, in another order than over all steps at once: not bitwise (measured: 1e-11 apart).
             return False
+        if n.kwargs or not n.args or not isinstance(n.args[0], fx.Node):
+            return False
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
-        x = args[0] if len(args) == 1 and not n.kwargs else None
-        if not (isinstance(x, torch.Tensor) and isinstance(result, torch.Tensor) and x.dim() >= 1
-                and x.shape[0] >= 2 and result.dim() >= 1 and result.shape[0] == x.shape[0]):
+        x = args[0]
+        out = result if stateful else (result[0] if _is_value_state_result(result) else None)
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() >= 1
+                and x.shape[0] >= 2 and out.dim() >= 1 and out.shape[0] == x.shape[0]):
+            return False
+        if stateful and len(args) != 1 or not stateful and len(args) > 2:
             return False
         owners = self._states_under(str(n.target))
         after = [(m, StateSnapshot.take(m, names)) for m, names in owners]
         try:
             for m, snap in before:
                 snap.restore(m)
-            sliced = torch.cat([module(xc) for xc in x.tensor_split(min(3, x.shape[0]), dim=0)], dim=0)
-            now = [StateSnapshot.take(m, names) for m, names in owners]
-            return _bitwise_equal(sliced, result) and all(
-                _bitwise_equal(a, b) for snap, (_, ref) in zip(now, after)
-                for a, b in zip(snap.tensors(), ref.tensors()))
+            pieces = x.tensor_split(min(3, x.shape[0]), dim=0)
+            if stateful:
+                sliced = torch.cat([module(xc) for xc in pieces], dim=0)
+                now = [StateSnapshot.take(m, names) for m, names in owners]
+                return _bitwise_equal(sliced, result) and all(
+                    _bitwise_equal(a, b) for snap, (_, ref) in zip(now, after)
+                    for a, b in zip(snap.tensors(), ref.tensors()))
+            outs, state = [], args[1] if len(args) == 2 else None
+            for k, xc in enumerate(pieces):
+                o, state = module(xc) if k == 0 and len(args) == 1 else module(xc, state)
+                outs.append(o)
+            final, ref = tree_flatten(state), tree_flatten(result[1])
+            return _bitwise_equal(torch.cat(outs, dim=0), out) and final[1] == ref[1] and all(
+                isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _bitwise_equal(a, b)
+                or not isinstance(a, torch.Tensor) and a == b for a, b in zip(final[0], ref[0]))
         except Exception:  # a module that cannot be called on slices is simply not chunkable
             return False
         finally:
@@ -412,10 +441,11 @@ class _Annotator(fx.Interpreter):
         before = [(m, StateSnapshot.take(m, names)) for m, names in self._states_under(str(n.target))] \
             if stateful else []
         result = super().run_node(n)
-        chunkable = stateful and module is not None and self._time_chunkable(n, module, before, result)
         tensors = _flat_tensors(result)
         spiking = n.op == "call_module" and _makes_spikes(
             [t for a in n.all_input_nodes for t in _flat_tensors(self.env.get(a))], tensors)
+        chunkable = (stateful or spiking) and module is not None and self._time_chunkable(
+            n, module, before, result, stateful)
         # A neuron fxmemopt has no rule for (norse, snntorch): the example decides, the packer re-checks every call.
         static = UNKNOWN if spiking and not stateful else static_value_set(n, self._arg_set, module, stateful)
         observed = observe_value_set(result) if tensors else REAL
@@ -442,6 +472,7 @@ class _Annotator(fx.Interpreter):
             shape=tuple(result.shape) if single else None, dtype=str(dtype).replace("torch.", "") if single else None,
             nbytes=nbytes, static=static, observed=observed, value_set=value_set, stateful=stateful,
             time_chunkable=chunkable, spiking=spiking,
+            time_steps=self.env[n.args[0]].shape[0] if chunkable else 0,
         )
         n.meta["fxmemopt"] = self.infos[n.name]
         return result

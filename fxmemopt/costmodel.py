@@ -413,7 +413,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     sliced_share: dict[str, float] = {}
     for r in regions:
         neuron = r.nodes[-1] if not r.whole_slices else region_io(annotated, r.nodes)[1][0]
-        steps = (annotated[neuron].shape or (1,))[0] if annotated[neuron].shape else 1
+        steps = annotated[neuron].time_steps if not r.whole_slices and r.chunks > 1 else \
+            (annotated[neuron].shape or (1,))[0] if annotated[neuron].shape else 1
         k = max(1, min(r.chunks, steps))
         if k == 1 or r.whole_slices:
             blocks[(r.name, "all")] = [e for n in r.nodes for e in range(ne[n][0], ne[n][1] + 1)]
@@ -447,8 +448,16 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             firsts = [es[0] for n in r.nodes[:-1] for es in [bwd_events.get(n, [])] if es]
             if firsts:
                 trigger.setdefault(min(firsts), (r.name, "prefix"))
+        # The neuron's time-major output: all it returns, or the first element of (out, state) (norse's LIF),
+        # which has the shape of its input.
+        ninfo = annotated[neuron]
+        out_bytes = ninfo.nbytes if ninfo.is_tensor else annotated[ninfo.inputs[0]].nbytes
+        # One slice start state: the state a neuron returns (exact), or one time step of its output (an estimate
+        # for a state kept in the module, which holds one membrane per output element).
+        state_bytes = ninfo.nbytes - out_bytes if not ninfo.is_tensor else out_bytes // max(1, steps)
         chunk[r.name] = {"k": k, "fwd_slice": fwd_slice, "neuron": neuron, "steps": steps, "sizes": sizes,
-                         "prefix_nodes": set(r.nodes[:-1])}
+                         "prefix_nodes": set(r.nodes[:-1]), "out_bytes": out_bytes,
+                         "state_bytes": state_bytes}
 
     # Backward: baseline order with the replay blocks inserted.
     rc_start: dict[tuple[str, str], int] = {}
@@ -531,17 +540,32 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                 elsize = _ELEMENT_SIZE.get(info.dtype or "", 4)
                 live(numel * (1 + elsize), entry[r.name], entry[r.name])  # uint8 copy + round-trip check
 
-    # Chunked regions: the concatenation of slice outputs in forward; the neuron's input and every slice's start
-    # state kept from the first slice's recomputation until the last slice's.
+    # Chunked regions: the concatenation of slice outputs in forward. In backward, the first block recomputes the
+    # neuron's input, replays the neuron for every slice's start state, and copies the input into one part per
+    # slice; a slice's part and start state die when that slice has been recomputed (Rule 8).
     for r, info in chunk.items():
-        out_bytes = annotated[info["neuron"]].nbytes
+        out_bytes = info["out_bytes"]
         live(out_bytes, pos[ne[info["neuron"]][1]], pos[ne[info["neuron"]][1]])
         first_b, last_b = (r, f"s{info['k'] - 1}"), (r, "s0")
         if first_b in rc_start and last_b in rc_end:
-            # Slice start states: the first is the region's entry state (referenced anyway), k - 1 are new.
-            live((info["k"] - 1) * out_bytes // max(1, info["steps"]), rc_start[first_b], rc_end[last_b])
             x_node = annotated[info["neuron"]].inputs[0]
             x_bytes = annotated[x_node].nbytes
+            prefix_pos = [rc_pos[first_b][e] for n in info["prefix_nodes"] for e in range(ne[n][0], ne[n][1] + 1)
+                          if e in rc_pos[first_b]]
+            parts_at = max(prefix_pos, default=rc_start[first_b])  # where the parts and start states are made
+            k = info["k"]
+            every = math.isqrt(k - 1) + 1  # start states: a checkpoint every `every` slices (see the runtime)
+            for c in range(k):
+                b = (r, f"s{c}")
+                if b in rc_end:
+                    live(x_bytes * info["sizes"][c] // info["steps"], parts_at, rc_end[b])
+                    # The first slice starts from the region's entry state (referenced anyway); checkpoints and the
+                    # last segment's states exist from the first replay, the others from their segment's replay.
+                    segment_end = min(k - 1, c - c % every + every - 1)
+                    made = parts_at if c % every == 0 or segment_end == k - 1 else \
+                        rc_start.get((r, f"s{segment_end}"), parts_at)
+                    if c:
+                        live(info["state_bytes"], made, rc_end[b])
             # Each slice's input gradient waits for the others (the split's backward takes them all at once).
             nb = bwd_events.get(info["neuron"], [])
             prefix_bwd = [e for n in info["prefix_nodes"] for e in bwd_events.get(n, [])]
@@ -551,16 +575,16 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                     b = (r, f"s{c}")
                     if b in rc_end:
                         live(x_bytes * info["sizes"][c] // info["steps"], rc_end[b], done)
-            # The neuron's input (the storage its input node's value lives in): cached from its recomputation until
-            # the last slice has been recomputed. Otherwise (an input of the region) it is the unpacked input, alive
+            # The neuron's whole input (the storage its input node's value lives in) exists from its recomputation
+            # until it is copied into the parts. Otherwise (an input of the region) it is the unpacked input, alive
             # from the block's start.
             candidates = [st for st in trace.storages if st.phase == "fwd" and x_node in st.views
                           and st.node in info["prefix_nodes"]]
             if candidates:
                 info["x_storage"] = candidates[0]
-                live(x_bytes, rc_pos[first_b][info["x_storage"].alloc], rc_end[last_b])
+                live(x_bytes, rc_pos[first_b][info["x_storage"].alloc], parts_at)
             else:
-                live(x_bytes, rc_start[first_b], rc_end[last_b])
+                live(x_bytes, rc_start[first_b], parts_at)
 
     last_user_end: dict[str, int] = {}
     for n in annotated.order:
@@ -590,7 +614,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         if s.phase != "fwd" or s.node not in ne:
             nbytes, start = size(s), at(s.alloc)
             info = chunk_of_neuron.get(s.node)
-            if info is not None and s.phase == "bwd" and nbytes >= annotated[info["neuron"]].nbytes:
+            if info is not None and s.phase == "bwd" and nbytes >= info["out_bytes"]:
                 if s.free is not None and s.free <= neuron_bwd_last[s.node]:
                     # A chunked neuron's backward works on one slice at a time: per-step gradient buffers are
                     # slice-sized.
@@ -652,8 +676,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             timeline.append((labels[p], cur))
     fwd = trace.fwd_time_s
     extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
-    for r, info in chunk.items():  # the no-grad replay for slice start states, and the prefix again if not kept
-        extra += fwd.get(info["neuron"], 0.0)
+    for r, info in chunk.items():  # the no-grad replays for slice start states, and the prefix again if not kept
+        extra += fwd.get(info["neuron"], 0.0) * (2 if info["k"] > 2 else 1)
         if not by_region[r].keep_prefix:
             extra += sum(fwd.get(n, 0.0) for n in info["prefix_nodes"])
     return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))

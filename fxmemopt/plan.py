@@ -255,15 +255,16 @@ def checkpoint_all(regions: list[Region], graph: AnnotatedGraph, compress: bool 
 def chunkable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str]:
     """Can a region over ``nodes`` be recomputed in time chunks exactly? ``(answer, reason)``.
 
-    Yes when its last node is its only stateful call and its output is the region's only output (a
-    weight-norm-neuron layer), and that
-    module was verified time-chunkable on the example (:attr:`NodeInfo.time_chunkable`). Everything before the
-    neuron (BatchNorm over T*N included) still runs over all time steps at once, so nothing changes meaning.
+    Yes when its last node is a neuron (a stateful module, or a stateless one that returns its state, such as
+    norse's ``LIF``), no other node of the region keeps state, the neuron's output is the region's only output (a
+    weight-norm-neuron layer), and the neuron was verified time-chunkable on the example
+    (:attr:`NodeInfo.time_chunkable`). Everything before the neuron (BatchNorm over T*N included) still runs over
+    all time steps at once, so nothing changes meaning.
     """
     last = graph[nodes[-1]]
     stateful = [n for n in nodes if graph[n].stateful]
-    if stateful != [last.name] or last.op != "call_module":
-        return False, "the region's last node is not its only stateful module"
+    if not last.seeds_region or stateful not in ([], [last.name]):
+        return False, "the region's last node is not its only neuron"
     if any(u in nodes for u in graph.users[last.name]):
         return False, "the neuron's output is used inside the region"
     if region_io(graph, nodes)[1] != (last.name,):

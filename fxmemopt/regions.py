@@ -37,9 +37,11 @@ from dataclasses import dataclass
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
-#: Graph nodes that change module state (``fxmemopt.trace.set_module_state``; named here, not imported: planning
-#: never imports the tracer): never inside a region, and ordered before every unit that follows them.
-SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.trace.set_module_state"})
+#: Graph nodes with side effects: assignments to module state (``fxmemopt.trace.set_module_state``; named here, not
+#: imported: planning never imports the tracer) and item assignments into a tensor (``out[t] = v``, norse's ConvNet
+#: writing each step's voltages into a preallocated tensor). Never inside a region, ordered after every unit before
+#: them that reads what they write, and before every unit that follows them.
+SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.trace.set_module_state", "_operator.setitem"})
 
 __all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure",
            "is_metadata"]
@@ -182,8 +184,9 @@ def _tidy(graph: AnnotatedGraph, members: list[str], free: set[str]) -> list[str
             not graph[i].is_tensor and graph[i].nbytes == 0 and i not in downstream)
 
     # Reading only what the region outputs anyway (a neuron's spikes) needs no absorbing: leaving such a guard outside
-    # keeps the neuron the region's last node, so it can still be sliced in time.
-    outputs = {n for n in inside if any(u not in inside for u in graph.users[n])}
+    # keeps the neuron the region's last node, so it can still be sliced in time. A node read outside only by
+    # metadata (norse's Lift: `T = x.shape[0]` of a stacked interior value) is not an output: its guard is absorbed.
+    outputs = {n for n in inside if any(u not in inside and not is_metadata(graph, u) for u in graph.users[n])}
     added: list[str] = []
     added_set: set[str] = set()
     for n in graph.order:
@@ -362,8 +365,9 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
         order: node names in graph order.
         inputs: node name -> names of the nodes it reads.
         region_of: node name -> region name, for nodes inside regions.
-        barriers: nodes with side effects on module state (outside regions): every unit whose first node comes
-            after a barrier in ``order`` runs after it, although no data flows between them.
+        barriers: nodes with side effects (outside regions): every unit whose first node comes after a barrier in
+            ``order`` runs after it, although no data flows between them, and every unit before it that reads its
+            first input (the tensor an item assignment writes into) runs before it.
 
     Returns:
         ``[(unit, member nodes in graph order), ...]``.
@@ -382,10 +386,18 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
                 v = region_of.get(i, i)
                 if v != u:
                     deps[u].add(v)
+    readers: dict[str, set[str]] = {}
+    for n in order:
+        for i in inputs[n]:
+            readers.setdefault(i, set()).add(region_of.get(n, n))
     for b in barriers:
         for u, names in members.items():
             if position[names[0]] > position[b]:
                 deps[u].add(b)
+        # what the barrier writes into (its first input) is read, before it, as it was then
+        for u in readers.get(inputs[b][0], ()) if inputs[b] else ():
+            if u != b and position[members[u][0]] < position[b]:
+                deps[b].add(u)
     waiting = {u: len(d) for u, d in deps.items()}
     dependents: dict[str, list[str]] = {u: [] for u in members}
     for u, d in deps.items():

@@ -23,9 +23,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from .annotate import AnnotatedGraph
 from .errors import InternalError
 from .plan import Plan, RegionPlan, sliceable
-from .regions import metadata_closure, region_io, unit_order
+from .regions import SIDE_EFFECT_TARGETS, metadata_closure, region_io, unit_order
 from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, SlicedRegion, region_args, release_args
-from .trace import _resolve, make_graph_module, set_module_state
+from .trace import _resolve, make_graph_module
 
 __all__ = ["rewrite"]
 
@@ -115,18 +115,26 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
             body = _body(model, graph, rp, metadata_closure(annotated, rp.nodes), inputs, outputs, node_by_name)
             modules[rp.name] = SlicedRegion(body, spec, stats[rp.name], chunks=rp.chunks, sliced=sliced)
         elif rp.chunks > 1:
-            # Rule 8: the body is the prefix up to the neuron's input; the neuron is called by the region.
+            # Rule 8: the body is the prefix up to the neuron's input (and the state it is given, for a neuron that
+            # takes its state as an argument); the neuron is called by the region.
             neuron_node = node_by_name[rp.nodes[-1]]
-            if outputs != (neuron_node.name,) or neuron_node.op != "call_module" or len(neuron_node.args) != 1 \
-                    or not isinstance(neuron_node.args[0], fx.Node):
+            args = neuron_node.args
+            functional = not annotated[neuron_node.name].stateful
+            if outputs != (neuron_node.name,) or neuron_node.op != "call_module" or neuron_node.kwargs \
+                    or len(args) != (1 if not functional else len(args)) or not 1 <= len(args) <= 2 \
+                    or not isinstance(args[0], fx.Node):
                 raise InternalError(f"plan asks to chunk {rp.name}, which is not prefix -> neuron")
-            x = neuron_node.args[0].name
+            state_node = args[1] if len(args) == 2 and isinstance(args[1], fx.Node) else None
             prefix = rp.nodes[:-1]
-            body = _body(model, graph, rp, prefix, inputs, (x,), node_by_name)
+            body = _body(model, graph, rp, prefix, inputs,
+                         (args[0].name,) if state_node is None else (args[0].name, state_node.name), node_by_name)
             path = str(neuron_node.target)
             names = tuple(dict(inner_state).get(path, ()))
+            initial = ("module" if not functional else "absent" if len(args) == 1
+                       else "body" if state_node is not None else "constant")
             modules[rp.name] = ChunkedRegion(body, model.get_submodule(path), path, names, rp.chunks, spec,
-                                             stats[rp.name], keep_prefix=rp.keep_prefix)
+                                             stats[rp.name], keep_prefix=rp.keep_prefix, initial_state=initial,
+                                             state_constant=args[1] if initial == "constant" else None)
         else:
             body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
             modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
@@ -137,7 +145,7 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     region_name = {n: rp.name for n, rp in region_of.items()}
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
-    barriers = [n.name for n in graph.nodes if n.target is set_module_state]
+    barriers = [n.name for n in graph.nodes if annotated[n.name].target in SIDE_EFFECT_TARGETS]
     for u, _ in unit_order(order, inputs_of, region_name, barriers):
         if u in modules:
             inputs, outputs = io[u]

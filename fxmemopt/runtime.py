@@ -38,17 +38,22 @@ Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks
     (the usual case: the state is reset, not back-propagated through); anything recomputed but never unpacked is
     dropped when the backward pass ends. A later backward (``retain_graph=True``) recomputes again.
 Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its forward runs the prefix over all
-    time steps, then the neuron on ``k`` consecutive time slices (``tensor_split`` along dim 0, uneven allowed, ``k``
-    clamped to T) with its state carried from slice to slice, and concatenates the slices' outputs. This is bitwise
-    what the unsplit call computes (same per-step operations, same order), and autograd's graph carries the state's
-    gradient from slice to slice. The frame records only each slice's range of saved tensors and the RNG at the
-    neuron's start: keeping every slice's start state from forward to backward would cost (k/T) of a layer's
-    activation per region. In backward, the first slice needed (the last one) triggers one recomputation of the
-    prefix and one no-grad replay of the neuron that yields every slice's start state; then each slice is
-    recomputed on its own when backward first needs it, so only one slice's per-step tensors exist at a time. The
-    prefix output and the start states are dropped once every slice is done. The prefix's own saved tensors are
-    either captured during that recomputation and kept (``keep_prefix=True``: faster) or recomputed again when the
-    prefix's backward needs them (less memory).
+    time steps, then the neuron on ``k`` consecutive time slices (``split`` along dim 0, uneven allowed, ``k``
+    clamped to T) with its state carried from slice to slice, and concatenates the slices' outputs. The state is
+    carried in the neuron's attributes, or, for a neuron that keeps none and returns it (norse's ``LIF``:
+    ``z, s = neuron(x, s)``), as a value: each slice is called with the state the previous one returned, the first
+    as the model calls it. This is bitwise what the unsplit call computes (same per-step operations, same order),
+    and autograd's graph carries the state's gradient from slice to slice. The frame records only each slice's
+    range of saved tensors and the RNG at the neuron's start: keeping every slice's start state from forward to
+    backward would cost (k/T) of a layer's activation per region. In backward, the first slice needed (the last
+    one) triggers one recomputation of the prefix, which is copied into one input part per slice, and one no-grad
+    replay of the neuron that keeps the start state of every ``m``-th slice (``m = isqrt(k - 1) + 1``) and of the
+    last segment; a segment's other start states are replayed from its checkpoint when backward reaches it (about
+    ``2 sqrt(k)`` states alive instead of ``k``, for one more no-grad pass of the neuron). Then each slice is
+    recomputed on its own when backward first needs it, so only one slice's per-step tensors exist at a time, and
+    its input part and start state die with it: the input's parts die as fast as its gradient's parts appear. The
+    prefix's own saved tensors are either captured during that recomputation and kept (``keep_prefix=True``:
+    faster) or recomputed again when the prefix's backward needs them (less memory).
 Rule 7 (plain mode). In ``eval()``, under ``no_grad``, or when nothing the region reads requires grad, ``body``
     runs directly: no packing, no snapshots, no overhead.
 Rule 9 (whole-region time slices, approximate). A :class:`SlicedRegion` runs its *whole* body on ``k`` consecutive
@@ -70,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -499,42 +505,94 @@ class _ChunkedFrame(_Frame):
         #: per slice: (first saved index, end saved index, first step, end step, requires_grad of the state tensors)
         self.slices: list[tuple[int, int, int, int, list[bool]]] = []
         self.neuron_rng: Any = None  # RNG when the neuron started (after the prefix)
-        self.x_cache: torch.Tensor | None = None
-        self.starts: list[tuple[StateSnapshot, Any]] = []  # per slice, during backward only: start state, RNG
-        self.pending: set[int] = set()
+        #: per slice, during backward only: its part of the neuron's input (a copy of its own, dropped once the
+        #: slice is recomputed) and its start state and RNG
+        self.x_parts: list[torch.Tensor | None] = []
+        self.starts: list[Any] = []
+        self.rngs: list[Any] = []
+        self.every = 1  # a start state is kept for every `every`-th slice (checkpoints; see recompute)
+
+    def _split(self, y: Any) -> tuple[torch.Tensor, Any]:
+        """The prefix's result as (neuron input, state given to the first slice)."""
+        region: ChunkedRegion = self.region  # type: ignore[assignment]
+        if region.initial_state == "body":
+            return y[0], y[1]
+        return y, region.state_constant
+
+    def _step(self, xc: torch.Tensor, state: Any, first: bool) -> tuple[torch.Tensor, Any]:
+        """Run the neuron on one slice: ``(out, state for the next slice)`` (``None`` for a module's own state)."""
+        region: ChunkedRegion = self.region  # type: ignore[assignment]
+        neuron = region.__dict__["neuron"]
+        if region.initial_state == "module":
+            return neuron(xc), None
+        if first and region.initial_state == "absent":
+            return neuron(xc)  # as the model calls it: the neuron makes its own initial state
+        return neuron(xc, state)
+
+    def _state_flags(self, state: Any) -> list[bool]:
+        region: ChunkedRegion = self.region  # type: ignore[assignment]
+        if region.initial_state == "module":
+            return [t.requires_grad for t in StateSnapshot.take(region.__dict__["neuron"], region.neuron_names)
+                    .tensors()]
+        return [t.requires_grad for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
 
     def run(self, box: list[Any]) -> Any:
         region: ChunkedRegion = self.region  # type: ignore[assignment]
-        neuron = region.__dict__["neuron"]
         with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
-            x = self.body(box)
+            x, state = self._split(self.body(box))
         self.prefix_end = len(self.saved)
         self.neuron_rng = rng_state(self.cuda_devices)
         outs = []
         t0 = 0
-        for xc in time_slices(x, region.chunks):
-            rg = [t.requires_grad for t in StateSnapshot.take(neuron, region.neuron_names).tensors()]
+        for c, xc in enumerate(time_slices(x, region.chunks)):
+            rg = self._state_flags(state)
             lo = len(self.saved)
             with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
-                outs.append(neuron(xc))
+                out, state = self._step(xc, state, c == 0)
+            outs.append(out)
             self.slices.append((lo, len(self.saved), t0, t0 + xc.shape[0], rg))
             t0 += xc.shape[0]
-        del x, xc
-        return torch.cat(outs, dim=0)
+        del x, xc, out
+        if region.initial_state == "module":
+            return torch.cat(outs, dim=0)
+        return torch.cat(outs, dim=0), state
 
-    def _slice_starts(self, x: torch.Tensor) -> list[tuple[StateSnapshot, Any]]:
-        """Replay the neuron once without grad from its entry state to get every slice's start state and RNG."""
+    def _replay_starts(self, first: int, stop: int, state: Any, keep: Callable[[int], bool]) -> None:
+        """Replay the neuron without grad from ``state`` (slice ``first``'s start) to get the start states of slices
+        ``first..stop-1``; keep in ``self.starts`` those ``keep`` accepts (every slice's RNG is recorded once)."""
         region: ChunkedRegion = self.region  # type: ignore[assignment]
         neuron = region.__dict__["neuron"]
-        starts = []
-        with self._replayed_context(rng=self.neuron_rng), torch.no_grad():
-            for _, _, t0, t1, rg in self.slices:
-                snap = StateSnapshot.take(neuron, region.neuron_names).detached()
-                for t, flag in zip(snap.tensors(), rg):
+        module_state = region.initial_state == "module"
+        rng = self.neuron_rng if first == 0 else self.rngs[first]
+        with self._replayed_context(states=None if module_state and first == 0 else
+                                    [(neuron, state)] if module_state else None, rng=rng), torch.no_grad():
+            for c in range(first, stop):
+                _, _, _, _, rg = self.slices[c]
+                if module_state:
+                    start = StateSnapshot.take(neuron, region.neuron_names).detached()
+                    tensors = list(start.tensors())
+                else:
+                    leaves, spec = tree_flatten(state)
+                    leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
+                    start = tree_unflatten(leaves, spec)
+                    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+                for t, flag in zip(tensors, rg):
                     t.requires_grad_(flag)  # as in the forward: autograd decides what to save from it
-                starts.append((snap, rng_state(self.cuda_devices)))
-                neuron(x[t0:t1])
-        return starts
+                if len(self.rngs) <= c:
+                    self.rngs.append(rng_state(self.cuda_devices))
+                if keep(c):
+                    self.starts[c] = start
+                if c + 1 < stop:
+                    state = self._step(self.x_parts[c], start, c == 0)[1]
+
+    def _start_of(self, c: int) -> tuple[Any, Any]:
+        """Slice ``c``'s start state and RNG, replaying its segment from the checkpoint before it if needed."""
+        if self.starts[c] is None:
+            m = self.every
+            first = c - c % m  # its checkpoint; the slices after c in this segment are done already
+            self._replay_starts(first, c + 1, self.starts[first], lambda j: j > first)
+        start, self.starts[c] = self.starts[c], None
+        return start, self.rngs[c]
 
     def recompute(self, need: int) -> None:
         region: ChunkedRegion = self.region  # type: ignore[assignment]
@@ -545,25 +603,37 @@ class _ChunkedFrame(_Frame):
             self._replay(lambda: self.body(inputs), 0, self.prefix_end, skip, stop_early=True)
             return
         c = next(k for k, sl in enumerate(self.slices) if sl[0] <= need < sl[1])
-        if self.x_cache is None:
+        if not self.x_parts or self.x_parts[c] is None:  # the first slice backward needs (or a second backward)
             inputs = self._inputs()
             prefix_skip = skip if region.keep_prefix else set(range(self.prefix_end))
-            x = self._replay(lambda: self.body(inputs), 0, self.prefix_end, prefix_skip, stop_early=False)
-            self.x_cache = x.detach().requires_grad_(x.requires_grad)
-            self.starts = self._slice_starts(self.x_cache)
-            self.pending = set(range(len(self.slices)))
-        lo, hi, t0, t1, _ = self.slices[c]
-        neuron = region.__dict__["neuron"]
-        xc = self.x_cache[t0:t1]
-        snap, rng = self.starts[c]
-        self._replay(lambda: neuron(xc), lo, hi, skip, stop_early=True, states=[(neuron, snap)], rng=rng)
-        self.pending.discard(c)
-        if not self.pending:  # every slice has its tensors back: drop the prefix output and the start states
-            self.x_cache, self.starts = None, []
+            x, state = self._split(self._replay(lambda: self.body(inputs), 0, self.prefix_end, prefix_skip,
+                                                stop_early=False))
+            grad = x.requires_grad
+            # Each slice's input in a storage of its own, so that it dies with its slice: while backward goes from
+            # the last slice to the first, the input's parts die as fast as its gradient's parts appear.
+            self.x_parts = [x[t0:t1].detach().clone().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
+            del x
+            # Start states: one replay keeps every `every`-th (checkpoints) and the last segment's; a segment's
+            # others are replayed from its checkpoint when backward reaches it (about 2 sqrt(k) states alive).
+            k = len(self.slices)
+            self.every = math.isqrt(max(k - 1, 0)) + 1
+            self.starts, self.rngs = [None] * k, []
+            last_first = (k - 1) - (k - 1) % self.every
+            self._replay_starts(0, k, state, lambda j: j % self.every == 0 or j >= last_first)
+        lo, hi, _, _, _ = self.slices[c]
+        (start, rng), xc = self._start_of(c), self.x_parts[c]
+        self.x_parts[c] = None
+        if region.initial_state == "module":
+            self._replay(lambda: self._step(xc, None, c == 0), lo, hi, skip, stop_early=True,
+                         states=[(region.__dict__["neuron"], start)], rng=rng)
+        else:
+            self._replay(lambda: self._step(xc, start, c == 0), lo, hi, skip, stop_early=True, rng=rng)
+        if all(p is None for p in self.x_parts):  # every slice has its tensors back
+            self.x_parts, self.starts, self.rngs = [], [], []
 
     def _release(self) -> None:
         super()._release()
-        self.x_cache, self.starts = None, []
+        self.x_parts, self.starts, self.rngs = [], [], []
 
 
 def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -689,32 +759,50 @@ class ChunkedRegion(CheckpointRegion):
     invariants] in this file.
 
     Args:
-        body: the *prefix*: the region's interior up to the neuron's input (region inputs -> neuron input).
-        neuron: the region's stateful module, called last; its output is the region's output.
+        body: the *prefix*: the region's interior up to the neuron's input (region inputs -> neuron input; and the
+            state the neuron is given, when ``initial_state="body"``).
+        neuron: the region's neuron, called last; its output is the region's output.
         neuron_path: its path in the model.
-        neuron_names: its state attribute names (empty for ``_memories`` modules).
+        neuron_names: its state attribute names (empty for ``_memories`` modules and for neurons that keep none).
         chunks: requested number of time slices (clamped to T at run time).
+        spec, stats: as for :class:`CheckpointRegion`.
         keep_prefix: keep the prefix's saved tensors from the recomputation that feeds the slices (faster), or
             recompute the prefix again for its own backward (less memory).
-        spec, stats: as for :class:`CheckpointRegion`.
+        initial_state: where the state carried from slice to slice lives: ``"module"``, in the neuron's
+            attributes (``neuron(x) -> out``); otherwise the neuron returns it, ``neuron(x, s) -> (out, s)``, and the
+            first slice is called as the model calls it: ``"absent"``, ``neuron(x)``; ``"constant"``,
+            ``neuron(x, state_constant)``; ``"body"``, with the state the prefix returns.
+        state_constant: the first slice's state for ``initial_state="constant"`` (e.g. ``None``).
     """
 
     _frame_class = _ChunkedFrame
 
     def __init__(self, body: fx.GraphModule, neuron: nn.Module, neuron_path: str, neuron_names: tuple[str, ...],
-                 chunks: int, spec: RegionSpec, stats: RegionStats | None = None, keep_prefix: bool = True) -> None:
+                 chunks: int, spec: RegionSpec, stats: RegionStats | None = None, keep_prefix: bool = True,
+                 initial_state: str = "module", state_constant: Any = None) -> None:
         super().__init__(body, spec, stats)
+        if initial_state not in ("module", "absent", "constant", "body"):
+            raise RegionError(format_error(f"region {spec.name!r}", "has an unknown initial_state",
+                                           expected="'module', 'absent', 'constant' or 'body'",
+                                           got=repr(initial_state)))
         self.__dict__["neuron"] = neuron  # registered in the optimized module under its own path already
         self.neuron_path = neuron_path
         self.neuron_names = tuple(neuron_names)
         self.chunks = int(chunks)
         self.keep_prefix = bool(keep_prefix)
+        self.initial_state = initial_state
+        self.state_constant = state_constant
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunks={self.chunks}, keep_prefix={self.keep_prefix}"
+        return (f"{super().extra_repr()}, chunks={self.chunks}, keep_prefix={self.keep_prefix}"
+                + (f", state carried as a value ({self.initial_state})" if self.initial_state != "module" else ""))
 
     def _plain(self, box: list[Any]) -> Any:
-        return self.__dict__["neuron"](self.__dict__["body"](box))
+        y = self.__dict__["body"](box)
+        neuron = self.__dict__["neuron"]
+        if self.initial_state == "module" or self.initial_state == "absent":
+            return neuron(y)
+        return neuron(y[0], y[1]) if self.initial_state == "body" else neuron(y, self.state_constant)
 
     def _parameters_used(self) -> Iterator[nn.Parameter]:
         yield from super()._parameters_used()

@@ -331,6 +331,7 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     plans = [_region_plan(r, graph, opts.compress) for r in chosen]
     best = Plan(tuple(plans))
     pred = evaluate(best)
+    level1 = (best, pred)
     result.applied_steps.append("level1_gc")
 
     rounds = opts.max_split_rounds if opts.max_split_rounds is not None else 10**9
@@ -356,7 +357,19 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
                     f"pass targets=... to checkpoint larger blocks."))
         limit = opts.memory_budget
         result.pre_unwrap = best
+        decided = len(result.decisions)
         best, pred = _unwrap(best, pred, limit, evaluate, result, cost, graph, shrink=True)
+        if level1[1].peak_bytes <= limit and level1[0] != result.pre_unwrap:
+            # Giving time back from the smallest peak is greedy: the level-1 plan (every region whole, no slices)
+            # may fit too and be faster than anything it reaches. Give time back from there as well; keep the faster.
+            other = SearchResult(Plan(()), None, baseline)
+            alt, alt_pred = _unwrap(*level1, limit, evaluate, other, cost, graph, shrink=True)
+            if alt_pred.step_time_s < pred.step_time_s:
+                result.decisions[decided:] = [Decision(r.name, "keep", "the level-1 plan fits memory_budget and is "
+                                                       "faster than the smallest-peak plan with time given back")
+                                              for r in alt.regions] + other.decisions
+                result.pre_unwrap = level1[0]
+                best, pred = alt, alt_pred
     elif opts.level >= 4:
         limit = pred.peak_bytes if speed_target is None else max(pred.peak_bytes, speed_target)
         result.pre_unwrap = best
@@ -438,7 +451,7 @@ def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options
         ok, why = chunkable(graph, rp.nodes)
         if not ok:
             return f"not chunked: {why}"
-        chunks = min(graph[rp.nodes[-1]].shape[0], rp.chunks * opts.temporal_split_factor)
+        chunks = min(graph[rp.nodes[-1]].time_steps, rp.chunks * opts.temporal_split_factor)
         if chunks == rp.chunks:
             return None  # already one slice per time step
         new = dataclasses.replace(rp, chunks=chunks, keep_prefix=keep_prefix)
@@ -476,8 +489,10 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
             graph: AnnotatedGraph | None = None, shrink: bool = False) -> tuple[Plan, Prediction]:
     """Level 4: give up recomputation where it costs the most time, while the predicted peak stays within ``limit``.
 
-    Moves: *unwrap* a region, or (with ``shrink``, for speed) *shrink* it to its neuron — the neuron's per-step
-    tensors are most of a layer's memory but cheap to recompute, while convolutions are the opposite. Each round
+    Moves: *unwrap* a region; *keep the prefix* of a time-sliced region (its tensors captured by the recomputation
+    that feeds the slices, instead of recomputed again); or (with ``shrink``, for speed) *shrink* it to its neuron —
+    the neuron's per-step tensors are most of a layer's memory but cheap to recompute, while convolutions are the
+    opposite. Each round
     takes the move that saves the most predicted time among those that keep the peak within ``limit``.
     """
     fwd = cost.graph["trace"].fwd_time_s
@@ -487,6 +502,11 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
         for rp in best.regions:
             moves.append(("unwrap", rp, Plan(tuple(r for r in best.regions if r.name != rp.name)),
                           sum(fwd.get(n, 0.0) for n in rp.nodes)))
+            if rp.chunks > 1 and not rp.keep_prefix and not rp.whole_slices:
+                # keep the prefix's tensors from the recomputation that feeds the slices: one prefix forward less
+                kept = dataclasses.replace(rp, keep_prefix=True)
+                moves.append(("keep_prefix", rp, Plan(tuple(kept if r.name == rp.name else r for r in best.regions)),
+                              sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
             if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
@@ -504,7 +524,8 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
             break
         action, rp, candidate, cand = chosen
         saved_ms = (pred.step_time_s - cand.step_time_s) * 1e3
-        what = "shrunk to its neuron (the prefix is no longer recomputed)" if action == "shrink" else "unwrapped"
+        what = {"shrink": "shrunk to its neuron (the prefix is no longer recomputed)", "unwrap": "unwrapped",
+                "keep_prefix": "prefix kept from the slices' recomputation (not recomputed twice)"}[action]
         result.decisions.append(Decision(rp.name, action, f"{what}: saves ~{saved_ms:.1f} ms per step; predicted "
                                          f"peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
         best, pred = candidate, cand

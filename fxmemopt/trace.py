@@ -213,6 +213,11 @@ class _ConcreteProxy(fx.Proxy):
     def __float__(self) -> float:
         return self.tracer.specialize(self, "float")  # type: ignore[attr-defined]
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # `out[t] = v` into a traced tensor: recorded as an operator.setitem call (fx keeps it: a side effect), run
+        # on the example values like any call, and kept outside regions, in order (regions.SIDE_EFFECT_TARGETS).
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 class _ConcreteAttribute(Attribute, _ConcreteProxy):
     """``proxy.attr`` (fx's lazy attribute proxy) with the same conversions."""

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxmemopt.snn import IFNode, LIFNode, ParametricLIFNode, SeqToANNContainer
-from fxmemopt.snn.surrogate import ATan, Sigmoid
+from fxmemopt.snn.surrogate import ATan, ATanSpike, Sigmoid, SigmoidSpike
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class LayerSpec:
 @dataclass(frozen=True)
 class SNNSpec:
     layers: tuple[LayerSpec, ...]
-    neuron: str          # "if" | "lif" | "plif"
+    neuron: str          # "if" | "lif" | "plif" | "value" (keeps no state: returns it, as norse's neurons do)
     hard_reset: bool
     detach_reset: bool
     surrogate: str       # "atan" | "sigmoid"
@@ -41,7 +41,46 @@ class SNNSpec:
     seed: int
 
 
+class ValueStateLIF(nn.Module):
+    """A multi-step LIF neuron that keeps no state, in norse's convention: ``z, v = neuron(x)`` or
+    ``neuron(x, v0)``, the membrane returned, not stored. Its surrogate is an ``autograd.Function`` called directly
+    (as norse's ``SuperSpike`` is), so fxmemopt keeps the neuron whole; regions form because it makes spikes."""
+
+    def __init__(self, spec: SNNSpec) -> None:
+        super().__init__()
+        self.spike = ATanSpike if spec.surrogate == "atan" else SigmoidSpike
+        self.hard_reset, self.detach_reset = spec.hard_reset, spec.detach_reset
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.zeros_like(x[0]) if v is None else v
+        out = []
+        for t in range(x.shape[0]):
+            v = v + (x[t] - v) / 2.0
+            z = self.spike.apply(v - 1.0, 2.0)
+            r = z.detach() if self.detach_reset else z
+            v = v * (1.0 - r) if self.hard_reset else v - r
+            out.append(z)
+        return torch.stack(out), v
+
+
+class Spikes(nn.Module):
+    """``neuron(x)``'s spikes, whether the neuron returns them or ``(spikes, state)``."""
+
+    def __init__(self, spec: SNNSpec) -> None:
+        super().__init__()
+        self.neuron = make_neuron(spec)
+        self.returns_state = spec.neuron == "value"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.returns_state:
+            z, _ = self.neuron(x)
+            return z
+        return self.neuron(x)
+
+
 def make_neuron(spec: SNNSpec) -> nn.Module:
+    if spec.neuron == "value":
+        return ValueStateLIF(spec)
     sg = ATan() if spec.surrogate == "atan" else Sigmoid()
     kw = dict(v_reset=0.0 if spec.hard_reset else None, detach_reset=spec.detach_reset, surrogate_function=sg)
     if spec.neuron == "if":
@@ -64,7 +103,7 @@ class ConvLayer(nn.Module):
         if bn:
             mods.append(nn.BatchNorm2d(layer.width))
         self.body = SeqToANNContainer(*mods)
-        self.sn = make_neuron(spec)
+        self.sn = Spikes(spec)
         post: list[nn.Module] = []
         if layer.pool == "max":
             post.append(nn.MaxPool2d(2))
@@ -91,7 +130,7 @@ class ResLayer(nn.Module):
                 mods.append(nn.BatchNorm2d(cin))
             return SeqToANNContainer(*mods)
 
-        self.c1, self.sn1, self.c2, self.sn2 = cbn(), make_neuron(spec), cbn(), make_neuron(spec)
+        self.c1, self.sn1, self.c2, self.sn2 = cbn(), Spikes(spec), cbn(), Spikes(spec)
 
     def forward(self, x):
         return self.sn2(self.c2(self.sn1(self.c1(x)))) + x
@@ -113,7 +152,7 @@ class RandomSNN(nn.Module):
                     mods.append(nn.BatchNorm1d(layer.width))
                 if layer.dropout:
                     mods.append(nn.Dropout(layer.dropout))
-                layers += [SeqToANNContainer(*mods), make_neuron(spec)]
+                layers += [SeqToANNContainer(*mods), Spikes(spec)]
                 c = layer.width
             elif layer.kind == "res" and not flat:
                 layers.append(ResLayer(c, layer, spec, size))
@@ -155,7 +194,7 @@ def snn_specs(draw, max_depth: int = 4, max_T: int = 4) -> SNNSpec:
     layers = tuple(draw(layer_specs(allow_pool=size >= 4)) for _ in range(depth))
     return SNNSpec(
         layers=layers,
-        neuron=draw(st.sampled_from(["if", "lif", "plif"])),
+        neuron=draw(st.sampled_from(["if", "lif", "plif", "value"])),
         hard_reset=draw(st.booleans()),
         detach_reset=draw(st.booleans()),
         surrogate=draw(st.sampled_from(["atan", "sigmoid"])),

@@ -233,6 +233,86 @@ def test_stateless_neurons_seed_regions():
     _exact(model, gm, x, ref)
 
 
+class ContinuedNet(nn.Module):
+    """Three ways a neuron that returns its state is first called: ``lif(z)`` (the neuron makes its initial state),
+    ``lif(z, None)`` (norse's ``SequentialState``), and ``lif(z, s)`` with the state another call returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.l1 = nn.Conv2d(2, 8, 3, padding=1), StatelessLIF()
+        self.c2, self.l2 = nn.Conv2d(8, 8, 3, padding=1), StatelessLIF()
+        self.c3, self.l3 = nn.Conv2d(8, 8, 3, padding=1), StatelessLIF()
+
+    def forward(self, x):
+        T, N = x.shape[:2]
+        z, _ = self.l1(self.c1(x.flatten(0, 1)).unflatten(0, (T, N)))
+        h = self.c2(z.flatten(0, 1)).unflatten(0, (T, N))
+        a, s = self.l2(h, None)
+        b, _ = self.l3(self.c3(a.flatten(0, 1)).unflatten(0, (T, N)), s)  # continues l2's membrane
+        return b.mean((0, 3, 4)) + s.mean((2, 3))
+
+
+@pytest.mark.parametrize("keep_prefix", [True, False])
+@pytest.mark.parametrize("chunks", [2, 3, 7])
+def test_neurons_that_return_their_state_are_sliced_in_time_exactly(chunks, keep_prefix):
+    """Rule 8 with the state carried as a value: each slice gets the state the previous slice returned; the first is
+    called as the model calls the neuron. Seven slices exercise the start-state checkpoints (every third slice)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = ContinuedNet()
+    ref = copy.deepcopy(model)
+    x = (torch.rand(7, 2, 2, 6, 6) < 0.4).float()
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, leaf_modules=(StatelessLIF,), level=1)
+    assert [r.anchor for r in summary.regions] == ["l1", "l2", "l3"]
+    plan = dataclasses.replace(summary.plan, regions=tuple(
+        dataclasses.replace(r, chunks=chunks, keep_prefix=keep_prefix) for r in summary.plan.regions))
+    gm = fxmemopt.optimize(model, (x,), plan=plan, leaf_modules=(StatelessLIF,))
+    forms = {name: (m.chunks, m.initial_state) for name, m in gm.named_children() if name.startswith("ckpt_")}
+    assert forms == {"ckpt_l1": (chunks, "absent"), "ckpt_l2": (chunks, "constant"), "ckpt_l3": (chunks, "body")}
+    _exact(model, gm, x, ref)
+    report = fxmemopt.compare_training_step(ref, gm, (x,))  # and again: nothing of the first step is left over
+    assert report.ok, str(report)
+
+
+def test_prefer_memory_slices_a_neuron_that_returns_its_state():
+    torch.manual_seed(0)
+    model = ContinuedNet()
+    ref = copy.deepcopy(model)
+    x = (torch.rand(8, 4, 2, 16, 16) < 0.4).float()
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, leaf_modules=(StatelessLIF,), prefer="memory")
+    assert any(r.chunks > 1 for r in summary.plan.regions), fxmemopt.explain(gm)
+    _exact(model, gm, x, ref)
+
+
+class WritesIntoPreallocated(nn.Module):
+    """norse's ConvNet: each step's output written into a tensor made before the loop (``out[t] = v``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.lif = nn.Linear(3, 4), StatelessLIF()
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], x.shape[1], 4)
+        before = out.sum()  # read before the writes: must still read zeros
+        v = None
+        for t in range(x.shape[0]):
+            z, v = self.lif(self.fc(x[t]).unsqueeze(0), v)
+            out[t] = z[0] + v
+        return out * 2 + before
+
+
+def test_item_assignment_into_a_traced_tensor_keeps_its_order():
+    torch.manual_seed(0)
+    model = WritesIntoPreallocated()
+    ref = copy.deepcopy(model)
+    x = torch.rand(5, 2, 3) * 3
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, leaf_modules=(StatelessLIF,))
+    assert len(summary.regions) == 5 and not summary.failed_regions
+    assert torch.equal(gm(x), ref(x))
+    _exact(model, gm, x, ref)
+
+
 class BufferNeuron(nn.Module):
     """snntorch style: the membrane lives in a non-persistent buffer that forward rebinds, reset lazily when the
     input's shape differs; a class-level registry of instances."""

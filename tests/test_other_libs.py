@@ -18,9 +18,9 @@ pytest.importorskip("snntorch")
 pytest.importorskip("norse")
 import other_libs  # noqa: E402  (pytest puts tests/ on sys.path)
 
-#: norse's models.conv.ConvNet (writes into a preallocated tensor) does not trace yet: not listed.
 SEQUENCE_MODELS = ["snntorch_loop_in_forward_net", "snntorch_init_hidden_loop_in_forward", "norse_lif_multistep",
-                   "norse_lif_multistep_module", "norse_sequential_state", "norse_sequential_state_readme"]
+                   "norse_lif_multistep_module", "norse_sequential_state", "norse_sequential_state_readme",
+                   "norse_lifcell_loop_in_forward"]
 
 
 @pytest.mark.parametrize("name", SEQUENCE_MODELS)
@@ -42,7 +42,7 @@ def test_sequence_model_is_exact_and_regions_form(name):
         assert report.ok, f"{name}, second step: {report}"
 
 
-@pytest.mark.parametrize("name", ["snntorch_init_hidden_loop_in_forward"])
+@pytest.mark.parametrize("name", ["snntorch_init_hidden_loop_in_forward", "norse_lif_multistep_module"])
 def test_sequence_model_peak_at_least_halved(name):
     model, inputs = other_libs.FACTORIES[name]()
     base = fxmemopt.measure_step(model, inputs, repeats=0).peak_bytes
@@ -78,3 +78,13 @@ def test_snntorch_single_step_net_over_an_outer_time_loop():
     assert torch.equal(a, b) and torch.equal(ma, mb)
     for (n, p), q in zip(reference.named_parameters(), net.parameters()):
         assert torch.equal(p.grad, q.grad), n
+
+
+@pytest.mark.parametrize("name", ["norse_lif_multistep", "norse_lif_multistep_module", "norse_sequential_state"])
+def test_norse_multistep_lif_is_sliced_in_time_with_its_state_as_a_value(name):
+    """norse's ``LIF`` keeps nothing: ``prefer="memory"`` slices it in time all the same, each slice called with the
+    state the previous one returned (``neuron(x)`` first, or ``neuron(x, None)`` inside ``SequentialState``)."""
+    model, inputs = other_libs.FACTORIES[name]()
+    gm, summary = fxmemopt.optimize(model, inputs, prefer="memory", return_summary=True)
+    sliced = [m for n, m in gm.named_children() if n.startswith("ckpt_") and getattr(m, "chunks", 1) > 1]
+    assert sliced and all(m.initial_state in ("absent", "constant") for m in sliced), str(summary)

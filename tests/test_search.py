@@ -123,7 +123,11 @@ def test_memory_budget_gives_the_fastest_plan_that_fits():
     ref = copy.deepcopy(model)
     gm, s = fxmemopt.optimize(model, (x,), memory_budget=budget, return_summary=True)
     assert s.predicted_peak_after <= budget
-    assert s.unwrap_count >= 1 and s.predicted_step_time_ratio < full.predicted_step_time_ratio
+    # Step times compared on one cost graph (one set of measured op times): two optimize runs time ops apart.
+    from fxmemopt.costmodel import simulate
+
+    assert s.unwrap_count >= 1
+    assert simulate(s.cost_graph, s.plan).step_time_s < simulate(s.cost_graph, full.plan).step_time_s
     assert compare_training_step(ref, gm, (x,)).ok
 
 
