@@ -455,8 +455,9 @@ class _Annotator(fx.Interpreter):
             value_set = REAL  # a float input is data, whatever the example happens to hold
         else:
             value_set = _decide(static, observed)
-        # what `z, s = neuron(x)` picks out is decided element by element (spikes binary, the state real)
-        self.sets[n.name] = UNKNOWN if spiking and not stateful and not single else value_set
+        # what `z, s = neuron(x)` (norse) or `spk, mem = lif(x, mem)` (snntorch) picks out is decided element by
+        # element on the example (spikes binary, the state real); the packer re-checks every call
+        self.sets[n.name] = UNKNOWN if spiking and not single else value_set
         # Bytes per distinct storage: views of one storage (chunk, split) add up, capped at the storage size.
         per_storage: dict[int, list[int]] = {}
         for t in tensors:

@@ -11,6 +11,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from .trace import LeafFallback, make_graph_module, trace
 from .verify import slice_effects
 from .workers import ProfileResult, WorkerPool, make_job, run_in_process
 
-__all__ = ["optimize"]
+__all__ = ["optimize", "analyze", "Analysis"]
 
 log = logging.getLogger("fxmemopt")
 
@@ -257,6 +258,78 @@ def _measure(candidates: list[tuple[str, nn.Module]], inputs: tuple[Any, ...], m
     return results, "a worker process"
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """What the analysis stages found, as one frozen value (the input of planning and rewriting).
+
+    Attributes:
+        found: the probe's findings (stateful modules, mutated buffers, resets in forward).
+        stateful: stateful module path -> state attribute names.
+        captured: the trace (graph, constants, leaf fallbacks, guards).
+        traced: the traced graph as a GraphModule over the model's modules.
+        annotated: the annotated graph (plain data).
+        regions: the candidate regions.
+        splits: region name -> the per-neuron regions it can be split into.
+    """
+
+    found: Any
+    stateful: dict[str, tuple[str, ...]]
+    captured: Any
+    traced: fx.GraphModule
+    annotated: AnnotatedGraph
+    regions: tuple[Region, ...]
+    splits: dict[str, list[Region]]
+
+
+def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, ...] = (),
+            leaf: tuple[type | str, ...] = (), declared: tuple[type, ...] = (),
+            progress: Callable[[str], None] | None = None) -> Analysis:
+    """The analysis stages: probe, trace, annotate, find regions. The model is left as it was.
+
+    Args:
+        model: the user's model.
+        inputs: checked example inputs.
+        targets: module types whose instances are regions (empty: weight-norm-neuron layers).
+        leaf: module types or paths to keep whole.
+        declared: module types declared stateful.
+        progress: told the name of each stage as it starts.
+
+    Raises:
+        InvalidInputsError: the model fails on the example inputs.
+        TraceError, TargetsMatchNothingError: as :func:`optimize`.
+    """
+    step = progress or (lambda what: None)
+    # probe: which modules carry state across calls, which buffers a forward mutates (model left untouched)
+    step("probing stateful modules")
+    try:
+        found = probe(model, inputs, declared)
+    except FxMemOptError:
+        raise
+    except Exception as e:
+        raise InvalidInputsError(format_error(
+            f"{type(model).__name__}(*example_inputs)", f"raised {type(e).__name__}: {e}",
+            fix="Check that example_inputs are what the model's forward expects (a tuple of positional inputs).",
+        )) from e
+    stateful = {p: tuple(n) for p, n in found.stateful.items()}
+    # trace: fx graph with neurons and untraceable submodules as leaves
+    step("tracing")
+    with ModelState.capture(model, stateful).restored_after():  # tracing runs the model on the examples
+        captured = trace(model, inputs, stateful_paths=stateful,
+                         leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
+                         leaf_paths=[p for p in leaf if isinstance(p, str)])
+    traced = make_graph_module(model, captured.graph, type(model).__name__, extra=captured.constants)
+    # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
+    step("annotating shapes and spike value sets")
+    annotated = annotate(traced, inputs, stateful)
+    # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
+    target_paths = {p for p, m in model.named_modules() if isinstance(m, targets)} if targets else None
+    regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in targets))
+    used = {r.name for r in regions}
+    splits = {r.name: parts for r in regions if len(r.stateful) > 1 for parts in [split_region(annotated, r, used)]
+              if parts}
+    return Analysis(found, stateful, captured, traced, annotated, tuple(regions), splits)
+
+
 def optimize(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -408,37 +481,10 @@ def optimize(
         leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
         declared = _check_types("stateful_modules", stateful_modules)
 
-        # probe: which modules carry state across calls, which buffers a forward mutates (model left untouched)
-        step("probing stateful modules")
-        try:
-            found = probe(model, inputs, declared)
-        except FxMemOptError:
-            raise
-        except Exception as e:
-            raise InvalidInputsError(format_error(
-                f"{type(model).__name__}(*example_inputs)", f"raised {type(e).__name__}: {e}",
-                fix="Check that example_inputs are what the model's forward expects (a tuple of positional inputs).",
-            )) from e
-        stateful = dict(found.stateful)
-        # trace: fx graph with neurons and untraceable submodules as leaves
-        step("tracing")
-        with ModelState.capture(model, stateful).restored_after():  # tracing runs the model on the examples
-            captured = trace(model, inputs, stateful_paths=stateful,
-                             leaf_types=tuple(t for t in leaf if isinstance(t, type)) + _library_leaves(model),
-                             leaf_paths=[p for p in leaf if isinstance(p, str)])
+        an = analyze(model, inputs, targets=target_types, leaf=leaf, declared=declared, progress=step)
+        found, stateful, captured, traced, annotated = an.found, an.stateful, an.captured, an.traced, an.annotated
         graph, constants, fallbacks = captured.graph, captured.constants, captured.fallbacks
-        traced = make_graph_module(model, graph, type(model).__name__, extra=constants)
-        # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
-        step("annotating shapes and spike value sets")
-        annotated = annotate(traced, inputs, stateful)
-        # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
-        target_paths = None
-        if target_types:
-            target_paths = {p for p, m in model.named_modules() if isinstance(m, target_types)}
-        regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in target_types))
-        used = {r.name for r in regions}
-        splits = {r.name: parts for r in regions if len(r.stateful) > 1 for parts in [split_region(annotated, r, used)]
-                  if parts}
+        regions, splits = list(an.regions), dict(an.splits)
         # costgraph: one recorded unoptimized step (what the search and the predictions run on)
         cost = None
         notes = list(opts.notes)

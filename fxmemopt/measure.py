@@ -11,6 +11,7 @@ Time is wall-clock, median of repeats; compare times only as ratios measured in 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import weakref
@@ -77,17 +78,16 @@ class LiveBytesTracker(TorchDispatchMode):
             self.timeline.append((f"mark:{label}", self.live))
 
     def __enter__(self) -> LiveBytesTracker:
+        self._events = contextlib.ExitStack()
         if self.timeline is not None:
-            from . import runtime
+            from .runtime import region_events
 
-            runtime.LISTENERS.append(self.mark)  # regions report enter/exit/recompute (see runtime.notify)
+            # regions report enter/exit/recompute while the tracker is active (see runtime.region_events)
+            self._events.enter_context(region_events(lambda event: self.mark(event.label)))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        from . import runtime
-
-        if self.mark in runtime.LISTENERS:
-            runtime.LISTENERS.remove(self.mark)
+        self._events.close()
         super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

@@ -29,10 +29,11 @@ Region names come from module paths (``ckpt_features_3_lif``), so ``gm.code`` st
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+import networkx as nx
 
 from .annotate import AnnotatedGraph
 from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
@@ -358,8 +359,9 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
     """The execution order of a graph once each region is collapsed into one call.
 
     Units are regions (named by ``region_of``) or single nodes. They are emitted in a stable topological order that
-    keeps every unit as early as the original ``order`` allows (Kahn's algorithm, ties broken by the position of the
-    unit's first node). Shared by the rewrite (which emits this order) and the cost model (which simulates it).
+    keeps every unit as early as the original ``order`` allows (networkx's ``lexicographical_topological_sort`` of the
+    collapsed graph: Kahn's algorithm, ties broken by the position of the unit's first node). Shared by the rewrite
+    (which emits this order) and the cost model (which simulates it).
 
     Args:
         order: node names in graph order.
@@ -398,21 +400,12 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
         for u in readers.get(inputs[b][0], ()) if inputs[b] else ():
             if u != b and position[members[u][0]] < position[b]:
                 deps[b].add(u)
-    waiting = {u: len(d) for u, d in deps.items()}
-    dependents: dict[str, list[str]] = {u: [] for u in members}
-    for u, d in deps.items():
-        for v in sorted(d):
-            dependents[v].append(u)
-    ready = [(position[names[0]], u) for u, names in members.items() if waiting[u] == 0]
-    heapq.heapify(ready)
-    out: list[tuple[str, list[str]]] = []
-    while ready:
-        _, u = heapq.heappop(ready)
-        out.append((u, members[u]))
-        for v in dependents[u]:
-            waiting[v] -= 1
-            if waiting[v] == 0:
-                heapq.heappush(ready, (position[members[v][0]], v))
-    if len(out) != len(members):
-        raise InternalError("regions are not convex: collapsing them created a cycle")
-    return out
+    collapsed = nx.DiGraph()
+    collapsed.add_nodes_from(members)
+    collapsed.add_edges_from((v, u) for u, d in deps.items() for v in d)
+    try:
+        # Kahn's algorithm with ties broken by each unit's first node in the original order
+        order_ = nx.lexicographical_topological_sort(collapsed, key=lambda u: position[members[u][0]])
+        return [(u, members[u]) for u in order_]
+    except nx.NetworkXUnfeasible:
+        raise InternalError("regions are not convex: collapsing them created a cycle") from None

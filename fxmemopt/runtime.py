@@ -74,6 +74,7 @@ Rule 10 (torch.compile). A region's forward is excluded from compilation (``torc
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 import warnings
@@ -91,17 +92,58 @@ from .packing import PackedTensor, try_pack, unpack
 from .state import StateSnapshot, rng_state, set_rng_state
 
 __all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "region_args",
-           "release_args", "LISTENERS"]
+           "release_args", "RegionEvent", "region_events"]
 
 
-#: Callables told ``"enter:<region>"``, ``"exit:<region>"``, ``"recompute:<region>"`` and ``"recompute-end:<region>"``
-#: as regions run (the memory timeline's markers; empty, and free, otherwise).
-LISTENERS: list[Callable[[str], None]] = []
+@dataclass(frozen=True)
+class RegionEvent:
+    """What a region tells the listeners of :func:`region_events` as it runs.
+
+    Attributes:
+        kind: ``"enter"`` / ``"exit"`` (its checkpointed forward), ``"recompute"`` / ``"recompute-end"`` (a
+            recomputation in backward).
+        region: the region's name.
+    """
+
+    kind: str
+    region: str
+
+    @property
+    def label(self) -> str:
+        """``"<kind>:<region>"``, the memory timeline's marker."""
+        return f"{self.kind}:{self.region}"
 
 
-def notify(label: str) -> None:
-    for listener in LISTENERS:
-        listener(label)
+_listeners: contextvars.ContextVar[tuple[Callable[[RegionEvent], None], ...]] = contextvars.ContextVar(
+    "fxmemopt_region_listeners", default=())
+
+
+@contextlib.contextmanager
+def region_events(listener: Callable[[RegionEvent], None]) -> Iterator[None]:
+    """Tell ``listener`` a :class:`RegionEvent` each time a region enters, exits or recomputes inside the block.
+
+    Scoped to the block and to the calling context (a ``contextvars`` variable: another thread's regions are not
+    reported). Backward on CPU runs in the calling thread, so recomputations are seen; this is what the CPU memory
+    timeline (:func:`fxmemopt.memory_timeline`) marks regions with. Without a listener, regions pay one lookup.
+
+    Example:
+        >>> with region_events(lambda e: print(e.label)):  # doctest: +SKIP
+        ...     gm(x).sum().backward()
+    """
+    token = _listeners.set((*_listeners.get(), listener))
+    try:
+        yield
+    finally:
+        _listeners.reset(token)
+
+
+def notify(kind: str, region: str) -> None:
+    """Tell the listeners of :func:`region_events` (if any) that ``region`` did ``kind``."""
+    listeners = _listeners.get()
+    if listeners:
+        event = RegionEvent(kind, region)
+        for listener in listeners:
+            listener(event)
 
 
 def region_args(*args: Any) -> list[Any]:
@@ -459,13 +501,11 @@ class _Frame:
                 raise _StopRecomputation  # nothing after this is needed
 
         result = None
-        if LISTENERS:
-            notify(f"recompute:{self.region.spec.name}")
+        notify("recompute", self.region.spec.name)
         with contextlib.suppress(_StopRecomputation), self._replayed_context(**context), \
                 torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
             result = fn()
-        if LISTENERS:
-            notify(f"recompute-end:{self.region.spec.name}")
+        notify("recompute-end", self.region.spec.name)
         expected = (last + 1 - lo) if last is not None else hi - lo
         problems = []
         if len(seen) != expected:
@@ -714,11 +754,9 @@ class CheckpointRegion(nn.Module):
             return self._plain(box)
         del args  # from here on only the body holds the inputs, and only until their last use
         self.stats.packed_bytes = self.stats.kept_bytes = 0
-        if LISTENERS:
-            notify(f"enter:{self.spec.name}")
+        notify("enter", self.spec.name)
         out = self._checkpointed(box)
-        if LISTENERS:
-            notify(f"exit:{self.spec.name}")
+        notify("exit", self.spec.name)
         return out
 
     def _checkpointed(self, box: list[Any], last: bool = True) -> Any:
@@ -859,8 +897,7 @@ class SlicedRegion(CheckpointRegion):
         checkpoint = self._needs_checkpoint(tuple(parts[0]))
         if checkpoint:
             self.stats.packed_bytes = self.stats.kept_bytes = 0
-            if LISTENERS:
-                notify(f"enter:{self.spec.name}")
+            notify("enter", self.spec.name)
         else:
             self.stats.plain_calls += 1
         outs = []
@@ -868,8 +905,8 @@ class SlicedRegion(CheckpointRegion):
             part, parts[c] = parts[c], []  # each slice's inputs die with its call (its body empties the list)
             last = c == len(parts) - 1
             outs.append(self._checkpointed(part, last=last) if checkpoint else self._plain(part))
-        if checkpoint and LISTENERS:
-            notify(f"exit:{self.spec.name}")
+        if checkpoint:
+            notify("exit", self.spec.name)
         if isinstance(outs[0], torch.Tensor):
             return torch.cat(outs, dim=0)
         return tuple(torch.cat([o[j] for o in outs], dim=0) for j in range(len(outs[0])))

@@ -42,7 +42,8 @@ def test_sequence_model_is_exact_and_regions_form(name):
         assert report.ok, f"{name}, second step: {report}"
 
 
-@pytest.mark.parametrize("name", ["snntorch_init_hidden_loop_in_forward", "norse_lif_multistep_module"])
+@pytest.mark.parametrize("name", ["snntorch_loop_in_forward_net", "snntorch_init_hidden_loop_in_forward",
+                                  "norse_lif_multistep_module"])
 def test_sequence_model_peak_at_least_halved(name):
     model, inputs = other_libs.FACTORIES[name]()
     base = fxmemopt.measure_step(model, inputs, repeats=0).peak_bytes
