@@ -22,12 +22,13 @@ from .packing import PackedTensor, try_pack, unpack
 from .plan import Plan, RegionPlan
 from .report import Explanation, Timeline, dump, explain, memory_timeline, render_dot
 from .summary import Summary
+from .tradeoffs import Tradeoff, Tradeoffs, tradeoffs
 from .verify import EquivalenceReport, compare_training_step
 
 __all__ = [
     "optimize", "distributed", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",
     "measure_step", "StepMeasurement", "compare_training_step", "EquivalenceReport",
     "PackedTensor", "try_pack", "unpack", "explain", "Explanation", "dump", "render_dot", "memory_timeline",
-    "Timeline", "Checkpointed", "GuardError",
+    "Timeline", "Checkpointed", "GuardError", "tradeoffs", "Tradeoffs", "Tradeoff",
 ]
 __version__ = "0.1.0"

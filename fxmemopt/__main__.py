@@ -114,13 +114,11 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def optimize_cmd(args: argparse.Namespace) -> int:
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The model the factory builds and example inputs of the requested shapes and kind."""
     import json
 
     import torch
-
-    import fxmemopt
 
     factory = _load_factory(args.model)
     kwargs = json.loads(args.factory_kwargs) if args.factory_kwargs else {}
@@ -136,6 +134,23 @@ def optimize_cmd(args: argparse.Namespace) -> int:
             inputs.append(torch.randint(0, args.vocab, shape))
         else:
             inputs.append(torch.rand(shape))
+    return model, inputs
+
+
+def tradeoffs_cmd(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import fxmemopt
+
+    model, inputs = _model_and_inputs(args)
+    print(fxmemopt.tradeoffs(model, tuple(inputs), exact=not args.approximate))
+    return 0
+
+
+def optimize_cmd(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import fxmemopt
+
+    model, inputs = _model_and_inputs(args)
     quiet = args.quiet
 
     def progress(line: str) -> None:
@@ -193,15 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
     d.set_defaults(func=demo)
 
+    def model_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="MODULE:FACTORY (dotted module or a .py file), e.g. models.py:build_vgg")
+        p.add_argument("--input-shape", type=_shape, action="append", required=True,
+                       help="shape of one example input, e.g. 10,4,2,48,48 (repeat for several inputs)")
+        p.add_argument("--input-kind", choices=("rand", "spikes", "int"), default="rand",
+                       help="example values: uniform [0, 1) floats, 0/1 spikes, or integer ids below --vocab")
+        p.add_argument("--vocab", type=int, default=1000, help="upper bound of --input-kind int values")
+        p.add_argument("--factory-kwargs", help='JSON keyword arguments for the factory, e.g. \'{"width": 0.5}\'')
+        p.add_argument("--seed", type=int, default=0, help="torch seed for the model and the example inputs")
+
     o = sub.add_parser("optimize", help="optimize your model (MODULE:FACTORY) and print what changed")
-    o.add_argument("model", help="MODULE:FACTORY (dotted module or a .py file), e.g. models.py:build_vgg")
-    o.add_argument("--input-shape", type=_shape, action="append", required=True,
-                   help="shape of one example input, e.g. 10,4,2,48,48 (repeat for several inputs)")
-    o.add_argument("--input-kind", choices=("rand", "spikes", "int"), default="rand",
-                   help="example values: uniform [0, 1) floats, 0/1 spikes, or integer ids below --vocab")
-    o.add_argument("--vocab", type=int, default=1000, help="upper bound of --input-kind int values")
-    o.add_argument("--factory-kwargs", help='JSON keyword arguments for the factory, e.g. \'{"width": 0.5}\'')
-    o.add_argument("--seed", type=int, default=0, help="torch seed for the model and the example inputs")
+    model_arguments(o)
     o.add_argument("--level", type=int, help="0-4 (default 1; see README 'Levels, presets and budgets')")
     o.add_argument("--prefer", choices=("speed", "balanced", "memory"))
     o.add_argument("--profile", choices=("safe", "balanced", "memory", "exhaustive"))
@@ -220,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--dot", help="write the graph as DOT (.dot/.gv) or render it (.svg/.png; needs Graphviz)")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     o.set_defaults(func=optimize_cmd)
+
+    t = sub.add_parser("tradeoffs", help="print the plans from nothing to least memory for your model "
+                                         "(predicted peak and step time each)")
+    model_arguments(t)
+    t.add_argument("--approximate", action="store_true", help="exact=False: whole-region time slices allowed too")
+    t.set_defaults(func=tradeoffs_cmd)
 
     e = sub.add_parser("explain", help="print the explain table stored in a plan file")
     e.add_argument("plan_file", help="a plan saved with --save-plan or summary.save_plan()")

@@ -341,6 +341,7 @@ def optimize(
     memory_budget: int | float | str | None = None,
     compress: bool = True,
     exact: bool = True,
+    never_worse: bool = True,
     checkpoint_budget: str | None = None,
     max_gc_wrapped_modules: int | None = None,
     gc_target_budget_ratio: float | None = None,
@@ -381,14 +382,19 @@ def optimize(
         prefer: ``"speed"`` (level 4; unwraps while the peak stays within half the unoptimized one),
             ``"balanced"`` (level 4, peak never raised), ``"memory"`` (level 3, prefixes recomputed too).
         profile: the seed's presets ``"safe"`` (1), ``"balanced"`` (2), ``"memory"`` (3), ``"exhaustive"`` (4).
-        memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (a typed
-            :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest reachable peak otherwise).
+        memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (no regions
+            when the unoptimized step fits; a typed :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest
+            reachable peak when nothing does). :func:`fxmemopt.tradeoffs` shows the whole front first.
         compress: pack region inputs that carry spikes (1 bit for {0,1}, 2 bits for {0..3}, 1 byte up to 255).
         exact: ``False`` accepts the seed's approximate temporal split at level 3: a whole region (BatchNorm
             included) runs on each time slice, so only one slice's tensors are ever recomputed at once, but
             anything coupling time steps changes meaning (BatchNorm statistics are per slice and updated once per
             slice). ``summary.semantics_changed`` lists each sliced region whose output differed from the unsliced
             one on the example, by how much. Default ``True``: only exact moves.
+        never_worse: leave out the regions whose checkpointing raises the predicted peak (small layers, where the
+            kept inputs and the recomputation cost more than they free), and return the model without regions when
+            no plan predicts a peak at or below the unoptimized one; both are said in ``summary.notes`` and a
+            warning. ``False`` keeps every region the search chose (for experiments and tests of the rewrite).
         checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
             ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
         temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the
@@ -469,7 +475,8 @@ def optimize(
             temporal_split_factor=temporal_split_factor, max_split_rounds=max_split_rounds,
             max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
             warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
-            memory_budget=memory_budget, compress=compress, exact=exact)
+            memory_budget=memory_budget, compress=compress, exact=exact, never_worse=never_worse)
+        opts = dataclasses.replace(opts, calls_per_step=calls_per_step)
         saved, source = _load_plan(plan)
 
         def step(what: str) -> None:
@@ -513,6 +520,9 @@ def optimize(
         stamp = {"graph_fingerprint": graph_fingerprint(annotated), "inputs": signature,
                  "guards": guard_lines(captured.guards)}
         plan = result.plan = dataclasses.replace(result.plan, **stamp)
+        notes += result.notes
+        for note in result.notes:
+            warnings.warn(f"fxmemopt: {note}", FxMemOptWarning, stacklevel=3)
         if result.pre_unwrap is not None:
             result.pre_unwrap = dataclasses.replace(result.pre_unwrap, **stamp)
         # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules

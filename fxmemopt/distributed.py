@@ -37,7 +37,7 @@ __all__ = ["optimize_distributed"]
 _SEARCH_ONLY = ("level", "prefer", "profile", "memory_budget", "checkpoint_budget", "max_gc_wrapped_modules",
                 "gc_target_budget_ratio", "temporal_split_factor", "max_split_rounds", "max_candidates_per_round",
                 "allow_expensive_profiling", "warmup_in_profile_workers", "measure", "measure_timeout_s", "exact",
-                "targets")
+                "never_worse", "targets")
 
 
 def optimize_distributed(model: nn.Module, example_inputs: Sequence[Any], *, src: int = 0, group: Any = None,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .annotate import AnnotatedGraph
-from .costmodel import Prediction, simulate
+from .costmodel import Prediction, peak_over_calls, simulate
 from .errors import InvalidOptionError, MemoryBudgetError, format_error
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
@@ -122,6 +122,8 @@ class Options:
     compress: bool = True
     notes: tuple[str, ...] = ()
     exact: bool = True
+    never_worse: bool = True
+    calls_per_step: int = 1
 
 
 def resolve_options(*, level: int | None, prefer: str | None, profile: str | None, checkpoint_budget: str | None,
@@ -129,7 +131,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                     temporal_split_factor: int, max_split_rounds: int | None, max_candidates_per_round: int | None,
                     allow_expensive_profiling: bool | None, warmup_in_main_process: bool | None,
                     warmup_in_profile_workers: bool | None, memory_budget: int | float | str | None,
-                    compress: bool, exact: bool = True) -> Options:
+                    compress: bool, exact: bool = True, never_worse: bool = True) -> Options:
     """Validate the user's options and resolve presets, with the seed's precedence: explicit arguments win over
     ``profile``, which wins over ``prefer``. Without any, the level is 1 (checkpoint every layer).
 
@@ -186,8 +188,9 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
         max_split_rounds, max_candidates_per_round = 1, 1
         warmup_in_profile_workers = False
         notes.append("allow_expensive_profiling=False: max_split_rounds=1, max_candidates_per_round=1")
-    if not isinstance(exact, bool):
-        raise InvalidOptionError(format_error("exact", "must be a bool", expected="True or False", got=repr(exact)))
+    for name, flag in (("exact", exact), ("never_worse", never_worse)):
+        if not isinstance(flag, bool):
+            raise InvalidOptionError(format_error(name, "must be a bool", expected="True or False", got=repr(flag)))
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     if budget is not None and level < 4:
         notes.append(f"memory_budget: searching every level (requested level {level})")
@@ -197,7 +200,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                    True if allow_expensive_profiling is None else allow_expensive_profiling,
                    True if warmup_in_main_process is None else warmup_in_main_process,
                    True if warmup_in_profile_workers is None else warmup_in_profile_workers,
-                   budget, compress, tuple(notes), exact)
+                   budget, compress, tuple(notes), exact, never_worse)
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,8 @@ class SearchResult:
     explanation: str = ""
     evaluated: int = 0
     pre_unwrap: Plan | None = None
+    #: what the user should hear about (regions left out because they raised the predicted peak)
+    notes: list[str] = field(default_factory=list)
 
 
 def _mib(n: int) -> str:
@@ -346,7 +351,18 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     if opts.level >= 3 and (speed_target is None or pred.peak_bytes > speed_target):
         best, pred = _temporal(best, pred, graph, opts, rounds, per_round, evaluate, result, speed_target)
 
-    if opts.memory_budget is not None:
+    if opts.never_worse:
+        best, pred = _never_worse(best, pred, baseline, cost, opts.calls_per_step, evaluate, result)
+
+    if opts.memory_budget is not None and baseline.peak_bytes <= opts.memory_budget:
+        # The fastest plan that fits is no plan: nothing is recomputed.
+        result.decisions += [Decision(r.name, "unwrap", f"the unoptimized step fits memory_budget (predicted "
+                                      f"{_mib(baseline.peak_bytes)} <= {_mib(opts.memory_budget)})")
+                             for r in best.regions]
+        result.pre_unwrap = best
+        result.applied_steps.append("budget_fits_unoptimized")
+        best, pred = Plan(()), baseline
+    elif opts.memory_budget is not None:
         if pred.peak_bytes > opts.memory_budget:
             raise MemoryBudgetError(format_error(
                 "memory_budget", "no plan fits",
@@ -378,7 +394,9 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     return result
 
 
-_Proposal = tuple[Plan, str] | str | None
+#: A move's candidate ``(plan, description)``, alternatives in order of preference (a list: the first that lowers the
+#: peak is taken), a reason it does not apply (a string), or ``None``.
+_Proposal = tuple[Plan, str] | list[tuple[Plan, str]] | str | None
 
 
 def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, per_round: int, evaluate,
@@ -401,14 +419,17 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
             if tried >= per_round:
                 break
             proposal = propose(rp, best)
-            if not isinstance(proposal, tuple):
+            if not isinstance(proposal, (tuple, list)):
                 blocked.add(rp.name)
                 if proposal:
                     result.decisions.append(Decision(rp.name, "reject", proposal))
                 continue
             tried += 1
-            candidate, what = proposal
-            cand = evaluate(candidate)
+            # alternatives (a list), in order of preference: the first that lowers the predicted peak
+            for candidate, what in (proposal if isinstance(proposal, list) else [proposal]):  # noqa: B007 (used below)
+                cand = evaluate(candidate)
+                if cand.peak_bytes < pred.peak_bytes:
+                    break
             if cand.peak_bytes < pred.peak_bytes:
                 result.decisions.append(Decision(rp.name, action, f"{what}: predicted peak {_mib(pred.peak_bytes)} "
                                                  f"-> {_mib(cand.peak_bytes)}"))
@@ -423,6 +444,48 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
         result.applied_steps.append(f"level{step}")
     else:
         result.skipped_steps.append(f"level{step[0]}:no_improving_candidate")
+    return best, pred
+
+
+def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.DiGraph, calls: int, evaluate,
+                 result: SearchResult) -> tuple[Plan, Prediction]:
+    """Leave out the regions whose checkpointing raises the predicted peak (their kept inputs and recomputation cost
+    more than they free: small layers, a layer whose input is kept anyway), one at a time, the most harmful first;
+    if the plan still predicts a higher peak than the unoptimized step, return no plan at all.
+
+    With ``calls`` forward calls per step (a single-step network called once per time step) the peak compared is
+    the whole step's (:func:`~fxmemopt.costmodel.peak_over_calls`): what a call keeps for backward counts ``calls``
+    times, so a region can lower it while raising one call's transient peak.
+    """
+    def peak(plan: Plan) -> int:
+        if calls == 1:
+            return evaluate(plan).peak_bytes
+        result.evaluated += 1
+        return peak_over_calls(simulate(cost, plan, with_timeline=True), calls)
+
+    current, floor = peak(best), peak(Plan(()))
+    dropped = []
+    while best.regions:
+        trials = [(peak(Plan(tuple(r for r in best.regions if r is not rp))), rp) for rp in best.regions]
+        without, rp = min(trials, key=lambda t: t[0])
+        if without >= current:
+            break
+        result.decisions.append(Decision(rp.name, "unwrap", f"raised the predicted peak: {_mib(current)} with it, "
+                                         f"{_mib(without)} without"))
+        dropped.append(rp.name)
+        best, current = Plan(tuple(r for r in best.regions if r is not rp)), without
+    if best.regions and current > floor:
+        for rp in best.regions:
+            result.decisions.append(Decision(rp.name, "unwrap", f"the plan's predicted peak {_mib(current)} is above "
+                                             f"the unoptimized {_mib(floor)}: returned unoptimized"))
+        result.notes.append(f"never worse: no plan lowers the predicted peak ({_mib(floor)} unoptimized); the model "
+                            f"is returned without regions (never_worse=False keeps them)")
+        return Plan(()), baseline
+    if dropped:
+        result.notes.append(f"never worse: {len(dropped)} region(s) left out because checkpointing them raised the "
+                            f"predicted peak ({', '.join(dropped)}; never_worse=False keeps them)")
+        result.applied_steps.append("never_worse")
+        return best, evaluate(best)
     return best, pred
 
 
@@ -451,12 +514,19 @@ def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options
         ok, why = chunkable(graph, rp.nodes)
         if not ok:
             return f"not chunked: {why}"
-        chunks = min(graph[rp.nodes[-1]].time_steps, rp.chunks * opts.temporal_split_factor)
+        steps = graph[rp.nodes[-1]].time_steps
+        chunks = min(steps, rp.chunks * opts.temporal_split_factor)
         if chunks == rp.chunks:
             return None  # already one slice per time step
-        new = dataclasses.replace(rp, chunks=chunks, keep_prefix=keep_prefix)
-        return (Plan(tuple(new if r.name == rp.name else r for r in plan.regions)),
-                f"{chunks} time slices{'' if keep_prefix else ', prefix recomputed'}")
+
+        def sliced(k: int) -> tuple[Plan, str]:
+            new = dataclasses.replace(rp, chunks=k, keep_prefix=keep_prefix)
+            return (Plan(tuple(new if r.name == rp.name else r for r in plan.regions)),
+                    f"{k} time slices{'' if keep_prefix else ', prefix recomputed'}")
+
+        # The next multiple, and one slice per step: the peak need not fall step by step (two slices can cost
+        # more than they save where one per step does not).
+        return [sliced(chunks)] + ([sliced(steps)] if steps != chunks else [])
 
     def whole_move(rp: RegionPlan, plan: Plan) -> _Proposal:
         # The seed's temporal split: the whole region on each slice (Rule 9); may change values, reported.

@@ -304,7 +304,8 @@ def test_cat_positional_dim_packs_at_one_bit():
             s = torch.cat([self.n1(x), self.n2(x * 0.7)], 2)
             return self.n3(s * 0.9) + self.n4(s * 1.1)
 
-    _, summary = fxmemopt.optimize(CatNet(), (spike_input(),), return_summary=True)
+    # never_worse=False: the region stays even if the prediction says it does not pay on a net this small
+    _, summary = fxmemopt.optimize(CatNet(), (spike_input(),), return_summary=True, never_worse=False)
     cat_inputs = [i for r in summary.regions for i in r.inputs if i.node.startswith("cat")]
     assert cat_inputs
     assert all(i.bits == 1 for i in cat_inputs), [(i.node, i.value_set, i.bits) for i in cat_inputs]
