@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     import torch  # noqa: F401
 
 from . import distributed, errors
+from ._version import __version__  # noqa: F401  (fxmemopt.__version__)
 from .api import optimize
 from .errors import FxMemOptError, FxMemOptWarning, GuardError
 from .manual import Checkpointed
@@ -31,4 +32,3 @@ __all__ = [
     "PackedTensor", "try_pack", "unpack", "explain", "Explanation", "dump", "render_dot", "memory_timeline",
     "Timeline", "Checkpointed", "GuardError", "tradeoffs", "Tradeoffs", "Tradeoff",
 ]
-__version__ = "0.1.0"

@@ -244,6 +244,26 @@ def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, in
     return gm, stats, plan, failed
 
 
+def _unwraps_overshot(base: ProfileResult, unwrapped: ProfileResult, wrapped: ProfileResult,
+                      opts: Any) -> str | None:
+    """Why the measured plan after unwrapping must be given up for the plan before it (``None``: keep it).
+
+    Unwraps may raise the peak up to the search's limit: the plan before unwrapping (level 4), half the unoptimized
+    peak (``prefer="speed"``), the budget (``memory_budget``). Measured beyond it, the prediction was wrong.
+    """
+    if not (unwrapped.ok and wrapped.ok):
+        return None
+    allowed = wrapped.peak_bytes
+    if opts.memory_budget is not None:
+        allowed = max(allowed, opts.memory_budget)
+    elif opts.prefer == "speed" and base.ok:
+        allowed = max(allowed, int(base.peak_bytes * SPEED_PEAK_FRACTION))
+    if unwrapped.peak_bytes <= allowed:
+        return None
+    return (f"unwrapping raised the measured peak to {unwrapped.peak_bytes} bytes, above the {allowed} bytes "
+            f"allowed (plan before unwrapping: {wrapped.peak_bytes}); kept the plan before it")
+
+
 def _measure(candidates: list[tuple[str, nn.Module]], inputs: tuple[Any, ...], mode: str, timeout_s: float,
              warmup: bool) -> tuple[list[ProfileResult], str]:
     """Measure candidate modules: in one reused worker, or in this process."""
@@ -555,28 +575,19 @@ def optimize(
             candidates = [("unoptimized", model), ("optimized", gm)]
             pre = result.pre_unwrap
             if pre is not None and pre != plan:
-                pre_gm, pre_stats = rewrite(model, graph, constants, annotated, pre, stateful, found.mutated_buffers,
-                                            type(model).__name__)
-                _keep_resets(pre_gm, found.resets)
+                pre_gm, pre_stats = build(pre)
                 candidates.append(("before-unwrap", pre_gm))
             results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
             rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
-            if len(results) == 3 and results[1].ok and results[2].ok:
-                # Unwraps may raise the peak up to the search's limit (the plan before unwrapping for level 4, half
-                # the unoptimized peak for prefer="speed", the budget with memory_budget); measured beyond it, the
-                # prediction was wrong: keep the wrapped plan.
-                allowed = results[2].peak_bytes
-                if opts.memory_budget is not None:
-                    allowed = max(allowed, opts.memory_budget)
-                elif opts.prefer == "speed" and results[0].ok:
-                    allowed = max(allowed, int(results[0].peak_bytes * SPEED_PEAK_FRACTION))
-            if len(results) == 3 and results[1].ok and results[2].ok and results[1].peak_bytes > allowed:
-                rejected.append(("optimized", "rejected", f"unwrapping raised the measured peak to "
-                                 f"{results[1].peak_bytes} bytes, above the {allowed} bytes allowed (plan before "
-                                 f"unwrapping: {results[2].peak_bytes}); kept the plan before it"))
-                plan, gm, stats = pre, pre_gm, pre_stats
-                results = [results[0], results[2]]
-                result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
+            if len(results) == 3:
+                base, unwrapped, wrapped = results
+                why = _unwraps_overshot(base, unwrapped, wrapped, opts)
+                if why:
+                    rejected.append(("optimized", "rejected", why))
+                    plan, gm, stats = pre, pre_gm, pre_stats
+                    result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
+                    unwrapped = wrapped
+                results = [base, unwrapped]
             measured = (results[0], results[1], where)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
         sliced = slice_effects(model, gm, inputs, stateful) if any(r.whole_slices for r in plan.regions) else {}

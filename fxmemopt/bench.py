@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
+
 __all__ = ["Workload", "workloads", "run_workload", "scaling", "markdown", "main"]
 
 
@@ -477,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
     scale = [] if args.no_scaling else scaling(args.device, log=log)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
         f"CPU {_cpu_name()} ({platform.machine()}, {torch.get_num_threads()} threads)")
-    header = (f"fxmemopt {__import__('fxmemopt').__version__} bench, {device}, torch {torch.__version__}, "
+    header = (f"fxmemopt {__version__} bench, {device}, torch {torch.__version__}, "
               f"{datetime.date.today().isoformat()}; peaks by "
               f"{'the CUDA allocator' if args.device.startswith('cuda') else 'the CPU storage tracker'}; "
               f"{time.perf_counter() - started:.0f} s")

@@ -378,7 +378,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     exit_: dict[str, int] = {}
     inputs_of = {n: annotated[n].inputs for n in annotated.order}
     barriers = [n for n in annotated.order if annotated[n].target in SIDE_EFFECT_TARGETS]
-    for unit, members in unit_order(annotated.order, inputs_of, region_of, barriers):
+    writes = {n: annotated[n].inputs[0] for n in barriers if annotated[n].target == "_operator.setitem"}
+    for unit, members in unit_order(annotated.order, inputs_of, region_of, barriers, writes):
         if unit in region_of.values():
             entry[unit] = len(labels)
             labels += [f"pack:{unit}", f"enter:{unit}"]

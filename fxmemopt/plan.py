@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._version import __version__
 from .annotate import AnnotatedGraph
 from .errors import PlanError, format_error
 from .packing import SUPPORTED_BITS, bits_for_max
@@ -83,8 +84,6 @@ class Plan:
     def to_dict(self, report: dict[str, Any] | None = None) -> dict[str, Any]:
         """A JSON-able dict (lists, numbers and strings only); ``report`` is stored alongside for humans and
         ``fxmemopt explain`` (ignored when the plan is applied)."""
-        from . import __version__
-
         d: dict[str, Any] = {
             "format": PLAN_FORMAT, "fxmemopt_version": __version__, "graph_fingerprint": self.graph_fingerprint,
             "inputs": [{"shape": None if shape is None else list(shape), "dtype": dtype}

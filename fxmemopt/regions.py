@@ -355,7 +355,8 @@ def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
 
 
 def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
-               region_of: Mapping[str, str], barriers: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
+               region_of: Mapping[str, str], barriers: Iterable[str] = (),
+               writes: Mapping[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """The execution order of a graph once each region is collapsed into one call.
 
     Units are regions (named by ``region_of``) or single nodes. They are emitted in a stable topological order that
@@ -368,8 +369,9 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
         inputs: node name -> names of the nodes it reads.
         region_of: node name -> region name, for nodes inside regions.
         barriers: nodes with side effects (outside regions): every unit whose first node comes after a barrier in
-            ``order`` runs after it, although no data flows between them, and every unit before it that reads its
-            first input (the tensor an item assignment writes into) runs before it.
+            ``order`` runs after it, although no data flows between them.
+        writes: barrier -> the node whose value it writes into (``out[t] = v``): every unit before the barrier
+            that reads that value runs before it (it must see the value as it was then).
 
     Returns:
         ``[(unit, member nodes in graph order), ...]``.
@@ -396,8 +398,8 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
         for u, names in members.items():
             if position[names[0]] > position[b]:
                 deps[u].add(b)
-        # what the barrier writes into (its first input) is read, before it, as it was then
-        for u in readers.get(inputs[b][0], ()) if inputs[b] else ():
+    for b, target in (writes or {}).items():  # what the barrier writes into is read, before it, as it was then
+        for u in readers.get(target, ()):
             if u != b and position[members[u][0]] < position[b]:
                 deps[b].add(u)
     collapsed = nx.DiGraph()

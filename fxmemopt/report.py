@@ -96,37 +96,6 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _report(summary: Summary) -> dict[str, Any]:
-    """The plain-data report stored in plan files (what :func:`explain` needs)."""
-    last: dict[str, Any] = {}  # the last move that shaped each region (rejected alternatives are not shown)
-    for d in summary.decisions:
-        if d.action != "reject" or d.region not in last:
-            last[d.region] = d
-    rows = []
-    for r in summary.regions:
-        d = last.get(r.name)
-        slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
-        rows.append({
-            "region": r.name, "anchor": r.anchor, "nodes": len(r.nodes), "slices": slices,
-            "inputs": [{"node": i.node, "value_set": i.value_set, "bits": i.bits, "full_bytes": i.full_bytes,
-                        "stored_bytes": i.stored_bytes, "reason": i.reason} for i in r.inputs],
-            "stored_bytes": r.stored_bytes, "unpacked_bytes": r.full_bytes,
-            "working_set_bytes": summary.working_sets.get(r.name),
-            "decision": d.action if d else "wrap", "reason": d.reason if d else "",
-        })
-    totals = {"stored_bytes": summary.stored_bytes, "unpacked_bytes": sum(r.full_bytes for r in summary.regions),
-              "predicted_peak_before": summary.predicted_peak_before,
-              "predicted_peak_after": summary.predicted_peak_after,
-              "measured_peak_before": summary.measured_peak_before,
-              "measured_peak_after": summary.measured_peak_after,
-              "prediction_error": summary.prediction_error,
-              "predicted_step_time_ratio": summary.predicted_step_time_ratio,
-              "measured_step_time_ratio": summary.measured_step_time_ratio}
-    notes = [f"semantics changed (exact=False) in {r}: {what}" for r, what in summary.semantics_changed]
-    notes += summary.capture_notes()
-    return {"model": summary.model, "rows": rows, "totals": totals, "notes": notes}
-
-
 def explain(obj: nn.Module | Summary | str | os.PathLike[str] | dict[str, Any]) -> Explanation:
     """What each region keeps for backward and why, as a table.
 
@@ -155,7 +124,7 @@ def explain(obj: nn.Module | Summary | str | os.PathLike[str] | dict[str, Any]) 
                                ["this plan file has no report: save it with summary.save_plan() for byte counts"])
         return Explanation(report.get("model", "?"), report["rows"], report.get("totals", {}),
                            list(report.get("notes", [])))
-    report = _report(_summary_of(obj))
+    report = _summary_of(obj).report()
     return Explanation(report["model"], report["rows"], report["totals"], report["notes"])
 
 

@@ -120,9 +120,9 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
             neuron_node = node_by_name[rp.nodes[-1]]
             args = neuron_node.args
             functional = not annotated[neuron_node.name].stateful
+            arity_ok = 1 <= len(args) <= 2 if functional else len(args) == 1  # neuron(x) / neuron(x, state)
             if outputs != (neuron_node.name,) or neuron_node.op != "call_module" or neuron_node.kwargs \
-                    or len(args) != (1 if not functional else len(args)) or not 1 <= len(args) <= 2 \
-                    or not isinstance(args[0], fx.Node):
+                    or not arity_ok or not isinstance(args[0], fx.Node):
                 raise InternalError(f"plan asks to chunk {rp.name}, which is not prefix -> neuron")
             state_node = args[1] if len(args) == 2 and isinstance(args[1], fx.Node) else None
             prefix = rp.nodes[:-1]
@@ -146,7 +146,9 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
     barriers = [n.name for n in graph.nodes if annotated[n.name].target in SIDE_EFFECT_TARGETS]
-    for u, _ in unit_order(order, inputs_of, region_name, barriers):
+    writes = {n.name: n.args[0].name for n in graph.nodes if n.target is operator.setitem
+              and isinstance(n.args[0], fx.Node)}
+    for u, _ in unit_order(order, inputs_of, region_name, barriers, writes):
         if u in modules:
             inputs, outputs = io[u]
             box = new.create_node("call_function", region_args, tuple(env[i] for i in inputs), {},

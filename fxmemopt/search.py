@@ -36,6 +36,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import networkx as nx
 
@@ -45,16 +46,27 @@ from .errors import InvalidOptionError, MemoryBudgetError, format_error
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
-__all__ = ["Options", "Decision", "SearchResult", "PRESETS", "resolve_options", "search", "search_without_cost",
-           "parse_bytes", "applied"]
+__all__ = ["Options", "Decision", "SearchResult", "PRESETS", "Preset", "resolve_options", "search",
+           "search_without_cost", "parse_bytes", "applied"]
 
-#: The seed's presets: profile -> (level, max_split_rounds, max_candidates_per_round, warmup_in_main_process,
-#: warmup_in_profile_workers, allow_expensive_profiling).
-PRESETS: dict[str, tuple[int, int | None, int | None, bool, bool, bool]] = {
-    "safe": (1, 0, 0, False, False, False),
-    "balanced": (2, 1, 1, False, False, False),
-    "memory": (3, 2, 2, False, True, True),
-    "exhaustive": (4, None, None, True, True, True),
+
+class Preset(NamedTuple):
+    """What a ``profile`` sets, as in the seed (explicit arguments still win)."""
+
+    level: int
+    max_split_rounds: int | None
+    max_candidates_per_round: int | None
+    warmup_in_main_process: bool
+    warmup_in_profile_workers: bool
+    allow_expensive_profiling: bool
+
+
+#: The seed's presets, by ``profile`` name.
+PRESETS: dict[str, Preset] = {
+    "safe": Preset(1, 0, 0, False, False, False),
+    "balanced": Preset(2, 1, 1, False, False, False),
+    "memory": Preset(3, 2, 2, False, True, True),
+    "exhaustive": Preset(4, None, None, True, True, True),
 }
 #: ``prefer`` -> (profile, checkpoint_budget), as in the seed; ours search further within the level.
 PREFER: dict[str, tuple[str, str]] = {
@@ -159,7 +171,7 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
                                               got=repr(checkpoint_budget)))
     preset = PRESETS.get(profile or "", None)
     if level is None:
-        level = preset[0] if preset else 1
+        level = preset.level if preset else 1
     if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
         raise InvalidOptionError(format_error("level", "is out of range", expected="an int in 0..4", got=repr(level)))
     if gc_target_budget_ratio is not None and not 0 < gc_target_budget_ratio <= 1:
@@ -180,9 +192,12 @@ def resolve_options(*, level: int | None, prefer: str | None, profile: str | Non
         # The presets' split-round limits bounded the seed's *profiling* (a process per candidate); candidates are
         # predicted here in milliseconds, so only explicit max_split_rounds / max_candidates_per_round bound the
         # search.
-        warmup_in_main_process = preset[3] if warmup_in_main_process is None else warmup_in_main_process
-        warmup_in_profile_workers = preset[4] if warmup_in_profile_workers is None else warmup_in_profile_workers
-        allow_expensive_profiling = preset[5] if allow_expensive_profiling is None else allow_expensive_profiling
+        warmup_in_main_process = preset.warmup_in_main_process if warmup_in_main_process is None \
+            else warmup_in_main_process
+        warmup_in_profile_workers = preset.warmup_in_profile_workers if warmup_in_profile_workers is None \
+            else warmup_in_profile_workers
+        allow_expensive_profiling = preset.allow_expensive_profiling if allow_expensive_profiling is None \
+            else allow_expensive_profiling
     if allow_expensive_profiling is False and level > 1 and profile is None:
         # The seed's rule: without expensive profiling the split search is tightened to one round, one candidate.
         max_split_rounds, max_candidates_per_round = 1, 1

@@ -145,11 +145,39 @@ class Summary:
 
         Apply it later with ``fxmemopt.optimize(model, example_inputs, plan=path)``: no search, no measurement.
         """
-        from .report import _report
-
         with open(path, "w", encoding="utf-8") as f:
-            f.write(self.plan.to_json(report=_report(self)))
+            f.write(self.plan.to_json(report=self.report()))
         return os.fspath(path)
+
+    def report(self) -> dict[str, Any]:
+        """The plain-data report stored in plan files (what :func:`explain` needs)."""
+        last: dict[str, Any] = {}  # the last move that shaped each region (rejected alternatives are not shown)
+        for d in self.decisions:
+            if d.action != "reject" or d.region not in last:
+                last[d.region] = d
+        rows = []
+        for r in self.regions:
+            d = last.get(r.name)
+            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
+            rows.append({
+                "region": r.name, "anchor": r.anchor, "nodes": len(r.nodes), "slices": slices,
+                "inputs": [{"node": i.node, "value_set": i.value_set, "bits": i.bits, "full_bytes": i.full_bytes,
+                            "stored_bytes": i.stored_bytes, "reason": i.reason} for i in r.inputs],
+                "stored_bytes": r.stored_bytes, "unpacked_bytes": r.full_bytes,
+                "working_set_bytes": self.working_sets.get(r.name),
+                "decision": d.action if d else "wrap", "reason": d.reason if d else "",
+            })
+        totals = {"stored_bytes": self.stored_bytes, "unpacked_bytes": sum(r.full_bytes for r in self.regions),
+                  "predicted_peak_before": self.predicted_peak_before,
+                  "predicted_peak_after": self.predicted_peak_after,
+                  "measured_peak_before": self.measured_peak_before,
+                  "measured_peak_after": self.measured_peak_after,
+                  "prediction_error": self.prediction_error,
+                  "predicted_step_time_ratio": self.predicted_step_time_ratio,
+                  "measured_step_time_ratio": self.measured_step_time_ratio}
+        notes = [f"semantics changed (exact=False) in {r}: {what}" for r, what in self.semantics_changed]
+        notes += self.capture_notes()
+        return {"model": self.model, "rows": rows, "totals": totals, "notes": notes}
 
     @property
     def semantics_changed(self) -> list[tuple[str, str]]:

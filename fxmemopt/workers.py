@@ -253,6 +253,8 @@ class FactorySpec:
         state_dict: loaded into the built model with ``strict=True``; ``None`` keeps the factory's initialization.
         optimize_kwargs: keyword arguments of :func:`fxmemopt.optimize` (``{}`` for the defaults); ``None`` measures
             the built model as is. ``return_summary`` is accepted; only the module is measured.
+        optimize_with: ``"module:function"`` called as ``function(model, inputs, **optimize_kwargs)``; default
+            :func:`fxmemopt.optimize`.
 
     Raises:
         InvalidOptionError: ``factory`` is not of the form ``"package.module:callable"``.
@@ -267,6 +269,8 @@ class FactorySpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     optimize_kwargs: dict[str, Any] | None = None
+    # an import path (data, not an import: this module does not depend on the pipeline that uses it)
+    optimize_with: str = "fxmemopt:optimize"
 
     def __post_init__(self) -> None:
         module, _, attr = self.factory.partition(":") if isinstance(self.factory, str) else ("", "", "")
@@ -275,23 +279,24 @@ class FactorySpec:
                 "FactorySpec.factory", "is not an import path", expected='"package.module:callable"',
                 got=repr(self.factory), fix='For example FactorySpec("fxmemopt.snn.models:DeepConvSNN", {...}).'))
 
-    def resolve(self) -> Any:
-        """Import and return the factory callable.
+    def resolve(self, path: str | None = None) -> Any:
+        """Import and return the factory callable (or the object at another ``"module:attr"`` ``path``).
 
         Raises:
             InvalidOptionError: the module cannot be imported or has no such attribute.
         """
-        module_name, _, attr_path = self.factory.partition(":")
+        path = self.factory if path is None else path
+        module_name, _, attr_path = path.partition(":")
         try:
             obj: Any = importlib.import_module(module_name)
         except ImportError as e:
             raise InvalidOptionError(format_error(
-                f"FactorySpec({self.factory!r})", f"cannot import module {module_name!r} ({type(e).__name__}: {e})",
+                f"FactorySpec({path!r})", f"cannot import module {module_name!r} ({type(e).__name__}: {e})",
                 fix="The module must be importable in a fresh interpreter (installed, or on sys.path).")) from e
         for part in attr_path.split("."):
             if not hasattr(obj, part):
                 raise InvalidOptionError(format_error(
-                    f"FactorySpec({self.factory!r})", f"{getattr(obj, '__name__', obj)!r} has no attribute {part!r}",
+                    f"FactorySpec({path!r})", f"{getattr(obj, '__name__', obj)!r} has no attribute {part!r}",
                     fix="Check the spelling of the part after the colon."))
             obj = getattr(obj, part)
         return obj
@@ -322,10 +327,7 @@ class FactorySpec:
             raise InvalidInputsError(format_error(
                 f"FactorySpec({self.factory!r}).build", "needs example inputs to optimize the model",
                 fix="Pass inputs=..., or set optimize_kwargs=None to measure the model unoptimized."))
-        # Imported here: fxmemopt.api imports most of the package, and this module must stay importable on its own.
-        from .api import optimize
-
-        out = optimize(model, tuple(inputs), **self.optimize_kwargs)
+        out = self.resolve(self.optimize_with)(model, tuple(inputs), **self.optimize_kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
