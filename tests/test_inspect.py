@@ -328,3 +328,14 @@ def test_cli_calls_per_step(tmp_path, capsys):
     argv = ["optimize", f"{tmp_path / 'step.py'}:build", "--input-shape", "4,8", "--calls-per-step", "6", "-q"]
     assert cli.main(argv) == 0
     assert "one training step = 6 calls of the module" in capsys.readouterr().out
+
+
+def test_demo_shows_the_default_and_prefer_memory_side_by_side(capsys):
+    from fxmemopt.__main__ import main
+
+    rc = main(["demo", "--width", "0.125", "--T", "3", "--batch", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert {"unoptimized", "fxmemopt default", 'prefer="memory"'} <= set(rows)
+    assert "bitwise equal" in out
