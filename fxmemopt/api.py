@@ -34,7 +34,15 @@ from .plan import Plan, check_plan, graph_fingerprint, guard_lines, inputs_signa
 from .regions import Region, find_regions, is_metadata, region_io, split_region
 from .rewrite import rewrite
 from .runtime import CheckpointRegion, RegionStats
-from .search import SPEED_PEAK_FRACTION, Decision, applied, resolve_options, search, search_without_cost
+from .search import (
+    SPEED_PEAK_FRACTION,
+    Decision,
+    Options,
+    applied,
+    resolve_options,
+    search,
+    search_without_cost,
+)
 from .state import ModelState, has_memories, probe, set_state
 from .summary import InputReport, RegionReport, Summary
 from .trace import LeafFallback, make_graph_module, trace
@@ -245,7 +253,7 @@ def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, in
 
 
 def _unwraps_overshot(base: ProfileResult, unwrapped: ProfileResult, wrapped: ProfileResult,
-                      opts: Any) -> str | None:
+                      opts: Options) -> str | None:
     """Why the measured plan after unwrapping must be given up for the plan before it (``None``: keep it).
 
     Unwraps may raise the peak up to the search's limit: the plan before unwrapping (level 4), half the unoptimized
@@ -411,10 +419,11 @@ def optimize(
             anything coupling time steps changes meaning (BatchNorm statistics are per slice and updated once per
             slice). ``summary.semantics_changed`` lists each sliced region whose output differed from the unsliced
             one on the example, by how much. Default ``True``: only exact moves.
-        never_worse: leave out the regions whose checkpointing raises the predicted peak (small layers, where the
-            kept inputs and the recomputation cost more than they free), and return the model without regions when
-            no plan predicts a peak at or below the unoptimized one; both are said in ``summary.notes`` and a
-            warning. ``False`` keeps every region the search chose (for experiments and tests of the rewrite).
+        never_worse: when the plan predicts a higher peak than the unoptimized step, leave out the regions that
+            raise it (small layers, where the kept inputs and the recomputation cost more than they free), most
+            harmful first, and return the model without regions when no plan predicts a peak at or below the
+            unoptimized one; both are said in ``summary.notes`` and a warning. ``False`` keeps every region the
+            search chose (for experiments and tests of the rewrite).
         checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
             ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
         temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the

@@ -464,9 +464,9 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
 
 def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.DiGraph, calls: int, evaluate,
                  result: SearchResult) -> tuple[Plan, Prediction]:
-    """Leave out the regions whose checkpointing raises the predicted peak (their kept inputs and recomputation cost
-    more than they free: small layers, a layer whose input is kept anyway), one at a time, the most harmful first;
-    if the plan still predicts a higher peak than the unoptimized step, return no plan at all.
+    """While the plan predicts a higher peak than the unoptimized step, leave out the region whose checkpointing
+    raises it most (its kept inputs and recomputation cost more than they free: small layers, a layer whose input is
+    kept anyway); if no such region is left and the plan is still above, return no plan at all.
 
     With ``calls`` forward calls per step (a single-step network called once per time step) the peak compared is
     the whole step's (:func:`~fxmemopt.costmodel.peak_over_calls`): what a call keeps for backward counts ``calls``
@@ -480,7 +480,8 @@ def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.Di
 
     current, floor = peak(best), peak(Plan(()))
     dropped = []
-    while best.regions:
+    # Only a plan above the unoptimized peak is searched (n predictions a round; 49 regions on MS-ResNet-34).
+    while best.regions and current > floor:
         trials = [(peak(Plan(tuple(r for r in best.regions if r is not rp))), rp) for rp in best.regions]
         without, rp = min(trials, key=lambda t: t[0])
         if without >= current:
