@@ -73,6 +73,12 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...]:
 LIBRARY_LEAF_MODULES = ("spikingjelly.activation_based.layer",)
 
 
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
+                                              got=type(model).__name__))
+
+
 def _library_leaves(model: nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules()
                   if type(m).__module__.startswith(LIBRARY_LEAF_MODULES) and m is not model})
@@ -419,11 +425,11 @@ def optimize(
             anything coupling time steps changes meaning (BatchNorm statistics are per slice and updated once per
             slice). ``summary.semantics_changed`` lists each sliced region whose output differed from the unsliced
             one on the example, by how much. Default ``True``: only exact moves.
-        never_worse: when the plan predicts a higher peak than the unoptimized step, leave out the regions that
-            raise it (small layers, where the kept inputs and the recomputation cost more than they free), most
-            harmful first, and return the model without regions when no plan predicts a peak at or below the
-            unoptimized one; both are said in ``summary.notes`` and a warning. ``False`` keeps every region the
-            search chose (for experiments and tests of the rewrite).
+        never_worse: leave out the regions whose checkpointing raises the predicted peak (small layers, where the
+            kept inputs and the recomputation cost more than they free), most harmful first, and return the model
+            without regions when no plan predicts a peak at or below the unoptimized one; both are said in
+            ``summary.notes`` and a warning. ``False`` keeps every region the search chose (for experiments and tests
+            of the rewrite).
         checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
             ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
         temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the
@@ -484,9 +490,7 @@ def optimize(
     started = time.perf_counter()
     with _input_grads_kept(example_inputs):  # analysis steps must not add to the examples' .grad
         inputs = _check_inputs(example_inputs)
-        if not isinstance(model, nn.Module):
-            raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
-                                                  got=type(model).__name__))
+        _check_model(model)
         if measure not in (None, "worker", "in-process"):
             raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
                                                   expected='None, "worker" or "in-process"', got=repr(measure)))

@@ -52,7 +52,8 @@ from .annotate import AnnotatedGraph
 from .measure import default_loss, reset_states
 from .packing import packed_nbytes
 from .plan import Plan
-from .regions import SIDE_EFFECT_TARGETS, region_io, unit_order
+from .regions import region_io, side_effects, unit_order
+from .runtime import checkpoint_every
 from .state import ModelState
 
 __all__ = ["StorageRecord", "StepTrace", "Prediction", "record_step", "build_cost_graph", "simulate",
@@ -377,9 +378,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     entry: dict[str, int] = {}
     exit_: dict[str, int] = {}
     inputs_of = {n: annotated[n].inputs for n in annotated.order}
-    barriers = [n for n in annotated.order if annotated[n].target in SIDE_EFFECT_TARGETS]
-    writes = {n: annotated[n].inputs[0] for n in barriers if annotated[n].target == "_operator.setitem"}
-    for unit, members in unit_order(annotated.order, inputs_of, region_of, barriers, writes):
+    for unit, members in unit_order(annotated.order, inputs_of, region_of, *side_effects(annotated)):
         if unit in region_of.values():
             entry[unit] = len(labels)
             labels += [f"pack:{unit}", f"enter:{unit}"]
@@ -555,7 +554,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
                           if e in rc_pos[first_b]]
             parts_at = max(prefix_pos, default=rc_start[first_b])  # where the parts and start states are made
             k = info["k"]
-            every = math.isqrt(k - 1) + 1  # start states: a checkpoint every `every` slices (see the runtime)
+            every = checkpoint_every(k)  # start states: a checkpoint every `every` slices (Rule 8)
             for c in range(k):
                 b = (r, f"s{c}")
                 if b in rc_end:
@@ -678,7 +677,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     fwd = trace.fwd_time_s
     extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
     for r, info in chunk.items():  # the no-grad replays for slice start states, and the prefix again if not kept
-        extra += fwd.get(info["neuron"], 0.0) * (2 if info["k"] > 2 else 1)
+        extra += fwd.get(info["neuron"], 0.0) * (2 if checkpoint_every(info["k"]) < info["k"] else 1)
         if not by_region[r].keep_prefix:
             extra += sum(fwd.get(n, 0.0) for n in info["prefix_nodes"])
     return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))

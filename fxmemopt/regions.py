@@ -45,7 +45,7 @@ from .errors import InternalError, RegionError, TargetsMatchNothingError, format
 SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.trace.set_module_state", "_operator.setitem"})
 
 __all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure",
-           "is_metadata"]
+           "is_metadata", "side_effects"]
 
 #: Opcodes that never belong to a region interior: inputs, the output, and parameter/buffer reads (which are
 #: passed into regions by reference and cost nothing to keep).
@@ -352,6 +352,14 @@ def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
             raise InternalError(f"regions overlap at {sorted(seen & set(r.nodes))}")
         seen.update(r.nodes)
     return regions
+
+
+def side_effects(graph: AnnotatedGraph) -> tuple[list[str], dict[str, str]]:
+    """The graph's side-effect nodes (:data:`SIDE_EFFECT_TARGETS`), in order, and for each item assignment the node
+    whose value it writes into: the ``barriers`` and ``writes`` of :func:`unit_order`."""
+    barriers = [n for n in graph.order if graph[n].target in SIDE_EFFECT_TARGETS]
+    writes = {n: graph[n].inputs[0] for n in barriers if graph[n].target == "_operator.setitem"}
+    return barriers, writes
 
 
 def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .annotate import AnnotatedGraph
 from .errors import InternalError
 from .plan import Plan, RegionPlan, sliceable
-from .regions import SIDE_EFFECT_TARGETS, metadata_closure, region_io, unit_order
+from .regions import metadata_closure, region_io, side_effects, unit_order
 from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, SlicedRegion, region_args, release_args
 from .trace import _resolve, make_graph_module
 
@@ -145,10 +145,7 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     region_name = {n: rp.name for n, rp in region_of.items()}
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
-    barriers = [n.name for n in graph.nodes if annotated[n.name].target in SIDE_EFFECT_TARGETS]
-    writes = {n.name: n.args[0].name for n in graph.nodes if n.target is operator.setitem
-              and isinstance(n.args[0], fx.Node)}
-    for u, _ in unit_order(order, inputs_of, region_name, barriers, writes):
+    for u, _ in unit_order(order, inputs_of, region_name, *side_effects(annotated)):
         if u in modules:
             inputs, outputs = io[u]
             box = new.create_node("call_function", region_args, tuple(env[i] for i in inputs), {},

@@ -656,7 +656,7 @@ class _ChunkedFrame(_Frame):
             # Start states: one replay keeps every `every`-th (checkpoints) and the last segment's; a segment's
             # others are replayed from its checkpoint when backward reaches it (about 2 sqrt(k) states alive).
             k = len(self.slices)
-            self.every = math.isqrt(max(k - 1, 0)) + 1
+            self.every = checkpoint_every(k)
             self.starts, self.rngs = [None] * k, []
             last_first = (k - 1) - (k - 1) % self.every
             self._replay_starts(0, k, state, lambda j: j % self.every == 0 or j >= last_first)
@@ -674,6 +674,11 @@ class _ChunkedFrame(_Frame):
     def _release(self) -> None:
         super()._release()
         self.x_parts, self.starts, self.rngs = [], [], []
+
+
+def checkpoint_every(k: int) -> int:
+    """Rule 8: with ``k`` time slices, a slice start state is kept every this many slices (about ``sqrt(k)``)."""
+    return math.isqrt(max(k - 1, 0)) + 1
 
 
 def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:

@@ -138,14 +138,16 @@ class Options:
     calls_per_step: int = 1
 
 
-def resolve_options(*, level: int | None, prefer: str | None, profile: str | None, checkpoint_budget: str | None,
-                    max_gc_wrapped_modules: int | None, gc_target_budget_ratio: float | None,
-                    temporal_split_factor: int, max_split_rounds: int | None, max_candidates_per_round: int | None,
-                    allow_expensive_profiling: bool | None, warmup_in_main_process: bool | None,
-                    warmup_in_profile_workers: bool | None, memory_budget: int | float | str | None,
-                    compress: bool, exact: bool = True, never_worse: bool = True) -> Options:
+def resolve_options(*, level: int | None = None, prefer: str | None = None, profile: str | None = None,
+                    checkpoint_budget: str | None = None, max_gc_wrapped_modules: int | None = None,
+                    gc_target_budget_ratio: float | None = None, temporal_split_factor: int = 2,
+                    max_split_rounds: int | None = None, max_candidates_per_round: int | None = None,
+                    allow_expensive_profiling: bool | None = None, warmup_in_main_process: bool | None = None,
+                    warmup_in_profile_workers: bool | None = None, memory_budget: int | float | str | None = None,
+                    compress: bool = True, exact: bool = True, never_worse: bool = True) -> Options:
     """Validate the user's options and resolve presets, with the seed's precedence: explicit arguments win over
-    ``profile``, which wins over ``prefer``. Without any, the level is 1 (checkpoint every layer).
+    ``profile``, which wins over ``prefer``. Without any, the level is 1 (checkpoint every layer). The defaults are
+    :func:`fxmemopt.optimize`'s.
 
     Raises:
         InvalidOptionError: an unknown preset name or an out-of-range value.
@@ -464,9 +466,11 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
 
 def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.DiGraph, calls: int, evaluate,
                  result: SearchResult) -> tuple[Plan, Prediction]:
-    """While the plan predicts a higher peak than the unoptimized step, leave out the region whose checkpointing
-    raises it most (its kept inputs and recomputation cost more than they free: small layers, a layer whose input is
-    kept anyway); if no such region is left and the plan is still above, return no plan at all.
+    """Leave out the regions whose checkpointing raises the predicted peak (their kept inputs and recomputation cost
+    more than they free: small layers, a layer whose input is kept anyway), one at a time, the most harmful first;
+    if the plan still predicts a higher peak than the unoptimized step, return no plan at all. (One prediction per
+    region a round, also for plans already below the unoptimized peak: a region that raises the peak is never worth
+    keeping.)
 
     With ``calls`` forward calls per step (a single-step network called once per time step) the peak compared is
     the whole step's (:func:`~fxmemopt.costmodel.peak_over_calls`): what a call keeps for backward counts ``calls``
@@ -478,10 +482,10 @@ def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.Di
         result.evaluated += 1
         return peak_over_calls(simulate(cost, plan, with_timeline=True), calls)
 
-    current, floor = peak(best), peak(Plan(()))
+    current = peak(best)
+    floor = baseline.peak_bytes if calls == 1 else peak(Plan(()))
     dropped = []
-    # Only a plan above the unoptimized peak is searched (n predictions a round; 49 regions on MS-ResNet-34).
-    while best.regions and current > floor:
+    while best.regions:
         trials = [(peak(Plan(tuple(r for r in best.regions if r is not rp))), rp) for rp in best.regions]
         without, rp = min(trials, key=lambda t: t[0])
         if without >= current:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .api import _check_inputs, _check_types, _input_grads_kept, analyze
+from .api import _check_inputs, _check_model, _check_types, _input_grads_kept, analyze
 from .costmodel import build_cost_graph, record_step, simulate
 from .errors import InvalidInputsError, InvalidOptionError, MemoryBudgetError, format_error
 from .plan import Plan, graph_fingerprint, guard_lines, inputs_signature
@@ -134,9 +134,7 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
         raise InvalidOptionError(format_error("budgets", "must be an int >= 0", got=repr(budgets)))
     with _input_grads_kept(example_inputs):
         inputs = _check_inputs(example_inputs)
-        if not isinstance(model, nn.Module):
-            raise InvalidOptionError(format_error("model", "is not an nn.Module", expected="nn.Module",
-                                                  got=type(model).__name__))
+        _check_model(model)
         an = analyze(model, inputs, targets=_check_types("targets", targets),
                      leaf=_check_types("leaf_modules", leaf_modules, allow_str=True),
                      declared=_check_types("stateful_modules", stateful_modules))
@@ -153,28 +151,24 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
     regions, splits = list(an.regions), dict(an.splits)
     baseline = simulate(cost, None)
 
-    def options(**kw: Any) -> Any:
-        base = dict(level=None, prefer=None, profile=None, checkpoint_budget=None, max_gc_wrapped_modules=None,
-                    gc_target_budget_ratio=None, temporal_split_factor=2, max_split_rounds=None,
-                    max_candidates_per_round=None, allow_expensive_profiling=None, warmup_in_main_process=None,
-                    warmup_in_profile_workers=None, memory_budget=None, compress=compress, exact=exact)
-        return resolve_options(**{**base, **kw})
+    def point(label: str, plan: Plan) -> Tradeoff:
+        pred = simulate(cost, plan)
+        return Tradeoff(label, dataclasses.replace(plan, **stamp), pred.peak_bytes, pred.step_time_s,
+                        baseline.peak_bytes / max(1, pred.peak_bytes),
+                        pred.step_time_s / baseline.step_time_s if baseline.step_time_s else 1.0)
 
-    asked: list[tuple[str, Plan]] = [("nothing", Plan(()))]
+    def searched(**kw: Any) -> Plan:
+        return search(cost, regions, splits, resolve_options(compress=compress, exact=exact, **kw)).plan
+
+    points = [point("nothing", Plan(()))]
     for label, kw in (("level 1", {"level": 1}), ('prefer="speed"', {"prefer": "speed"}),
                       ('prefer="balanced"', {"prefer": "balanced"}), ('prefer="memory"', {"prefer": "memory"})):
-        asked.append((label, search(cost, regions, splits, options(**kw)).plan))
-    least = min(simulate(cost, p).peak_bytes for _, p in asked)
+        points.append(point(label, searched(**kw)))
+    least = min(p.peak_bytes for p in points)
     for i in range(1, budgets + 1):
         budget = least + (baseline.peak_bytes - least) * i // (budgets + 1)
         try:
-            asked.append((f"memory_budget={budget}", search(cost, regions, splits, options(memory_budget=budget)).plan))
+            points.append(point(f"memory_budget={budget}", searched(memory_budget=budget)))
         except MemoryBudgetError:
             continue  # below what this search reaches
-    points = []
-    for label, plan in asked:
-        pred = simulate(cost, plan)
-        points.append(Tradeoff(label, dataclasses.replace(plan, **stamp), pred.peak_bytes, pred.step_time_s,
-                               baseline.peak_bytes / max(1, pred.peak_bytes),
-                               pred.step_time_s / baseline.step_time_s if baseline.step_time_s else 1.0))
     return Tradeoffs(type(model).__name__, pareto_front(points), baseline.peak_bytes, baseline.step_time_s)

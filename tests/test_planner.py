@@ -30,14 +30,6 @@ from fxmemopt.trace import make_graph_module
 from fxmemopt.tradeoffs import Tradeoff, pareto_front
 
 
-def _options(**kw):
-    base = dict(level=None, prefer=None, profile=None, checkpoint_budget=None, max_gc_wrapped_modules=None,
-                gc_target_budget_ratio=None, temporal_split_factor=2, max_split_rounds=None,
-                max_candidates_per_round=None, allow_expensive_profiling=None, warmup_in_main_process=None,
-                warmup_in_profile_workers=None, memory_budget=None, compress=True, exact=True)
-    return resolve_options(**{**base, **kw})
-
-
 def _cost_graph(spec):
     """The cost graph of a random SNN, with each node's forward time made deterministic (proportional to the bytes
     it produces): wall times differ run to run, and the search's time decisions with them."""
@@ -75,7 +67,7 @@ def test_greedy_search_against_exhaustive_enumeration(spec, fractions):
     # Against plans that checkpoint something: on models this small, checkpointing can cost more than it saves
     # (region inputs kept, recomputation), and whether to return such a model unoptimized is another policy.
     least = min(peak for (peak, _), plan in zip(predicted, plans) if plan.regions)
-    memory = search(cost, regions, {}, _options(prefer="memory")).prediction
+    memory = search(cost, regions, {}, resolve_options(prefer="memory")).prediction
     event(f"prefer=memory peak / least enumerated: {memory.peak_bytes / least:.2f}")
     assert memory.peak_bytes <= 1.05 * least
 
@@ -84,7 +76,7 @@ def test_greedy_search_against_exhaustive_enumeration(spec, fractions):
     peaks = []
     for f in sorted(fractions):
         budget = int(least + (baseline - least) * f)
-        chosen = search(cost, regions, {}, _options(memory_budget=budget)).prediction
+        chosen = search(cost, regions, {}, resolve_options(memory_budget=budget)).prediction
         fastest = min(t for peak, t in predicted if peak <= budget)
         event(f"budget search time / fastest enumerated that fits: {chosen.step_time_s / fastest:.2f}")
         assert chosen.peak_bytes <= budget
