@@ -579,24 +579,35 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
             graph: AnnotatedGraph | None = None, shrink: bool = False) -> tuple[Plan, Prediction]:
     """Level 4: give up recomputation where it costs the most time, while the predicted peak stays within ``limit``.
 
-    Moves: *unwrap* a region; *keep the prefix* of a time-sliced region (its tensors captured by the recomputation
-    that feeds the slices, instead of recomputed again); or (with ``shrink``, for speed) *shrink* it to its neuron —
-    the neuron's per-step tensors are most of a layer's memory but cheap to recompute, while convolutions are the
-    opposite. Each round
-    takes the move that saves the most predicted time among those that keep the peak within ``limit``.
+    Moves: *unwrap* a region (if that does not fit: unwrap it and slice the other regions in time); *keep the
+    prefix* of a time-sliced region (its tensors captured by the recomputation that feeds the slices, instead of
+    recomputed again); or (with ``shrink``, for speed) *shrink* it to its neuron — the neuron's per-step tensors are
+    most of a layer's memory but cheap to recompute, while convolutions are the opposite. Each round takes the move
+    with the largest estimated saving (the forward time it stops recomputing) whose predicted peak stays within
+    ``limit``.
     """
     fwd = cost.graph["trace"].fwd_time_s
     changed = 0
     while True:
         moves = []
         for rp in best.regions:
-            moves.append(("unwrap", rp, Plan(tuple(r for r in best.regions if r.name != rp.name)),
-                          sum(fwd.get(n, 0.0) for n in rp.nodes)))
+            rest = tuple(r for r in best.regions if r.name != rp.name)
+            moves.append(("unwrap", rp, Plan(rest), sum(fwd.get(n, 0.0) for n in rp.nodes)))
+            finer = _sliced_per_step(rest, graph) if graph is not None else rest
+            if finer != rest:
+                # Its fallback: unwrap it and pay for that with the others' memory: every unsliced region that can
+                # be sliced, one slice per step with its prefix kept (a neuron replay each: cheap).
+                moves.append(("unwrap+slice", rp, Plan(finer), sum(fwd.get(n, 0.0) for n in rp.nodes)))
             if rp.chunks > 1 and not rp.keep_prefix and not rp.whole_slices:
-                # keep the prefix's tensors from the recomputation that feeds the slices: one prefix forward less
-                kept = dataclasses.replace(rp, keep_prefix=True)
-                moves.append(("keep_prefix", rp, Plan(tuple(kept if r.name == rp.name else r for r in best.regions)),
-                              sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
+                # keep the prefix's tensors from the recomputation that feeds the slices: one prefix forward less.
+                # The kept prefix raises the peak; finer slices (one per step) can win that back, so they are the
+                # move's fallback at the same saving.
+                steps = graph[rp.nodes[-1]].time_steps if graph is not None else None
+                for chunks in [rp.chunks] + ([steps] if steps and steps > rp.chunks else []):
+                    kept = dataclasses.replace(rp, keep_prefix=True, chunks=chunks)
+                    moves.append(("keep_prefix", rp,
+                                  Plan(tuple(kept if r.name == rp.name else r for r in best.regions)),
+                                  sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
             if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
@@ -605,7 +616,8 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
                 moves.append(("shrink", rp, Plan(tuple(small if r.name == rp.name else r for r in best.regions)),
                               sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
         chosen = None
-        for action, rp, candidate, _ in sorted(moves, key=lambda m: (-m[3], m[1].name, m[0])):
+        # (sorted is stable: a move's fallbacks follow it)
+        for action, rp, candidate, _ in sorted(moves, key=lambda m: (-m[3], m[1].name, m[0].split("+")[0])):
             cand = evaluate(candidate)
             if cand.peak_bytes <= limit:
                 chosen = (action, rp, candidate, cand)
@@ -615,14 +627,25 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
         action, rp, candidate, cand = chosen
         saved_ms = (pred.step_time_s - cand.step_time_s) * 1e3
         what = {"shrink": "shrunk to its neuron (the prefix is no longer recomputed)", "unwrap": "unwrapped",
-                "keep_prefix": "prefix kept from the slices' recomputation (not recomputed twice)"}[action]
-        result.decisions.append(Decision(rp.name, action, f"{what}: saves ~{saved_ms:.1f} ms per step; predicted "
-                                         f"peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
+                "keep_prefix": "prefix kept from the slices' recomputation (not recomputed twice)",
+                "unwrap+slice": "unwrapped, the other regions sliced one slice per time step"}[action]
+        result.decisions.append(Decision(rp.name, action.split("+")[0], f"{what}: saves ~{saved_ms:.1f} ms per step; "
+                                         f"predicted peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
         best, pred = candidate, cand
         changed += 1
     (result.applied_steps if changed else result.skipped_steps).append(
         "level4_greedy_unwrap" if changed else "level4:no_unwrap_within_peak")
     return best, pred
+
+
+def _sliced_per_step(regions: tuple[RegionPlan, ...], graph: AnnotatedGraph) -> tuple[RegionPlan, ...]:
+    """``regions`` with every unsliced region that exact time slicing can take sliced one slice per time step, its
+    prefix kept."""
+    def finer(rp: RegionPlan) -> RegionPlan:
+        if rp.chunks > 1 or rp.whole_slices or not chunkable(graph, rp.nodes)[0]:
+            return rp
+        return dataclasses.replace(rp, chunks=graph[rp.nodes[-1]].time_steps, keep_prefix=True)
+    return tuple(finer(rp) for rp in regions)
 
 
 def applied(plan: Plan, cost: nx.DiGraph | None, source: str = "plan") -> SearchResult:
