@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import fxmemopt
-from fxmemopt.measure import default_loss
+from fxmemopt.profiling.measure import default_loss
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import other_libs  # noqa: E402

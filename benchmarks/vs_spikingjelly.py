@@ -25,9 +25,9 @@ import warnings
 import torch
 
 import fxmemopt
-from fxmemopt.bench import patch_sj_for_cpu, with_sj_neurons
 from fxmemopt.snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
 from fxmemopt.snn.models import ConvBNNeuron, SEWBasicBlock, SpikformerBlock, SpikformerPatchEmbed
+from fxmemopt.tools.bench import patch_sj_for_cpu, with_sj_neurons
 
 
 def _sj():

@@ -17,14 +17,14 @@ from . import distributed, errors
 from ._version import __version__  # noqa: F401  (fxmemopt.__version__)
 from .api import optimize
 from .errors import FxMemOptError, FxMemOptWarning, GuardError
-from .manual import Checkpointed
-from .measure import StepMeasurement, measure_step
-from .packing import PackedTensor, try_pack, unpack
-from .plan import Plan, RegionPlan
-from .report import Explanation, Timeline, dump, explain, memory_timeline, render_dot
-from .summary import Summary
-from .tradeoffs import Tradeoff, Tradeoffs, tradeoffs
-from .verify import EquivalenceReport, compare_training_step
+from .planning.plan import Plan, RegionPlan
+from .profiling.measure import StepMeasurement, measure_step
+from .profiling.verify import EquivalenceReport, compare_training_step
+from .report.render import Explanation, Timeline, dump, explain, memory_timeline, render_dot
+from .report.summary import Summary
+from .runtime.packing import PackedTensor, try_pack, unpack
+from .tools.manual import Checkpointed
+from .tools.tradeoffs import Tradeoff, Tradeoffs, tradeoffs
 
 __all__ = [
     "optimize", "distributed", "Summary", "Plan", "RegionPlan", "errors", "FxMemOptError", "FxMemOptWarning",

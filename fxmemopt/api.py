@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .annotate import AnnotatedGraph, annotate
-from .costmodel import build_cost_graph, peak_over_calls, record_step, region_working_sets, simulate
+from .analysis.annotate import AnnotatedGraph, annotate
+from .analysis.state import ModelState, has_memories, probe, set_state
+from .analysis.trace import LeafFallback, make_graph_module, trace
 from .errors import (
     FxMemOptError,
     FxMemOptWarning,
@@ -28,13 +29,10 @@ from .errors import (
     first_line,
     format_error,
 )
-from .measure import measure_step
-from .packing import packed_nbytes
-from .plan import Plan, check_plan, graph_fingerprint, guard_lines, inputs_signature
-from .regions import Region, find_regions, is_metadata, region_io, split_region
-from .rewrite import rewrite
-from .runtime import CheckpointRegion, RegionStats
-from .search import (
+from .planning.costgraph import build_cost_graph, peak_over_calls, region_working_sets, simulate
+from .planning.plan import Plan, check_plan, graph_fingerprint, guard_lines, inputs_signature
+from .planning.regions import Region, find_regions, is_metadata, region_io, split_region
+from .planning.search import (
     SPEED_PEAK_FRACTION,
     Decision,
     Options,
@@ -43,11 +41,14 @@ from .search import (
     search,
     search_without_cost,
 )
-from .state import ModelState, has_memories, probe, set_state
-from .summary import InputReport, RegionReport, Summary
-from .trace import LeafFallback, make_graph_module, trace
-from .verify import slice_effects
-from .workers import ProfileResult, WorkerPool, make_job, run_in_process
+from .profiling.measure import measure_step
+from .profiling.record import record_step
+from .profiling.verify import slice_effects
+from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
+from .report.summary import InputReport, RegionReport, Summary
+from .runtime.checkpoint import CheckpointRegion, RegionStats
+from .runtime.packing import packed_nbytes
+from .runtime.rewrite import rewrite
 
 __all__ = ["optimize", "analyze", "Analysis"]
 
@@ -88,7 +89,8 @@ class ResetOnEntry:
     """Forward pre-hook: put stateful modules back to the state the model's own ``forward`` resets them to.
 
     Tracing records tensor operations only, so a ``reset_net(self)`` at the top of the user's ``forward`` would
-    silently disappear from the optimized module; :func:`fxmemopt.state.probe` finds it, and this hook keeps it.
+    silently disappear from the optimized module; :func:`fxmemopt.analysis.state.probe` finds it, and this hook keeps
+    it.
     """
 
     def __init__(self, resets: dict[str, dict[str, Any]]) -> None:
@@ -400,7 +402,8 @@ def optimize(
     Every "weight-norm-neuron" layer becomes a checkpoint region that keeps only its inputs for backward,
     bit-packed when they are spikes, and recomputes its interior during backward. Outputs, every gradient,
     BatchNorm statistics, neuron states after the step and dropout masks are bitwise equal to the unoptimized
-    model's on CPU (see NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime`), for every plan, unless
+    model's on CPU (see NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime.checkpoint`), for every plan,
+    unless
     you pass ``exact=False``.
 
     Args:
@@ -412,13 +415,13 @@ def optimize(
             layers automatically: each neuron with the stateless ops feeding it since the previous neuron.
         level: 0 nothing, 1 checkpoint the layers (default), 2 + split multi-neuron regions, 3 + recompute
             neurons in time slices (exact), 4 + unwrap the most expensive regions while the peak does not rise.
-            See :mod:`fxmemopt.search`.
+            See :mod:`fxmemopt.planning.search`.
         prefer: ``"speed"`` (level 4; unwraps while the peak stays within half the unoptimized one),
             ``"balanced"`` (level 4, peak never raised), ``"memory"`` (level 3, prefixes recomputed too).
         profile: the seed's presets ``"safe"`` (1), ``"balanced"`` (2), ``"memory"`` (3), ``"exhaustive"`` (4).
         memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (no regions
             when the unoptimized step fits; a typed :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest
-            reachable peak when nothing does). :func:`fxmemopt.tradeoffs` shows the whole front first.
+            reachable peak when nothing does). :func:`fxmemopt.tools.tradeoffs` shows the whole front first.
         compress: pack region inputs that carry spikes (1 bit for {0,1}, 2 bits for {0..3}, 1 byte up to 255).
         exact: ``False`` accepts the seed's approximate temporal split at level 3: a whole region (BatchNorm
             included) runs on each time slice, so only one slice's tensors are ever recomputed at once, but
@@ -447,23 +450,23 @@ def optimize(
         stateful_modules: classes to treat as stateful beyond those found automatically (modules with a
             ``_memories`` dict, or whose forward rebinds tensor attributes such as ``self.v``).
         predict: record one instrumented unoptimized training step on the example inputs and predict the peak
-            memory and step time before and after (see :mod:`fxmemopt.costmodel`; always done at levels 2-4 and
+            memory and step time before and after (see :mod:`fxmemopt.planning.costgraph`; always done at levels 2-4 and
             with a memory budget, which need it). Costs a few unoptimized steps' time and the unoptimized step's
             memory.
         calls_per_step: how many calls of the module make one training step: ``T`` for a single-step network
             (snntorch's ``init_hidden=True`` style, norse cells) called once per time step by your training loop,
             with one backward after the last call. ``example_inputs`` are one call's inputs. The predicted peaks
             (and ``explain``) are for that whole step: each earlier call keeps what its forward keeps for backward
-            (a linear model: see :func:`fxmemopt.costmodel.peak_over_calls` for how far off it was measured).
+            (a linear model: see :func:`fxmemopt.planning.costgraph.peak_over_calls` for how far off it was measured).
             The plan itself is chosen on one call (regions that lower one call's kept bytes lower every call's).
-        plan: apply this saved plan instead of searching (a :class:`~fxmemopt.plan.Plan`, its JSON text, or the
+        plan: apply this saved plan instead of searching (a :class:`~fxmemopt.planning.plan.Plan`, its JSON text, or the
             path of a file written by ``summary.save_plan`` / ``fxmemopt optimize --save-plan``): nothing is
             searched or measured (unless ``measure`` asks), and the search options are ignored. A plan made for
             another architecture raises :class:`~fxmemopt.errors.PlanError`; one made for other input shapes
             applies (exactly) with a warning.
         progress: called with a short line as each stage starts (and during long searches), e.g. ``print``;
             the command line shows these.
-        return_summary: also return a :class:`~fxmemopt.summary.Summary`.
+        return_summary: also return a :class:`~fxmemopt.report.summary.Summary`.
 
     Returns:
         A ``torch.fx.GraphModule`` sharing parameters, buffers and submodules with ``model`` (its

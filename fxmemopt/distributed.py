@@ -13,7 +13,8 @@ others, which apply it without searching (:func:`fxmemopt.optimize` with ``plan=
         loss = criterion(ddp(x).mean(0), y); loss.backward(); opt.step(); opt.zero_grad()
         functional.reset_net(ddp)                         # or fxmemopt.snn.reset_net
 
-Why it works with DDP: fxmemopt's checkpoint regions are non-reentrant (Rule 1 in :mod:`fxmemopt.runtime`): the
+Why it works with DDP: fxmemopt's checkpoint regions are non-reentrant (Rule 1 in :mod:`fxmemopt.runtime.checkpoint`):
+the
 forward records autograd's graph as usual and recomputation in backward only refills saved tensors, so each
 parameter's gradient is produced once per backward, in the order DDP expects ("marked ready twice" cannot
 happen, and ``static_graph``/``find_unused_parameters`` are not required).

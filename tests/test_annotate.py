@@ -1,4 +1,4 @@
-"""Tests of value-set inference (:mod:`fxmemopt.annotate`) and of the packing widths it leads to."""
+"""Tests of value-set inference (:mod:`fxmemopt.analysis.annotate`) and of the packing widths it leads to."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmemopt
-from fxmemopt.annotate import AnnotatedGraph, NodeInfo, ValueSet, annotate, observe_value_set
-from fxmemopt.packing import bits_for_max
+from fxmemopt.analysis.annotate import AnnotatedGraph, NodeInfo, ValueSet, annotate, observe_value_set
+from fxmemopt.analysis.state import probe
+from fxmemopt.analysis.trace import make_graph_module, trace
+from fxmemopt.runtime.packing import bits_for_max
 from fxmemopt.snn import IFNode, SeqToANNContainer
-from fxmemopt.state import probe
-from fxmemopt.trace import make_graph_module, trace
 
 T, N, C, H, W = 2, 2, 2, 4, 4
 

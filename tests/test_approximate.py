@@ -14,9 +14,9 @@ from torch import nn
 
 import fxmemopt
 from fxmemopt.errors import InvalidOptionError
-from fxmemopt.runtime import SlicedRegion
+from fxmemopt.profiling.verify import module_states
+from fxmemopt.runtime.checkpoint import SlicedRegion
 from fxmemopt.snn import IFNode, LIFNode, SeqToANNContainer
-from fxmemopt.verify import module_states
 
 
 class ResBlock(nn.Module):

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import fxmemopt
+from fxmemopt.analysis.trace import trace
 from fxmemopt.errors import GuardError, InvalidOptionError, PlanError
 from fxmemopt.snn import LIFNode, reset_net
 from fxmemopt.snn.surrogate import ATanSpike
-from fxmemopt.trace import trace
 
 
 def atan(x: torch.Tensor, alpha: float) -> torch.Tensor:

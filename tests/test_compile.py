@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxmemopt
-from fxmemopt.runtime import CheckpointRegion
+from fxmemopt.runtime.checkpoint import CheckpointRegion
 from fxmemopt.snn import DeepConvSNN, SpikingVGG11, reset_net
 
 BACKENDS = ["eager", "aot_eager"] + (["inductor"] if shutil.which("g++") or shutil.which("c++") else [])

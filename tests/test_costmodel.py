@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fxmemopt
-from fxmemopt.annotate import AnnotatedGraph, NodeInfo, ValueSet
-from fxmemopt.costmodel import StepTrace, StorageRecord, build_cost_graph, simulate
-from fxmemopt.plan import Plan, RegionPlan
+from fxmemopt.analysis.annotate import AnnotatedGraph, NodeInfo, ValueSet
+from fxmemopt.planning.costgraph import StepTrace, StorageRecord, build_cost_graph, simulate
+from fxmemopt.planning.plan import Plan, RegionPlan
 from fxmemopt.snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
 
 MODELS = [

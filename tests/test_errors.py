@@ -20,8 +20,8 @@ from fxmemopt.errors import (
     TargetsMatchNothingError,
     TraceError,
 )
+from fxmemopt.profiling.verify import compare_training_step
 from fxmemopt.snn import DeepConvSNN, IFNode, SeqToANNContainer
-from fxmemopt.verify import compare_training_step
 
 
 def _small():

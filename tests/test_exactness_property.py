@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from strategies import ConvLayer, LayerSpec, ResLayer, SNNSpec, build, snn_specs
 
 import fxmemopt
-from fxmemopt.verify import compare_training_step
+from fxmemopt.profiling.verify import compare_training_step
 
 _DEGENERATE_T1_N1_RES = SNNSpec(layers=(LayerSpec("res", 2, True, "none", 0.0),), neuron="lif", hard_reset=True,
                       detach_reset=False, surrogate="atan", T=1, N=1, in_channels=1, size=2, spike_input=True, seed=0)
@@ -50,10 +50,10 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
 
 def _pipeline(model, x):
     """The optimize() stages up to the plan, so a test can apply any plan."""
-    from fxmemopt.annotate import annotate
-    from fxmemopt.regions import find_regions
-    from fxmemopt.state import probe
-    from fxmemopt.trace import make_graph_module, trace
+    from fxmemopt.analysis.annotate import annotate
+    from fxmemopt.analysis.state import probe
+    from fxmemopt.analysis.trace import make_graph_module, trace
+    from fxmemopt.planning.regions import find_regions
 
     found = probe(model, (x,))
     stateful = dict(found.stateful)
@@ -71,8 +71,8 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     policy on every chunkable region — trains exactly like the unoptimized model."""
     import dataclasses
 
-    from fxmemopt.plan import Plan, checkpoint_all, chunkable
-    from fxmemopt.rewrite import rewrite
+    from fxmemopt.planning.plan import Plan, checkpoint_all, chunkable
+    from fxmemopt.runtime.rewrite import rewrite
 
     model, x = build(spec)
     reference = copy.deepcopy(model)

@@ -17,11 +17,11 @@ from strategies import ConvLayer, ResLayer, SNNSpec, build, snn_specs
 from torch import fx, nn
 
 import fxmemopt
-from fxmemopt.annotate import annotate
+from fxmemopt.analysis.annotate import annotate
+from fxmemopt.analysis.state import probe
+from fxmemopt.analysis.trace import make_graph_module, trace
+from fxmemopt.profiling.verify import compare_training_step
 from fxmemopt.snn import IFNode
-from fxmemopt.state import probe
-from fxmemopt.trace import make_graph_module, trace
-from fxmemopt.verify import compare_training_step
 
 #: Shape-preserving operations on two values a, b and a small constant c (int or float), as written in models.
 OPS = {

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import fxmemopt
-from fxmemopt import __main__ as cli
+from fxmemopt.tools import cli
 from fxmemopt.errors import FxMemOptWarning, PlanError
-from fxmemopt.report import MissingDependencyError
+from fxmemopt.report.render import MissingDependencyError
 from fxmemopt.snn import DeepConvSNN, SpikingVGG11
 
 
@@ -137,7 +137,7 @@ def test_memory_timeline_png_has_two_curves(vgg, tmp_path):
 
 def test_timeline_plot_says_what_to_install_without_matplotlib(vgg, monkeypatch):
     model, x, gm, _ = vgg
-    tl = fxmemopt.report.Timeline([("a", 1)], [("a", 1)], {"baseline": [], "optimized": []})
+    tl = fxmemopt.report.render.Timeline([("a", 1)], [("a", 1)], {"baseline": [], "optimized": []})
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match="matplotlib"):
         tl.plot()
@@ -331,7 +331,7 @@ def test_cli_calls_per_step(tmp_path, capsys):
 
 
 def test_demo_shows_the_default_and_prefer_memory_side_by_side(capsys):
-    from fxmemopt.__main__ import main
+    from fxmemopt.tools.cli import main
 
     rc = main(["demo", "--width", "0.125", "--T", "3", "--batch", "2", "--repeats", "1"])
     out = capsys.readouterr().out

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fxmemopt
+from fxmemopt.profiling.verify import compare_training_step
 from fxmemopt.snn import ConvBNNeuron, reset_net
-from fxmemopt.verify import compare_training_step
 
 
 class Plain(nn.Module):

@@ -3,9 +3,9 @@
 import torch
 
 import fxmemopt
-from fxmemopt.measure import LiveBytesTracker, default_loss
+from fxmemopt.profiling.measure import LiveBytesTracker, default_loss
+from fxmemopt.profiling.verify import module_states
 from fxmemopt.snn import DeepConvSNN
-from fxmemopt.verify import module_states
 
 
 def test_tracker_counts_allocations_and_frees():

@@ -1,4 +1,4 @@
-"""Tests of :mod:`fxmemopt.packing`: exact, lossless bit-packing of small-integer tensors."""
+"""Tests of :mod:`fxmemopt.runtime.packing`: exact, lossless bit-packing of small-integer tensors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fxmemopt.packing import SUPPORTED_BITS, PackedTensor, bits_for_max, packed_nbytes, try_pack, unpack
+from fxmemopt.runtime.packing import SUPPORTED_BITS, PackedTensor, bits_for_max, packed_nbytes, try_pack, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.uint8)

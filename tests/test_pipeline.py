@@ -11,6 +11,7 @@ from torch import nn
 
 import fxmemopt
 from fxmemopt.errors import InvalidInputsError, InvalidOptionError, TargetsMatchNothingError, TraceError
+from fxmemopt.profiling.verify import compare_training_step, module_states
 from fxmemopt.snn import (
     ConvBNNeuron,
     DeepConvSNN,
@@ -22,7 +23,6 @@ from fxmemopt.snn import (
     SpikingVGG11,
     reset_net,
 )
-from fxmemopt.verify import compare_training_step, module_states
 
 
 class UsualSeqToANN(nn.Module):

@@ -1,4 +1,4 @@
-"""The planner against exhaustive enumeration, and the trade-off front users pick from (``fxmemopt.tradeoffs``).
+"""The planner against exhaustive enumeration, and the trade-off front users pick from (``fxmemopt.tools.tradeoffs``).
 
 Measured when these tests were written (40 random SNNs of up to 6 regions, every plan of whole / sliced / keep-prefix
 regions enumerated): ``prefer="memory"`` reached the least predicted peak within 2.1% (0.15% on average); a
@@ -21,13 +21,14 @@ from strategies import LayerSpec, SNNSpec, build, snn_specs
 from test_exactness_property import _pipeline
 
 import fxmemopt
-from fxmemopt.costmodel import build_cost_graph, record_step, simulate
+from fxmemopt.analysis.trace import make_graph_module
 from fxmemopt.errors import MemoryBudgetError
-from fxmemopt.plan import Plan, checkpoint_all, chunkable
-from fxmemopt.search import resolve_options, search
+from fxmemopt.planning.costgraph import build_cost_graph, simulate
+from fxmemopt.planning.plan import Plan, checkpoint_all, chunkable
+from fxmemopt.planning.search import resolve_options, search
+from fxmemopt.profiling.record import record_step
 from fxmemopt.snn import DeepConvSNN, reset_net
-from fxmemopt.trace import make_graph_module
-from fxmemopt.tradeoffs import Tradeoff, pareto_front
+from fxmemopt.tools.tradeoffs import Tradeoff, pareto_front
 
 
 def _cost_graph(spec):
@@ -186,7 +187,7 @@ def test_memory_budget_the_unoptimized_step_fits_returns_it_unoptimized():
 
 
 def test_command_line_prints_the_front(capsys):
-    from fxmemopt.__main__ import main
+    from fxmemopt.tools.cli import main
 
     rc = main(["tradeoffs", "fxmemopt.snn:DeepConvSNN", "--factory-kwargs", '{"num_blocks": 2, "channels": 4}',
                "--input-shape", "2,2,3,8,8", "--input-kind", "spikes"])

@@ -13,9 +13,9 @@ from torch import nn
 
 import fxmemopt
 from fxmemopt.errors import InvalidOptionError
+from fxmemopt.profiling.verify import compare_training_step, module_states
+from fxmemopt.profiling.workers import WORKER_ENV_VAR
 from fxmemopt.snn import IFNode, SeqToANNContainer
-from fxmemopt.verify import compare_training_step, module_states
-from fxmemopt.workers import WORKER_ENV_VAR
 
 
 def _in_worker() -> bool:

@@ -12,8 +12,8 @@ from test_pipeline import PlainLIF
 from torch import nn
 
 import fxmemopt
+from fxmemopt.profiling.verify import compare_training_step, module_states
 from fxmemopt.snn import DeepConvSNN, LIFNode, SeqToANNContainer, SpikingVGG11, reset_net
-from fxmemopt.verify import compare_training_step, module_states
 
 
 @pytest.mark.parametrize("prefer", [None, "memory", "speed"])

@@ -14,9 +14,9 @@ from torch import nn
 
 import fxmemopt
 from fxmemopt.errors import FxMemOptWarning, RecomputationMismatchError
-from fxmemopt.measure import LiveBytesTracker
+from fxmemopt.profiling.measure import LiveBytesTracker
+from fxmemopt.profiling.verify import compare_training_step, module_states
 from fxmemopt.snn import DeepConvSNN, IFNode, LIFNode, MemoryModule, SeqToANNContainer, reset_net
-from fxmemopt.verify import compare_training_step, module_states
 
 
 class MLP(nn.Module):
@@ -168,13 +168,13 @@ def test_final_state_update_is_not_recomputed_unless_back_propagated():
     x = torch.rand(5, 3, 20)
     gm = fxmemopt.optimize(model, (x,))
     calls = []
-    orig = fxmemopt.runtime._Frame.recompute
+    orig = fxmemopt.runtime.checkpoint._Frame.recompute
 
     def spy(frame, need):
         orig(frame, need)
         calls.append(sum(t is not None for t in frame.saved))
 
-    fxmemopt.runtime._Frame.recompute = spy
+    fxmemopt.runtime.checkpoint._Frame.recompute = spy
     try:
         gm(x).sum().backward()
         kept_when_reset = list(calls)
@@ -192,7 +192,7 @@ def test_final_state_update_is_not_recomputed_unless_back_propagated():
         (out.sum() + sum(v.sum() for v in module_states(ref).values())).backward()
         assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), ref.parameters()))
     finally:
-        fxmemopt.runtime._Frame.recompute = orig
+        fxmemopt.runtime.checkpoint._Frame.recompute = orig
     assert sum(kept_with_state) > sum(kept_when_reset)
 
 

@@ -9,9 +9,9 @@ import torch
 
 import fxmemopt
 from fxmemopt.errors import InvalidOptionError, MemoryBudgetError
-from fxmemopt.search import parse_bytes, resolve_options
+from fxmemopt.planning.search import parse_bytes, resolve_options
+from fxmemopt.profiling.verify import compare_training_step
 from fxmemopt.snn import ConvBNNeuron, DeepConvSNN, SEWResNet18, SpikingVGG11
-from fxmemopt.verify import compare_training_step
 
 _OPTS = dict(level=None, prefer=None, profile=None, checkpoint_budget=None, max_gc_wrapped_modules=None,
              gc_target_budget_ratio=None, temporal_split_factor=2, max_split_rounds=None,
@@ -124,7 +124,7 @@ def test_memory_budget_gives_the_fastest_plan_that_fits():
     gm, s = fxmemopt.optimize(model, (x,), memory_budget=budget, return_summary=True)
     assert s.predicted_peak_after <= budget
     # Step times compared on one cost graph (one set of measured op times): two optimize runs time ops apart.
-    from fxmemopt.costmodel import simulate
+    from fxmemopt.planning.costgraph import simulate
 
     assert s.unwrap_count >= 1
     assert simulate(s.cost_graph, s.plan).step_time_s < simulate(s.cost_graph, full.plan).step_time_s
@@ -172,7 +172,7 @@ def test_targets_still_work_with_levels():
 
 def _fake_measure(peaks):
     """A stand-in for the profiling stage returning the given peaks for (unoptimized, optimized, before-unwrap)."""
-    from fxmemopt.workers import ProfileResult
+    from fxmemopt.profiling.workers import ProfileResult
 
     def measure(candidates, inputs, mode, timeout_s, warmup):
         names = [n for n, _ in candidates]

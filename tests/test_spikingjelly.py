@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxmemopt
-from fxmemopt.verify import module_states
+from fxmemopt.profiling.verify import module_states
 
 sj = pytest.importorskip("spikingjelly.activation_based")
 from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: E402

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from fxmemopt.analysis.state import ModelState, StateSnapshot, probe
 from fxmemopt.snn import LIFNode, SeqToANNContainer
-from fxmemopt.state import ModelState, StateSnapshot, probe
 
 
 def test_snapshot_restore_memories_and_attrs():

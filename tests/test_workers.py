@@ -1,4 +1,4 @@
-"""fxmemopt.workers: measurements in a worker equal in-process ones, and every fault returns in bounded time.
+"""fxmemopt.profiling.workers: measurements in a worker equal in-process ones, and every fault returns in bounded time.
 
 Models that misbehave only inside a worker are defined at module top level, so the spawned worker can import them
 by name (pytest puts this directory on sys.path and spawn passes sys.path on); they detect the worker through the
@@ -19,8 +19,7 @@ from torch import nn
 
 import fxmemopt
 from fxmemopt.errors import InvalidInputsError, InvalidOptionError
-from fxmemopt.snn import DeepConvSNN
-from fxmemopt.workers import (
+from fxmemopt.profiling.workers import (
     WORKER_ENV_VAR,
     FactorySpec,
     ProfileJob,
@@ -31,6 +30,7 @@ from fxmemopt.workers import (
     pack_module,
     run_in_process,
 )
+from fxmemopt.snn import DeepConvSNN
 
 SLACK_S = 10.0  # bound on what a fault may cost beyond its timeout: a kill, a reap, and on a loaded machine a restart
 

@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from .api import _check_inputs, _check_model, _check_types, _input_grads_kept, analyze
-from .costmodel import build_cost_graph, record_step, simulate
-from .errors import InvalidInputsError, InvalidOptionError, MemoryBudgetError, format_error
-from .plan import Plan, graph_fingerprint, guard_lines, inputs_signature
-from .search import resolve_options, search
+from ..api import _check_inputs, _check_model, _check_types, _input_grads_kept, analyze
+from ..errors import InvalidInputsError, InvalidOptionError, MemoryBudgetError, format_error
+from ..planning.costgraph import build_cost_graph, simulate
+from ..planning.plan import Plan, graph_fingerprint, guard_lines, inputs_signature
+from ..planning.search import resolve_options, search
+from ..profiling.record import record_step
 
 __all__ = ["Tradeoff", "Tradeoffs", "tradeoffs"]
 

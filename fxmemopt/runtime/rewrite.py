@@ -1,13 +1,14 @@
-"""Stage 8, *rewrite*: build the optimized ``GraphModule`` from the traced graph and a :class:`~fxmemopt.plan.Plan`.
+"""Stage 8, *rewrite*: build the optimized ``GraphModule`` from the traced graph and a
+:class:`~fxmemopt.planning.plan.Plan`.
 
 Each planned region's nodes are copied into a *body* graph (region inputs become placeholders, region outputs the
 output) and replaced in the top-level graph by one ``call_module`` of a
-:class:`~fxmemopt.runtime.CheckpointRegion` (plus ``getitem`` nodes when it has several outputs). Regions are
+:class:`~fxmemopt.runtime.checkpoint.CheckpointRegion` (plus ``getitem`` nodes when it has several outputs). Regions are
 convex, so the collapsed graph is a DAG; it is emitted in a stable topological order that keeps every node as
 early as the original order allows. The input graph is never mutated (Rule 3 of the design: original and
 rewritten stay side by side for verification).
 
-The result's module tree is the model's own (see :func:`fxmemopt.trace.make_graph_module`), so parameters,
+The result's module tree is the model's own (see :func:`fxmemopt.analysis.trace.make_graph_module`), so parameters,
 buffers and ``state_dict()`` keys are shared and equal.
 """
 
@@ -20,12 +21,20 @@ from typing import Any
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .annotate import AnnotatedGraph
-from .errors import InternalError
-from .plan import Plan, RegionPlan, sliceable
-from .regions import metadata_closure, region_io, side_effects, unit_order
-from .runtime import CheckpointRegion, ChunkedRegion, RegionSpec, RegionStats, SlicedRegion, region_args, release_args
-from .trace import _resolve, make_graph_module
+from ..analysis.facts import AnnotatedGraph
+from ..analysis.trace import _resolve, make_graph_module
+from ..errors import InternalError
+from ..planning.plan import Plan, RegionPlan, sliceable
+from ..planning.regions import metadata_closure, region_io, side_effects, unit_order
+from .checkpoint import (
+    CheckpointRegion,
+    ChunkedRegion,
+    RegionSpec,
+    RegionStats,
+    SlicedRegion,
+    region_args,
+    release_args,
+)
 
 __all__ = ["rewrite"]
 
@@ -73,7 +82,7 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     Args:
         model: the user's model (its modules are shared, never copied).
         graph: the traced graph (not mutated).
-        constants: tensor constants the graph reads by ``get_attr`` (from :func:`fxmemopt.trace.trace`).
+        constants: tensor constants the graph reads by ``get_attr`` (from :func:`fxmemopt.analysis.trace.trace`).
         annotated: the annotations of ``graph``.
         plan: which regions to build.
         stateful: stateful module path -> state attribute names.

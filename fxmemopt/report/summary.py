@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import Plan
-from .runtime import RegionStats
-from .trace import Guard, LeafFallback
+from ..analysis.trace import Guard, LeafFallback
+from ..planning.plan import Plan
+from ..runtime.checkpoint import RegionStats
 
 __all__ = ["InputReport", "RegionReport", "Summary"]
 
@@ -89,9 +89,9 @@ class Summary:
         regions: the checkpoint regions, in graph order.
         leaf_fallbacks: submodules kept whole because tracing through them failed, with the reason.
         stateful_modules: module paths found to carry state across calls (neurons), with how they were found.
-        plan: the applied :class:`~fxmemopt.plan.Plan`.
+        plan: the applied :class:`~fxmemopt.planning.plan.Plan`.
         notes: other remarks.
-        runtime: region name -> live :class:`~fxmemopt.runtime.RegionStats` (they keep counting).
+        runtime: region name -> live :class:`~fxmemopt.runtime.checkpoint.RegionStats` (they keep counting).
     """
 
     model: str
@@ -114,22 +114,24 @@ class Summary:
     measurement: str | None = None
     #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
-    #: The networkx cost graph (see :mod:`fxmemopt.costmodel`), for inspection and re-simulation.
+    #: The networkx cost graph (see :mod:`fxmemopt.planning.costgraph`), for inspection and re-simulation.
     cost_graph: Any = field(default=None, repr=False)
-    #: What the plan search did (:class:`fxmemopt.search.SearchResult`): decisions with reasons, steps.
+    #: What the plan search did (:class:`fxmemopt.planning.search.SearchResult`): decisions with reasons, steps.
     search: Any = field(default=None, repr=False)
     #: The resolved options (seed names), as a dict.
     options: dict[str, Any] = field(default_factory=dict)
     #: Wall time of :func:`fxmemopt.optimize`.
     optimize_time_s: float = 0.0
     #: Regions run whole on time slices (``exact=False``) -> ``"equal"`` when their output on the example was
-    #: bitwise the unsliced one, else how it differed (see :func:`fxmemopt.verify.slice_effects`).
+    #: bitwise the unsliced one, else how it differed (see :func:`fxmemopt.profiling.verify.slice_effects`).
     sliced_regions: dict[str, str] = field(default_factory=dict)
     #: Region -> predicted working set of its recomputation in backward (bytes; from the cost model).
     working_sets: dict[str, int] = field(default_factory=dict)
-    #: The annotated traced graph (:class:`fxmemopt.annotate.AnnotatedGraph`, plain data), for :func:`fxmemopt.dump`.
+    #: The annotated traced graph (:class:`fxmemopt.analysis.annotate.AnnotatedGraph`, plain data), for
+    #: :func:`fxmemopt.dump`.
     graph: Any = field(default=None, repr=False)
-    #: What the trace specialized on (:class:`fxmemopt.trace.Guard`: Python control flow on shapes resolved with the
+    #: What the trace specialized on (:class:`fxmemopt.analysis.trace.Guard`: Python control flow on shapes resolved
+    #: with the
     #: example inputs). The optimized module checks each on every call and raises
     #: :class:`~fxmemopt.errors.GuardError` when a call differs; empty: the module is as shape-generic as the model.
     guards: tuple[Guard, ...] = ()
@@ -232,7 +234,7 @@ class Summary:
 
     @property
     def decisions(self) -> list[Any]:
-        """Every search decision with its reason (:class:`fxmemopt.search.Decision`)."""
+        """Every search decision with its reason (:class:`fxmemopt.planning.search.Decision`)."""
         return list(self.search.decisions) if self.search is not None else []
 
     @property

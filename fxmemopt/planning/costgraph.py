@@ -1,7 +1,8 @@
 """Stage 4, *costgraph*: predict the peak memory and extra compute of a plan without running it.
 
 What the graph encodes
-    One instrumented training step of the *unoptimized* traced model (:func:`record_step`) records every tensor
+    One instrumented training step of the *unoptimized* traced model (:func:`fxmemopt.profiling.record.record_step`)
+    records every tensor
     storage allocated during the step: its size, the event at which it was allocated and freed, the graph node
     that allocated it (forward) or whose backward allocated it (backward, attributed through autograd sequence
     numbers), the graph nodes whose operations saved it for backward, and whether it is a node's output value.
@@ -11,7 +12,7 @@ What the graph encodes
 Why a trace replay
     The unoptimized step replays exactly (same events, same lifetimes), so the baseline prediction is the measured
     peak. A plan changes lifetimes in a few well-defined ways (NOTE [Checkpoint region invariants] in
-    :mod:`fxmemopt.runtime`), which :func:`simulate` applies to the recorded lifetimes:
+    :mod:`fxmemopt.runtime.checkpoint`), which :func:`simulate` applies to the recorded lifetimes:
 
     * tensors saved only by nodes inside checkpoint regions die when their region's forward returns, and are
       re-created when the region recomputes (just before its first backward event), then die when backward
@@ -35,28 +36,18 @@ Known limitations
 from __future__ import annotations
 
 import math
-import time
-import weakref
-from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
-import torch
-from torch import fx
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from .annotate import AnnotatedGraph
-from .measure import default_loss, reset_states
-from .packing import packed_nbytes
-from .plan import Plan
+from ..analysis.facts import AnnotatedGraph
+from ..runtime.packing import packed_nbytes
+from .plan import Plan, checkpoint_every
 from .regions import region_io, side_effects, unit_order
-from .runtime import checkpoint_every
-from .state import ModelState
 
-__all__ = ["StorageRecord", "StepTrace", "Prediction", "record_step", "build_cost_graph", "simulate",
+__all__ = ["StorageRecord", "StepTrace", "Prediction", "build_cost_graph", "simulate",
            "region_working_sets"]
 
 LOSS = "<loss>"
@@ -128,198 +119,6 @@ class Prediction:
     extra_compute_s: float
     step_time_s: float
     timeline: tuple[tuple[str, int], ...] = field(default=(), repr=False)
-
-
-class _Recorder(TorchDispatchMode):
-    """Dispatch-level storage recorder with node attribution (same counting rule as LiveBytesTracker)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, str]] = []
-        self.phase = "fwd"
-        self.node = ""
-        self.recs: dict[int, dict[str, Any]] = {}
-        self.done: list[dict[str, Any]] = []
-        self.live = 0
-        self.peak = 0
-        self.seq_starts: list[int] = []
-        self.seq_nodes: list[str] = []
-        self.last_bwd_node = LOSS
-        self.closed = False  # set when the step is over: later frees (state restore) mean "alive at the end"
-
-    def mark(self) -> int:
-        self.events.append((self.phase, self.node))
-        return len(self.events) - 1
-
-    def _bwd_node(self) -> str:
-        n = torch._C._current_autograd_node()
-        if n is None:
-            return self.last_bwd_node
-        seq = n._sequence_nr()
-        k = bisect_right(self.seq_starts, seq) - 1
-        if 0 <= k and seq < 2**63:
-            self.last_bwd_node = self.seq_nodes[k]
-        return self.last_bwd_node
-
-    def _free(self, key: int) -> None:
-        rec = self.recs.pop(key, None)
-        if rec is not None:
-            rec["free"] = None if self.closed else len(self.events) - 1
-            self.live -= rec["nbytes"]
-            self.done.append(rec)
-
-    def storage_key(self, t: torch.Tensor) -> int | None:
-        try:
-            return t.untyped_storage()._cdata
-        except (RuntimeError, NotImplementedError):
-            return None
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        inputs = {self.storage_key(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        out = func(*args, **kwargs)
-        if self.phase == "bwd":
-            self.node = self._bwd_node()
-        ev = self.mark()
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                continue
-            key = storage._cdata
-            if key in self.recs or key in inputs:
-                continue
-            rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node,
-                   "phase": self.phase, "saved_by": set(), "value_of": None, "consumed": None, "views": []}
-            self.recs[key] = rec
-            self.live += rec["nbytes"]
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key)
-        return out
-
-
-class _RecordingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, rec: _Recorder) -> None:
-        super().__init__(gm)
-        self.rec = rec
-        self.node_events: dict[str, tuple[int, int]] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        rec = self.rec
-        rec.node = n.name
-        first = len(rec.events)
-        rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
-        rec.seq_nodes.append(n.name)
-        result = super().run_node(n)
-        for t in tree_leaves(result):
-            if isinstance(t, torch.Tensor):
-                r = rec.recs.get(rec.storage_key(t))
-                if r is not None:
-                    if r["value_of"] is None:
-                        r["value_of"] = n.name
-                    if n.name not in r["views"]:
-                        r["views"].append(n.name)
-        last = rec.mark()  # end marker: frees after this node's last use land here
-        self.node_events[n.name] = (first, last)
-        return result
-
-
-class _TimingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.times: dict[str, float] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        t0 = time.perf_counter()
-        out = super().run_node(n)
-        self.times[n.name] = self.times.get(n.name, 0.0) + time.perf_counter() - t0
-        return out
-
-
-def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
-                loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 1) -> StepTrace:
-    """Record one unoptimized training step of the traced module ``gm`` (see the module docstring).
-
-    Neuron states are reset first (as :func:`fxmemopt.measure_step` does); buffers, states, gradients and the RNG
-    are restored afterwards, so recording has no side effects.
-
-    Args:
-        gm: the traced, unoptimized GraphModule (shares modules with the user's model).
-        inputs: the example inputs.
-        stateful: stateful module paths -> state attribute names.
-        loss_fn: output -> scalar loss; default :func:`fxmemopt.measure.default_loss`.
-        timing_repeats: untracked forward passes to time nodes (after one warm-up step).
-
-    Returns:
-        The :class:`StepTrace`.
-    """
-    loss_fn = loss_fn or default_loss
-    params = list(gm.parameters())
-    saved = ModelState.capture(gm, stateful)
-    with saved.restored_after():
-        def clear() -> None:
-            saved.restore()  # every step starts from the same state (plain neurons' rebound attributes included)
-            for p in params:
-                p.grad = None
-            reset_states(gm)
-
-        def backward(loss: torch.Tensor) -> None:
-            if loss.requires_grad:  # a model with nothing to train has no backward to record
-                loss.backward()
-
-        # Timing: one warm-up step, then timed steps and node-by-node timed forwards (untracked).
-        clear()
-        backward(loss_fn(gm(*inputs)))
-        step_times = []
-        for _ in range(max(1, timing_repeats)):
-            clear()
-            t0 = time.perf_counter()
-            backward(loss_fn(gm(*inputs)))
-            step_times.append(time.perf_counter() - t0)
-        timer = _TimingInterpreter(gm)
-        for _ in range(max(1, timing_repeats)):
-            clear()
-            out = timer.run(*inputs)
-            del out
-        fwd_time = {k: v / max(1, timing_repeats) for k, v in timer.times.items()}
-
-        clear()
-        rec = _Recorder()
-        interp = _RecordingInterpreter(gm, rec)
-
-        def on_save(t: torch.Tensor) -> tuple[dict[str, Any] | None, torch.Tensor]:
-            r = rec.recs.get(rec.storage_key(t)) if rec.phase == "fwd" else None
-            if r is not None:
-                r["saved_by"].add(rec.node)
-            return r, t
-
-        def on_unpack(packed: tuple[dict[str, Any] | None, torch.Tensor]) -> torch.Tensor:
-            r, t = packed
-            if r is not None:
-                r["consumed"] = len(rec.events) - 1
-            return t
-
-        with rec, torch.autograd.graph.saved_tensors_hooks(on_save, on_unpack):
-            out = interp.run(*inputs)
-            rec.phase, rec.node = "loss", LOSS
-            rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
-            rec.seq_nodes.append(LOSS)
-            loss = loss_fn(out)
-            rec.phase = "bwd"
-            backward(loss)
-            del loss, out
-            rec.phase, rec.node = "bwd", LOSS
-            rec.mark()
-            rec.closed = True
-    records = rec.done + list(rec.recs.values())
-    storages = tuple(sorted(
-        (StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"], tuple(sorted(r["saved_by"])),
-                       r["value_of"], r["consumed"], tuple(r["views"])) for r in records),
-        key=lambda s: (s.alloc, s.nbytes)))
-    step_time = sorted(step_times)[len(step_times) // 2]
-    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak)
 
 
 def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:

@@ -22,14 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .runtime import CheckpointRegion, RegionSpec, RegionStats
-from .state import has_memories
+from ..analysis.state import has_memories
+from ..runtime.checkpoint import CheckpointRegion, RegionSpec, RegionStats
 
 __all__ = ["Checkpointed"]
 
 
 class _Body(nn.Module):
-    """Calls the wrapped module on the inputs in the box, emptying it (see :func:`fxmemopt.runtime.region_args`)."""
+    """Calls the wrapped module on the inputs in the box, emptying it (see
+    :func:`fxmemopt.runtime.checkpoint.region_args`)."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -43,7 +44,8 @@ class _Body(nn.Module):
 
 class Checkpointed(nn.Module):
     """``module`` as one checkpoint region: only its inputs (1-bit packed when they are spikes) are kept for
-    backward; its interior is recomputed exactly (NOTE [Checkpoint region invariants] in :mod:`fxmemopt.runtime`).
+    backward; its interior is recomputed exactly (NOTE [Checkpoint region invariants] in
+    :mod:`fxmemopt.runtime.checkpoint`).
 
     Args:
         module: the module to wrap (it is not copied; the wrapper owns it as ``self.module``).

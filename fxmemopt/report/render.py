@@ -1,6 +1,6 @@
 """See what :func:`fxmemopt.optimize` did: the explain table, the graph dump (text / DOT) and the memory timeline.
 
-Everything here reads plain data (the :class:`~fxmemopt.summary.Summary` attached to the optimized module as
+Everything here reads plain data (the :class:`~fxmemopt.report.summary.Summary` attached to the optimized module as
 ``gm.fxmemopt_summary``, its annotated graph and plan, or a saved plan file's report), so it works on a module in
 memory and on a plan file alike.
 
@@ -29,8 +29,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import FxMemOptError, InvalidOptionError, format_error
-from .plan import Plan
+from ..errors import FxMemOptError, InvalidOptionError, format_error
+from ..planning.plan import Plan
 from .summary import Summary, _fmt_bytes, slices_label
 
 __all__ = ["Explanation", "explain", "dump", "render_dot", "Timeline", "memory_timeline", "MissingDependencyError"]
@@ -100,7 +100,8 @@ def explain(obj: nn.Module | Summary | str | os.PathLike[str] | dict[str, Any]) 
     """What each region keeps for backward and why, as a table.
 
     Args:
-        obj: the module :func:`fxmemopt.optimize` returned, its :class:`~fxmemopt.summary.Summary`, or a plan file
+        obj: the module :func:`fxmemopt.optimize` returned, its :class:`~fxmemopt.report.summary.Summary`, or a plan
+        file
             (path or loaded dict) saved with its report (``summary.save_plan`` / ``fxmemopt optimize --save-plan``).
 
     Returns:
@@ -129,7 +130,7 @@ def explain(obj: nn.Module | Summary | str | os.PathLike[str] | dict[str, Any]) 
 
 
 def _read_plan_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from .errors import PlanError
+    from ..errors import PlanError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -409,7 +410,7 @@ def memory_timeline(model: nn.Module, optimized: nn.Module, example_inputs: Sequ
         >>> tl = fxmemopt.memory_timeline(model, gm, (x,))      # doctest: +SKIP
         >>> tl.to_csv("timeline.csv"); tl.plot("timeline.png")  # doctest: +SKIP
     """
-    from .measure import measure_step
+    from ..profiling.measure import measure_step
 
     base = measure_step(model, example_inputs, loss_fn=loss_fn, repeats=0, warmup=0, timeline=True)
     opt = measure_step(optimized, example_inputs, loss_fn=loss_fn, repeats=0, warmup=0, timeline=True)

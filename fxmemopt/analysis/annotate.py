@@ -5,7 +5,7 @@ records as an :class:`AnnotatedGraph` keyed by node name, which is all later sta
 
 The interesting field is the **value set**: which values a tensor can hold. Spikes are {0, 1}; the sum of two
 spike tensors (a SEW-ResNet ADD connection) is {0, 1, 2}; a convolution's output is real. Region inputs whose
-value set is a small integer range are stored bit-packed (see :mod:`fxmemopt.packing`). Value sets come from
+value set is a small integer range are stored bit-packed (see :mod:`fxmemopt.runtime.packing`). Value sets come from
 two sources that must agree:
 
 * *static inference* over the graph (:data:`VALUE_RULES`): neuron outputs are binary; reshapes, permutes,
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,122 +31,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .packing import _INT_VIEW, _as_small_uint8
+from ..runtime.packing import _INT_VIEW, _as_small_uint8
+from .facts import BINARY, MAX_INT_SET, REAL, UNKNOWN, AnnotatedGraph, NodeInfo, ValueSet, _int_set  # noqa: F401 (re-exported)
 from .state import ModelState, StateSnapshot
 
 __all__ = ["ValueSet", "NodeInfo", "AnnotatedGraph", "annotate", "VALUE_RULES", "observe_value_set"]
-
-
-@dataclass(frozen=True)
-class ValueSet:
-    """The values a tensor may hold: ``{0, ..., hi}`` when ``hi`` is an int, else real (``hi`` None).
-
-    ``unknown`` marks "static inference has no opinion" (opaque leaves, integer placeholders).
-    """
-
-    hi: int | None = None
-    unknown: bool = False
-
-    @property
-    def is_int(self) -> bool:
-        return self.hi is not None
-
-    def join(self, other: ValueSet) -> ValueSet:
-        """The smallest set containing both (used for cat/stack and tuples)."""
-        if self.unknown or other.unknown:
-            return UNKNOWN
-        if self.hi is None or other.hi is None:
-            return REAL
-        return ValueSet(max(self.hi, other.hi))
-
-    def __str__(self) -> str:
-        if self.unknown:
-            return "unknown"
-        if self.hi is None:
-            return "real"
-        return "{0,1}" if self.hi == 1 else f"{{0..{self.hi}}}"
-
-
-REAL = ValueSet(None)
-UNKNOWN = ValueSet(None, unknown=True)
-BINARY = ValueSet(1)
-#: Integer sets above this bound are treated as real: they could not be packed below 8 bits anyway.
-MAX_INT_SET = 255
-
-
-def _int_set(hi: int) -> ValueSet:
-    return ValueSet(hi) if 0 <= hi <= MAX_INT_SET else REAL
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """Plain-data facts about one graph node (everything later stages need; no fx objects).
-
-    Attributes:
-        name: node name (unique in the graph).
-        op: fx opcode (``placeholder``, ``call_module``, ``call_function``, ``call_method``, ``get_attr``, ``output``).
-        target: module path, method name or qualified function name.
-        inputs: names of the nodes this node reads, in order, without duplicates.
-        module_type: class name for ``call_module`` nodes.
-        module_stack: module paths enclosing this node, outermost first; a ``call_module`` node ends with its
-            own path.
-        is_tensor: the node produces one tensor.
-        shape, dtype: of that tensor (``None`` otherwise).
-        nbytes: bytes of all tensors the node produces (tuples are summed).
-        requires_grad_hint: False for integer/bool outputs (they can never carry gradients).
-        static, observed, value_set: static inference, example observation, and the decision (see module doc).
-        stateful: the node calls a stateful module (or a leaf that contains one).
-        time_chunkable: for a neuron call on one ``[T, ...]`` tensor: calling the module on consecutive time
-            slices reproduced its output and final state bit for bit on the example, so it may be recomputed in
-            time chunks. The state is carried in the module (``stateful``) or, for a neuron that stores nothing,
-            as a value: ``neuron(x)`` / ``neuron(x, s)`` returning ``(out, s)`` (norse's multi-step ``LIF``).
-        spiking: a module call that turns real values into spikes: its output (or an element of the tuple it
-            returns, such as norse's ``(spikes, state)`` or snntorch's ``(spk, mem)``) is a floating tensor holding
-            only small non-negative integers on the example, while a floating input holds real values. Such a call
-            seeds a region whether or not the module keeps state.
-        time_steps: T, the length of the time dimension a ``time_chunkable`` call slices (0 otherwise).
-    """
-
-    name: str
-    op: str
-    target: str
-    inputs: tuple[str, ...]
-    module_type: str | None
-    module_stack: tuple[str, ...]
-    is_tensor: bool
-    shape: tuple[int, ...] | None
-    dtype: str | None
-    nbytes: int
-    static: ValueSet
-    observed: ValueSet
-    value_set: ValueSet
-    stateful: bool
-    time_chunkable: bool = False
-    spiking: bool = False
-    time_steps: int = 0
-
-    @property
-    def seeds_region(self) -> bool:
-        """A neuron: a module call that keeps state or produces spikes (see ``stateful`` and ``spiking``)."""
-        return self.op == "call_module" and (self.stateful or self.spiking)
-
-
-@dataclass(frozen=True)
-class AnnotatedGraph:
-    """The annotated graph as plain data: nodes in execution order, keyed by name.
-
-    Attributes:
-        order: node names in graph order.
-        nodes: name -> NodeInfo.
-        users: name -> names of nodes that read it, in graph order.
-    """
-
-    order: tuple[str, ...]
-    nodes: dict[str, NodeInfo]
-    users: dict[str, tuple[str, ...]]
-
-    def __getitem__(self, name: str) -> NodeInfo:
-        return self.nodes[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,7 +375,7 @@ def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], stateful: dict[s
     Args:
         gm: the traced module (shares modules with the user's model).
         example_inputs: positional inputs.
-        stateful: stateful module paths -> state attribute names (from :func:`fxmemopt.state.probe`).
+        stateful: stateful module paths -> state attribute names (from :func:`fxmemopt.analysis.state.probe`).
 
     Returns:
         The :class:`AnnotatedGraph`; the same records are in ``node.meta["fxmemopt"]``.

@@ -1,8 +1,8 @@
 """Stage 6, *choose*: search for the plan to apply, driven by the cost model.
 
 What it searches
-    Plans (:class:`~fxmemopt.plan.Plan`) over the candidate regions. Every move is scored by
-    :func:`fxmemopt.costmodel.simulate` (predicted peak bytes and step time); nothing here runs the model or
+    Plans (:class:`~fxmemopt.planning.plan.Plan`) over the candidate regions. Every move is scored by
+    :func:`fxmemopt.planning.costgraph.simulate` (predicted peak bytes and step time); nothing here runs the model or
     touches fx, so a search costs milliseconds per candidate and is deterministic.
 
 The levels (the seed's meaning, automated)
@@ -12,11 +12,13 @@ The levels (the seed's meaning, automated)
     2. *spatial split*: a region holding several neurons (a ``targets`` block) is split into one region per
        neuron, at the spike boundaries (which pack to 1 bit); accepted when the predicted peak is strictly lower;
     3. *temporal split*: the region that sets the peak is recomputed in more time slices (multiplied by
-       ``temporal_split_factor`` each round, clamped to T), only where that is exact (:func:`~fxmemopt.plan.chunkable`);
+       ``temporal_split_factor`` each round, clamped to T), only where that is exact
+       (:func:`~fxmemopt.planning.plan.chunkable`);
        ``prefer="memory"`` also recomputes the prefix instead of keeping it; accepted when strictly lower.
        With ``exact=False``, a region that cannot be sliced exactly (a block of several neurons, a residual
        output) gets the seed's move instead: the *whole* region runs on each slice (Rule 9 of
-       :mod:`fxmemopt.runtime`), which may change values (BatchNorm statistics per slice); ``optimize`` reports
+       :mod:`fxmemopt.runtime.checkpoint`), which may change values (BatchNorm statistics per slice); ``optimize``
+       reports
        per region whether it did on the example;
     4. *greedy unwrap*: regions whose recomputation costs the most time are unwrapped when the predicted peak
        does not rise. ``prefer="speed"`` lets it rise up to half the unoptimized peak (which still halves memory)
@@ -40,9 +42,9 @@ from typing import NamedTuple
 
 import networkx as nx
 
-from .annotate import AnnotatedGraph
-from .costmodel import Prediction, peak_over_calls, simulate
-from .errors import InvalidOptionError, MemoryBudgetError, format_error
+from ..analysis.facts import AnnotatedGraph
+from ..errors import InvalidOptionError, MemoryBudgetError, format_error
+from .costgraph import Prediction, peak_over_calls, simulate
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
@@ -318,8 +320,8 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     """Choose a plan (see the module docstring).
 
     Args:
-        cost: the cost graph (:func:`fxmemopt.costmodel.build_cost_graph`).
-        regions: candidate regions (from :func:`fxmemopt.regions.find_regions`).
+        cost: the cost graph (:func:`fxmemopt.planning.costgraph.build_cost_graph`).
+        regions: candidate regions (from :func:`fxmemopt.planning.regions.find_regions`).
         split_candidates: region name -> the per-neuron regions it can be split into (level 2).
         opts: resolved options.
         progress: told how many candidate plans have been evaluated, every 100.
@@ -473,7 +475,8 @@ def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.Di
     keeping.)
 
     With ``calls`` forward calls per step (a single-step network called once per time step) the peak compared is
-    the whole step's (:func:`~fxmemopt.costmodel.peak_over_calls`): what a call keeps for backward counts ``calls``
+    the whole step's (:func:`~fxmemopt.planning.costgraph.peak_over_calls`): what a call keeps for backward counts
+    ``calls``
     times, so a region can lower it while raising one call's transient peak.
     """
     def peak(plan: Plan) -> int:

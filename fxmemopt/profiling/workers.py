@@ -1,6 +1,7 @@
 """Profile candidate modules in a reusable worker process that can never hang the caller.
 
-Choosing between candidate rewrites means measuring each one (:func:`fxmemopt.measure.measure_step`). Measuring in
+Choosing between candidate rewrites means measuring each one (:func:`fxmemopt.profiling.measure.measure_step`).
+Measuring in
 a separate process keeps a candidate that crashes, leaks, hangs or runs out of memory from taking the search down
 with it. The reference tool did this with a fresh process per candidate and no timeout, so one failing worker hung
 the parent forever. Here:
@@ -36,7 +37,7 @@ measurement, errors as values, but no timeout and no protection against crashes)
 Example:
     >>> import torch, fxmemopt
     >>> from fxmemopt.snn import DeepConvSNN
-    >>> from fxmemopt.workers import WorkerPool, make_job
+    >>> from fxmemopt.profiling.workers import WorkerPool, make_job
     >>> model, x = DeepConvSNN(num_blocks=2, channels=4), torch.rand(2, 2, 3, 8, 8)
     >>> gm = fxmemopt.optimize(model, (x,))
     >>> with WorkerPool() as pool:  # doctest: +SKIP
@@ -58,14 +59,15 @@ Inside the worker:
   ``gc.freeze()``\\ s what survived, so each collection costs well under a millisecond instead of ~60 ms with torch
   loaded.
 * Nothing is configured for logging: records of level WARNING and above reach stderr through logging's last-resort
-  handler; the parent logs every job at INFO on ``logging.getLogger("fxmemopt.workers")``.
+  handler; the parent logs every job at INFO on ``logging.getLogger("fxmemopt.profiling.workers")``.
 
 Limitations:
 
 * The worker is a daemonic process: a job cannot start processes of its own (e.g. ``DataLoader`` workers).
 * With the ``spawn`` start method the main script is re-imported in the worker, so it must guard its top level with
   ``if __name__ == "__main__":``; otherwise the worker dies during start-up and the job reports "crashed".
-* Only the default loss of :func:`~fxmemopt.measure.measure_step` (the sum of the floating-point outputs) is used.
+* Only the default loss of :func:`~fxmemopt.profiling.measure.measure_step` (the sum of the floating-point outputs) is
+used.
 * On CUDA the worker empties the allocator's cache after every job, but its CUDA context (hundreds of MB) lives as
   long as the worker; peaks are relative to what is allocated at the start of each step, so this does not skew them.
 * A worker stopped by a debugger or SIGSTOP while reading its job makes the parent's send time out: it is then
@@ -94,7 +96,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FxMemOptError, InternalError, InvalidInputsError, InvalidOptionError, format_error
+from ..errors import FxMemOptError, InternalError, InvalidInputsError, InvalidOptionError, format_error
 from .measure import measure_step
 
 __all__ = [
@@ -110,7 +112,7 @@ __all__ = [
     "WORKER_ENV_VAR",
 ]
 
-log = logging.getLogger("fxmemopt.workers")
+log = logging.getLogger("fxmemopt.profiling.workers")
 
 #: Every value :attr:`ProfileResult.status` can take.
 STATUSES = ("ok", "error", "timeout", "crashed", "oom", "unpicklable")
@@ -139,7 +141,7 @@ _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _TRAVEL_FIX = (
     "Define the model class (and everything it holds: functions instead of lambdas, no classes defined inside "
     "functions) at module top level so it can be imported by name, send a FactorySpec instead, or measure in the "
-    'calling process (profile="in-process", fxmemopt.workers.run_in_process).'
+    'calling process (profile="in-process", fxmemopt.profiling.workers.run_in_process).'
 )
 
 
@@ -163,7 +165,7 @@ class ProfileJob:
         name: the candidate's label, repeated in the result and in messages.
         payload: the pickled module (an ``nn.Module``, see :func:`pack_module`) or :class:`FactorySpec`.
         inputs: the pickled tuple of positional inputs.
-        repeats: timed steps (the median is reported), as in :func:`~fxmemopt.measure.measure_step`.
+        repeats: timed steps (the median is reported), as in :func:`~fxmemopt.profiling.measure.measure_step`.
         warmup: untimed steps first.
         measure_memory: also measure peak memory (one extra step).
         timeout_s: how long the parent waits for this job's answer (the worker's start-up is bounded separately
@@ -210,7 +212,8 @@ class ProfileResult:
               (possibly out of memory)" for SIGKILL, which is what the kernel's OOM killer sends).
             * ``"unpicklable"``: the module or inputs could not be pickled in the parent, or not be unpickled in the
               worker; ``message`` names the object and the error and says what to do.
-        peak_bytes: peak live bytes of a training step (see :func:`~fxmemopt.measure.measure_step`); ``None`` unless
+        peak_bytes: peak live bytes of a training step (see :func:`~fxmemopt.profiling.measure.measure_step`); ``None``
+        unless
             ok (0 when ``measure_memory`` was off).
         step_time_s: median wall time of a step; ``None`` unless ok (NaN when ``repeats`` was 0).
         method: how memory was measured ("cpu-storage-tracker", "cuda-allocator", "none"); ``None`` unless ok.
@@ -482,7 +485,7 @@ def run_in_process(job_or_module: ProfileJob | nn.Module | FactorySpec, inputs: 
                    measure_memory: bool = True) -> ProfileResult:
     """Measure in the calling process: the fallback for models that cannot travel to a worker.
 
-    The measurement is the worker's (:func:`~fxmemopt.measure.measure_step`), and exceptions are returned as
+    The measurement is the worker's (:func:`~fxmemopt.profiling.measure.measure_step`), and exceptions are returned as
     statuses ("error", "oom", "unpicklable" for a job whose payload does not unpickle) just as from a worker. But
     nothing bounds it: there is **no timeout** (a hanging model hangs the caller), and a crash or the OOM killer takes
     the caller down. ``KeyboardInterrupt`` and ``SystemExit`` propagate.

@@ -76,7 +76,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -87,9 +86,10 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .errors import RecomputationMismatchError, RegionError, format_error
+from ..analysis.state import StateSnapshot, rng_state, set_rng_state
+from ..errors import RecomputationMismatchError, RegionError, format_error
+from ..planning.plan import checkpoint_every
 from .packing import PackedTensor, try_pack, unpack
-from .state import StateSnapshot, rng_state, set_rng_state
 
 __all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "region_args",
            "release_args", "RegionEvent", "region_events"]
@@ -676,11 +676,6 @@ class _ChunkedFrame(_Frame):
         self.x_parts, self.starts, self.rngs = [], [], []
 
 
-def checkpoint_every(k: int) -> int:
-    """Rule 8: with ``k`` time slices, a slice start state is kept every this many slices (about ``sqrt(k)``)."""
-    return math.isqrt(max(k - 1, 0)) + 1
-
-
 def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """``x`` split along dim 0 into ``min(k, T)`` consecutive slices, the first ``T % k`` one step longer.
 
@@ -714,7 +709,7 @@ class CheckpointRegion(nn.Module):
     """
 
     _frame_class: type[_Frame] = _Frame
-    #: Hand-placed regions (:class:`fxmemopt.manual.Checkpointed`) pack what is binary in each call, quietly;
+    #: Hand-placed regions (:class:`fxmemopt.tools.manual.Checkpointed`) pack what is binary in each call, quietly;
     #: planned regions warn and count when a planned packing fails.
     pack_if_binary: bool = False
 
@@ -729,7 +724,7 @@ class CheckpointRegion(nn.Module):
         return f"anchor={self.spec.anchor!r}, nodes={len(self.spec.nodes)}, inputs=[{bits}]"
 
     def _warn_once(self, key: str, message: str) -> None:
-        from .errors import FxMemOptWarning
+        from ..errors import FxMemOptWarning
 
         if key not in self.stats.warned:
             self.stats.warned.add(key)

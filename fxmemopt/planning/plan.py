@@ -1,8 +1,8 @@
 """Stage 5, *plan*: what to do with each region, as a frozen, hashable, JSON-able value.
 
 A :class:`Plan` lists the regions to checkpoint and, for each region input, how it is stored for backward.
-Planning functions are pure: they take :class:`~fxmemopt.regions.Region` records and the
-:class:`~fxmemopt.annotate.AnnotatedGraph` (names and numbers) and never touch fx or modules.
+Planning functions are pure: they take :class:`~fxmemopt.planning.regions.Region` records and the
+:class:`~fxmemopt.analysis.annotate.AnnotatedGraph` (names and numbers) and never touch fx or modules.
 
 :func:`checkpoint_all` is the "level 1" plan: every candidate region becomes a checkpoint region, and every
 region input whose value set is a small integer range is packed at the narrowest width that holds it.
@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._version import __version__
-from .annotate import AnnotatedGraph
-from .errors import PlanError, format_error
-from .packing import SUPPORTED_BITS, bits_for_max
+from .._version import __version__
+from ..analysis.facts import AnnotatedGraph
+from ..errors import PlanError, format_error
+from ..runtime.packing import SUPPORTED_BITS, bits_for_max
 from .regions import Region, check_convex, region_io
 
 __all__ = ["RegionPlan", "Plan", "checkpoint_all", "input_bits", "chunkable", "sliceable", "graph_fingerprint",
-           "inputs_signature", "check_plan", "PLAN_FORMAT"]
+           "inputs_signature", "check_plan", "PLAN_FORMAT",
+           "checkpoint_every"]
 
 #: The ``format`` field of plan files; bumped when the layout changes incompatibly.
 PLAN_FORMAT = "fxmemopt-plan/1"
@@ -41,11 +43,12 @@ class RegionPlan:
         nodes: interior node names (original graph), in graph order.
         pack_bits: per region input (see :attr:`Region.inputs`), 1/2/8 = packed at that width, 0 = kept as is.
         chunks: recompute the region's neuron in this many time slices (1: whole; see Rule 8 in
-            :mod:`fxmemopt.runtime`); only for regions :func:`chunkable` accepts.
+            :mod:`fxmemopt.runtime.checkpoint`); only for regions :func:`chunkable` accepts.
         keep_prefix: with chunks, keep the prefix's recomputed tensors for its backward (faster) or recompute it
             again (less memory).
         whole_slices: with chunks, run the *whole* region on each time slice, prefix included (Rule 9 in
-            :mod:`fxmemopt.runtime`; the seed's approximate temporal split, only with ``optimize(exact=False)``;
+            :mod:`fxmemopt.runtime.checkpoint`; the seed's approximate temporal split, only with
+            ``optimize(exact=False)``;
             see :func:`sliceable`) instead of only its neuron (Rule 8).
     """
 
@@ -73,7 +76,7 @@ class Plan:
         graph_fingerprint: of the traced graph the plan was made for ("" when unknown).
         inputs: the example inputs' ``(shape, dtype)`` (shape ``None`` for non-tensors).
         guards: what the trace specialized on, one ``"kind(expression) == value"`` line per guard
-            (:class:`fxmemopt.trace.Guard`); a plan applies only to a trace that took the same decisions.
+            (:class:`fxmemopt.analysis.trace.Guard`); a plan applies only to a trace that took the same decisions.
     """
 
     regions: tuple[RegionPlan, ...]
@@ -186,7 +189,7 @@ def inputs_signature(inputs: Any) -> tuple[tuple[tuple[int, ...] | None, str], .
 
 
 def guard_lines(guards: Sequence[Any]) -> tuple[str, ...]:
-    """The plan file's form of :class:`fxmemopt.trace.Guard` objects: ``kind(expression) == value``."""
+    """The plan file's form of :class:`fxmemopt.analysis.trace.Guard` objects: ``kind(expression) == value``."""
     return tuple(f"{g.kind}({g.expression}) == {g.expected!r}" for g in guards)
 
 
@@ -294,3 +297,9 @@ def sliceable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str,
     if not any(sliced):
         return False, f"none of its inputs is a tensor with T={steps} leading steps", ()
     return True, f"T={steps}; {sum(sliced)} of {len(inputs)} inputs sliced", sliced
+
+
+def checkpoint_every(k: int) -> int:
+    """With ``k`` time slices, a slice start state is kept every this many slices (about ``sqrt(k)``): the
+    schedule the runtime follows (Rule 8 in :mod:`fxmemopt.runtime.checkpoint`) and the cost model predicts."""
+    return math.isqrt(max(k - 1, 0)) + 1

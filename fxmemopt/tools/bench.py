@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
+from .._version import __version__
 
 __all__ = ["Workload", "workloads", "run_workload", "scaling", "markdown", "main"]
 
@@ -61,8 +61,8 @@ class Workload:
 
 def workloads(full: bool = False) -> list[Workload]:
     """The reference workloads: CPU sizes by default, the seed tutorial's GPU sizes with ``full``."""
-    from .snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
-    from .snn.models import ConvBNNeuron, SEWBasicBlock, SpikformerBlock, SpikformerPatchEmbed
+    from ..snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
+    from ..snn.models import ConvBNNeuron, SEWBasicBlock, SpikformerBlock, SpikformerPatchEmbed
 
     if full:
         return [
@@ -133,7 +133,7 @@ class _Checkpointed(nn.Module):
 def torch_checkpoint_per_layer(model: nn.Module) -> nn.Module:
     """Wrap every module that directly holds a neuron (a layer; the outermost one where such modules nest) in
     ``torch.utils.checkpoint``, in place. Returns ``model``."""
-    from .state import has_memories
+    from ..analysis.state import has_memories
 
     layers = [path for path, m in model.named_modules() if path and any(has_memories(c) for c in m.children())]
     outermost = [p for p in layers if not any(p.startswith(q + ".") for q in layers)]
@@ -157,7 +157,7 @@ def with_sj_neurons(model: nn.Module) -> nn.Module:
     """Replace every fxmemopt.snn neuron by spikingjelly's multi-step LIFNode (same tau, threshold, reset)."""
     from spikingjelly.activation_based import neuron, surrogate
 
-    from .snn import BaseNode
+    from ..snn import BaseNode
 
     for name, child in list(model.named_children()):
         if isinstance(child, BaseNode):
@@ -175,7 +175,7 @@ _SJ_MEASUREMENTS = [0]
 def patch_sj_for_cpu() -> None:
     """SUBSTITUTION: spikingjelly's levels 2-4 measure candidates with CUDA only; measure them with the CPU storage
     tracker instead (and time layers with wall-clock hooks). Counts its measurements in ``_SJ_MEASUREMENTS``."""
-    from .measure import LiveBytesTracker
+    from ..profiling.measure import LiveBytesTracker
 
     P = _sj()
     if P is None or getattr(P, "_fxmemopt_patched", False):
@@ -225,7 +225,7 @@ def patch_sj_for_cpu() -> None:
 def _time_ratio(base: nn.Module, cand: nn.Module, inputs: tuple[Any, ...], repeats: int) -> float:
     """Median over interleaved rounds of candidate step time / unoptimized step time (same machine conditions),
     after one untimed step of each."""
-    from .measure import measure_step
+    from ..profiling.measure import measure_step
 
     ratios = []
     for k in range(repeats):
@@ -241,8 +241,8 @@ def _exactness(reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ..
     largest gradient difference)."""
     from torch.utils._pytree import tree_leaves
 
-    from .measure import default_loss, reset_states
-    from .verify import module_states
+    from ..profiling.measure import default_loss, reset_states
+    from ..profiling.verify import module_states
 
     results = []
     for module in (reference, candidate):
@@ -275,7 +275,7 @@ def run_workload(w: Workload, *, repeats: int = 3, device: str = "cpu", with_spi
     """Every variant of one workload (see the module docstring)."""
     import fxmemopt
 
-    from .measure import measure_step
+    from ..profiling.measure import measure_step
 
     torch.manual_seed(0)
     model = w.factory().to(device)
@@ -350,8 +350,8 @@ def scaling(device: str = "cpu", steps: tuple[int, ...] = (4, 8, 16, 32), depths
     ``depth_steps`` time steps): unoptimized, fxmemopt default and ``prefer="memory"``."""
     import fxmemopt
 
-    from .measure import measure_step
-    from .snn import DeepConvSNN
+    from ..profiling.measure import measure_step
+    from ..snn import DeepConvSNN
 
     out = []
     points = [("T", t, t_blocks, t) for t in steps] + [("depth", d, d, depth_steps) for d in depths]
@@ -410,7 +410,7 @@ def plot_scaling(scale: list[dict[str, Any]], path: str) -> None:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from .report import MissingDependencyError
+        from ..report.render import MissingDependencyError
 
         raise MissingDependencyError("plotting the scaling needs matplotlib: pip install 'fxmemopt[plot]'") from e
     labels = [k for k in scale[0] if k not in ("axis", "value", "blocks", "T")]

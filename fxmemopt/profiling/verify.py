@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ..analysis.state import ModelState, rng_state, set_rng_state
+from ..runtime.checkpoint import SlicedRegion
 from .measure import default_loss
-from .runtime import SlicedRegion
-from .state import ModelState, rng_state, set_rng_state
 
 __all__ = ["EquivalenceReport", "compare_training_step", "module_states", "slice_effects"]
 
@@ -157,9 +157,10 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
 
 def slice_effects(model: nn.Module, gm: nn.Module, inputs: Sequence[Any],
                   stateful: dict[str, Sequence[str]]) -> dict[str, str]:
-    """What running whole regions on time slices (Rule 9 of :mod:`fxmemopt.runtime`) changes, on the example.
+    """What running whole regions on time slices (Rule 9 of :mod:`fxmemopt.runtime.checkpoint`) changes, on the example.
 
-    Runs ``gm`` forward once in training mode without grad; at every :class:`~fxmemopt.runtime.SlicedRegion` it
+    Runs ``gm`` forward once in training mode without grad; at every :class:`~fxmemopt.runtime.checkpoint.SlicedRegion`
+    it
     also runs the region's body unsliced from the same states and RNG, and compares the outputs. Everything the
     run touched (BatchNorm statistics, neuron states, RNG) is restored afterwards.
 

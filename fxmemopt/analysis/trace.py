@@ -49,7 +49,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_leaves
 
-from .errors import GuardError, TraceError, first_line, format_error
+from ..errors import GuardError, TraceError, first_line, format_error
 from .state import ModelState
 
 __all__ = ["Capture", "Guard", "LeafFallback", "check_guard", "trace"]
@@ -466,7 +466,7 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...], *, stateful_paths: 
     """Trace ``model`` with the fxmemopt leaf policy, resolving shape control flow with ``example_inputs``.
 
     The model runs once on the example inputs while it is traced (under ``no_grad``); its state (neuron states,
-    buffers, attributes, the RNG) is restored afterwards (:class:`fxmemopt.state.ModelState`).
+    buffers, attributes, the RNG) is restored afterwards (:class:`fxmemopt.analysis.state.ModelState`).
 
     Args:
         model: the module to trace. Not modified (tensor constants torch.fx would attach to it are returned

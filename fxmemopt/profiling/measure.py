@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .state import ModelState, has_memories
+from ..analysis.state import ModelState, has_memories
 
 __all__ = ["LiveBytesTracker", "StepMeasurement", "measure_step", "default_loss", "reset_states"]
 
@@ -80,7 +80,7 @@ class LiveBytesTracker(TorchDispatchMode):
     def __enter__(self) -> LiveBytesTracker:
         self._events = contextlib.ExitStack()
         if self.timeline is not None:
-            from .runtime import region_events
+            from ..runtime.checkpoint import region_events
 
             # regions report enter/exit/recompute while the tracker is active (see runtime.region_events)
             self._events.enter_context(region_events(lambda event: self.mark(event.label)))
@@ -115,7 +115,7 @@ class StepMeasurement:
         method: "cpu-storage-tracker" or "cuda-allocator".
         timeline: ``(op, live bytes)`` per op of the measured step (CPU, when asked for with ``timeline=True``),
             with markers ``("mark:backward", ...)`` where backward starts and ``("mark:enter:<region>", ...)``,
-            ``exit:``, ``recompute:`` and ``recompute-end:`` where regions run (see :mod:`fxmemopt.report`).
+            ``exit:``, ``recompute:`` and ``recompute-end:`` where regions run (see :mod:`fxmemopt.report.render`).
     """
 
     peak_bytes: int

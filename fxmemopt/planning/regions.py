@@ -1,13 +1,13 @@
 """Stage 3, *regions*: which nodes form the checkpoint regions ("weight-norm-neuron" layers).
 
 A region is a set of graph nodes whose forward is recomputed in backward from the region's inputs alone. This
-stage only chooses node sets; it works on :class:`~fxmemopt.annotate.AnnotatedGraph` (names and numbers) and
+stage only chooses node sets; it works on :class:`~fxmemopt.analysis.annotate.AnnotatedGraph` (names and numbers) and
 never touches fx.
 
 Two ways to find regions:
 
 * **automatic** (``targets=None``): every neuron call (a module that keeps state or turns real values into spikes,
-  see :attr:`~fxmemopt.annotate.NodeInfo.seeds_region`) seeds one region,
+  see :attr:`~fxmemopt.analysis.annotate.NodeInfo.seeds_region`) seeds one region,
   together with the stateless nodes that feed it since the previous layer boundary. The walk goes backwards
   from the neuron through node inputs and stops at placeholders, parameter reads (``get_attr``), other stateful
   calls and nodes an earlier region already claimed. Seeds are taken in graph order, which keeps every region
@@ -35,14 +35,15 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .annotate import AnnotatedGraph
-from .errors import InternalError, RegionError, TargetsMatchNothingError, format_error
+from ..analysis.facts import AnnotatedGraph
+from ..errors import InternalError, RegionError, TargetsMatchNothingError, format_error
 
-#: Graph nodes with side effects: assignments to module state (``fxmemopt.trace.set_module_state``; named here, not
+#: Graph nodes with side effects: assignments to module state (``fxmemopt.analysis.trace.set_module_state``; named
+#: here, not
 #: imported: planning never imports the tracer) and item assignments into a tensor (``out[t] = v``, norse's ConvNet
 #: writing each step's voltages into a preallocated tensor). Never inside a region, ordered after every unit before
 #: them that reads what they write, and before every unit that follows them.
-SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.trace.set_module_state", "_operator.setitem"})
+SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.analysis.trace.set_module_state", "_operator.setitem"})
 
 __all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure",
            "is_metadata", "side_effects"]
@@ -129,7 +130,8 @@ def is_metadata(graph: AnnotatedGraph, name: str) -> bool:
 def metadata_closure(graph: AnnotatedGraph, nodes: Sequence[str]) -> tuple[str, ...]:
     """``nodes`` plus the metadata chains that compute their metadata inputs from their tensor inputs.
 
-    A region whose body runs on time slices (Rule 9 of :mod:`fxmemopt.runtime`) must recompute ``x.shape[0]`` from
+    A region whose body runs on time slices (Rule 9 of :mod:`fxmemopt.runtime.checkpoint`) must recompute
+    ``x.shape[0]`` from
     the slice, not receive it from outside: this is the node set such a body is built from. Chains that read a
     tensor the region does not already read are left as inputs.
     """

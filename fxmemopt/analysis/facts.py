@@ -1,0 +1,123 @@
+"""The facts analysis hands to planning, as plain data (no fx objects): what each graph node produces
+(:class:`NodeInfo`), the values a tensor may hold (:class:`ValueSet`), and the whole annotated graph
+(:class:`AnnotatedGraph`). Written by :mod:`fxmemopt.analysis.annotate`; read by everything under
+:mod:`fxmemopt.planning`, the rewrite and the reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ValueSet", "REAL", "UNKNOWN", "BINARY", "MAX_INT_SET", "NodeInfo", "AnnotatedGraph"]
+
+
+@dataclass(frozen=True)
+class ValueSet:
+    """The values a tensor may hold: ``{0, ..., hi}`` when ``hi`` is an int, else real (``hi`` None).
+
+    ``unknown`` marks "static inference has no opinion" (opaque leaves, integer placeholders).
+    """
+
+    hi: int | None = None
+    unknown: bool = False
+
+    @property
+    def is_int(self) -> bool:
+        return self.hi is not None
+
+    def join(self, other: ValueSet) -> ValueSet:
+        """The smallest set containing both (used for cat/stack and tuples)."""
+        if self.unknown or other.unknown:
+            return UNKNOWN
+        if self.hi is None or other.hi is None:
+            return REAL
+        return ValueSet(max(self.hi, other.hi))
+
+    def __str__(self) -> str:
+        if self.unknown:
+            return "unknown"
+        if self.hi is None:
+            return "real"
+        return "{0,1}" if self.hi == 1 else f"{{0..{self.hi}}}"
+
+
+REAL = ValueSet(None)
+UNKNOWN = ValueSet(None, unknown=True)
+BINARY = ValueSet(1)
+#: Integer sets above this bound are treated as real: they could not be packed below 8 bits anyway.
+MAX_INT_SET = 255
+
+
+def _int_set(hi: int) -> ValueSet:
+    return ValueSet(hi) if 0 <= hi <= MAX_INT_SET else REAL
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Plain-data facts about one graph node (everything later stages need; no fx objects).
+
+    Attributes:
+        name: node name (unique in the graph).
+        op: fx opcode (``placeholder``, ``call_module``, ``call_function``, ``call_method``, ``get_attr``, ``output``).
+        target: module path, method name or qualified function name.
+        inputs: names of the nodes this node reads, in order, without duplicates.
+        module_type: class name for ``call_module`` nodes.
+        module_stack: module paths enclosing this node, outermost first; a ``call_module`` node ends with its
+            own path.
+        is_tensor: the node produces one tensor.
+        shape, dtype: of that tensor (``None`` otherwise).
+        nbytes: bytes of all tensors the node produces (tuples are summed).
+        requires_grad_hint: False for integer/bool outputs (they can never carry gradients).
+        static, observed, value_set: static inference, example observation, and the decision (see module doc).
+        stateful: the node calls a stateful module (or a leaf that contains one).
+        time_chunkable: for a neuron call on one ``[T, ...]`` tensor: calling the module on consecutive time
+            slices reproduced its output and final state bit for bit on the example, so it may be recomputed in
+            time chunks. The state is carried in the module (``stateful``) or, for a neuron that stores nothing,
+            as a value: ``neuron(x)`` / ``neuron(x, s)`` returning ``(out, s)`` (norse's multi-step ``LIF``).
+        spiking: a module call that turns real values into spikes: its output (or an element of the tuple it
+            returns, such as norse's ``(spikes, state)`` or snntorch's ``(spk, mem)``) is a floating tensor holding
+            only small non-negative integers on the example, while a floating input holds real values. Such a call
+            seeds a region whether or not the module keeps state.
+        time_steps: T, the length of the time dimension a ``time_chunkable`` call slices (0 otherwise).
+    """
+
+    name: str
+    op: str
+    target: str
+    inputs: tuple[str, ...]
+    module_type: str | None
+    module_stack: tuple[str, ...]
+    is_tensor: bool
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    nbytes: int
+    static: ValueSet
+    observed: ValueSet
+    value_set: ValueSet
+    stateful: bool
+    time_chunkable: bool = False
+    spiking: bool = False
+    time_steps: int = 0
+
+    @property
+    def seeds_region(self) -> bool:
+        """A neuron: a module call that keeps state or produces spikes (see ``stateful`` and ``spiking``)."""
+        return self.op == "call_module" and (self.stateful or self.spiking)
+
+
+@dataclass(frozen=True)
+class AnnotatedGraph:
+    """The annotated graph as plain data: nodes in execution order, keyed by name.
+
+    Attributes:
+        order: node names in graph order.
+        nodes: name -> NodeInfo.
+        users: name -> names of nodes that read it, in graph order.
+    """
+
+    order: tuple[str, ...]
+    nodes: dict[str, NodeInfo]
+    users: dict[str, tuple[str, ...]]
+
+    def __getitem__(self, name: str) -> NodeInfo:
+        return self.nodes[name]
