@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from fxmemopt.tools import cli
-from fxmemopt.tools import bench
 from fxmemopt.snn import DeepConvSNN, SpikingVGG11
+from fxmemopt.tools import bench, cli
 
 TINY = bench.Workload("tiny DeepConvSNN", lambda: DeepConvSNN(num_blocks=2, channels=4), (4, 2, 3, 16, 16), ())
 

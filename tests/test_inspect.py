@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import fxmemopt
-from fxmemopt.tools import cli
 from fxmemopt.errors import FxMemOptWarning, PlanError
 from fxmemopt.report.render import MissingDependencyError
 from fxmemopt.snn import DeepConvSNN, SpikingVGG11
+from fxmemopt.tools import cli
 
 
 def _vgg(seed: int = 0) -> SpikingVGG11:

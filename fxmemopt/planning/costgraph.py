@@ -1,13 +1,16 @@
 """Stage 4, *costgraph*: predict the peak memory and extra compute of a plan without running it.
 
 What the graph encodes
-    One instrumented training step of the *unoptimized* traced model (:func:`fxmemopt.profiling.record.record_step`)
-    records every tensor
-    storage allocated during the step: its size, the event at which it was allocated and freed, the graph node
-    that allocated it (forward) or whose backward allocated it (backward, attributed through autograd sequence
-    numbers), the graph nodes whose operations saved it for backward, and whether it is a node's output value.
-    :func:`build_cost_graph` puts this into a networkx ``DiGraph`` keyed by node names (data edges, per-node bytes
-    and forward times as plain numbers) with the storage records attached as plain data.
+    One instrumented training step of the *unoptimized* traced model
+    (:func:`fxmemopt.profiling.record.record_step`) records every tensor storage allocated during the step: its
+    size, the event at which it was allocated and freed, the graph node that allocated it (forward) or whose
+    backward allocated it (backward, attributed through autograd sequence numbers), the graph nodes whose
+    operations saved it for backward, and whether it is a node's output value. :func:`build_cost_graph` puts this
+    on a networkx ``DiGraph`` keyed by node names: each node carries its facts (bytes, shape, value set, whether it
+    is a neuron), the storages it allocated, its forward events and forward time; edges are data dependencies; the
+    graph carries the step's event order. :func:`simulate` and the search (:mod:`fxmemopt.planning.search`) read
+    nothing else (:func:`facts` gives the nodes' facts back as an :class:`~fxmemopt.analysis.facts.AnnotatedGraph`
+    for the region helpers).
 
 Why a trace replay
     The unoptimized step replays exactly (same events, same lifetimes), so the baseline prediction is the measured
@@ -47,7 +50,7 @@ from ..runtime.packing import packed_nbytes
 from .plan import Plan, checkpoint_every
 from .regions import region_io, side_effects, unit_order
 
-__all__ = ["StorageRecord", "StepTrace", "Prediction", "build_cost_graph", "simulate",
+__all__ = ["StorageRecord", "StepTrace", "Prediction", "build_cost_graph", "facts", "simulate",
            "region_working_sets"]
 
 LOSS = "<loss>"
@@ -122,31 +125,72 @@ class Prediction:
 
 
 def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
-    """The cost graph: a networkx ``DiGraph`` keyed by node names, with plain-number attributes.
+    """The cost graph: a networkx ``DiGraph`` keyed by node names that holds everything planning reads.
 
-    Node attributes: ``op``, ``target``, ``out_bytes`` (its output value's bytes), ``alloc_bytes`` (all bytes it
-    allocated in forward), ``saved_bytes`` (bytes it saved for backward that it allocated itself),
-    ``fwd_time_s``, ``shape``, ``dtype``, ``value_set``. Edges: data dependencies. ``graph.graph`` holds the
-    ``trace`` (:class:`StepTrace`) and the ``annotated`` graph (plain data), which :func:`simulate` uses.
+    Node attributes (one per traced node, in ``graph.graph["order"]``):
+
+    * ``info``: the node's :class:`~fxmemopt.analysis.facts.NodeInfo` (shape, dtype, bytes, value set, whether it
+      is a neuron, T) — plain data;
+    * ``storages``: the :class:`StorageRecord` s the node allocated in forward or whose backward allocated them
+      (size, allocation and release events, who saved them, when backward last read them);
+    * ``fwd_events``: the ``(first, last)`` step events of its forward; ``fwd_time_s``: its forward time;
+    * for drawing and reading: ``op``, ``target``, ``out_bytes``, ``alloc_bytes`` (bytes it allocated in forward),
+      ``saved_bytes`` (of those, the bytes saved for backward), ``shape``, ``dtype``, ``value_set`` (a string).
+
+    Storages the step allocated outside any traced node (the loss) sit on a node named ``"<loss>"`` (``info`` None,
+    not in ``order``). Edges: data dependencies, with the bytes that flow (``nbytes``). Graph attributes: ``order``
+    (the traced order), ``events`` (the step's ``(phase, node)`` sequence: forward, loss, backward),
+    ``step_time_s`` (one unoptimized step) and ``peak_bytes`` (the recorded peak).
+
+    Nothing in it refers to fx or torch objects: a cost graph can be built by hand, pickled, drawn or saved
+    (``nx.write_gml`` with ``stringizer=str``), and :func:`simulate` needs nothing else.
     """
-    g = nx.DiGraph()
-    alloc: dict[str, int] = {}
-    saved: dict[str, int] = {}
+    g = nx.DiGraph(order=annotated.order, events=trace.events, step_time_s=trace.step_time_s,
+                   peak_bytes=trace.peak_bytes)
+    by_node: dict[str, list[StorageRecord]] = {}
     for s in trace.storages:
-        if s.phase == "fwd":
-            alloc[s.node] = alloc.get(s.node, 0) + s.nbytes
-            if s.saved_by:
-                saved[s.node] = saved.get(s.node, 0) + s.nbytes
+        by_node.setdefault(s.node, []).append(s)
     for name in annotated.order:
         info = annotated[name]
-        g.add_node(name, op=info.op, target=info.target, out_bytes=info.nbytes, alloc_bytes=alloc.get(name, 0),
-                   saved_bytes=saved.get(name, 0), fwd_time_s=trace.fwd_time_s.get(name, 0.0),
-                   shape=info.shape, dtype=info.dtype, value_set=str(info.value_set))
-        for i in info.inputs:
-            g.add_edge(i, name)
-    g.graph["trace"] = trace
-    g.graph["annotated"] = annotated
+        mine = by_node.pop(name, [])
+        fwd = [s for s in mine if s.phase == "fwd"]
+        g.add_node(name, info=info, storages=tuple(mine), fwd_events=trace.node_events.get(name),
+                   fwd_time_s=trace.fwd_time_s.get(name, 0.0), op=info.op, target=info.target,
+                   out_bytes=info.nbytes, alloc_bytes=sum(s.nbytes for s in fwd),
+                   saved_bytes=sum(s.nbytes for s in fwd if s.saved_by), shape=info.shape, dtype=info.dtype,
+                   value_set=str(info.value_set))
+    for name in annotated.order:
+        for i in annotated[name].inputs:
+            g.add_edge(i, name, nbytes=annotated[i].nbytes)
+    for name in trace.node_events:
+        if name not in g:
+            by_node.setdefault(name, [])
+    for name, rest in by_node.items():  # the loss (and anything else the step ran outside the traced nodes)
+        g.add_node(name, info=None, storages=tuple(rest), fwd_events=trace.node_events.get(name),
+                   fwd_time_s=trace.fwd_time_s.get(name, 0.0), op="step", target=name, out_bytes=0,
+                   alloc_bytes=sum(s.nbytes for s in rest if s.phase == "fwd"), saved_bytes=0, shape=None,
+                   dtype=None, value_set="")
     return g
+
+
+def facts(graph: nx.DiGraph) -> AnnotatedGraph:
+    """The traced nodes' facts read back from a cost graph: ``info`` of each node in ``order``, users from its
+    out-edges (in order)."""
+    order = graph.graph["order"]
+    position = {n: i for i, n in enumerate(order)}
+    nodes = {n: graph.nodes[n]["info"] for n in order}
+    users = {n: tuple(sorted((u for u in graph.successors(n) if u in position), key=position.__getitem__))
+             for n in order}
+    return AnnotatedGraph(tuple(order), nodes, users)
+
+
+def _storages(graph: nx.DiGraph) -> list[StorageRecord]:
+    """Every storage of the recorded step, in allocation order."""
+    return sorted((s for _, rs in graph.nodes(data="storages") for s in rs or ()), key=lambda s: (s.alloc, s.nbytes))
+
+
+def _fwd_times(graph: nx.DiGraph) -> dict[str, float]:
+    return {n: t for n, t in graph.nodes(data="fwd_time_s") if t is not None}
 
 
 _ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
@@ -164,12 +208,12 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     Returns:
         A :class:`Prediction`.
     """
-    trace: StepTrace = graph.graph["trace"]
-    annotated: AnnotatedGraph = graph.graph["annotated"]
+    annotated = facts(graph)
+    storages = _storages(graph)
     regions = plan.regions if plan is not None else ()
     region_of = {n: r.name for r in regions for n in r.nodes}
-    events = trace.events
-    ne = trace.node_events
+    events = graph.graph["events"]
+    ne = {n: e for n, e in graph.nodes(data="fwd_events") if e is not None}
 
     # Forward: units in the rewritten order; each region gets an entry and an exit position.
     labels: list[str] = []
@@ -312,7 +356,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     # Recomputation stops once the last tensor a block must keep is captured (Rule 3), except a chunked region's
     # first block, which must finish the prefix to get the neuron's input.
     rc_stop: dict[tuple[str, str], int] = {b: rc_start[b] for b in rc_start}
-    for s in trace.storages:
+    for s in storages:
         home = region_of.get(s.node)
         if s.phase != "fwd" or s.consumed is None or home is None or \
                 not any(region_of.get(m) == home for m in s.saved_by):
@@ -377,7 +421,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             # The neuron's whole input (the storage its input node's value lives in) exists from its recomputation
             # until it is copied into the parts. Otherwise (an input of the region) it is the unpacked input, alive
             # from the block's start.
-            candidates = [st for st in trace.storages if st.phase == "fwd" and x_node in st.views
+            candidates = [st for st in storages if st.phase == "fwd" and x_node in st.views
                           and st.node in info["prefix_nodes"]]
             if candidates:
                 info["x_storage"] = candidates[0]
@@ -409,7 +453,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             return s.nbytes  # not one slice's: an output, or alive after the step (a module's final state)
         return int(s.nbytes * share)
 
-    for s in trace.storages:
+    for s in storages:
         if s.phase != "fwd" or s.node not in ne:
             nbytes, start = size(s), at(s.alloc)
             info = chunk_of_neuron.get(s.node)
@@ -473,13 +517,14 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             best, best_at = cur, p
         if with_timeline:
             timeline.append((labels[p], cur))
-    fwd = trace.fwd_time_s
+    fwd = _fwd_times(graph)
     extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
     for r, info in chunk.items():  # the no-grad replays for slice start states, and the prefix again if not kept
         extra += fwd.get(info["neuron"], 0.0) * (2 if checkpoint_every(info["k"]) < info["k"] else 1)
         if not by_region[r].keep_prefix:
             extra += sum(fwd.get(n, 0.0) for n in info["prefix_nodes"])
-    return Prediction(best, labels[best_at] if labels else "", extra, trace.step_time_s + extra, tuple(timeline))
+    return Prediction(best, labels[best_at] if labels else "", extra, graph.graph["step_time_s"] + extra,
+                      tuple(timeline))
 
 
 def retained_bytes(prediction: Prediction) -> int:

@@ -44,7 +44,7 @@ import networkx as nx
 
 from ..analysis.facts import AnnotatedGraph
 from ..errors import InvalidOptionError, MemoryBudgetError, format_error
-from .costgraph import Prediction, peak_over_calls, simulate
+from .costgraph import Prediction, facts, peak_over_calls, simulate
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
@@ -332,7 +332,7 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     Raises:
         MemoryBudgetError: ``memory_budget`` is below the smallest peak any plan reaches.
     """
-    graph: AnnotatedGraph = cost.graph["annotated"]
+    graph: AnnotatedGraph = facts(cost)
     baseline = simulate(cost, None)
     result = SearchResult(Plan(()), baseline, baseline, candidates=len(regions))
 
@@ -589,7 +589,7 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
     with the largest estimated saving (the forward time it stops recomputing) whose predicted peak stays within
     ``limit``.
     """
-    fwd = cost.graph["trace"].fwd_time_s
+    fwd = dict(cost.nodes(data="fwd_time_s", default=0.0))
     changed = 0
     while True:
         moves = []
