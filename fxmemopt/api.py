@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
 import torch
 from torch import fx, nn
 
 from .analysis.annotate import AnnotatedGraph, annotate
 from .analysis.state import ModelState, has_memories, probe, set_state
-from .analysis.trace import LeafFallback, make_graph_module, trace
+from .analysis.trace import make_graph_module, trace
 from .errors import (
     FxMemOptError,
     FxMemOptWarning,
@@ -36,6 +37,7 @@ from .planning.search import (
     SPEED_PEAK_FRACTION,
     Decision,
     Options,
+    SearchResult,
     applied,
     resolve_options,
     search,
@@ -50,7 +52,7 @@ from .runtime.checkpoint import CheckpointRegion, RegionStats
 from .runtime.packing import packed_nbytes
 from .runtime.rewrite import rewrite
 
-__all__ = ["optimize", "analyze", "Analysis"]
+__all__ = ["optimize", "analyze", "Analysis", "Measurer"]
 
 log = logging.getLogger("fxmemopt")
 
@@ -184,23 +186,6 @@ def _input_report(graph: AnnotatedGraph, node: str, bits: int) -> InputReport:
     return InputReport(node, info.shape, info.dtype, str(info.value_set), 0, info.nbytes, info.nbytes, why)
 
 
-def _summary(model: nn.Module, graph: AnnotatedGraph, candidates: list[Region], plan: Plan,
-             fallbacks: list[LeafFallback], stateful: dict[str, str], stats: dict[str, RegionStats]) -> Summary:
-    reports = []
-    for rp in plan.regions:
-        inputs, outputs = region_io(graph, rp.nodes)
-        reports.append(RegionReport(
-            rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].seeds_region),
-            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits) if not is_metadata(graph, i)),
-            outputs, rp.chunks,
-            rp.keep_prefix, rp.whole_slices))
-    notes = []
-    if not candidates:
-        notes.append("no stateful module (spiking neuron) was found, so no region was formed; pass targets=... "
-                     "or stateful_modules=... to say which layers to checkpoint")
-    return Summary(type(model).__name__, reports, list(fallbacks), stateful, plan, notes, stats)
-
-
 def _step_error(gm: nn.Module, inputs: tuple[Any, ...]) -> BaseException | None:
     """Run one training step of ``gm`` (state, buffers, gradients and RNG restored); its exception, if any."""
     try:
@@ -221,45 +206,6 @@ def _regions_in(error: BaseException, names: set[str]) -> set[str]:
     return found
 
 
-def _validated(gm: fx.GraphModule, stats: dict[str, RegionStats], plan: Plan, inputs: tuple[Any, ...],
-               build: Callable[[Plan], tuple[fx.GraphModule, dict[str, RegionStats]]], model: nn.Module,
-               notes: list[str]) -> tuple[fx.GraphModule, dict[str, RegionStats], Plan, list[tuple[str, str]]]:
-    """Run one training step of the optimized module; unwrap every region that fails in it, until it runs.
-
-    A region that fails (a recomputation mismatch from a forward that is not a deterministic function of its
-    inputs and state, an input kind the runtime cannot keep, a library's own error under checkpointing) is named by
-    the traceback, or else by trying each region alone; it is left out of the plan and the step runs again. Returns
-    the module, its counters, the plan it was built from, and ``(region, reason)`` for each region left out. When
-    the model's own training step fails on the examples the same way (nothing requires grad, say), that is not the
-    regions' doing: they are kept, and a note says so.
-    """
-    failed: list[tuple[str, str]] = []
-    while plan.regions:
-        error = _step_error(gm, inputs)
-        if error is None:
-            break
-        if not failed and _step_error(model, inputs) is not None:
-            notes.append(f"the validation training step (sum of the outputs, backward) fails on the model itself, "
-                         f"unoptimized: {first_line(error, 300)}; the regions were kept (they run exactly as the "
-                         f"model does)")
-            break
-        names = {r.name for r in plan.regions}
-        bad = _regions_in(error, names)
-        if not bad:  # not on the traceback (raised from autograd's engine): try each region on its own
-            bad = {r.name for r in plan.regions
-                   if _step_error(build(dataclasses.replace(plan, regions=(r,)))[0], inputs) is not None}
-        bad = bad or names  # the step fails whichever region runs: leave all of them out
-        why = first_line(error, 300)
-        failed += [(n, why) for n in sorted(bad)]
-        log.warning("fxmemopt: region(s) %s failed a training step (%s); left unoptimized", ", ".join(sorted(bad)),
-                    why)
-        plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name not in bad))
-        gm, stats = build(plan)
-    for st in stats.values():
-        st.reset()
-    return gm, stats, plan, failed
-
-
 def _unwraps_overshot(base: ProfileResult, unwrapped: ProfileResult, wrapped: ProfileResult,
                       opts: Options) -> str | None:
     """Why the measured plan after unwrapping must be given up for the plan before it (``None``: keep it).
@@ -278,20 +224,6 @@ def _unwraps_overshot(base: ProfileResult, unwrapped: ProfileResult, wrapped: Pr
         return None
     return (f"unwrapping raised the measured peak to {unwrapped.peak_bytes} bytes, above the {allowed} bytes "
             f"allowed (plan before unwrapping: {wrapped.peak_bytes}); kept the plan before it")
-
-
-def _measure(candidates: list[tuple[str, nn.Module]], inputs: tuple[Any, ...], mode: str, timeout_s: float,
-             warmup: bool) -> tuple[list[ProfileResult], str]:
-    """Measure candidate modules: in one reused worker, or in this process."""
-    w = 1 if warmup else 0
-    if mode == "in-process":
-        return [run_in_process(m, inputs, name=name, warmup=w) for name, m in candidates], "process"
-    with WorkerPool() as pool:
-        results = [pool.run(make_job(name, m, inputs, timeout_s=timeout_s, warmup=w)) for name, m in candidates]
-    for r in results:
-        if not r.ok:
-            log.warning("fxmemopt: profiling %s was rejected (%s): %s", r.name, r.status, r.message)
-    return results, "a worker process"
 
 
 @dataclass(frozen=True)
@@ -366,6 +298,308 @@ def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, .
     return Analysis(found, stateful, captured, traced, annotated, tuple(regions), splits)
 
 
+# ---- the stages after analysis: each takes frozen values and returns frozen values ---------------------------------
+
+#: ``measure=`` may be a function: it is given ``[(name, module), ...]`` ("unoptimized", "optimized", and
+#: "before-unwrap" when unwrapping is to be confirmed) and the example inputs, and returns one
+#: :class:`~fxmemopt.profiling.workers.ProfileResult` per candidate, in order (a measurement fxmemopt does not
+#: know how to make: a CUDA machine, a cluster job; tests inject fixed figures this way).
+Measurer = Callable[[list[tuple[str, nn.Module]], tuple[Any, ...]], Sequence[ProfileResult]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked :func:`optimize` for, checked: the inputs, the resolved options, and how to plan,
+    measure and report."""
+
+    inputs: tuple[Any, ...]
+    opts: Options
+    saved: Plan | None
+    source: str
+    measure: str | Measurer | None
+    measure_timeout_s: float
+    predict: bool
+    targets: tuple[type, ...]
+    leaf: tuple[type | str, ...]
+    declared: tuple[type, ...]
+
+
+@dataclass(frozen=True)
+class Built:
+    """The rewritten module that ran a training step: its region counters, the plan it was built from, and the
+    regions left out because they failed that step (``(region, reason)``)."""
+
+    gm: fx.GraphModule
+    stats: dict[str, RegionStats]
+    plan: Plan
+    failed: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The confirming measurement: the unoptimized and the returned module, where they were measured, the
+    candidates rejected, and whether the plan before unwrapping was restored (its measured peak was lower)."""
+
+    before: ProfileResult
+    after: ProfileResult
+    where: str
+    rejected: tuple[tuple[str, str, str], ...]
+    reverted: bool
+
+
+def _stage_logger(started: float, progress: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``step(what)``: logs the stage starting (and tells ``progress``), with the time since ``started``."""
+    def step(what: str) -> None:
+        log.debug("fxmemopt: %.2f s: %s", time.perf_counter() - started, what)
+        if progress is not None:
+            progress(f"[{time.perf_counter() - started:6.1f} s] {what}")
+    return step
+
+
+def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str] | None, measure: Any,
+             measure_timeout_s: float, calls_per_step: Any, predict: bool, targets: Any, leaf_modules: Any,
+             stateful_modules: Any, opts: Options) -> Request:
+    """Check what :func:`optimize` was given (typed errors naming what is wrong) into a :class:`Request`."""
+    inputs = _check_inputs(example_inputs)
+    _check_model(model)
+    if measure not in (None, "worker", "in-process") and not callable(measure):
+        raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
+                                              expected='None, "worker", "in-process" or a function (see Measurer)',
+                                              got=repr(measure)))
+    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise InvalidOptionError(format_error("calls_per_step", "must be a positive int", expected=">= 1",
+                                              got=repr(calls_per_step),
+                                              fix="Pass the number of module calls per training step (T for a "
+                                                  "single-step network called once per time step)."))
+    if not measure_timeout_s > 0:
+        raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
+                                              got=repr(measure_timeout_s)))
+    saved, source = _load_plan(plan)
+    return Request(inputs, dataclasses.replace(opts, calls_per_step=calls_per_step), saved, source, measure,
+                   measure_timeout_s, predict, _check_types("targets", targets),
+                   _check_types("leaf_modules", leaf_modules, allow_str=True),
+                   _check_types("stateful_modules", stateful_modules))
+
+
+def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]) -> tuple[nx.DiGraph | None, list[str]]:
+    """The cost graph from one recorded unoptimized step (when predicting, or when the search needs it), and notes.
+
+    Prediction informs; a failure to record never stops an exact rewrite from being returned (the search falls
+    back to level 1, and a note says why)."""
+    notes = list(req.opts.notes)
+    needed = req.saved is None and (req.opts.level >= 2 or req.opts.memory_budget is not None)
+    if not (req.predict or needed):
+        return None, notes
+    step("recording one training step for the cost model")
+    try:
+        return build_cost_graph(an.annotated, record_step(an.traced, req.inputs, an.stateful)), notes
+    except Exception as e:
+        log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
+        notes.append(f"no prediction: recording a training step on the example inputs failed with "
+                     f"{type(e).__name__}: {e}; the search fell back to level 1")
+        return None, notes
+
+
+def _choose(an: Analysis, cost: nx.DiGraph | None, req: Request, step: Callable[[str], None]) -> SearchResult:
+    """The plan: a saved one as is (checked against this graph), or the search's; stamped with the graph's
+    fingerprint, the inputs' signature and the trace's guards (what the plan file records)."""
+    signature = inputs_signature(req.inputs)
+    if req.saved is not None:
+        check_plan(req.saved, an.annotated, req.source, guard_lines(an.captured.guards))
+        if req.saved.inputs and req.saved.inputs != signature:
+            warnings.warn(f"fxmemopt: {req.source} was made for example inputs {_sig(req.saved.inputs)}, these are "
+                          f"{_sig(signature)}; it applies exactly, but its memory predictions were for the "
+                          f"other shapes", FxMemOptWarning, stacklevel=4)
+        result = applied(req.saved, cost, req.source)
+    elif cost is not None:
+        step(f"searching plans (level {req.opts.level}, {len(an.regions)} candidate regions)")
+        result = search(cost, list(an.regions), dict(an.splits), req.opts, progress=step)
+    else:
+        result = search_without_cost(list(an.regions), an.annotated, req.opts)
+    for note in result.notes:
+        warnings.warn(f"fxmemopt: {note}", FxMemOptWarning, stacklevel=4)
+    stamp = {"graph_fingerprint": graph_fingerprint(an.annotated), "inputs": signature,
+             "guards": guard_lines(an.captured.guards)}
+    return dataclasses.replace(
+        result, plan=dataclasses.replace(result.plan, **stamp),
+        pre_unwrap=dataclasses.replace(result.pre_unwrap, **stamp) if result.pre_unwrap is not None else None)
+
+
+def _build(model: nn.Module, an: Analysis, plan: Plan) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
+    """Rewrite: ``plan``'s checkpoint regions in a new GraphModule sharing the model's modules."""
+    gm, stats = rewrite(model, an.captured.graph, an.captured.constants, an.annotated, plan, an.stateful,
+                        an.found.mutated_buffers, type(model).__name__)
+    _keep_resets(gm, an.found.resets)
+    return gm, stats
+
+
+def _step_error(gm: nn.Module, inputs: tuple[Any, ...]) -> BaseException | None:
+    """Run one training step of ``gm`` (state, buffers, gradients and RNG restored); its exception, if any."""
+    try:
+        measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
+    except Exception as e:
+        return e
+    return None
+
+
+def _regions_in(error: BaseException, names: set[str]) -> set[str]:
+    """Regions whose forward or recomputation is on the traceback of ``error``."""
+    found: set[str] = set()
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        region = owner if isinstance(owner, CheckpointRegion) else getattr(owner, "region", None)
+        if isinstance(region, CheckpointRegion) and region.spec.name in names:
+            found.add(region.spec.name)
+    return found
+
+
+def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ...]) -> Built:
+    """Build ``plan`` and run one training step of it (also the warm-up); unwrap every region that fails in it,
+    until it runs.
+
+    A region that fails (a recomputation mismatch from a forward that is not a deterministic function of its
+    inputs and state, an input kind the runtime cannot keep, a library's own error under checkpointing) is named by
+    the traceback, or else by trying each region alone; it is left out of the plan and the step runs again. When
+    the model's own training step fails on the examples the same way (nothing requires grad, say), that is not the
+    regions' doing: they are kept, and a note says so.
+    """
+    gm, stats = _build(model, an, plan)
+    failed: list[tuple[str, str]] = []
+    notes: list[str] = []
+    while plan.regions:
+        error = _step_error(gm, inputs)
+        if error is None:
+            break
+        if not failed and _step_error(model, inputs) is not None:
+            notes.append(f"the validation training step (sum of the outputs, backward) fails on the model itself, "
+                         f"unoptimized: {first_line(error, 300)}; the regions were kept (they run exactly as the "
+                         f"model does)")
+            break
+        names = {r.name for r in plan.regions}
+        bad = _regions_in(error, names)
+        if not bad:  # not on the traceback (raised from autograd's engine): try each region on its own
+            bad = {r.name for r in plan.regions
+                   if _step_error(_build(model, an, dataclasses.replace(plan, regions=(r,)))[0], inputs) is not None}
+        bad = bad or names  # the step fails whichever region runs: leave all of them out
+        why = first_line(error, 300)
+        failed += [(n, why) for n in sorted(bad)]
+        log.warning("fxmemopt: region(s) %s failed a training step (%s); left unoptimized", ", ".join(sorted(bad)),
+                    why)
+        plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name not in bad))
+        gm, stats = _build(model, an, plan)
+    for st in stats.values():
+        st.reset()
+    if failed:
+        warnings.warn(f"fxmemopt: {len(failed)} region(s) failed a training step on the example inputs and were "
+                      f"left unoptimized: " + "; ".join(f"{n} ({why})" for n, why in failed),
+                      FxMemOptWarning, stacklevel=4)
+    return Built(gm, stats, plan, tuple(failed), tuple(notes))
+
+
+def _measure(candidates: list[tuple[str, nn.Module]], req: Request) -> tuple[list[ProfileResult], str]:
+    """Measure candidate modules: in one reused worker, in this process, or with the user's function."""
+    w = 1 if req.opts.warmup_in_profile_workers else 0
+    if callable(req.measure):
+        results = list(req.measure(candidates, req.inputs))
+        names = [n for n, _ in candidates]
+        if [getattr(r, "name", None) for r in results] != names or not all(isinstance(r, ProfileResult)
+                                                                           for r in results):
+            raise InvalidOptionError(format_error(
+                "measure", "returned something other than one ProfileResult per candidate, in order",
+                expected=f"ProfileResults named {names}", got=repr(results)[:300]))
+        return results, getattr(req.measure, "__name__", type(req.measure).__name__)
+    if req.measure == "in-process":
+        return [run_in_process(m, req.inputs, name=name, warmup=w) for name, m in candidates], "process"
+    with WorkerPool() as pool:
+        results = [pool.run(make_job(name, m, req.inputs, timeout_s=req.measure_timeout_s, warmup=w))
+                   for name, m in candidates]
+    for r in results:
+        if not r.ok:
+            log.warning("fxmemopt: profiling %s was rejected (%s): %s", r.name, r.status, r.message)
+    return results, "a worker process"
+
+
+def _confirmed(model: nn.Module, an: Analysis, built: Built, result: SearchResult, req: Request,
+               step: Callable[[str], None]) -> tuple[Built, Measured | None]:
+    """Measure the unoptimized and the optimized module (and the plan before unwrapping, restored when unwrapping
+    raised the measured peak beyond what the search allowed). Nothing when ``measure`` is None."""
+    if not req.measure:
+        return built, None
+    step(f"measuring unoptimized and optimized steps ({req.measure if isinstance(req.measure, str) else 'given'})")
+    candidates = [("unoptimized", model), ("optimized", built.gm)]
+    pre = result.pre_unwrap if not built.failed else None
+    if pre is not None and pre != built.plan:
+        pre_gm, pre_stats = _build(model, an, pre)
+        candidates.append(("before-unwrap", pre_gm))
+    results, where = _measure(candidates, req)
+    rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
+    reverted = False
+    if len(results) == 3:
+        base, unwrapped, wrapped = results
+        why = _unwraps_overshot(base, unwrapped, wrapped, req.opts)
+        if why:
+            rejected.append(("optimized", "rejected", why))
+            built, unwrapped, reverted = dataclasses.replace(built, gm=pre_gm, stats=pre_stats, plan=pre), wrapped, True
+        results = [base, unwrapped]
+    return built, Measured(results[0], results[1], where, tuple(rejected), reverted)
+
+
+def _region_reports(graph: AnnotatedGraph, plan: Plan) -> list[RegionReport]:
+    reports = []
+    for rp in plan.regions:
+        inputs, outputs = region_io(graph, rp.nodes)
+        reports.append(RegionReport(
+            rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].seeds_region),
+            tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits) if not is_metadata(graph, i)),
+            outputs, rp.chunks, rp.keep_prefix, rp.whole_slices))
+    return reports
+
+
+def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: SearchResult, built: Built,
+            measured: Measured | None, sliced: dict[str, str], req: Request, notes: list[str],
+            started: float) -> Summary:
+    """The :class:`~fxmemopt.report.summary.Summary`: what was done and why, predicted and measured."""
+    decisions = list(result.decisions) + [Decision(n, "unwrap", f"failed in the validation step: {why}")
+                                          for n, why in built.failed]
+    if measured is not None and measured.reverted:
+        decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
+    result = dataclasses.replace(result, decisions=decisions, pre_unwrap=None if built.failed else result.pre_unwrap)
+    how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
+               "declared" if isinstance(model.get_submodule(p), req.declared) else f"updates {', '.join(n)}")
+           for p, n in an.stateful.items()}
+    all_notes = ([] if an.regions else ["no stateful module (spiking neuron) was found, so no region was formed; "
+                                        "pass targets=... or stateful_modules=... to say which layers to checkpoint"])
+    all_notes += notes + list(result.notes) + list(built.notes)
+    if an.found.resets:
+        all_notes.append(f"the model's forward resets {', '.join(an.found.resets)} before using them; the optimized "
+                         f"module does the same at the start of every call (tracing cannot see it)")
+    predicted: dict[str, Any] = {}
+    if cost is not None:
+        calls = req.opts.calls_per_step
+        after = simulate(cost, built.plan, with_timeline=True)
+        before_peak = result.baseline.peak_bytes if calls == 1 else \
+            peak_over_calls(simulate(cost, Plan(()), with_timeline=True), calls)
+        predicted = dict(working_sets=region_working_sets(after.timeline), predicted_peak_before=before_peak,
+                         predicted_peak_after=after.peak_bytes if calls == 1 else peak_over_calls(after, calls),
+                         predicted_step_time_ratio=after.step_time_s / result.baseline.step_time_s, cost_graph=cost)
+    confirmed: dict[str, Any] = {}
+    if measured is not None:
+        base, opt = measured.before, measured.after
+        confirmed = dict(measurement=f"{opt.method or base.method} in {measured.where}",
+                         measured_peak_before=base.peak_bytes if base.ok else None,
+                         measured_peak_after=opt.peak_bytes if opt.ok else None,
+                         measured_step_time_ratio=opt.step_time_s / base.step_time_s
+                         if base.ok and opt.ok and base.step_time_s else None,
+                         rejected=list(measured.rejected))
+    return Summary(type(model).__name__, _region_reports(an.annotated, built.plan), list(an.captured.fallbacks), how,
+                   built.plan, all_notes, built.stats, search=result, options=dataclasses.asdict(req.opts),
+                   sliced_regions=sliced, graph=an.annotated, guards=an.captured.guards,
+                   failed_regions=list(built.failed), calls_per_step=req.opts.calls_per_step,
+                   optimize_time_s=time.perf_counter() - started, **predicted, **confirmed)
+
+
+
 def optimize(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -387,7 +621,7 @@ def optimize(
     allow_expensive_profiling: bool | None = None,
     warmup_in_main_process: bool | None = None,
     warmup_in_profile_workers: bool | None = None,
-    measure: str | None = None,
+    measure: str | Measurer | None = None,
     measure_timeout_s: float = 300.0,
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
@@ -444,7 +678,9 @@ def optimize(
             process (every wait bounded by ``measure_timeout_s``; a worker that raises, runs out of memory, is
             killed or times out, and a model that cannot be pickled, yield a rejected candidate in
             ``summary.rejected`` and ``optimize`` carries on); ``"in-process"`` measures here, for models that
-            cannot travel (no timeout possible); ``None`` (default) measures nothing.
+            cannot travel (no timeout possible); a function measures with your own means (see :data:`Measurer`:
+            given ``[(name, module), ...]`` and the inputs, it returns one ``ProfileResult`` per candidate);
+            ``None`` (default) measures nothing.
         measure_timeout_s: the longest one measurement may take in a worker.
         leaf_modules: classes or module paths that must not be traced into.
         stateful_modules: classes to treat as stateful beyond those found automatically (modules with a
@@ -491,157 +727,35 @@ def optimize(
         >>> reset_net(gm)
     """
     started = time.perf_counter()
+    step = _stage_logger(started, progress)
     with _input_grads_kept(example_inputs):  # analysis steps must not add to the examples' .grad
-        inputs = _check_inputs(example_inputs)
-        _check_model(model)
-        if measure not in (None, "worker", "in-process"):
-            raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
-                                                  expected='None, "worker" or "in-process"', got=repr(measure)))
-        if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
-            raise InvalidOptionError(format_error("calls_per_step", "must be a positive int", expected=">= 1",
-                                                  got=repr(calls_per_step),
-                                                  fix="Pass the number of module calls per training step (T for a "
-                                                      "single-step network called once per time step)."))
-        if not measure_timeout_s > 0:
-            raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
-                                                  got=repr(measure_timeout_s)))
-        opts = resolve_options(
-            level=level, prefer=prefer, profile=profile, checkpoint_budget=checkpoint_budget,
-            max_gc_wrapped_modules=max_gc_wrapped_modules, gc_target_budget_ratio=gc_target_budget_ratio,
-            temporal_split_factor=temporal_split_factor, max_split_rounds=max_split_rounds,
-            max_candidates_per_round=max_candidates_per_round, allow_expensive_profiling=allow_expensive_profiling,
-            warmup_in_main_process=warmup_in_main_process, warmup_in_profile_workers=warmup_in_profile_workers,
-            memory_budget=memory_budget, compress=compress, exact=exact, never_worse=never_worse)
-        opts = dataclasses.replace(opts, calls_per_step=calls_per_step)
-        saved, source = _load_plan(plan)
-
-        def step(what: str) -> None:
-            log.debug("fxmemopt: %.2f s: %s", time.perf_counter() - started, what)
-            if progress is not None:
-                progress(f"[{time.perf_counter() - started:6.1f} s] {what}")
-
-        target_types = _check_types("targets", targets)
-        leaf = _check_types("leaf_modules", leaf_modules, allow_str=True)
-        declared = _check_types("stateful_modules", stateful_modules)
-
-        an = analyze(model, inputs, targets=target_types, leaf=leaf, declared=declared, progress=step)
-        found, stateful, captured, traced, annotated = an.found, an.stateful, an.captured, an.traced, an.annotated
-        graph, constants, fallbacks = captured.graph, captured.constants, captured.fallbacks
-        regions, splits = list(an.regions), dict(an.splits)
-        # costgraph: one recorded unoptimized step (what the search and the predictions run on)
-        cost = None
-        notes = list(opts.notes)
-        if predict or (saved is None and (opts.level >= 2 or opts.memory_budget is not None)):
-            step("recording one training step for the cost model")
-            try:
-                cost = build_cost_graph(annotated, record_step(traced, inputs, stateful))
-            except Exception as e:  # prediction informs; it must never stop an exact rewrite from being returned
-                log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
-                notes.append(f"no prediction: recording a training step on the example inputs failed with "
-                             f"{type(e).__name__}: {e}; the search fell back to level 1")
-        # plan + choose: a saved plan as is, or search the levels on the cost model (level 1 alone without one)
-        signature = inputs_signature(inputs)
-        if saved is not None:
-            check_plan(saved, annotated, source, guard_lines(captured.guards))
-            if saved.inputs and saved.inputs != signature:
-                warnings.warn(f"fxmemopt: {source} was made for example inputs {_sig(saved.inputs)}, these are "
-                              f"{_sig(signature)}; it applies exactly, but its memory predictions were for the "
-                              f"other shapes", FxMemOptWarning, stacklevel=3)
-            result = applied(saved, cost, source)
-        elif cost is not None:
-            step(f"searching plans (level {opts.level}, {len(regions)} candidate regions)")
-            result = search(cost, regions, splits, opts, progress=step)
-        else:
-            result = search_without_cost(regions, annotated, opts)
-        stamp = {"graph_fingerprint": graph_fingerprint(annotated), "inputs": signature,
-                 "guards": guard_lines(captured.guards)}
-        plan = result.plan = dataclasses.replace(result.plan, **stamp)
-        notes += result.notes
-        for note in result.notes:
-            warnings.warn(f"fxmemopt: {note}", FxMemOptWarning, stacklevel=3)
-        if result.pre_unwrap is not None:
-            result.pre_unwrap = dataclasses.replace(result.pre_unwrap, **stamp)
-        # rewrite: checkpoint regions with packed inputs, in a new GraphModule sharing the model's modules
-        step("rewriting")
-        gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers,
-                            type(model).__name__)
-        _keep_resets(gm, found.resets)
-
-        def build(p: Plan) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
-            out, st = rewrite(model, graph, constants, annotated, p, stateful, found.mutated_buffers,
-                              type(model).__name__)
-            _keep_resets(out, found.resets)
-            return out, st
-
-        # validate: one training step of the result (also the warm-up); a region that fails there is unwrapped
-        step("validating one training step of the result")
-        gm, stats, plan, failed = _validated(gm, stats, plan, inputs, build, model, notes)
-        if failed:
-            result.pre_unwrap = None
-            for name, why in failed:
-                result.decisions.append(Decision(name, "unwrap", f"failed in the validation step: {why}"))
-            warnings.warn(f"fxmemopt: {len(failed)} region(s) failed a training step on the example inputs and were "
-                          f"left unoptimized: " + "; ".join(f"{n} ({why})" for n, why in failed),
-                          FxMemOptWarning, stacklevel=3)
-        # profile: confirm by measurement (never required; failures are recorded, not raised)
-        measured = None
-        rejected: list[tuple[str, str, str]] = []
-        if measure:
-            step(f"measuring unoptimized and optimized steps ({measure})")
-            candidates = [("unoptimized", model), ("optimized", gm)]
-            pre = result.pre_unwrap
-            if pre is not None and pre != plan:
-                pre_gm, pre_stats = build(pre)
-                candidates.append(("before-unwrap", pre_gm))
-            results, where = _measure(candidates, inputs, measure, measure_timeout_s, opts.warmup_in_profile_workers)
-            rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
-            if len(results) == 3:
-                base, unwrapped, wrapped = results
-                why = _unwraps_overshot(base, unwrapped, wrapped, opts)
-                if why:
-                    rejected.append(("optimized", "rejected", why))
-                    plan, gm, stats = pre, pre_gm, pre_stats
-                    result.decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
-                    unwrapped = wrapped
-                results = [base, unwrapped]
-            measured = (results[0], results[1], where)
+        # check: inputs, model and options, resolved into one frozen request (typed errors name what is wrong)
+        req = _request(model, example_inputs, plan, measure, measure_timeout_s, calls_per_step, predict, targets,
+                       leaf_modules, stateful_modules, resolve_options(
+                           level=level, prefer=prefer, profile=profile, checkpoint_budget=checkpoint_budget,
+                           max_gc_wrapped_modules=max_gc_wrapped_modules,
+                           gc_target_budget_ratio=gc_target_budget_ratio, temporal_split_factor=temporal_split_factor,
+                           max_split_rounds=max_split_rounds, max_candidates_per_round=max_candidates_per_round,
+                           allow_expensive_profiling=allow_expensive_profiling,
+                           warmup_in_main_process=warmup_in_main_process,
+                           warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
+                           compress=compress, exact=exact, never_worse=never_worse))
+        # probe, trace, annotate, regions: what the model is, as plain data
+        an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, progress=step)
+        # costgraph: one recorded unoptimized step, what the search and the predictions run on
+        cost, notes = _cost_graph(an, req, step)
+        # plan + choose: a saved plan as is, or the search on the cost graph (level 1 alone without one)
+        result = _choose(an, cost, req, step)
+        # rewrite + validate: checkpoint regions in a new GraphModule; one training step of it, failing regions out
+        step("rewriting and validating one training step of the result")
+        built = _validated(model, an, result.plan, req.inputs)
+        # profile: confirm by measurement (optional; failures are recorded, never raised)
+        built, measured = _confirmed(model, an, built, result, req, step)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
-        sliced = slice_effects(model, gm, inputs, stateful) if any(r.whole_slices for r in plan.regions) else {}
-        # report
-        how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
-                   "declared" if isinstance(model.get_submodule(p), declared) else f"updates {', '.join(n)}")
-               for p, n in stateful.items()}
-        summary = _summary(model, annotated, regions, plan, fallbacks, how, stats)
-        summary.notes += notes
-        if found.resets:
-            summary.notes.append(f"the model's forward resets {', '.join(found.resets)} before using them; the "
-                                 f"optimized module does the same at the start of every call (tracing cannot see it)")
-        summary.sliced_regions = sliced
-        summary.graph = annotated
-        summary.search = result
-        summary.options = dataclasses.asdict(opts)
-        if cost is not None:
-            after = simulate(cost, plan, with_timeline=True)
-            summary.working_sets = region_working_sets(after.timeline)
-            summary.predicted_peak_before, summary.predicted_peak_after = result.baseline.peak_bytes, after.peak_bytes
-            if calls_per_step > 1:
-                before = simulate(cost, Plan(()), with_timeline=True)
-                summary.predicted_peak_before = peak_over_calls(before, calls_per_step)
-                summary.predicted_peak_after = peak_over_calls(after, calls_per_step)
-            summary.predicted_step_time_ratio = after.step_time_s / result.baseline.step_time_s
-            summary.cost_graph = cost
-        summary.calls_per_step = calls_per_step
-        if measured is not None:
-            base, opt, where = measured
-            summary.measurement = f"{opt.method or base.method} in {where}"
-            summary.measured_peak_before = base.peak_bytes if base.ok else None
-            summary.measured_peak_after = opt.peak_bytes if opt.ok else None
-            if base.ok and opt.ok and base.step_time_s:
-                summary.measured_step_time_ratio = opt.step_time_s / base.step_time_s
-        summary.rejected = rejected
-        summary.failed_regions = failed
-        summary.guards = captured.guards
-        summary.optimize_time_s = time.perf_counter() - started
-        gm.fxmemopt_summary = summary
-        log.info("%s", summary)
-        return (gm, summary) if return_summary else gm
+        sliced = slice_effects(model, built.gm, req.inputs, an.stateful) \
+            if any(r.whole_slices for r in built.plan.regions) else {}
+        # report: the summary, built once
+        summary = _report(model, an, cost, result, built, measured, sliced, req, notes, started)
+    built.gm.fxmemopt_summary = summary
+    log.info("%s", summary)
+    return (built.gm, summary) if return_summary else built.gm

@@ -123,11 +123,13 @@ def test_memory_budget_gives_the_fastest_plan_that_fits():
     ref = copy.deepcopy(model)
     gm, s = fxmemopt.optimize(model, (x,), memory_budget=budget, return_summary=True)
     assert s.predicted_peak_after <= budget
-    # Step times compared on one cost graph (one set of measured op times): two optimize runs time ops apart.
+    # Step times compared on one cost graph (one set of measured op times: two optimize runs time ops apart, and the
+    # default plan of the other run need not be the fastest on this one): time was given back from the smallest
+    # peak. (How close to the fastest plan that fits: tests/test_planner.py, against exhaustive enumeration.)
     from fxmemopt.planning.costgraph import simulate
 
     assert s.unwrap_count >= 1
-    assert simulate(s.cost_graph, s.plan).step_time_s < simulate(s.cost_graph, full.plan).step_time_s
+    assert simulate(s.cost_graph, s.plan).step_time_s < simulate(s.cost_graph, s.search.pre_unwrap).step_time_s
     assert compare_training_step(ref, gm, (x,)).ok
 
 
@@ -171,37 +173,41 @@ def test_targets_still_work_with_levels():
 
 
 def _fake_measure(peaks):
-    """A stand-in for the profiling stage returning the given peaks for (unoptimized, optimized, before-unwrap)."""
+    """A measuring function (optimize's ``measure=``) returning the given peaks for (unoptimized, optimized,
+    before-unwrap)."""
     from fxmemopt.profiling.workers import ProfileResult
 
-    def measure(candidates, inputs, mode, timeout_s, warmup):
-        names = [n for n, _ in candidates]
-        return [ProfileResult(n, "ok", peaks[n], 0.1, "cpu-storage-tracker", 0.0) for n in names], "a test"
+    def measure(candidates, inputs):
+        return [ProfileResult(n, "ok", peaks[n], 0.1, "cpu-storage-tracker", 0.0) for n, _ in candidates]
     return measure
 
 
-def test_measured_unwraps_within_the_speed_limit_are_kept(monkeypatch):
+def test_measured_unwraps_within_the_speed_limit_are_kept():
     """prefer="speed" raises the peak on purpose (up to half the unoptimized one): measuring must not undo that."""
     torch.manual_seed(0)
     model = DeepConvSNN(num_blocks=6, channels=8)
     x = torch.rand(4, 4, 3, 16, 16)
     base = fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
-    monkeypatch.setattr(fxmemopt.api, "_measure", _fake_measure(
-        {"unoptimized": base, "optimized": int(base * 0.45), "before-unwrap": int(base * 0.1)}))
-    _, s = fxmemopt.optimize(model, (x,), prefer="speed", measure="in-process", return_summary=True)
+    measure = _fake_measure({"unoptimized": base, "optimized": int(base * 0.45), "before-unwrap": int(base * 0.1)})
+    _, s = fxmemopt.optimize(model, (x,), prefer="speed", measure=measure, return_summary=True)
     assert any(d.action in ("unwrap", "shrink") for d in s.decisions)
     assert not any(name == "optimized" and status == "rejected" for name, status, _ in s.rejected)
     assert s.plan == s.search.plan and s.plan.regions != s.search.pre_unwrap.regions  # unwraps kept
 
 
-def test_measured_unwraps_beyond_the_limit_are_reverted(monkeypatch):
+def test_a_measuring_function_that_returns_the_wrong_results_is_a_typed_error():
+    model = DeepConvSNN(num_blocks=2, channels=4)
+    with pytest.raises(InvalidOptionError, match="one ProfileResult per candidate"):
+        fxmemopt.optimize(model, (torch.rand(2, 2, 3, 8, 8),), measure=lambda candidates, inputs: [])
+
+
+def test_measured_unwraps_beyond_the_limit_are_reverted():
     torch.manual_seed(0)
     model = DeepConvSNN(num_blocks=6, channels=8)
     x = torch.rand(4, 4, 3, 16, 16)
     base = fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
-    monkeypatch.setattr(fxmemopt.api, "_measure", _fake_measure(
-        {"unoptimized": base, "optimized": int(base * 0.6), "before-unwrap": int(base * 0.1)}))
-    gm, s = fxmemopt.optimize(model, (x,), prefer="speed", measure="in-process", return_summary=True)
+    measure = _fake_measure({"unoptimized": base, "optimized": int(base * 0.6), "before-unwrap": int(base * 0.1)})
+    gm, s = fxmemopt.optimize(model, (x,), prefer="speed", measure=measure, return_summary=True)
     assert any(name == "optimized" and status == "rejected" and "above" in msg for name, status, msg in s.rejected)
     assert s.plan.regions == s.search.pre_unwrap.regions  # the plan before unwrapping was kept
     assert any(d.reason == "unwraps reverted: the measured peak rose" for d in s.decisions)
