@@ -39,15 +39,15 @@ Known limitations
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import networkx as nx
 
 from ..analysis.facts import AnnotatedGraph
 from ..runtime.packing import packed_nbytes
-from .plan import Plan, checkpoint_every
+from .plan import Plan, RegionPlan, checkpoint_every
 from .regions import region_io, side_effects, unit_order
 
 __all__ = ["StorageRecord", "StepTrace", "Prediction", "build_cost_graph", "facts", "simulate",
@@ -197,25 +197,155 @@ _ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64
                  "int8": 1, "uint8": 1, "bool": 1}
 
 
-def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = False) -> Prediction:
-    """Predict the peak memory and step time of ``plan`` (``None``: the unoptimized model).
+class _Block(NamedTuple):
+    """One recomputation (a replay block, Rules 3 and 8): ``kind`` is ``"all"`` (an unsliced region, or a region on
+    whole slices), ``"slice"`` (slice ``index`` of a time-sliced region; the last slice runs first and replays the
+    prefix) or ``"prefix"`` (the prefix again, when the slices do not keep it)."""
 
-    Args:
-        graph: from :func:`build_cost_graph`.
-        plan: the plan to simulate.
-        with_timeline: also return the live-bytes timeline.
+    region: str
+    kind: str
+    index: int = 0
 
-    Returns:
-        A :class:`Prediction`.
-    """
-    annotated = facts(graph)
-    storages = _storages(graph)
-    regions = plan.regions if plan is not None else ()
+
+@dataclass(frozen=True)
+class _Slicing:
+    """A time-sliced region (Rule 8): its prefix feeds a neuron recomputed in ``k`` slices of ``sizes`` steps."""
+
+    k: int
+    steps: int
+    sizes: tuple[int, ...]
+    neuron: str
+    prefix_nodes: frozenset[str]
+    fwd_slice: dict[int, int]  # the neuron's forward events -> the slice they belong to
+    out_bytes: int  # the neuron's time-major output (all it returns, or the first of (out, state))
+    state_bytes: int  # one slice start state
+
+    def first_block(self, region: str) -> _Block:
+        return _Block(region, "slice", self.k - 1)
+
+
+@dataclass(frozen=True)
+class _Replays:
+    """Where a plan recomputes: each block's forward events, the backward event each block runs before, the
+    time-sliced regions, and the whole-slice regions with the share of T one slice holds (Rule 9)."""
+
+    blocks: dict[_Block, tuple[int, ...]]
+    trigger: dict[int, _Block]
+    slicing: dict[str, _Slicing]
+    whole_share: dict[str, float]
+    bwd_events: dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The simulated step as positions: the forward in the rewritten order (``pack``/``enter``/``exit`` around each
+    region), the loss, then the recorded backward with each replay block inserted before the event that triggers it.
+
+    ``pos`` maps a recorded event to its position; ``rc_pos`` a block's forward events to theirs."""
+
+    labels: tuple[str, ...]
+    pos: dict[int, int]
+    entry: dict[str, int]
+    exit: dict[str, int]
+    rc_start: dict[_Block, int]
+    rc_pos: dict[_Block, dict[int, int]]
+    rc_end: dict[_Block, int]
+    bwd_last: dict[str, int]
+
+    @property
+    def end(self) -> int:
+        return len(self.labels)
+
+    def at(self, event: int | None) -> int:
+        """The position of a recorded event (``None`` or an event not simulated: the end of the step)."""
+        return self.end - 1 if event is None else self.pos.get(event, self.end - 1)
+
+
+class _Live:
+    """Live bytes per position, accumulated as intervals (a difference array)."""
+
+    def __init__(self, end: int) -> None:
+        self.delta = [0] * (end + 2)
+
+    def add(self, nbytes: int, start: int, stop: int) -> None:
+        """``nbytes`` alive at positions ``start..stop`` inclusive."""
+        if nbytes <= 0 or stop < start:
+            return
+        self.delta[start] += nbytes
+        self.delta[stop + 1] -= nbytes
+
+
+def _events_of(ne: dict[str, tuple[int, int]], nodes: Iterable[str]) -> list[int]:
+    return [e for n in nodes for e in range(ne[n][0], ne[n][1] + 1)]
+
+
+def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[str, tuple[int, int]],
+             events: Sequence[tuple[str, str]]) -> _Replays:
+    """Which forward events each region's recomputation replays, and before which backward event.
+
+    An unsliced region is one block, run just before its first backward event. A time-sliced region (prefix ->
+    neuron, k slices) has one block per slice, run before that slice's first backward event (the first also replays
+    the prefix), and, when the prefix is not kept, a prefix block before the prefix's backward."""
     region_of = {n: r.name for r in regions for n in r.nodes}
-    events = graph.graph["events"]
-    ne = {n: e for n, e in graph.nodes(data="fwd_events") if e is not None}
+    bwd: dict[str, list[int]] = {}
+    for e, (phase, node) in enumerate(events):
+        if phase == "bwd" and node in region_of:
+            bwd.setdefault(node, []).append(e)
+    blocks: dict[_Block, tuple[int, ...]] = {}
+    trigger: dict[int, _Block] = {}
+    slicing: dict[str, _Slicing] = {}
+    whole_share: dict[str, float] = {}
+    for r in regions:
+        neuron = r.nodes[-1] if not r.whole_slices else region_io(annotated, r.nodes)[1][0]
+        info = annotated[neuron]
+        steps = info.time_steps if not r.whole_slices and r.chunks > 1 else (info.shape or (1,))[0] if info.shape else 1
+        k = max(1, min(r.chunks, steps))
+        if k == 1 or r.whole_slices:
+            # Whole-region slices (Rule 9) are one block whose tensors exist one slice at a time: the region's own
+            # storages are scaled by the largest slice's share of T (an approximation; its outputs stay whole).
+            block = _Block(r.name, "all")
+            blocks[block] = tuple(_events_of(ne, r.nodes))
+            firsts = [bwd[n][0] for n in r.nodes if bwd.get(n)]
+            if firsts:
+                trigger.setdefault(min(firsts), block)
+            if k > 1:
+                whole_share[r.name] = math.ceil(steps / k) / steps
+            continue
+        sizes = tuple(steps // k + (1 if i < steps % k else 0) for i in range(k))
+        bounds = [sum(sizes[:i]) for i in range(k + 1)]
 
-    # Forward: units in the rewritten order; each region gets an entry and an exit position.
+        def slice_of(t: int, bounds: list[int] = bounds) -> int:
+            return max(i for i in range(len(bounds) - 1) if bounds[i] <= t)
+
+        first, last = ne[neuron]
+        nfwd = last - first + 1
+        fwd_slice = {e: slice_of(min(steps - 1, (e - first) * steps // nfwd)) for e in range(first, last + 1)}
+        prefix = _events_of(ne, r.nodes[:-1])
+        nb = bwd.get(neuron, [])
+        for i, e in enumerate(nb):  # the neuron's backward runs from the last step to the first
+            trigger.setdefault(e, _Block(r.name, "slice", slice_of(steps - 1 - min(steps - 1, i * steps // len(nb)))))
+        for c in reversed(range(k)):  # the last slice's block runs first and replays the prefix
+            blocks[_Block(r.name, "slice", c)] = tuple((prefix if c == k - 1 else [])
+                                                       + [e for e in range(first, last + 1) if fwd_slice[e] == c])
+        if not r.keep_prefix:
+            blocks[_Block(r.name, "prefix")] = tuple(prefix)
+            firsts = [bwd[n][0] for n in r.nodes[:-1] if bwd.get(n)]
+            if firsts:
+                trigger.setdefault(min(firsts), _Block(r.name, "prefix"))
+        # The neuron's time-major output: all it returns, or the first element of (out, state) (norse's LIF), which
+        # has the shape of its input. One slice start state: the state a neuron returns (exact), or one time step of
+        # its output (an estimate for a state kept in the module, which holds one membrane per output element).
+        out_bytes = info.nbytes if info.is_tensor else annotated[info.inputs[0]].nbytes
+        state_bytes = info.nbytes - out_bytes if not info.is_tensor else out_bytes // max(1, steps)
+        slicing[r.name] = _Slicing(k, steps, sizes, neuron, frozenset(r.nodes[:-1]), fwd_slice, out_bytes,
+                                   state_bytes)
+    return _Replays(blocks, trigger, slicing, whole_share, {n: tuple(es) for n, es in bwd.items()})
+
+
+def _layout(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[str, tuple[int, int]],
+            events: Sequence[tuple[str, str]], replays: _Replays) -> _Layout:
+    """Positions of the simulated step (see :class:`_Layout`)."""
+    region_of = {n: r.name for r in regions for n in r.nodes}
     labels: list[str] = []
     pos: dict[int, int] = {}
     entry: dict[str, int] = {}
@@ -226,8 +356,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             entry[unit] = len(labels)
             labels += [f"pack:{unit}", f"enter:{unit}"]
         for n in members:
-            first, last = ne[n]
-            for e in range(first, last + 1):
+            for e in range(ne[n][0], ne[n][1] + 1):
                 pos[e] = len(labels)
                 labels.append(f"fwd:{n}")
         if unit in region_of.values():
@@ -238,292 +367,268 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         if events[e][0] == "loss":
             pos[e] = len(labels)
             labels.append(f"loss:{events[e][1]}")
-
-    # Replay blocks (Rules 3 and 8): which forward events are recomputed where. An unchunked region is one block,
-    # run just before its first backward event. A chunked region (prefix -> neuron, k slices) has one block per
-    # slice, run before that slice's first backward event (the first also replays the prefix), and, when the
-    # prefix is not kept, a prefix block before the prefix's backward.
-    by_region = {r.name: r for r in regions}
-    blocks: dict[tuple[str, str], list[int]] = {}
-    trigger: dict[int, tuple[str, str]] = {}  # backward event -> block to run before it
-    chunk: dict[str, dict[str, Any]] = {}
-    bwd_events: dict[str, list[int]] = {}
-    for e, (phase, node) in enumerate(events):
-        if phase == "bwd" and node in region_of:
-            bwd_events.setdefault(node, []).append(e)
-    # Whole-region slices (Rule 9) are one block whose tensors exist one slice at a time: the region's own storages
-    # are scaled by the largest slice's share of T (an approximation; the region's outputs stay whole).
-    sliced_share: dict[str, float] = {}
-    for r in regions:
-        neuron = r.nodes[-1] if not r.whole_slices else region_io(annotated, r.nodes)[1][0]
-        steps = annotated[neuron].time_steps if not r.whole_slices and r.chunks > 1 else \
-            (annotated[neuron].shape or (1,))[0] if annotated[neuron].shape else 1
-        k = max(1, min(r.chunks, steps))
-        if k == 1 or r.whole_slices:
-            blocks[(r.name, "all")] = [e for n in r.nodes for e in range(ne[n][0], ne[n][1] + 1)]
-            firsts = [es[0] for n in r.nodes for es in [bwd_events.get(n, [])] if es]
-            if firsts:
-                trigger.setdefault(min(firsts), (r.name, "all"))
-            if k > 1:
-                sliced_share[r.name] = math.ceil(steps / k) / steps
-            continue
-        sizes = [steps // k + (1 if i < steps % k else 0) for i in range(k)]
-        bounds = [sum(sizes[:i]) for i in range(k + 1)]
-
-        def slice_of(t: int, bounds: list[int] = bounds) -> int:
-            return max(i for i in range(len(bounds) - 1) if bounds[i] <= t)
-
-        first, last = ne[neuron]
-        nfwd = last - first + 1
-        fwd_slice = {e: slice_of(min(steps - 1, (e - first) * steps // nfwd)) for e in range(first, last + 1)}
-        prefix = [e for n in r.nodes[:-1] for e in range(ne[n][0], ne[n][1] + 1)]
-        nb = bwd_events.get(neuron, [])
-        for i, e in enumerate(nb):  # the neuron's backward runs from the last step to the first
-            c = slice_of(steps - 1 - min(steps - 1, i * steps // len(nb)))
-            trigger.setdefault(e, (r.name, f"s{c}"))
-        seen_first = False
-        for c in reversed(range(k)):
-            evs = [e for e in range(first, last + 1) if fwd_slice[e] == c]
-            blocks[(r.name, f"s{c}")] = (prefix if not seen_first else []) + evs
-            seen_first = True
-        if not r.keep_prefix:
-            blocks[(r.name, "prefix")] = prefix
-            firsts = [es[0] for n in r.nodes[:-1] for es in [bwd_events.get(n, [])] if es]
-            if firsts:
-                trigger.setdefault(min(firsts), (r.name, "prefix"))
-        # The neuron's time-major output: all it returns, or the first element of (out, state) (norse's LIF),
-        # which has the shape of its input.
-        ninfo = annotated[neuron]
-        out_bytes = ninfo.nbytes if ninfo.is_tensor else annotated[ninfo.inputs[0]].nbytes
-        # One slice start state: the state a neuron returns (exact), or one time step of its output (an estimate
-        # for a state kept in the module, which holds one membrane per output element).
-        state_bytes = ninfo.nbytes - out_bytes if not ninfo.is_tensor else out_bytes // max(1, steps)
-        chunk[r.name] = {"k": k, "fwd_slice": fwd_slice, "neuron": neuron, "steps": steps, "sizes": sizes,
-                         "prefix_nodes": set(r.nodes[:-1]), "out_bytes": out_bytes,
-                         "state_bytes": state_bytes}
-
-    # Backward: baseline order with the replay blocks inserted.
-    rc_start: dict[tuple[str, str], int] = {}
-    rc_pos: dict[tuple[str, str], dict[int, int]] = {}
-    rc_end: dict[tuple[str, str], int] = {}
+    # Backward: the recorded order with the replay blocks inserted.
+    rc_start: dict[_Block, int] = {}
+    rc_pos: dict[_Block, dict[int, int]] = {}
+    rc_end: dict[_Block, int] = {}
     bwd_last: dict[str, int] = {}
-    for e in range(len(events)):
-        phase, node = events[e]
+    for e, (phase, node) in enumerate(events):
         if phase != "bwd":
             continue
-        b = trigger.get(e)
+        b = replays.trigger.get(e)
         if b is not None and b not in rc_start:
             rc_start[b] = len(labels)
             rc_pos[b] = {}
-            for fe in blocks[b]:
+            for fe in replays.blocks[b]:
                 rc_pos[b][fe] = len(labels)
-                labels.append(f"recompute:{b[0]}")
+                labels.append(f"recompute:{b.region}")
             rc_end[b] = len(labels)
-            labels.append(f"recompute-end:{b[0]}")
+            labels.append(f"recompute-end:{b.region}")
         pos[e] = len(labels)
         labels.append(f"bwd:{node}")
-        r = region_of.get(node)
-        if r is not None:
-            bwd_last[r] = pos[e]
-    end = len(labels)
-    for r in by_region:  # regions whose backward never ran (nothing required grad through them)
-        bwd_last.setdefault(r, end - 1)
+        if node in region_of:
+            bwd_last[region_of[node]] = pos[e]
+    for r in regions:  # regions whose backward never ran (nothing required grad through them)
+        bwd_last.setdefault(r.name, len(labels) - 1)
+    return _Layout(tuple(labels), pos, entry, exit_, rc_start, rc_pos, rc_end, bwd_last)
 
-    delta = [0] * (end + 2)
 
-    def live(nbytes: int, start: int, stop: int) -> None:
-        """Alive at positions start..stop inclusive."""
-        if nbytes <= 0 or stop < start:
-            return
-        delta[start] += nbytes
-        delta[stop + 1] -= nbytes
+def _provides(region: RegionPlan, slicing: _Slicing | None, s: StorageRecord) -> list[tuple[_Block, bool]]:
+    """The blocks that recompute ``s`` (allocated inside ``region``), and whether each keeps it (if saved)."""
+    if slicing is None:
+        return [(_Block(region.name, "all"), True)]
+    if s.node == slicing.neuron:
+        return [(_Block(region.name, "slice", slicing.fwd_slice[s.alloc]), True)]
+    first = slicing.first_block(region.name)
+    if region.keep_prefix:
+        return [(first, True)]
+    return [(first, False), (_Block(region.name, "prefix"), True)]
 
-    def at(e: int | None) -> int:
-        return end - 1 if e is None else pos.get(e, end - 1)
 
-    def provides(region: str, s: StorageRecord) -> list[tuple[tuple[str, str], bool]]:
-        """Blocks that recompute ``s`` (allocated inside ``region``), and whether they keep it if saved."""
-        info = chunk.get(region)
-        if info is None:
-            return [((region, "all"), True)]
-        if s.node == info["neuron"]:
-            return [((region, f"s{info['fwd_slice'][s.alloc]}"), True)]
-        first = (region, f"s{info['k'] - 1}")
-        if by_region[region].keep_prefix:
-            return [(first, True)]
-        return [(first, False), ((region, "prefix"), True)]
-
-    # Recomputation stops once the last tensor a block must keep is captured (Rule 3), except a chunked region's
-    # first block, which must finish the prefix to get the neuron's input.
-    rc_stop: dict[tuple[str, str], int] = {b: rc_start[b] for b in rc_start}
+def _recompute_stops(lay: _Layout, storages: Sequence[StorageRecord], by_region: dict[str, RegionPlan],
+                     region_of: dict[str, str], replays: _Replays, ne: dict[str, tuple[int, int]]) -> dict[_Block, int]:
+    """Where each block's recomputation stops: once the last tensor it must keep is captured (Rule 3), except a
+    sliced region's first block, which must finish the prefix to get the neuron's input."""
+    stop = dict(lay.rc_start)
     for s in storages:
         home = region_of.get(s.node)
         if s.phase != "fwd" or s.consumed is None or home is None or \
                 not any(region_of.get(m) == home for m in s.saved_by):
             continue
-        for b, keeps in provides(home, s):
-            if keeps and b in rc_pos:
-                rc_stop[b] = max(rc_stop[b], rc_pos[b][s.alloc])
-    for r, info in chunk.items():
-        b = (r, f"s{info['k'] - 1}")
-        if b in rc_pos:
-            prefix_events = [e for n in info["prefix_nodes"] for e in range(ne[n][0], ne[n][1] + 1)]
-            rc_stop[b] = max([rc_stop[b]] + [rc_pos[b][e] for e in prefix_events if e in rc_pos[b]])
+        for b, keeps in _provides(by_region[home], replays.slicing.get(home), s):
+            if keeps and b in lay.rc_pos:
+                stop[b] = max(stop[b], lay.rc_pos[b][s.alloc])
+    for r, sl in replays.slicing.items():
+        b = sl.first_block(r)
+        if b in lay.rc_pos:
+            stop[b] = max([stop[b]] + [lay.rc_pos[b][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[b]])
+    return stop
 
-    region_inputs = {r.name: region_io(annotated, r.nodes)[0] for r in regions}
+
+def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Sequence[RegionPlan],
+                          lay: _Layout) -> dict[str, list[str]]:
+    """Packed inputs: allocated when the region is entered (plus a transient for the check and the packing), alive
+    until its backward has run. Returns the inputs kept by reference (node -> regions)."""
     kept_by_ref: dict[str, list[str]] = {}
     for r in regions:
-        for i, b in zip(region_inputs[r.name], r.pack_bits):
+        for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits):
             info = annotated[i]
             if info.is_tensor and info.op != "get_attr" and b == 0:
                 kept_by_ref.setdefault(i, []).append(r.name)
             elif info.is_tensor and b:
                 numel = math.prod(info.shape or ())
-                live(packed_nbytes(numel, b), entry[r.name] + 1, bwd_last[r.name])
+                live.add(packed_nbytes(numel, b), lay.entry[r.name] + 1, lay.bwd_last[r.name])
                 elsize = _ELEMENT_SIZE.get(info.dtype or "", 4)
-                live(numel * (1 + elsize), entry[r.name], entry[r.name])  # uint8 copy + round-trip check
+                live.add(numel * (1 + elsize), lay.entry[r.name], lay.entry[r.name])  # uint8 copy + round-trip check
+    return kept_by_ref
 
-    # Chunked regions: the concatenation of slice outputs in forward. In backward, the first block recomputes the
-    # neuron's input, replays the neuron for every slice's start state, and copies the input into one part per
-    # slice; a slice's part and start state die when that slice has been recomputed (Rule 8).
-    for r, info in chunk.items():
-        out_bytes = info["out_bytes"]
-        live(out_bytes, pos[ne[info["neuron"]][1]], pos[ne[info["neuron"]][1]])
-        first_b, last_b = (r, f"s{info['k'] - 1}"), (r, "s0")
-        if first_b in rc_start and last_b in rc_end:
-            x_node = annotated[info["neuron"]].inputs[0]
-            x_bytes = annotated[x_node].nbytes
-            prefix_pos = [rc_pos[first_b][e] for n in info["prefix_nodes"] for e in range(ne[n][0], ne[n][1] + 1)
-                          if e in rc_pos[first_b]]
-            parts_at = max(prefix_pos, default=rc_start[first_b])  # where the parts and start states are made
-            k = info["k"]
-            every = checkpoint_every(k)  # start states: a checkpoint every `every` slices (Rule 8)
-            for c in range(k):
-                b = (r, f"s{c}")
-                if b in rc_end:
-                    live(x_bytes * info["sizes"][c] // info["steps"], parts_at, rc_end[b])
-                    # The first slice starts from the region's entry state (referenced anyway); checkpoints and the
-                    # last segment's states exist from the first replay, the others from their segment's replay.
-                    segment_end = min(k - 1, c - c % every + every - 1)
-                    made = parts_at if c % every == 0 or segment_end == k - 1 else \
-                        rc_start.get((r, f"s{segment_end}"), parts_at)
-                    if c:
-                        live(info["state_bytes"], made, rc_end[b])
-            # Each slice's input gradient waits for the others (the split's backward takes them all at once).
-            nb = bwd_events.get(info["neuron"], [])
-            prefix_bwd = [e for n in info["prefix_nodes"] for e in bwd_events.get(n, [])]
-            if nb:
-                done = pos[min([nb[-1]] + [e for e in prefix_bwd if e > nb[0]])]
-                for c in range(info["k"]):
-                    b = (r, f"s{c}")
-                    if b in rc_end:
-                        live(x_bytes * info["sizes"][c] // info["steps"], rc_end[b], done)
-            # The neuron's whole input (the storage its input node's value lives in) exists from its recomputation
-            # until it is copied into the parts. Otherwise (an input of the region) it is the unpacked input, alive
-            # from the block's start.
-            candidates = [st for st in storages if st.phase == "fwd" and x_node in st.views
-                          and st.node in info["prefix_nodes"]]
-            if candidates:
-                info["x_storage"] = candidates[0]
-                live(x_bytes, rc_pos[first_b][info["x_storage"].alloc], parts_at)
-            else:
-                live(x_bytes, rc_start[first_b], parts_at)
 
-    last_user_end: dict[str, int] = {}
-    for n in annotated.order:
-        users = annotated.users[n]
-        last_user_end[n] = max((pos[ne[u][1]] for u in users if u in ne), default=pos[ne[n][1]])
+def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
+                   replays: _Replays, ne: dict[str, tuple[int, int]]) -> dict[str, StorageRecord]:
+    """Time-sliced regions (Rule 8): the concatenation of slice outputs in forward. In backward, the first block
+    recomputes the neuron's input, replays the neuron for every slice's start state, and copies the input into one
+    part per slice; a slice's part and start state die when that slice has been recomputed. Returns, per region,
+    the storage of the neuron's input recomputed by the prefix (charged here, not again with the storages)."""
+    x_storage: dict[str, StorageRecord] = {}
+    for r, sl in replays.slicing.items():
+        neuron_end = lay.pos[ne[sl.neuron][1]]
+        live.add(sl.out_bytes, neuron_end, neuron_end)
+        first_b, last_b = sl.first_block(r), _Block(r, "slice", 0)
+        if first_b not in lay.rc_start or last_b not in lay.rc_end:
+            continue
+        x_node = annotated[sl.neuron].inputs[0]
+        x_bytes = annotated[x_node].nbytes
+        prefix_pos = [lay.rc_pos[first_b][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[first_b]]
+        parts_at = max(prefix_pos, default=lay.rc_start[first_b])  # where the parts and start states are made
+        every = checkpoint_every(sl.k)  # start states: a checkpoint every `every` slices (Rule 8)
+        for c in range(sl.k):
+            b = _Block(r, "slice", c)
+            if b in lay.rc_end:
+                live.add(x_bytes * sl.sizes[c] // sl.steps, parts_at, lay.rc_end[b])
+                # The first slice starts from the region's entry state (referenced anyway); checkpoints and the last
+                # segment's states exist from the first replay, the others from their segment's replay.
+                segment_end = min(sl.k - 1, c - c % every + every - 1)
+                made = parts_at if c % every == 0 or segment_end == sl.k - 1 else \
+                    lay.rc_start.get(_Block(r, "slice", segment_end), parts_at)
+                if c:
+                    live.add(sl.state_bytes, made, lay.rc_end[b])
+        # Each slice's input gradient waits for the others (the split's backward takes them all at once).
+        nb = replays.bwd_events.get(sl.neuron, ())
+        prefix_bwd = [e for n in sl.prefix_nodes for e in replays.bwd_events.get(n, ())]
+        if nb:
+            done = lay.pos[min([nb[-1]] + [e for e in prefix_bwd if e > nb[0]])]
+            for c in range(sl.k):
+                b = _Block(r, "slice", c)
+                if b in lay.rc_end:
+                    live.add(x_bytes * sl.sizes[c] // sl.steps, lay.rc_end[b], done)
+        # The neuron's whole input (the storage its input node's value lives in) exists from its recomputation until
+        # it is copied into the parts. Otherwise (an input of the region) it is the unpacked input, alive from the
+        # block's start.
+        candidates = [st for st in storages if st.phase == "fwd" and x_node in st.views and st.node in sl.prefix_nodes]
+        if candidates:
+            x_storage[r] = candidates[0]
+            live.add(x_bytes, lay.rc_pos[first_b][candidates[0].alloc], parts_at)
+        else:
+            live.add(x_bytes, lay.rc_start[first_b], parts_at)
+    return x_storage
 
-    neuron_bwd_last = {info["neuron"]: max(bwd_events.get(info["neuron"], [-1])) for info in chunk.values()}
-    chunk_of_neuron = {info["neuron"]: info for info in chunk.values()}
-    sliced_outputs = {o for r in regions if r.name in sliced_share for o in region_io(annotated, r.nodes)[1]}
-    for r, share in sliced_share.items():
+
+def _charge_whole_slices(live: _Live, annotated: AnnotatedGraph, by_region: dict[str, RegionPlan], lay: _Layout,
+                         replays: _Replays) -> None:
+    """Regions on whole slices (Rule 9): the slices' outputs and their concatenation at exit; every slice after the
+    first keeps its entry states (one time step of each stateful module's output, an estimate of its state) from
+    forward to the region's backward."""
+    for r, share in replays.whole_share.items():
         nodes = by_region[r].nodes
         outs = region_io(annotated, nodes)[1]
-        live(sum(annotated[o].nbytes for o in outs), exit_[r], exit_[r])  # the slices' outputs and their concatenation
-        # Every slice after the first keeps its entry states (one time step of each stateful module's output, as an
-        # estimate of its state) from forward to the region's backward.
+        live.add(sum(annotated[o].nbytes for o in outs), lay.exit[r], lay.exit[r])
         steps = annotated[outs[0]].shape[0]
         state = sum(annotated[n].nbytes // steps for n in nodes if annotated[n].stateful)
-        live((round(1 / share) - 1) * state, exit_[r], bwd_last[r])
+        live.add((round(1 / share) - 1) * state, lay.exit[r], lay.bwd_last[r])
+
+
+def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
+                     replays: _Replays, by_region: dict[str, RegionPlan], ne: dict[str, tuple[int, int]],
+                     kept_by_ref: dict[str, list[str]], x_storage: dict[str, StorageRecord]) -> None:
+    """Every recorded storage, with the lifetime the plan gives it (see the module docstring)."""
+    region_of = {n: r for r in by_region for n in by_region[r].nodes}
+    rc_stop = _recompute_stops(lay, storages, by_region, region_of, replays, ne)
+    last_user_end = {n: max((lay.pos[ne[u][1]] for u in annotated.users[n] if u in ne), default=lay.pos[ne[n][1]])
+                     for n in annotated.order}
+    slicing_of_neuron = {sl.neuron: sl for sl in replays.slicing.values()}
+    neuron_bwd_last = {sl.neuron: max(replays.bwd_events.get(sl.neuron, (-1,))) for sl in replays.slicing.values()}
+    whole_outputs = {o for r in replays.whole_share for o in region_io(annotated, by_region[r].nodes)[1]}
 
     def size(s: StorageRecord) -> int:
-        share = sliced_share.get(region_of.get(s.node, ""))
-        if share is None or s.free is None or (s.phase == "fwd" and any(v in sliced_outputs for v in s.views)):
+        share = replays.whole_share.get(region_of.get(s.node, ""))
+        if share is None or s.free is None or (s.phase == "fwd" and any(v in whole_outputs for v in s.views)):
             return s.nbytes  # not one slice's: an output, or alive after the step (a module's final state)
         return int(s.nbytes * share)
 
     for s in storages:
         if s.phase != "fwd" or s.node not in ne:
-            nbytes, start = size(s), at(s.alloc)
-            info = chunk_of_neuron.get(s.node)
-            if info is not None and s.phase == "bwd" and nbytes >= info["out_bytes"]:
+            nbytes, start = size(s), lay.at(s.alloc)
+            sl = slicing_of_neuron.get(s.node)
+            if sl is not None and s.phase == "bwd" and nbytes >= sl.out_bytes:
                 if s.free is not None and s.free <= neuron_bwd_last[s.node]:
-                    # A chunked neuron's backward works on one slice at a time: per-step gradient buffers are
+                    # A sliced neuron's backward works on one slice at a time: per-step gradient buffers are
                     # slice-sized.
-                    nbytes //= info["k"]
+                    nbytes //= sl.k
                 else:
                     # The full input gradient exists only once every slice is done (the split's backward); until
-                    # then the slices' gradients wait (accounted above).
-                    start = max(start, pos[neuron_bwd_last[s.node]])
-            live(nbytes, start, at(s.free))
+                    # then the slices' gradients wait (charged with the slices).
+                    start = max(start, lay.pos[neuron_bwd_last[s.node]])
+            live.add(nbytes, start, lay.at(s.free))
             continue
         saver_regions = {region_of.get(m) for m in s.saved_by}
         home = region_of.get(s.node)
-        stop = at(s.free)
+        stop = lay.at(s.free)
         views = s.views or ((s.value_of,) if s.value_of else ())
         if any(v in kept_by_ref for v in views):
             # A frame lives until its neuron's state is reset (its final-state handles keep it, so a later backward
             # through the state still works): an input it keeps by reference lives to the end of the step.
-            stop = end - 1
+            stop = lay.end - 1
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
             # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
-            release = max(last_user_end[v] for v in views) if views else pos[s.alloc]
-            live(size(s), pos[s.alloc], release)
+            release = max(last_user_end[v] for v in views) if views else lay.pos[s.alloc]
+            live.add(size(s), lay.pos[s.alloc], release)
             if s.consumed is None:
                 continue  # never used by the recorded backward (a neuron's last state update): not recomputed
             for r in saver_regions:
                 if s.node in by_region[r].nodes:
                     continue  # recomputed by its own region's blocks, below
-                b = (r, "all") if r not in chunk else (r, f"s{chunk[r]['k'] - 1}" if by_region[r].keep_prefix
-                                                          else "prefix")
-                if b in rc_start:  # an input of r that r saves: it comes back when r recomputes
-                    consumed = pos.get(s.consumed, bwd_last[r])
-                    live(s.nbytes, rc_start[b], max(rc_start[b], consumed))
+                sl = replays.slicing.get(r)
+                b = _Block(r, "all") if sl is None else sl.first_block(r) if by_region[r].keep_prefix \
+                    else _Block(r, "prefix")
+                if b in lay.rc_start:  # an input of r that r saves: it comes back when r recomputes
+                    consumed = lay.pos.get(s.consumed, lay.bwd_last[r])
+                    live.add(s.nbytes, lay.rc_start[b], max(lay.rc_start[b], consumed))
         else:
-            live(size(s), pos[s.alloc], stop)
+            live.add(size(s), lay.pos[s.alloc], stop)
         if home is None:
             continue
-        for b, keeps in provides(home, s):
-            if b not in rc_start or s is chunk.get(home, {}).get("x_storage"):
-                continue  # the cached neuron input is accounted above
-            start = rc_pos[b][s.alloc]
+        for b, keeps in _provides(by_region[home], replays.slicing.get(home), s):
+            if b not in lay.rc_start or s is x_storage.get(home):
+                continue  # the sliced neuron's recomputed input is charged with the slices
+            start = lay.rc_pos[b][s.alloc]
             if saved_in_regions and keeps and home in saver_regions and s.consumed is not None:
-                consumed = pos.get(s.consumed, bwd_last[home])
-                live(size(s), start, consumed if consumed >= start else bwd_last[home])
+                consumed = lay.pos.get(s.consumed, lay.bwd_last[home])
+                live.add(size(s), start, consumed if consumed >= start else lay.bwd_last[home])
             elif start <= rc_stop[b]:
                 # A temporary or output of the region: it reappears during recomputation and is dropped when that
                 # ends (or when it died in the forward, if earlier).
-                stop_rc = rc_pos[b].get(s.free, rc_end[b]) if s.free is not None else rc_end[b]
-                live(size(s) if home not in sliced_share else int(s.nbytes * sliced_share[home]), start,
-                     max(start, min(stop_rc, rc_stop[b])))
+                stop_rc = lay.rc_pos[b].get(s.free, lay.rc_end[b]) if s.free is not None else lay.rc_end[b]
+                share = replays.whole_share.get(home)
+                live.add(size(s) if share is None else int(s.nbytes * share), start,
+                         max(start, min(stop_rc, rc_stop[b])))
+
+
+def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = False) -> Prediction:
+    """Predict the peak memory and step time of ``plan`` (``None``: the unoptimized model).
+
+    The stages: where the plan recomputes (:func:`_replays`), the simulated step's positions (:func:`_layout`),
+    then every byte charged over the positions it is alive at (packed region inputs, time slices, whole slices,
+    the recorded storages), and the peak read off the running sum.
+
+    Args:
+        graph: from :func:`build_cost_graph` (or built by hand with the same attributes).
+        plan: the plan to simulate.
+        with_timeline: also return the live-bytes timeline.
+
+    Returns:
+        A :class:`Prediction`.
+    """
+    annotated = facts(graph)
+    storages = _storages(graph)
+    regions = plan.regions if plan is not None else ()
+    by_region = {r.name: r for r in regions}
+    events = graph.graph["events"]
+    ne = {n: e for n, e in graph.nodes(data="fwd_events") if e is not None}
+
+    replays = _replays(annotated, regions, ne, events)
+    lay = _layout(annotated, regions, ne, events, replays)
+    live = _Live(lay.end)
+    kept_by_ref = _charge_region_inputs(live, annotated, regions, lay)
+    x_storage = _charge_slices(live, annotated, storages, lay, replays, ne)
+    _charge_whole_slices(live, annotated, by_region, lay, replays)
+    _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage)
 
     best, best_at, cur = 0, 0, 0
     timeline = []
-    for p in range(end):
-        cur += delta[p]
+    for p in range(lay.end):
+        cur += live.delta[p]
         if cur > best:
             best, best_at = cur, p
         if with_timeline:
-            timeline.append((labels[p], cur))
+            timeline.append((lay.labels[p], cur))
     fwd = _fwd_times(graph)
     extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
-    for r, info in chunk.items():  # the no-grad replays for slice start states, and the prefix again if not kept
-        extra += fwd.get(info["neuron"], 0.0) * (2 if checkpoint_every(info["k"]) < info["k"] else 1)
+    for r, sl in replays.slicing.items():  # the no-grad replays for slice start states, and the prefix if not kept
+        extra += fwd.get(sl.neuron, 0.0) * (2 if checkpoint_every(sl.k) < sl.k else 1)
         if not by_region[r].keep_prefix:
-            extra += sum(fwd.get(n, 0.0) for n in info["prefix_nodes"])
-    return Prediction(best, labels[best_at] if labels else "", extra, graph.graph["step_time_s"] + extra,
+            extra += sum(fwd.get(n, 0.0) for n in sl.prefix_nodes)
+    return Prediction(best, lay.labels[best_at] if lay.labels else "", extra, graph.graph["step_time_s"] + extra,
                       tuple(timeline))
 
 
