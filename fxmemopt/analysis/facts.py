@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import networkx as nx
 
 __all__ = ["ValueSet", "REAL", "UNKNOWN", "BINARY", "MAX_INT_SET", "NodeInfo", "AnnotatedGraph"]
 
@@ -121,3 +124,12 @@ class AnnotatedGraph:
 
     def __getitem__(self, name: str) -> NodeInfo:
         return self.nodes[name]
+
+    @functools.cached_property
+    def digraph(self) -> nx.DiGraph:
+        """The data dependencies as a networkx ``DiGraph`` (input -> user), for graph questions: reachability,
+        convexity, region growing. Built once per annotated graph."""
+        g = nx.DiGraph()
+        g.add_nodes_from(self.order)
+        g.add_edges_from((i, n) for n in self.order for i in self.nodes[n].inputs)
+        return g

@@ -91,25 +91,16 @@ def region_io(graph: AnnotatedGraph, nodes: Iterable[str]) -> tuple[tuple[str, .
 
 
 def check_convex(graph: AnnotatedGraph, nodes: Iterable[str]) -> list[str]:
-    """Outside nodes that lie on a path from the set back into it (empty when the set is convex)."""
+    """Outside nodes on a path from the set back into it, that feed the set (empty when the set is convex): the
+    nodes both reachable from the set and reaching it (networkx ``bfs_layers`` forward and backward), restricted to
+    the graph up to the set's last member (no path back into the set goes further)."""
     members = set(nodes)
     position = {n: i for i, n in enumerate(graph.order)}
     last = max(position[n] for n in members)
-    # Forward reachability from the set's outside users, limited to nodes before the set's last member.
-    frontier = [u for n in members for u in graph.users[n] if u not in members and position[u] < last]
-    reached: set[str] = set()
-    bad: list[str] = []
-    while frontier:
-        n = frontier.pop()
-        if n in reached:
-            continue
-        reached.add(n)
-        for u in graph.users[n]:
-            if u in members:
-                bad.append(n)
-            elif position[u] < last:
-                frontier.append(u)
-    return sorted(set(bad), key=position.__getitem__)
+    upto = graph.digraph.subgraph(graph.order[:last + 1])
+    after = {n for layer in nx.bfs_layers(upto, members) for n in layer} - members
+    before = {n for layer in nx.bfs_layers(upto.reverse(copy=False), members) for n in layer} - members
+    return sorted((n for n in after & before if any(u in members for u in graph.users[n])), key=position.__getitem__)
 
 
 def _picks_from_neuron(graph: AnnotatedGraph, name: str) -> bool:
@@ -252,18 +243,18 @@ def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
         info = graph[seed]
         if not info.seeds_region or seed in claimed:
             continue
-        members = [seed]
-        claimed.add(seed)
-        stack = list(info.inputs)
-        while stack:
-            n = stack.pop()
+
+        def grows(n: str, seed: str = seed) -> bool:
+            """May the region seeded at ``seed`` take ``n``: not another region's, not a boundary (placeholders,
+            constants, output), not another neuron or the pick of its tuple output, not a state assignment (which
+            runs once, outside any region)."""
             ni = graph[n]
-            if n in claimed or ni.op in _BOUNDARY_OPS or ni.seeds_region or _picks_from_neuron(graph, n) \
-                    or ni.target in SIDE_EFFECT_TARGETS:  # a state assignment runs once, outside any region
-                continue
-            claimed.add(n)
-            members.append(n)
-            stack.extend(ni.inputs)
+            return n == seed or not (n in claimed or ni.op in _BOUNDARY_OPS or ni.seeds_region
+                                     or _picks_from_neuron(graph, n) or ni.target in SIDE_EFFECT_TARGETS)
+
+        # the neuron and what feeds it back to the boundaries: its ancestors in the graph of nodes it may take
+        members = [seed] + list(nx.ancestors(nx.subgraph_view(graph.digraph, filter_node=grows), seed))
+        claimed.update(members)
         regions.append(_make(graph, info.target, members, used))
     return regions
 
