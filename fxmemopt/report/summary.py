@@ -15,7 +15,7 @@ from ..analysis.trace import Guard, LeafFallback
 from ..planning.plan import Plan
 from ..runtime.checkpoint import RegionStats
 
-__all__ = ["InputReport", "RegionReport", "Summary"]
+__all__ = ["InputReport", "RegionReport", "Summary", "SeedSummaryFields"]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -80,113 +80,16 @@ class RegionReport:
         return sum(i.full_bytes for i in self.inputs if i.reason != "parameter or buffer")
 
 
-@dataclass
-class Summary:
-    """What :func:`fxmemopt.optimize` did.
+class SeedSummaryFields:
+    """The fields of spikingjelly memopt's ``MemOptSummary`` (``gc_wrap_count``, ``applied_steps``,
+    ``bit_compressor_count``...), for users porting code from it (docs/api_mapping.md): each is computed from the
+    :class:`Summary`'s own data (its options, search result and regions) and holds nothing itself."""
 
-    Attributes:
-        model: class name of the optimized model.
-        regions: the checkpoint regions, in graph order.
-        leaf_fallbacks: submodules kept whole because tracing through them failed, with the reason.
-        stateful_modules: module paths found to carry state across calls (neurons), with how they were found.
-        plan: the applied :class:`~fxmemopt.planning.plan.Plan`.
-        notes: other remarks.
-        runtime: region name -> live :class:`~fxmemopt.runtime.checkpoint.RegionStats` (they keep counting).
-    """
-
-    model: str
+    options: dict[str, Any]
+    search: Any
     regions: list[RegionReport]
-    leaf_fallbacks: list[LeafFallback]
-    stateful_modules: dict[str, str]
-    plan: Plan
-    notes: list[str] = field(default_factory=list)
-    runtime: dict[str, RegionStats] = field(default_factory=dict)
-    #: Predicted peak bytes of a training step (cost model), unoptimized and with the plan.
-    predicted_peak_before: int | None = None
-    predicted_peak_after: int | None = None
-    #: Predicted step time of the plan divided by the unoptimized step time.
-    predicted_step_time_ratio: float | None = None
-    #: Measured peak bytes (profiling), unoptimized and optimized; ``None`` when not profiled.
-    measured_peak_before: int | None = None
-    measured_peak_after: int | None = None
-    measured_step_time_ratio: float | None = None
-    #: How peaks were measured ("cpu-storage-tracker" / "cuda-allocator") and where ("worker" / "in-process").
-    measurement: str | None = None
-    #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
-    rejected: list[tuple[str, str, str]] = field(default_factory=list)
-    #: The networkx cost graph (see :mod:`fxmemopt.planning.costgraph`), for inspection and re-simulation.
-    cost_graph: Any = field(default=None, repr=False)
-    #: What the plan search did (:class:`fxmemopt.planning.search.SearchResult`): decisions with reasons, steps.
-    search: Any = field(default=None, repr=False)
-    #: The resolved options (seed names), as a dict.
-    options: dict[str, Any] = field(default_factory=dict)
-    #: Wall time of :func:`fxmemopt.optimize`.
-    optimize_time_s: float = 0.0
-    #: Regions run whole on time slices (``exact=False``) -> ``"equal"`` when their output on the example was
-    #: bitwise the unsliced one, else how it differed (see :func:`fxmemopt.profiling.verify.slice_effects`).
-    sliced_regions: dict[str, str] = field(default_factory=dict)
-    #: Region -> predicted working set of its recomputation in backward (bytes; from the cost model).
-    working_sets: dict[str, int] = field(default_factory=dict)
-    #: The annotated traced graph (:class:`fxmemopt.analysis.annotate.AnnotatedGraph`, plain data), for
-    #: :func:`fxmemopt.dump`.
-    graph: Any = field(default=None, repr=False)
-    #: What the trace specialized on (:class:`fxmemopt.analysis.trace.Guard`: Python control flow on shapes resolved
-    #: with the
-    #: example inputs). The optimized module checks each on every call and raises
-    #: :class:`~fxmemopt.errors.GuardError` when a call differs; empty: the module is as shape-generic as the model.
-    guards: tuple[Guard, ...] = ()
-    #: Regions that failed the validation training step on the example and were left unoptimized:
-    #: ``(region, reason)``.
-    failed_regions: list[tuple[str, str]] = field(default_factory=list)
-    #: Calls of the module that make one training step (``optimize(calls_per_step=T)`` for a single-step network
-    #: called once per time step); predictions are for that many calls and one backward.
-    calls_per_step: int = 1
+    measurement: str | None
 
-    def save_plan(self, path: str | os.PathLike[str]) -> str:
-        """Write the plan as JSON, with the explain report alongside (for ``fxmemopt explain``), to ``path``.
-
-        Apply it later with ``fxmemopt.optimize(model, example_inputs, plan=path)``: no search, no measurement.
-        """
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.plan.to_json(report=self.report()))
-        return os.fspath(path)
-
-    def report(self) -> dict[str, Any]:
-        """The plain-data report stored in plan files (what :func:`explain` needs)."""
-        last: dict[str, Any] = {}  # the last move that shaped each region (rejected alternatives are not shown)
-        for d in self.decisions:
-            if d.action != "reject" or d.region not in last:
-                last[d.region] = d
-        rows = []
-        for r in self.regions:
-            d = last.get(r.name)
-            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
-            rows.append({
-                "region": r.name, "anchor": r.anchor, "nodes": len(r.nodes), "slices": slices,
-                "inputs": [{"node": i.node, "value_set": i.value_set, "bits": i.bits, "full_bytes": i.full_bytes,
-                            "stored_bytes": i.stored_bytes, "reason": i.reason} for i in r.inputs],
-                "stored_bytes": r.stored_bytes, "unpacked_bytes": r.full_bytes,
-                "working_set_bytes": self.working_sets.get(r.name),
-                "decision": d.action if d else "wrap", "reason": d.reason if d else "",
-            })
-        totals = {"stored_bytes": self.stored_bytes, "unpacked_bytes": sum(r.full_bytes for r in self.regions),
-                  "predicted_peak_before": self.predicted_peak_before,
-                  "predicted_peak_after": self.predicted_peak_after,
-                  "measured_peak_before": self.measured_peak_before,
-                  "measured_peak_after": self.measured_peak_after,
-                  "prediction_error": self.prediction_error,
-                  "predicted_step_time_ratio": self.predicted_step_time_ratio,
-                  "measured_step_time_ratio": self.measured_step_time_ratio}
-        notes = [f"semantics changed (exact=False) in {r}: {what}" for r, what in self.semantics_changed]
-        notes += self.capture_notes()
-        return {"model": self.model, "rows": rows, "totals": totals, "notes": notes}
-
-    @property
-    def semantics_changed(self) -> list[tuple[str, str]]:
-        """``(region, what changed)`` for every region whose meaning ``exact=False`` changed (empty when exact)."""
-        return [(r, what) for r, what in self.sliced_regions.items() if what != "equal"]
-
-    # -- the seed's MemOptSummary fields ---------------------------------------------------------------------------
     @property
     def requested_level(self) -> int:
         return int(self.options.get("level", 1))
@@ -292,6 +195,113 @@ class Summary:
     @property
     def gc_selection_explanation(self) -> str:
         return self.search.explanation if self.search is not None else ""
+
+
+@dataclass
+class Summary(SeedSummaryFields):
+    """What :func:`fxmemopt.optimize` did.
+
+    Attributes:
+        model: class name of the optimized model.
+        regions: the checkpoint regions, in graph order.
+        leaf_fallbacks: submodules kept whole because tracing through them failed, with the reason.
+        stateful_modules: module paths found to carry state across calls (neurons), with how they were found.
+        plan: the applied :class:`~fxmemopt.planning.plan.Plan`.
+        notes: other remarks.
+        runtime: region name -> live :class:`~fxmemopt.runtime.checkpoint.RegionStats` (they keep counting).
+    """
+
+    model: str
+    regions: list[RegionReport]
+    leaf_fallbacks: list[LeafFallback]
+    stateful_modules: dict[str, str]
+    plan: Plan
+    notes: list[str] = field(default_factory=list)
+    runtime: dict[str, RegionStats] = field(default_factory=dict)
+    #: Predicted peak bytes of a training step (cost model), unoptimized and with the plan.
+    predicted_peak_before: int | None = None
+    predicted_peak_after: int | None = None
+    #: Predicted step time of the plan divided by the unoptimized step time.
+    predicted_step_time_ratio: float | None = None
+    #: Measured peak bytes (profiling), unoptimized and optimized; ``None`` when not profiled.
+    measured_peak_before: int | None = None
+    measured_peak_after: int | None = None
+    measured_step_time_ratio: float | None = None
+    #: How peaks were measured ("cpu-storage-tracker" / "cuda-allocator") and where ("worker" / "in-process").
+    measurement: str | None = None
+    #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)
+    #: The networkx cost graph (see :mod:`fxmemopt.planning.costgraph`), for inspection and re-simulation.
+    cost_graph: Any = field(default=None, repr=False)
+    #: What the plan search did (:class:`fxmemopt.planning.search.SearchResult`): decisions with reasons, steps.
+    search: Any = field(default=None, repr=False)
+    #: The resolved options (seed names), as a dict.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Wall time of :func:`fxmemopt.optimize`.
+    optimize_time_s: float = 0.0
+    #: Regions run whole on time slices (``exact=False``) -> ``"equal"`` when their output on the example was
+    #: bitwise the unsliced one, else how it differed (see :func:`fxmemopt.profiling.verify.slice_effects`).
+    sliced_regions: dict[str, str] = field(default_factory=dict)
+    #: Region -> predicted working set of its recomputation in backward (bytes; from the cost model).
+    working_sets: dict[str, int] = field(default_factory=dict)
+    #: The annotated traced graph (:class:`fxmemopt.analysis.annotate.AnnotatedGraph`, plain data), for
+    #: :func:`fxmemopt.dump`.
+    graph: Any = field(default=None, repr=False)
+    #: What the trace specialized on (:class:`fxmemopt.analysis.trace.Guard`: Python control flow on shapes resolved
+    #: with the
+    #: example inputs). The optimized module checks each on every call and raises
+    #: :class:`~fxmemopt.errors.GuardError` when a call differs; empty: the module is as shape-generic as the model.
+    guards: tuple[Guard, ...] = ()
+    #: Regions that failed the validation training step on the example and were left unoptimized:
+    #: ``(region, reason)``.
+    failed_regions: list[tuple[str, str]] = field(default_factory=list)
+    #: Calls of the module that make one training step (``optimize(calls_per_step=T)`` for a single-step network
+    #: called once per time step); predictions are for that many calls and one backward.
+    calls_per_step: int = 1
+
+    def save_plan(self, path: str | os.PathLike[str]) -> str:
+        """Write the plan as JSON, with the explain report alongside (for ``fxmemopt explain``), to ``path``.
+
+        Apply it later with ``fxmemopt.optimize(model, example_inputs, plan=path)``: no search, no measurement.
+        """
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.plan.to_json(report=self.report()))
+        return os.fspath(path)
+
+    def report(self) -> dict[str, Any]:
+        """The plain-data report stored in plan files (what :func:`explain` needs)."""
+        last: dict[str, Any] = {}  # the last move that shaped each region (rejected alternatives are not shown)
+        for d in self.decisions:
+            if d.action != "reject" or d.region not in last:
+                last[d.region] = d
+        rows = []
+        for r in self.regions:
+            d = last.get(r.name)
+            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
+            rows.append({
+                "region": r.name, "anchor": r.anchor, "nodes": len(r.nodes), "slices": slices,
+                "inputs": [{"node": i.node, "value_set": i.value_set, "bits": i.bits, "full_bytes": i.full_bytes,
+                            "stored_bytes": i.stored_bytes, "reason": i.reason} for i in r.inputs],
+                "stored_bytes": r.stored_bytes, "unpacked_bytes": r.full_bytes,
+                "working_set_bytes": self.working_sets.get(r.name),
+                "decision": d.action if d else "wrap", "reason": d.reason if d else "",
+            })
+        totals = {"stored_bytes": self.stored_bytes, "unpacked_bytes": sum(r.full_bytes for r in self.regions),
+                  "predicted_peak_before": self.predicted_peak_before,
+                  "predicted_peak_after": self.predicted_peak_after,
+                  "measured_peak_before": self.measured_peak_before,
+                  "measured_peak_after": self.measured_peak_after,
+                  "prediction_error": self.prediction_error,
+                  "predicted_step_time_ratio": self.predicted_step_time_ratio,
+                  "measured_step_time_ratio": self.measured_step_time_ratio}
+        notes = [f"semantics changed (exact=False) in {r}: {what}" for r, what in self.semantics_changed]
+        notes += self.capture_notes()
+        return {"model": self.model, "rows": rows, "totals": totals, "notes": notes}
+
+    @property
+    def semantics_changed(self) -> list[tuple[str, str]]:
+        """``(region, what changed)`` for every region whose meaning ``exact=False`` changed (empty when exact)."""
+        return [(r, what) for r, what in self.sliced_regions.items() if what != "equal"]
 
     @property
     def recommendation(self) -> str:
