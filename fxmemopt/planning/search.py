@@ -29,6 +29,12 @@ The levels (the seed's meaning, automated)
     expensive regions from the most memory-saving plan while it still fits; or a typed error naming the smallest
     reachable peak.
 
+How it is built
+    :func:`search` runs :data:`STAGES` in order: :func:`wrap` (level 1), :func:`split_spatially` (2),
+    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`give_time_back` (level 4 and
+    ``memory_budget``). Each is a :data:`Stage`: ``stage(plan, prediction, planner) -> (plan, prediction)``, with
+    the cost graph, options and candidates in the :class:`Planner`; each does nothing when its option is off.
+
 Every decision is recorded with its reason (:class:`Decision`), so the summary can explain the plan.
 """
 
@@ -48,7 +54,7 @@ from .costgraph import Prediction, facts, peak_over_calls, simulate
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
-__all__ = ["Options", "Decision", "SearchResult", "PRESETS", "Preset", "resolve_options", "search",
+__all__ = ["Planner", "Stage", "STAGES", "Options", "Decision", "SearchResult", "PRESETS", "Preset", "resolve_options", "search",
            "search_without_cost", "parse_bytes", "applied"]
 
 
@@ -315,9 +321,57 @@ def _peak_region(pred: Prediction, plan: Plan) -> str | None:
     return None
 
 
+@dataclass
+class Planner:
+    """What every stage of the search reads, and the result it writes its decisions to: the cost graph and its
+    facts, the options, the candidate regions and their per-neuron splits, the unoptimized prediction.
+
+    A stage is a function ``stage(plan, prediction, planner) -> (plan, prediction)`` (:data:`Stage`); it predicts
+    plans with :meth:`evaluate` and never touches the model or fx."""
+
+    cost: nx.DiGraph
+    graph: AnnotatedGraph
+    opts: Options
+    regions: list[Region]
+    splits: dict[str, list[Region]]
+    baseline: Prediction
+    result: SearchResult
+    progress: Callable[[str], None] | None = None
+    #: the level-1 plan (every selected region whole) and its prediction, once wrapped
+    level1: tuple[Plan, Prediction] | None = None
+
+    def evaluate(self, plan: Plan) -> Prediction:
+        """The predicted peak and time of ``plan`` (counted in ``result.evaluated``)."""
+        self.result.evaluated += 1
+        if self.progress is not None and self.result.evaluated % 100 == 0:
+            self.progress(f"searching: {self.result.evaluated} candidate plans evaluated")
+        return simulate(self.cost, plan)
+
+    @property
+    def rounds(self) -> int:
+        return self.opts.max_split_rounds if self.opts.max_split_rounds is not None else 10**9
+
+    @property
+    def per_round(self) -> int:
+        return self.opts.max_candidates_per_round if self.opts.max_candidates_per_round is not None else 10**9
+
+    @property
+    def speed_target(self) -> int | None:
+        """``prefer="speed"``: the peak to reach and then stay within (half the unoptimized one)."""
+        return int(self.baseline.peak_bytes * SPEED_PEAK_FRACTION) if self.opts.prefer == "speed" else None
+
+    def logging_to(self, result: SearchResult) -> Planner:
+        """The same planner writing its decisions to another result (to try a path and keep it only if better)."""
+        return dataclasses.replace(self, result=result)
+
+
+#: One stage of the search: from a plan and its prediction to a better plan and its prediction.
+Stage = Callable[[Plan, Prediction, Planner], tuple[Plan, Prediction]]
+
+
 def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, list[Region]],
            opts: Options, progress: Callable[[str], None] | None = None) -> SearchResult:
-    """Choose a plan (see the module docstring).
+    """Choose a plan (see the module docstring): the stages, in order, each a :data:`Stage`.
 
     Args:
         cost: the cost graph (:func:`fxmemopt.planning.costgraph.build_cost_graph`).
@@ -332,85 +386,112 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     Raises:
         MemoryBudgetError: ``memory_budget`` is below the smallest peak any plan reaches.
     """
-    graph: AnnotatedGraph = facts(cost)
     baseline = simulate(cost, None)
     result = SearchResult(Plan(()), baseline, baseline, candidates=len(regions))
-
-    def evaluate(plan: Plan) -> Prediction:
-        result.evaluated += 1
-        if progress is not None and result.evaluated % 100 == 0:
-            progress(f"searching: {result.evaluated} candidate plans evaluated")
-        return simulate(cost, plan)
-
     if opts.level == 0 or not regions:
         result.skipped_steps.append("level0:no_optimization" if opts.level == 0 else "level1:no_candidates")
         return result
+    planner = Planner(cost, facts(cost), opts, regions, split_candidates, baseline, result, progress)
+    plan, pred = Plan(()), baseline
+    for stage in STAGES:
+        plan, pred = stage(plan, pred, planner)
+    result.plan, result.prediction = plan, pred
+    return result
 
-    # Level 1: wrap.
-    chosen = _select(regions, graph, opts, result)
-    result.selected = [r.anchor for r in chosen]
-    for r in regions:
-        action = "wrap" if r in chosen else "skip"
-        result.decisions.append(Decision(r.name, action, result.explanation))
-    plans = [_region_plan(r, graph, opts.compress) for r in chosen]
-    best = Plan(tuple(plans))
-    pred = evaluate(best)
-    level1 = (best, pred)
-    result.applied_steps.append("level1_gc")
 
-    rounds = opts.max_split_rounds if opts.max_split_rounds is not None else 10**9
-    per_round = opts.max_candidates_per_round if opts.max_candidates_per_round is not None else 10**9
+def wrap(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """Level 1: checkpoint the selected candidate regions (all, or the level-1 budget's share)."""
+    chosen = _select(p.regions, p.graph, p.opts, p.result)
+    p.result.selected = [r.anchor for r in chosen]
+    p.result.decisions += [Decision(r.name, "wrap" if r in chosen else "skip", p.result.explanation)
+                           for r in p.regions]
+    plan = Plan(tuple(_region_plan(r, p.graph, p.opts.compress) for r in chosen))
+    pred = p.evaluate(plan)
+    p.level1 = (plan, pred)
+    p.result.applied_steps.append("level1_gc")
+    return plan, pred
 
-    # Level 2: spatial split of multi-neuron regions, hottest first.
-    if opts.level >= 2:
-        best, pred = _spatial(best, pred, split_candidates, graph, opts, rounds, per_round, evaluate, result)
-    # Level 3: temporal split of the region that sets the peak. Preferring speed, only until the peak reaches the
-    # speed target (slices add time).
-    speed_target = int(baseline.peak_bytes * SPEED_PEAK_FRACTION) if opts.prefer == "speed" else None
-    if opts.level >= 3 and (speed_target is None or pred.peak_bytes > speed_target):
-        best, pred = _temporal(best, pred, graph, opts, rounds, per_round, evaluate, result, speed_target)
 
-    if opts.never_worse:
-        best, pred = _never_worse(best, pred, baseline, cost, opts.calls_per_step, evaluate, result)
+def split_spatially(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """Level 2: split multi-neuron regions into their per-neuron regions, hottest first."""
+    if p.opts.level < 2:
+        return plan, pred
 
-    if opts.memory_budget is not None and baseline.peak_bytes <= opts.memory_budget:
+    def propose(rp: RegionPlan, current: Plan) -> _Proposal:
+        if len(p.splits.get(rp.name, [])) < 2:
+            return None
+        parts = [_region_plan(r, p.graph, p.opts.compress) for r in p.splits[rp.name]]
+        return (Plan(tuple(x for r in current.regions for x in (parts if r.name == rp.name else [r]))),
+                f"split into {len(parts)} per-neuron regions")
+
+    return _improve(plan, pred, "split", propose, p.rounds, p.per_round, p, "2_spatial_split")
+
+
+def slice_in_time(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """Level 3: recompute the neuron of the region at the peak in more time slices (exact regions only); preferring
+    speed, only until the peak reaches the speed target (slices add time)."""
+    target = p.speed_target
+    if p.opts.level < 3 or (target is not None and pred.peak_bytes <= target):
+        return plan, pred
+    return _temporal(plan, pred, p, target)
+
+
+def leave_out_harmful(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """Never worse (``never_worse=True``): leave out the regions that raise the predicted peak."""
+    if not p.opts.never_worse:
+        return plan, pred
+    return _never_worse(plan, pred, p)
+
+
+def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """Level 4 and ``memory_budget``: give recomputation up where it costs the most time, while the predicted peak
+    stays within the limit (the plan's own peak, the speed target, or the budget)."""
+    opts, result = p.opts, p.result
+    if opts.memory_budget is not None and p.baseline.peak_bytes <= opts.memory_budget:
         # The fastest plan that fits is no plan: nothing is recomputed.
         result.decisions += [Decision(r.name, "unwrap", f"the unoptimized step fits memory_budget (predicted "
-                                      f"{_mib(baseline.peak_bytes)} <= {_mib(opts.memory_budget)})")
-                             for r in best.regions]
-        result.pre_unwrap = best
+                                      f"{_mib(p.baseline.peak_bytes)} <= {_mib(opts.memory_budget)})")
+                             for r in plan.regions]
+        result.pre_unwrap = plan
         result.applied_steps.append("budget_fits_unoptimized")
-        best, pred = Plan(()), baseline
-    elif opts.memory_budget is not None:
+        return Plan(()), p.baseline
+    if opts.memory_budget is not None:
         if pred.peak_bytes > opts.memory_budget:
             raise MemoryBudgetError(format_error(
                 "memory_budget", "no plan fits",
                 expected=f"a predicted peak <= {_mib(opts.memory_budget)}",
                 got=f"the smallest reachable predicted peak is {_mib(pred.peak_bytes)} (unoptimized "
-                    f"{_mib(baseline.peak_bytes)})",
+                    f"{_mib(p.baseline.peak_bytes)})",
                 fix=f"Raise memory_budget to at least {pred.peak_bytes} bytes, reduce the batch size or T, or "
                     f"pass targets=... to checkpoint larger blocks."))
         limit = opts.memory_budget
-        result.pre_unwrap = best
+        result.pre_unwrap = plan
         decided = len(result.decisions)
-        best, pred = _unwrap(best, pred, limit, evaluate, result, cost, graph, shrink=True)
-        if level1[1].peak_bytes <= limit and level1[0] != result.pre_unwrap:
+        best, best_pred = _unwrap(plan, pred, limit, p, shrink=True)
+        level1 = p.level1
+        if level1 is not None and level1[1].peak_bytes <= limit and level1[0] != result.pre_unwrap:
             # Giving time back from the smallest peak is greedy: the level-1 plan (every region whole, no slices)
             # may fit too and be faster than anything it reaches. Give time back from there as well; keep the faster.
-            other = SearchResult(Plan(()), None, baseline)
-            alt, alt_pred = _unwrap(*level1, limit, evaluate, other, cost, graph, shrink=True)
-            if alt_pred.step_time_s < pred.step_time_s:
+            other = SearchResult(Plan(()), None, p.baseline)
+            alt, alt_pred = _unwrap(*level1, limit, p.logging_to(other), shrink=True)
+            result.evaluated += other.evaluated
+            if alt_pred.step_time_s < best_pred.step_time_s:
                 result.decisions[decided:] = [Decision(r.name, "keep", "the level-1 plan fits memory_budget and is "
                                                        "faster than the smallest-peak plan with time given back")
                                               for r in alt.regions] + other.decisions
                 result.pre_unwrap = level1[0]
-                best, pred = alt, alt_pred
-    elif opts.level >= 4:
-        limit = pred.peak_bytes if speed_target is None else max(pred.peak_bytes, speed_target)
-        result.pre_unwrap = best
-        best, pred = _unwrap(best, pred, limit, evaluate, result, cost, graph, shrink=speed_target is not None)
-    result.plan, result.prediction = best, pred
-    return result
+                best, best_pred = alt, alt_pred
+        return best, best_pred
+    if opts.level >= 4:
+        target = p.speed_target
+        result.pre_unwrap = plan
+        return _unwrap(plan, pred, pred.peak_bytes if target is None else max(pred.peak_bytes, target), p,
+                       shrink=target is not None)
+    return plan, pred
+
+
+#: The search, in order.
+STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, give_time_back)
 
 
 #: A move's candidate ``(plan, description)``, alternatives in order of preference (a list: the first that lowers the
@@ -418,8 +499,8 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
 _Proposal = tuple[Plan, str] | list[tuple[Plan, str]] | str | None
 
 
-def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, per_round: int, evaluate,
-             result: SearchResult, step: str, stop_at: int | None = None) -> tuple[Plan, Prediction]:
+def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, per_round: int, p: Planner,
+             step: str, stop_at: int | None = None) -> tuple[Plan, Prediction]:
     """Rounds of: try regions, the one at the predicted peak first, at most ``per_round`` candidates a round;
     accept the first candidate that strictly lowers the predicted peak; stop after a round without improvement.
 
@@ -441,33 +522,32 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
             if not isinstance(proposal, (tuple, list)):
                 blocked.add(rp.name)
                 if proposal:
-                    result.decisions.append(Decision(rp.name, "reject", proposal))
+                    p.result.decisions.append(Decision(rp.name, "reject", proposal))
                 continue
             tried += 1
             # alternatives (a list), in order of preference: the first that lowers the predicted peak
             for candidate, what in (proposal if isinstance(proposal, list) else [proposal]):  # noqa: B007 (used below)
-                cand = evaluate(candidate)
+                cand = p.evaluate(candidate)
                 if cand.peak_bytes < pred.peak_bytes:
                     break
             if cand.peak_bytes < pred.peak_bytes:
-                result.decisions.append(Decision(rp.name, action, f"{what}: predicted peak {_mib(pred.peak_bytes)} "
+                p.result.decisions.append(Decision(rp.name, action, f"{what}: predicted peak {_mib(pred.peak_bytes)} "
                                                  f"-> {_mib(cand.peak_bytes)}"))
                 best, pred, improved, improved_any = candidate, cand, True, True
                 break
             blocked.add(rp.name)
-            result.decisions.append(Decision(rp.name, "reject", f"{what} would not lower the predicted peak "
+            p.result.decisions.append(Decision(rp.name, "reject", f"{what} would not lower the predicted peak "
                                              f"({_mib(cand.peak_bytes)} >= {_mib(pred.peak_bytes)})"))
         if not improved:
             break
     if improved_any:
-        result.applied_steps.append(f"level{step}")
+        p.result.applied_steps.append(f"level{step}")
     else:
-        result.skipped_steps.append(f"level{step[0]}:no_improving_candidate")
+        p.result.skipped_steps.append(f"level{step[0]}:no_improving_candidate")
     return best, pred
 
 
-def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.DiGraph, calls: int, evaluate,
-                 result: SearchResult) -> tuple[Plan, Prediction]:
+def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
     """Leave out the regions whose checkpointing raises the predicted peak (their kept inputs and recomputation cost
     more than they free: small layers, a layer whose input is kept anyway), one at a time, the most harmful first;
     if the plan still predicts a higher peak than the unoptimized step, return no plan at all. (One prediction per
@@ -479,11 +559,13 @@ def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.Di
     ``calls``
     times, so a region can lower it while raising one call's transient peak.
     """
+    calls, result, baseline = p.opts.calls_per_step, p.result, p.baseline
+
     def peak(plan: Plan) -> int:
         if calls == 1:
-            return evaluate(plan).peak_bytes
+            return p.evaluate(plan).peak_bytes
         result.evaluated += 1
-        return peak_over_calls(simulate(cost, plan, with_timeline=True), calls)
+        return peak_over_calls(simulate(p.cost, plan, with_timeline=True), calls)
 
     current = peak(best)
     floor = baseline.peak_bytes if calls == 1 else peak(Plan(()))
@@ -508,29 +590,15 @@ def _never_worse(best: Plan, pred: Prediction, baseline: Prediction, cost: nx.Di
         result.notes.append(f"never worse: {len(dropped)} region(s) left out because checkpointing them raised the "
                             f"predicted peak ({', '.join(dropped)}; never_worse=False keeps them)")
         result.applied_steps.append("never_worse")
-        return best, evaluate(best)
+        return best, p.evaluate(best)
     return best, pred
 
 
-def _spatial(best: Plan, pred: Prediction, split_candidates: dict[str, list[Region]], graph: AnnotatedGraph,
-             opts: Options, rounds: int, per_round: int, evaluate, result: SearchResult) -> tuple[Plan, Prediction]:
-    """Level 2: split multi-neuron regions into their per-neuron regions."""
-
-    def propose(rp: RegionPlan, plan: Plan) -> _Proposal:
-        if len(split_candidates.get(rp.name, [])) < 2:
-            return None
-        parts = [_region_plan(p, graph, opts.compress) for p in split_candidates[rp.name]]
-        return (Plan(tuple(p for r in plan.regions for p in (parts if r.name == rp.name else [r]))),
-                f"split into {len(parts)} per-neuron regions")
-
-    return _improve(best, pred, "split", propose, rounds, per_round, evaluate, result, "2_spatial_split")
-
-
-def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options, rounds: int, per_round: int,
-              evaluate, result: SearchResult, stop_at: int | None = None) -> tuple[Plan, Prediction]:
+def _temporal(best: Plan, pred: Prediction, p: Planner, stop_at: int | None = None) -> tuple[Plan, Prediction]:
     """Level 3: recompute the neuron of the region at the peak in more time slices (exact regions only)."""
     # Recomputing the prefix saves memory at the price of its forward: for prefer="memory", and under a budget
     # (whose search starts from the smallest peak and then buys time back).
+    graph, opts = p.graph, p.opts
     keep_prefix = opts.prefer != "memory" and opts.memory_budget is None
 
     def exact_move(rp: RegionPlan, plan: Plan) -> _Proposal:
@@ -574,12 +642,11 @@ def _temporal(best: Plan, pred: Prediction, graph: AnnotatedGraph, opts: Options
         return whole if whole is None or isinstance(whole, tuple) else f"{exact}; {whole}"
 
     # Without an explicit max_split_rounds, rounds are bounded by the regions times the doublings that fit in T.
-    limit = rounds if opts.max_split_rounds is not None else 8 * max(1, len(best.regions))
-    return _improve(best, pred, "chunk", propose, limit, per_round, evaluate, result, "3_temporal_split", stop_at)
+    limit = p.rounds if opts.max_split_rounds is not None else 8 * max(1, len(best.regions))
+    return _improve(best, pred, "chunk", propose, limit, p.per_round, p, "3_temporal_split", stop_at)
 
 
-def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchResult, cost: nx.DiGraph,
-            graph: AnnotatedGraph | None = None, shrink: bool = False) -> tuple[Plan, Prediction]:
+def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool = False) -> tuple[Plan, Prediction]:
     """Level 4: give up recomputation where it costs the most time, while the predicted peak stays within ``limit``.
 
     Moves: *unwrap* a region (if that does not fit: unwrap it and slice the other regions in time); *keep the
@@ -589,14 +656,15 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
     with the largest estimated saving (the forward time it stops recomputing) whose predicted peak stays within
     ``limit``.
     """
-    fwd = dict(cost.nodes(data="fwd_time_s", default=0.0))
+    fwd = dict(p.cost.nodes(data="fwd_time_s", default=0.0))
+    graph, result = p.graph, p.result
     changed = 0
     while True:
         moves = []
         for rp in best.regions:
             rest = tuple(r for r in best.regions if r.name != rp.name)
             moves.append(("unwrap", rp, Plan(rest), sum(fwd.get(n, 0.0) for n in rp.nodes)))
-            finer = _sliced_per_step(rest, graph) if graph is not None else rest
+            finer = _sliced_per_step(rest, graph)
             if finer != rest:
                 # Its fallback: unwrap it and pay for that with the others' memory: every unsliced region that can
                 # be sliced, one slice per step with its prefix kept (a neuron replay each: cheap).
@@ -605,13 +673,13 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
                 # keep the prefix's tensors from the recomputation that feeds the slices: one prefix forward less.
                 # The kept prefix raises the peak; finer slices (one per step) can win that back, so they are the
                 # move's fallback at the same saving.
-                steps = graph[rp.nodes[-1]].time_steps if graph is not None else None
+                steps = graph[rp.nodes[-1]].time_steps
                 for chunks in [rp.chunks] + ([steps] if steps and steps > rp.chunks else []):
                     kept = dataclasses.replace(rp, keep_prefix=True, chunks=chunks)
                     moves.append(("keep_prefix", rp,
                                   Plan(tuple(kept if r.name == rp.name else r for r in best.regions)),
                                   sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
-            if shrink and graph is not None and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
+            if shrink and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
                 small = dataclasses.replace(rp, nodes=nodes, pack_bits=bits, chunks=1, keep_prefix=True,
@@ -621,7 +689,7 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, evaluate, result: SearchRe
         chosen = None
         # (sorted is stable: a move's fallbacks follow it)
         for action, rp, candidate, _ in sorted(moves, key=lambda m: (-m[3], m[1].name, m[0].split("+")[0])):
-            cand = evaluate(candidate)
+            cand = p.evaluate(candidate)
             if cand.peak_bytes <= limit:
                 chosen = (action, rp, candidate, cand)
                 break
