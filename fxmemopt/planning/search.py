@@ -54,8 +54,8 @@ from .costgraph import Prediction, facts, peak_over_calls, simulate
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, region_io
 
-__all__ = ["Planner", "Stage", "STAGES", "Options", "Decision", "SearchResult", "PRESETS", "Preset", "resolve_options", "search",
-           "search_without_cost", "parse_bytes", "applied"]
+__all__ = ["Planner", "Stage", "STAGES", "Options", "Decision", "SearchResult", "PRESETS", "Preset",
+           "resolve_options", "search", "search_without_cost", "parse_bytes", "applied"]
 
 
 class Preset(NamedTuple):
