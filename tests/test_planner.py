@@ -25,7 +25,7 @@ from fxmemopt.analysis.trace import make_graph_module
 from fxmemopt.errors import MemoryBudgetError
 from fxmemopt.planning.costgraph import build_cost_graph, simulate
 from fxmemopt.planning.plan import Plan, checkpoint_all, chunkable
-from fxmemopt.planning.search import resolve_options, search
+from fxmemopt.planning.search import DEFAULT_SLICE_TIME_BUDGET, resolve_options, search
 from fxmemopt.profiling.record import record_step
 from fxmemopt.snn import DeepConvSNN, reset_net
 from fxmemopt.tools.tradeoffs import Tradeoff, pareto_front
@@ -104,6 +104,48 @@ def test_greedy_search_against_exhaustive_enumeration(spec, fractions):
         peaks.append(chosen.peak_bytes)
     # a tighter budget never gives a higher predicted peak
     assert peaks == sorted(peaks)
+
+
+def _deep_cost_graph():
+    """DeepConvSNN's cost graph with deterministic op times (as ``_cost_graph``)."""
+    model, x = _deep()
+    _, stateful, graph, constants, annotated, regions = _pipeline(model, x)
+    traced = make_graph_module(model, graph, "M", extra=constants)
+    cost = build_cost_graph(annotated, record_step(traced, (x,), stateful))
+    times = {n: 1e-9 * (annotated[n].nbytes + 64) for n in annotated.order}
+    for n, t in times.items():
+        cost.nodes[n]["fwd_time_s"] = t
+    cost.graph["step_time_s"] = 3 * sum(times.values())
+    return cost, regions
+
+
+def test_the_default_slices_the_region_at_the_peak_within_its_time_budget():
+    cost, regions = _deep_cost_graph()
+    default = search(cost, regions, {}, resolve_options())
+    level1 = search(cost, regions, {}, resolve_options(level=1))  # asked for explicitly: checkpointing only
+    assert resolve_options().slice_time_budget == DEFAULT_SLICE_TIME_BUDGET
+    assert resolve_options(level=1).slice_time_budget is None
+    assert resolve_options(prefer="speed").slice_time_budget is None
+    assert not any(r.chunks > 1 for r in level1.plan.regions)
+    assert any(r.chunks > 1 and r.keep_prefix for r in default.plan.regions)
+    assert default.prediction.peak_bytes < level1.prediction.peak_bytes
+    assert default.prediction.step_time_s <= level1.prediction.step_time_s * (1 + DEFAULT_SLICE_TIME_BUDGET)
+    # with no time to spend, no slice is taken and the refusal says why
+    tight = dataclasses.replace(resolve_options(), slice_time_budget=0.0)
+    none = search(cost, regions, {}, tight)
+    assert not any(r.chunks > 1 for r in none.plan.regions)
+    assert any("step-time budget" in d.reason for d in none.decisions)
+
+
+@settings(max_examples=10)
+@given(spec=snn_specs(max_depth=3, max_T=4))
+def test_the_default_never_spends_more_than_its_time_budget_on_slices(spec):
+    cost, _, regions = _cost_graph(spec)
+    default = search(cost, regions, {}, resolve_options(never_worse=False))
+    level1 = search(cost, regions, {}, dataclasses.replace(resolve_options(never_worse=False), slice_time_budget=None))
+    limit = level1.prediction.step_time_s * (1 + DEFAULT_SLICE_TIME_BUDGET)
+    assert default.prediction.step_time_s <= limit * (1 + 1e-9)
+    assert default.prediction.peak_bytes <= level1.prediction.peak_bytes
 
 
 def test_pareto_front_keeps_only_undominated_points():
