@@ -219,4 +219,7 @@ def build(spec: SNNSpec) -> tuple[nn.Module, torch.Tensor]:
     x = torch.rand(spec.T, spec.N, spec.in_channels, spec.size, spec.size) * 4
     if spec.spike_input:
         x = (x > 2).float()
+        # At least one spike: on an all-zero example nothing downstream varies, and a neuron known only from its
+        # example values (neuron="value") cannot be told from a constant (found by the property run: no region formed).
+        x.view(-1)[0] = 1.0
     return model, x

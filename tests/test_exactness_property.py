@@ -36,11 +36,13 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
 
     assert report.ok, f"{spec}\n{report}"
     assert report.checked >= 3
-    # every region ran as a checkpoint and recomputed in backward
+    # every region ran as a checkpoint and recomputed in backward (a time-sliced one once per slice at least: the
+    # default slices the region at the peak)
     assert summary.region_count >= 1
+    chunks = {r.name: r.chunks for r in summary.regions}
     for name, stats in summary.runtime.items():
         assert stats.checkpointed_calls == 1, name
-        assert stats.recomputations == 1, name
+        assert stats.recomputations == 1 if chunks[name] == 1 else stats.recomputations >= chunks[name], name
         assert stats.unpacked_fallbacks == 0, name
     # the caller's example tensor is untouched
     assert torch.equal(x, x_before) and not x.requires_grad and x.grad is None
