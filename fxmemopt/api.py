@@ -186,26 +186,6 @@ def _input_report(graph: AnnotatedGraph, node: str, bits: int) -> InputReport:
     return InputReport(node, info.shape, info.dtype, str(info.value_set), 0, info.nbytes, info.nbytes, why)
 
 
-def _step_error(gm: nn.Module, inputs: tuple[Any, ...]) -> BaseException | None:
-    """Run one training step of ``gm`` (state, buffers, gradients and RNG restored); its exception, if any."""
-    try:
-        measure_step(gm, inputs, repeats=0, warmup=1, measure_memory=False)
-    except Exception as e:
-        return e
-    return None
-
-
-def _regions_in(error: BaseException, names: set[str]) -> set[str]:
-    """Regions whose forward or recomputation is on the traceback of ``error``."""
-    found: set[str] = set()
-    for frame, _ in traceback.walk_tb(error.__traceback__):
-        owner = frame.f_locals.get("self")
-        region = owner if isinstance(owner, CheckpointRegion) else getattr(owner, "region", None)
-        if isinstance(region, CheckpointRegion) and region.spec.name in names:
-            found.add(region.spec.name)
-    return found
-
-
 def _unwraps_overshot(base: ProfileResult, unwrapped: ProfileResult, wrapped: ProfileResult,
                       opts: Options) -> str | None:
     """Why the measured plan after unwrapping must be given up for the plan before it (``None``: keep it).
