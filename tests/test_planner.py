@@ -32,9 +32,13 @@ from fxmemopt.tools.tradeoffs import Tradeoff, pareto_front
 
 
 def _cost_graph(spec):
-    """The cost graph of a random SNN, with each node's forward time made deterministic (proportional to the bytes
-    it produces): wall times differ run to run, and the search's time decisions with them."""
-    model, x = build(spec)
+    """The cost graph of a random SNN, with deterministic op times (see ``_deterministic_cost_graph``)."""
+    return _deterministic_cost_graph(*build(spec))
+
+
+def _deterministic_cost_graph(model, x):
+    """The cost graph of ``model`` on ``x``, with each node's forward time made deterministic (proportional to the
+    bytes it produces): wall times differ run to run, and the search's time decisions with them."""
     _, stateful, graph, constants, annotated, regions = _pipeline(model, x)
     traced = make_graph_module(model, graph, "M", extra=constants)
     cost = build_cost_graph(annotated, record_step(traced, (x,), stateful))
@@ -106,21 +110,8 @@ def test_greedy_search_against_exhaustive_enumeration(spec, fractions):
     assert peaks == sorted(peaks)
 
 
-def _deep_cost_graph():
-    """DeepConvSNN's cost graph with deterministic op times (as ``_cost_graph``)."""
-    model, x = _deep()
-    _, stateful, graph, constants, annotated, regions = _pipeline(model, x)
-    traced = make_graph_module(model, graph, "M", extra=constants)
-    cost = build_cost_graph(annotated, record_step(traced, (x,), stateful))
-    times = {n: 1e-9 * (annotated[n].nbytes + 64) for n in annotated.order}
-    for n, t in times.items():
-        cost.nodes[n]["fwd_time_s"] = t
-    cost.graph["step_time_s"] = 3 * sum(times.values())
-    return cost, regions
-
-
 def test_the_default_slices_the_region_at_the_peak_within_its_time_budget():
-    cost, regions = _deep_cost_graph()
+    cost, _, regions = _deterministic_cost_graph(*_deep())
     default = search(cost, regions, {}, resolve_options())
     level1 = search(cost, regions, {}, resolve_options(level=1))  # asked for explicitly: checkpointing only
     assert resolve_options().slice_time_budget == DEFAULT_SLICE_TIME_BUDGET
