@@ -401,8 +401,7 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     """
     baseline = simulate(cost, None)
     result = SearchResult(Plan(()), baseline, baseline, candidates=len(regions))
-    if opts.level == 0 or not regions:
-        result.skipped_steps.append("level0:no_optimization" if opts.level == 0 else "level1:no_candidates")
+    if _nothing_to_search(regions, opts, result):
         return result
     planner = Planner(cost, facts(cost), opts, regions, split_candidates, baseline, result, progress)
     plan, pred = Plan(()), baseline
@@ -412,16 +411,29 @@ def search(cost: nx.DiGraph, regions: list[Region], split_candidates: dict[str, 
     return result
 
 
+def _nothing_to_search(regions: list[Region], opts: Options, result: SearchResult) -> bool:
+    """Level 0, or no candidate region: nothing to wrap (recorded in ``result``)."""
+    if opts.level == 0 or not regions:
+        result.skipped_steps.append("level0:no_optimization" if opts.level == 0 else "level1:no_candidates")
+        return True
+    return False
+
+
+def _wrapped(regions: list[Region], graph: AnnotatedGraph, opts: Options, result: SearchResult) -> Plan:
+    """The level-1 plan: the selected candidate regions whole (all, or the level-1 budget's share), each decision
+    recorded in ``result``."""
+    chosen = _select(regions, graph, opts, result)
+    result.selected = [r.anchor for r in chosen]
+    result.decisions += [Decision(r.name, "wrap" if r in chosen else "skip", result.explanation) for r in regions]
+    result.applied_steps.append("level1_gc")
+    return Plan(tuple(_region_plan(r, graph, opts.compress) for r in chosen))
+
+
 def wrap(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
     """Level 1: checkpoint the selected candidate regions (all, or the level-1 budget's share)."""
-    chosen = _select(p.regions, p.graph, p.opts, p.result)
-    p.result.selected = [r.anchor for r in chosen]
-    p.result.decisions += [Decision(r.name, "wrap" if r in chosen else "skip", p.result.explanation)
-                           for r in p.regions]
-    plan = Plan(tuple(_region_plan(r, p.graph, p.opts.compress) for r in chosen))
+    plan = _wrapped(p.regions, p.graph, p.opts, p.result)
     pred = p.evaluate(plan)
     p.level1 = (plan, pred)
-    p.result.applied_steps.append("level1_gc")
     return plan, pred
 
 
@@ -760,14 +772,9 @@ def applied(plan: Plan, cost: nx.DiGraph | None, source: str = "plan") -> Search
 def search_without_cost(regions: list[Region], graph: AnnotatedGraph, opts: Options) -> SearchResult:
     """Level 1 only (budgeted wrap), for when no cost model could be built; levels 2-4 need predictions."""
     result = SearchResult(Plan(()), None, None, candidates=len(regions))
-    if opts.level == 0 or not regions:
-        result.skipped_steps.append("level0:no_optimization" if opts.level == 0 else "level1:no_candidates")
+    if _nothing_to_search(regions, opts, result):
         return result
-    chosen = _select(regions, graph, opts, result)
-    result.selected = [r.anchor for r in chosen]
-    result.decisions += [Decision(r.name, "wrap" if r in chosen else "skip", result.explanation) for r in regions]
-    result.plan = Plan(tuple(_region_plan(r, graph, opts.compress) for r in chosen))
-    result.applied_steps.append("level1_gc")
+    result.plan = _wrapped(regions, graph, opts, result)
     if opts.level > 1:
         result.skipped_steps.append(f"level{opts.level}:no_cost_model")
     return result
