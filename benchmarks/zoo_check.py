@@ -14,6 +14,15 @@ Columns: model, preset, state (OK / FAIL: the comparison found differences / ERR
 checkpoint regions, optimize time, check time (compare_training_step; for the unoptimized row, its measured step),
 peak of one training step unoptimized and optimized (fxmemopt.measure_step) and their ratio, then the error:
 ``[stage] exception type: first line of its message``, or the first mismatch of the comparison.
+
+``--sj`` adds spikingjelly 2.0.0's own optimizer (``memopt.optimize_memory``, levels 1-4) on the same model, its
+peak measured the same way. SUBSTITUTION (as in ``benchmarks/vs_spikingjelly.py``): its levels 2-4 measure with
+CUDA only, so its measuring is replaced by the CPU storage tracker. It is given its best chance: ``targets`` are the
+classes of the modules that hold a neuron as a direct child (each model's blocks), ``split_fn`` their children
+(level 2), ``can_chunk`` always (level 3; it then also slices BatchNorm in time, which changes results: fxmemopt
+never does). Its best level is the one with the lowest peak. ``--time N`` adds each preset's step-time ratio to
+the unoptimized model (median of N interleaved pairs, one torch thread unless ``--threads``). ``--markdown`` prints
+the README's "Works with" rows at the end.
 """
 
 from __future__ import annotations
@@ -59,12 +68,44 @@ def _row(name: str, preset: str, status: str, regions="-", t_opt="-", t_cmp="-",
             f"{_mib(base):>9s} {_mib(peak):>9s} {ratio:>6s}  {err}")
 
 
-def check(name: str, presets: list[str], repeats: int, verbose: bool) -> list[dict]:
+def sj_targets(model: torch.nn.Module) -> tuple[type, ...]:
+    """The classes of the modules (not the root) that hold a spikingjelly neuron as a direct child: its blocks."""
+    from spikingjelly.activation_based import neuron
+
+    return tuple({type(m) for name, m in model.named_modules() if name and not isinstance(m, neuron.BaseNode)
+                  and any(isinstance(c, neuron.BaseNode) for c in m.children())})
+
+
+def sj_levels(pristine: torch.nn.Module, inputs, repeats: int) -> dict[int, int | str]:
+    """spikingjelly's ``optimize_memory`` at levels 1-4 (see the module docstring): level -> peak, or the error."""
+    from spikingjelly.activation_based.memopt import pipeline
+
+    from fxmemopt.tools.bench import patch_sj_for_cpu
+
+    patch_sj_for_cpu()
+    targets = sj_targets(pristine)
+    out: dict[int, int | str] = {}
+    for level in (1, 2, 3, 4):
+        m = copy.deepcopy(pristine)
+        try:
+            functional.reset_net(m)
+            pipeline.optimize_memory(m, targets, lambda mm: mm(*inputs), level=level, checkpoint_budget="memory",
+                                     compress=True, split_fn=lambda mod: list(mod.children()),
+                                     can_chunk=lambda leaf: True)
+            out[level] = _peak(m, inputs, repeats)
+        except Exception as e:  # recorded, not raised: the table says what ran
+            out[level] = _first_line(e)
+    return out
+
+
+def check(name: str, presets: list[str], repeats: int, verbose: bool, sj: bool = False,
+          time_pairs: int = 0) -> list[dict]:
     """Check one ZOO entry; print and return one result per preset (and one for the unoptimized baseline)."""
     results = []
 
     def emit(preset, status, **kw):
-        print(_row(name, preset, status, **kw), flush=True)
+        shown = {k: v for k, v in kw.items() if k not in ("time_ratio", "level")}
+        print(_row(name, preset, status, **shown), flush=True)
         results.append({"model": name, "preset": preset, "status": status, **kw})
 
     try:
@@ -104,8 +145,13 @@ def check(name: str, presets: list[str], repeats: int, verbose: bool) -> list[di
             t_cmp = f"{time.perf_counter() - t0:.2f}s"
             stage = "measure"
             peak = _peak(gm, inputs, repeats)
+            extra = {}
+            if time_pairs:
+                stage = "time"
+                extra["time_ratio"] = _time_ratio(copy.deepcopy(pristine), gm, inputs, time_pairs)
             if report.ok:
-                emit(preset, "OK", regions=regions, t_opt=t_opt, t_cmp=t_cmp, base=base, peak=peak)
+                emit(preset, "OK", regions=regions, t_opt=t_opt, t_cmp=t_cmp, base=base, peak=peak,
+                     err=f"time {extra['time_ratio']:.2f}x" if extra else "", **extra)
             else:
                 what, detail = report.mismatches[0]
                 detail = (str(detail).strip().splitlines() or [""])[0]
@@ -116,7 +162,47 @@ def check(name: str, presets: list[str], repeats: int, verbose: bool) -> list[di
                  err=f"[{stage}] {_first_line(e)}")
             if verbose:
                 traceback.print_exc()
+    if sj:
+        t0 = time.perf_counter()
+        levels = sj_levels(pristine, inputs, repeats)
+        ok = {lv: v for lv, v in levels.items() if isinstance(v, int)}
+        best = min(ok, key=ok.get) if ok else None
+        text = "; ".join(f"L{lv} {_mib(v) if isinstance(v, int) else v}" for lv, v in levels.items())
+        emit("sj-best", "OK" if ok else "ERROR", t_opt=f"{time.perf_counter() - t0:.2f}s", base=base,
+             peak=ok.get(best), err=text, level=best)
     return results
+
+
+def _time_ratio(base: torch.nn.Module, cand: torch.nn.Module, inputs, pairs: int) -> float:
+    """Median of ``pairs`` interleaved step-time ratios, neuron states reset before every step."""
+    from fxmemopt.tools.bench import _time_ratio as ratio
+
+    functional.reset_net(base)
+    functional.reset_net(cand)
+    return ratio(base, cand, inputs, pairs)
+
+
+def markdown(results: list[dict]) -> list[str]:
+    """The README's "Works with" rows: model, regions, unoptimized, each preset (and time), spikingjelly's best."""
+    rows = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        by = {r["preset"]: r for r in results if r["model"] == name}
+        base = by.get("unoptimized", {}).get("base")
+        if not base:
+            continue
+
+        def cell(r: dict | None, base: int = base) -> str:
+            if not r or r.get("peak") is None or r["status"] != "OK":
+                return r["status"] if r else "-"
+            t = f", {r['time_ratio']:.2f}x time" if "time_ratio" in r else ""
+            return f"{r['peak'] / 2**20:.1f} MiB ({base / r['peak']:.2f}x{t})"
+
+        sj = by.get("sj-best")
+        sj_cell = f"{cell(sj)} level {sj['level']}" if sj and sj.get("level") else "-"
+        regions = by.get("default", {}).get("regions", "-")
+        rows.append(f"| spikingjelly `{name}` | {regions} | {base / 2**20:.1f} MiB | {cell(by.get('default'))} | "
+                    f"{cell(by.get('memory'))} | {sj_cell} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--warnings", action="store_true", help="show warnings (hidden by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks")
+    p.add_argument("--sj", action="store_true", help="also spikingjelly's optimize_memory, levels 1-4 (its best)")
+    p.add_argument("--time", type=int, default=0, metavar="N", help="step-time ratios, median of N interleaved pairs")
+    p.add_argument("--markdown", action="store_true", help="print the README table rows at the end")
     args = p.parse_args(argv)
 
     if args.list:
@@ -140,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     presets = [s for s in args.presets.split(",") if s]
     if bad := [s for s in presets if s not in PRESETS]:
         p.error(f"unknown preset(s) {bad}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.time:
+        torch.set_num_threads(args.threads or 1)
     if not args.warnings:
         warnings.filterwarnings("ignore")
 
@@ -150,12 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t0 = time.perf_counter()
     for name in args.names or list(sj_zoo.ZOO):
-        results.extend(check(name, presets, args.repeats, args.verbose))
+        results.extend(check(name, presets, args.repeats, args.verbose, sj=args.sj, time_pairs=args.time))
     tried = [r for r in results if r["preset"] in presets]
     ok = sum(r["status"] == "OK" for r in tried)
     broken = sorted({r["model"] for r in results if r["preset"] in ("build", "unoptimized") and r["status"] != "OK"})
     print(f"\n{ok}/{len(tried)} optimized runs OK; {len(tried) - ok} FAIL/ERROR; "
           f"models that do not train unoptimized: {broken or 'none'}; {time.perf_counter() - t0:.0f}s")
+    if args.markdown:
+        print("\n| model | regions | unoptimized | default | `prefer=\"memory\"` | spikingjelly best |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(markdown(results)))
     return 0
 
 

@@ -83,8 +83,13 @@ def _check_model(model: Any) -> None:
 
 
 def _library_leaves(model: nn.Module) -> tuple[type, ...]:
-    return tuple({type(m) for m in model.modules()
-                  if type(m).__module__.startswith(LIBRARY_LEAF_MODULES) and m is not model})
+    """The library layer classes kept whole, except containers that hold a neuron (spikingjelly's
+    ``OTTTSequential``, the whole feature extractor of its OTTT VGG), with every other instance of their class: kept
+    whole, all its neurons would be one region recomputed at once. Its forward is generic, so it is traced into (and
+    kept whole only if that fails)."""
+    library = [m for m in model.modules() if type(m).__module__.startswith(LIBRARY_LEAF_MODULES) and m is not model]
+    holders = {type(m) for m in library if any(has_memories(c) for c in m.modules() if c is not m)}
+    return tuple({type(m) for m in library} - holders)
 
 
 class ResetOnEntry:
@@ -314,6 +319,8 @@ class Built:
     plan: Plan
     failed: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
+    #: regions left out because the measured peak of a step with them was above the unoptimized step's
+    over_peak: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -477,6 +484,72 @@ def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ..
     return Built(gm, stats, plan, tuple(failed), tuple(notes))
 
 
+#: Measured never-worse (:func:`_kept_below`): regions taken out one at a time, each followed by a measured step,
+#: before the rest are taken out together. Each round is one training step under the storage tracker.
+MEASURED_NEVER_WORSE_ROUNDS = 3
+
+
+def _region_at_peak(timeline: Sequence[tuple[str, int]], names: set[str]) -> str | None:
+    """The region whose tensors are the likeliest cause of a step's peak: the last region event (forward entry or
+    exit, recomputation start or end) before the op at which live bytes were highest."""
+    if not timeline:
+        return None
+    at = max(range(len(timeline)), key=lambda k: timeline[k][1])
+    for label, _ in reversed(timeline[:at + 1]):
+        region = label.split(":", 2)[-1] if label.startswith("mark:") else ""
+        if region in names:
+            return region
+    return None
+
+
+def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph | None, req: Request) -> Built:
+    """Never worse, measured: one training step of the result under the storage tracker, against one of the
+    unoptimized model (same tracker, same inputs, :func:`fxmemopt.measure_step` both). While its peak is above
+    that, the region active at the peak (:func:`_region_at_peak`) is left out and the step measured again; after
+    :data:`MEASURED_NEVER_WORSE_ROUNDS` such rounds, or when no region is active at the peak, all the regions left
+    are (the unoptimized step: never worse, at a bounded cost).
+
+    The search already leaves out the regions the cost model predicts to raise the peak; this catches what the model
+    gets wrong (a recomputation's transient, a packing that fell back). CPU only: on CUDA the allocator's peak is not
+    the recorder's quantity, and the prediction stands. Skipped with ``never_worse=False``, without a recording (a
+    saved plan), and for a network called several times per step (``calls_per_step``: one call's peak is not the
+    step's)."""
+    inputs = [t for t in torch.utils._pytree.tree_leaves(list(req.inputs)) if isinstance(t, torch.Tensor)]
+    if cost is None or not req.opts.never_worse or not built.plan.regions or req.opts.calls_per_step != 1 or \
+            any(t.device.type != "cpu" for t in inputs):
+        return built
+    try:  # the same measurement of the model itself (the recorder's peak can differ by a few hundred bytes)
+        base = measure_step(model, req.inputs, repeats=0, warmup=0).peak_bytes
+    except Exception:
+        base = int(cost.graph["peak_bytes"])
+    plan, gm, stats, out = built.plan, built.gm, built.stats, []
+    for attempt in range(MEASURED_NEVER_WORSE_ROUNDS + 1):
+        try:
+            peak = measure_step(gm, req.inputs, repeats=0, warmup=0, timeline=True)
+        except Exception:  # the step fails on the model itself too (the validation's note says so): nothing to compare
+            break
+        if peak.peak_bytes <= base:
+            break
+        names = {r.name for r in plan.regions}
+        culprit = _region_at_peak(peak.timeline, names)
+        # the last round (or no region at the peak): all of them, which is the unoptimized step
+        bad = {culprit} if culprit and attempt < MEASURED_NEVER_WORSE_ROUNDS else names
+        why = f"raised the measured peak: {peak.peak_bytes} bytes with it, {base} unoptimized"
+        out += [(n, why) for n in sorted(bad)]
+        plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name not in bad))
+        gm, stats = _build(model, an, plan)
+        if not plan.regions:
+            break
+    for st in stats.values():  # the measured steps are not the user's
+        st.reset()
+    if not out:
+        return built
+    warnings.warn(f"fxmemopt: never worse, measured: {len(out)} region(s) left out, a training step with them peaked "
+                  f"above the unoptimized step ({'; '.join(f'{n}: {why}' for n, why in out)}); never_worse=False "
+                  f"keeps them", FxMemOptWarning, stacklevel=4)
+    return dataclasses.replace(built, gm=gm, stats=stats, plan=plan, over_peak=tuple(out))
+
+
 def _measure(candidates: list[tuple[str, nn.Module]], req: Request) -> tuple[list[ProfileResult], str]:
     """Measure candidate modules: in one reused worker, in this process, or with the user's function."""
     w = 1 if req.opts.warmup_in_profile_workers else 0
@@ -541,16 +614,22 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
             started: float) -> Summary:
     """The :class:`~fxmemopt.report.summary.Summary`: what was done and why, predicted and measured."""
     decisions = list(result.decisions) + [Decision(n, "unwrap", f"failed in the validation step: {why}")
-                                          for n, why in built.failed]
+                                          for n, why in built.failed] + [Decision(n, "unwrap", why)
+                                                                         for n, why in built.over_peak]
     if measured is not None and measured.reverted:
         decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
-    result = dataclasses.replace(result, decisions=decisions, pre_unwrap=None if built.failed else result.pre_unwrap)
+    result = dataclasses.replace(result, decisions=decisions,
+                                 pre_unwrap=None if built.failed or built.over_peak else result.pre_unwrap)
     how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
                "declared" if isinstance(model.get_submodule(p), req.declared) else f"updates {', '.join(n)}")
            for p, n in an.stateful.items()}
     all_notes = ([] if an.regions else ["no stateful module (spiking neuron) was found, so no region was formed; "
                                         "pass targets=... or stateful_modules=... to say which layers to checkpoint"])
     all_notes += notes + list(result.notes) + list(built.notes)
+    if built.over_peak:
+        all_notes.append(f"never worse, measured: {len(built.over_peak)} region(s) left out because a training step "
+                         f"with them peaked above the unoptimized step ({', '.join(n for n, _ in built.over_peak)}; "
+                         f"never_worse=False keeps them)")
     if an.found.resets:
         all_notes.append(f"the model's forward resets {', '.join(an.found.resets)} before using them; the optimized "
                          f"module does the same at the start of every call (tracing cannot see it)")
@@ -645,8 +724,9 @@ def optimize(
         never_worse: leave out the regions whose checkpointing raises the predicted peak (small layers, where the
             kept inputs and the recomputation cost more than they free), most harmful first, and return the model
             without regions when no plan predicts a peak at or below the unoptimized one; both are said in
-            ``summary.notes`` and a warning. ``False`` keeps every region the search chose (for experiments and tests
-            of the rewrite).
+            ``summary.notes`` and a warning. On CPU the result is then measured against the model (one training step
+            each under the storage tracker), and the regions active at a peak above the model's are left out too.
+            ``False`` keeps every region the search chose (for experiments and tests of the rewrite).
         checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
             ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
         temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the
@@ -729,6 +809,8 @@ def optimize(
         # rewrite + validate: checkpoint regions in a new GraphModule; one training step of it, failing regions out
         step("rewriting and validating one training step of the result")
         built = _validated(model, an, result.plan, req.inputs)
+        # never worse, measured: one tracked step of the result; regions at a peak above the unoptimized one out
+        built = _kept_below(model, an, built, cost, req)
         # profile: confirm by measurement (optional; failures are recorded, never raised)
         built, measured = _confirmed(model, an, built, result, req, step)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example

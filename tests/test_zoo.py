@@ -1,6 +1,7 @@
 """spikingjelly 2.0.0's own model zoo (``activation_based.model``), unmodified, multi-step: ``optimize`` succeeds with
 the default and with ``prefer="memory"``, every region it formed runs (none left out by the validation step), and
-one training step is bitwise equal to the unoptimized model's. Builders and sizes: ``tests/sj_zoo.py``.
+one training step is bitwise equal to the unoptimized model's, and its measured peak is not above the unoptimized
+model's (never worse). Builders and sizes: ``tests/sj_zoo.py``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,20 @@ def test_zoo_model_is_optimized_and_exact(name, prefer):
     model, inputs = sj_zoo.ZOO[name]()
     reference = copy.deepcopy(model)
     gm, summary = fxmemopt.optimize(model, inputs, prefer=prefer, return_summary=True)
-    assert summary.regions, f"{name}: no region formed"
+    # no region only where never-worse found none that lowers the peak (the MNIST nets: parameter gradients dominate)
+    assert summary.regions or any("never worse" in n for n in summary.notes), f"{name}: no region formed"
     assert not summary.failed_regions, summary.failed_regions
     for m in (reference, gm):
         functional.reset_net(m)
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, f"{name} prefer={prefer}: {report}"
     assert all(st.checkpointed_calls or st.plain_calls for st in summary.runtime.values())
+    # never worse, measured: the returned module's peak is not above the unoptimized model's (optimize measured it
+    # too; the heavy ones are left to that, for the suite's time)
+    if name in _HEAVY:
+        return
+    peaks = []
+    for m in (reference, gm):
+        functional.reset_net(m)
+        peaks.append(fxmemopt.measure_step(m, inputs, repeats=0, warmup=0).peak_bytes)
+    assert peaks[1] <= peaks[0], f"{name} prefer={prefer}: peak {peaks[1]} > unoptimized {peaks[0]}"

@@ -198,7 +198,10 @@ def observe_value_set(value: Any) -> ValueSet:
 
 def _decide(static: ValueSet, observed: ValueSet) -> ValueSet:
     if static.unknown:
-        return observed if observed.is_int else REAL
+        # An example of all zeros (a neuron that did not fire, the dropout after it) says nothing about the values
+        # training will see: packing it at 1 bit would fall back to full storage at the first spike, and the plan's
+        # prediction with it.
+        return observed if observed.is_int and observed.hi else REAL
     if static.is_int and observed.is_int and observed.hi <= static.hi:
         return static
     return REAL
@@ -230,6 +233,14 @@ def _makes_spikes(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bo
     """Real floating values in, a floating tensor of small non-negative integers (spikes) out."""
     real_in = any(t.is_floating_point() and t.numel() and not observe_value_set(t).is_int for t in inputs)
     return real_in and any(t.is_floating_point() and t.numel() and observe_value_set(t).is_int for t in outputs)
+
+
+def _builtin_layer(module: nn.Module | None) -> bool:
+    """A torch.nn layer (or a library's subclass of one: spikingjelly's multi-step ``layer.BatchNorm2d``): never a
+    neuron, whatever its output holds on the example. A BatchNorm whose weight starts at zero (MS-ResNet's last one
+    in each block) outputs all zeros from real input, which the value test alone would take for a silent neuron."""
+    return module is not None and any(c is not nn.Module and c.__module__.startswith("torch.nn.modules.")
+                                      for c in type(module).__mro__)
 
 
 def _target_name(node: fx.Node) -> str:
@@ -330,7 +341,7 @@ class _Annotator(fx.Interpreter):
             if stateful else []
         result = super().run_node(n)
         tensors = _flat_tensors(result)
-        spiking = n.op == "call_module" and _makes_spikes(
+        spiking = n.op == "call_module" and not _builtin_layer(module) and _makes_spikes(
             [t for a in n.all_input_nodes for t in _flat_tensors(self.env.get(a))], tensors)
         chunkable = (stateful or spiking) and module is not None and self._time_chunkable(
             n, module, before, result, stateful)

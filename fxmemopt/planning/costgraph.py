@@ -444,11 +444,13 @@ def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Seque
 
 
 def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
-                   replays: _Replays, ne: dict[str, tuple[int, int]]) -> dict[str, StorageRecord]:
+                   replays: _Replays, ne: dict[str, tuple[int, int]],
+                   kept_by_ref: dict[str, list[str]]) -> dict[str, StorageRecord]:
     """Time-sliced regions (Rule 8): the concatenation of slice outputs in forward. In backward, the first block
     recomputes the neuron's input, replays the neuron for every slice's start state, and copies the input into one
-    part per slice; a slice's part and start state die when that slice has been recomputed. Returns, per region,
-    the storage of the neuron's input recomputed by the prefix (charged here, not again with the storages)."""
+    part per slice (views instead, when the input is one the region keeps by reference: it is alive anyway); a
+    slice's part and start state die when that slice has been recomputed. Returns, per region, the storage of the
+    neuron's input recomputed by the prefix (charged here, not again with the storages)."""
     x_storage: dict[str, StorageRecord] = {}
     for r, sl in replays.slicing.items():
         neuron_end = lay.pos[ne[sl.neuron][1]]
@@ -458,13 +460,15 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
             continue
         x_node = annotated[sl.neuron].inputs[0]
         x_bytes = annotated[x_node].nbytes
+        held = r in kept_by_ref.get(x_node, ())  # the parts are views of a stored input: nothing new
         prefix_pos = [lay.rc_pos[first_b][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[first_b]]
         parts_at = max(prefix_pos, default=lay.rc_start[first_b])  # where the parts and start states are made
         every = checkpoint_every(sl.k)  # start states: a checkpoint every `every` slices (Rule 8)
         for c in range(sl.k):
             b = _Block(r, "slice", c)
             if b in lay.rc_end:
-                live.add(x_bytes * sl.sizes[c] // sl.steps, parts_at, lay.rc_end[b])
+                if not held:
+                    live.add(x_bytes * sl.sizes[c] // sl.steps, parts_at, lay.rc_end[b])
                 # The first slice starts from the region's entry state (referenced anyway); checkpoints and the last
                 # segment's states exist from the first replay, the others from their segment's replay.
                 segment_end = min(sl.k - 1, c - c % every + every - 1)
@@ -488,7 +492,7 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
         if candidates:
             x_storage[r] = candidates[0]
             live.add(x_bytes, lay.rc_pos[first_b][candidates[0].alloc], parts_at)
-        else:
+        elif not held:
             live.add(x_bytes, lay.rc_start[first_b], parts_at)
     return x_storage
 
@@ -610,7 +614,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     lay = _layout(annotated, regions, ne, events, replays)
     live = _Live(lay.end)
     kept_by_ref = _charge_region_inputs(live, annotated, regions, lay)
-    x_storage = _charge_slices(live, annotated, storages, lay, replays, ne)
+    x_storage = _charge_slices(live, annotated, storages, lay, replays, ne, kept_by_ref)
     _charge_whole_slices(live, annotated, by_region, lay, replays)
     _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage)
 

@@ -12,7 +12,10 @@ Two ways to find regions:
   from the neuron through node inputs and stops at placeholders, parameter reads (``get_attr``), other stateful
   calls and nodes an earlier region already claimed. Seeds are taken in graph order, which keeps every region
   *convex* (no path leaves a region and comes back), so collapsing a region into one call keeps the graph acyclic.
-  Nodes that feed no neuron (the classifier head) stay outside regions.
+  Nodes that feed no neuron (the classifier head) stay outside regions. Where a grown region computes a value also
+  read outside it (membrane-shortcut blocks: the previous residual sum, which is also the next shortcut), the nodes
+  behind that value are cut out: the neuron's region starts at the value (one output, sliceable in time), and the
+  layers cut out form regions without a neuron (:func:`_side_outputs_cut`).
 * **by module class** (``targets=(VGGBlock,)``): every call of a module whose class is a target forms one region
   of all nodes traced inside that call (the outermost target wins when targets nest). A leaf module that is a
   target forms a one-node region.
@@ -253,10 +256,52 @@ def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
                                      or _picks_from_neuron(graph, n) or ni.target in SIDE_EFFECT_TARGETS)
 
         # the neuron and what feeds it back to the boundaries: its ancestors in the graph of nodes it may take
-        members = [seed] + list(nx.ancestors(nx.subgraph_view(graph.digraph, filter_node=grows), seed))
+        members = {seed} | nx.ancestors(nx.subgraph_view(graph.digraph, filter_node=grows), seed)
+        cut, chains = _side_outputs_cut(graph, seed, members)
+        # what was cut stays claimed: a later neuron growing back through a free residual sum would take the
+        # whole residual stream before it, and its region would both feed and follow this one
         claimed.update(members)
-        regions.append(_make(graph, info.target, members, used))
+        regions.append(_make(graph, info.target, list(members - cut), used))
+        for chain in chains:
+            anchor = graph[max((n for n in chain if graph[n].op == "call_module"), key=graph.order.index)].target
+            regions.append(_make(graph, anchor, list(chain), used))
     return regions
+
+
+def _side_outputs_cut(graph: AnnotatedGraph, seed: str, members: set[str]) -> tuple[set[str], list[set[str]]]:
+    """Cut a grown region where a value it computes is also read outside it; returns ``(nodes cut, chains)``.
+
+    Membrane-shortcut and pre-activation blocks (MS-ResNet: ``x + bn(conv(sn(x)))``) put the neuron first: growing
+    back from the neuron takes the previous block's residual sum, whose value is also the next block's shortcut.
+    Such a region has two outputs: it cannot be sliced in time, and it keeps the sum's operands while the sum
+    itself stays alive anyway. The nodes that compute a side output (with everything in the region that feeds them)
+    leave the neuron's region, which then starts at the side output: one input that is needed anyway, one output
+    (the spikes), sliceable. Of the nodes cut, the layers (module calls) that feed the side output form a region of
+    their own without a neuron (``conv -> bn`` of a shortcut or of a block's last layer, stem layers): it keeps its
+    input, usually spikes or a value stored anyway, and recomputes the layers' intermediates. Element-wise nodes at
+    its end (the residual sum) stay outside: they save nothing for backward, and taking them would store their
+    other operands. The search leaves either region out where it does not lower the peak.
+    """
+    side = [n for n in members if n != seed and any(
+        u not in members and not is_metadata(graph, u) for u in graph.users[n])]
+    if not side:
+        return set(), []
+    cut = set(side)
+    for n in side:
+        cut |= nx.ancestors(graph.digraph, n) & members
+    chain = set(cut)
+    changed = True
+    while changed:  # strip trailing element-wise nodes: they save nothing and would store their other operands
+        changed = False
+        for n in list(chain):
+            if graph[n].op != "call_module" and not any(u in chain for u in graph.users[n]):
+                chain.discard(n)
+                changed = True
+    # One region per connected piece (a block's last layers and its shortcut's layers are separate chains), if it
+    # has a layer and an interior value (a layer alone would keep only its input, which it saves anyway).
+    pieces = nx.weakly_connected_components(graph.digraph.subgraph(chain))
+    return cut, [p for p in pieces if any(graph[n].op == "call_module" for n in p) and any(
+        i in p for n in p for i in graph[n].inputs)]
 
 
 def split_region(graph: AnnotatedGraph, region: Region, used: set[str]) -> list[Region]:

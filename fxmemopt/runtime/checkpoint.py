@@ -46,7 +46,8 @@ Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its fo
     and autograd's graph carries the state's gradient from slice to slice. The frame records only each slice's
     range of saved tensors and the RNG at the neuron's start: keeping every slice's start state from forward to
     backward would cost (k/T) of a layer's activation per region. In backward, the first slice needed (the last
-    one) triggers one recomputation of the prefix, which is copied into one input part per slice, and one no-grad
+    one) triggers one recomputation of the prefix, which is copied into one input part per slice (or viewed, when
+    the neuron's input is an input the region stores whole: it is alive anyway, a copy would double it), and one no-grad
     replay of the neuron that keeps the start state of every ``m``-th slice (``m = isqrt(k - 1) + 1``) and of the
     last segment; a segment's other start states are replayed from its checkpoint when backward reaches it (about
     ``2 sqrt(k)`` states alive instead of ``k``, for one more no-grad pass of the neuron). Then each slice is
@@ -650,8 +651,15 @@ class _ChunkedFrame(_Frame):
                                                 stop_early=False))
             grad = x.requires_grad
             # Each slice's input in a storage of its own, so that it dies with its slice: while backward goes from
-            # the last slice to the first, the input's parts die as fast as its gradient's parts appear.
-            self.x_parts = [x[t0:t1].detach().clone().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
+            # the last slice to the first, the input's parts die as fast as its gradient's parts appear. Unless the
+            # input is one the region stores whole (a neuron-only region's real-valued input): it stays alive
+            # until the region's backward ends anyway, and copies would only double it; views cost nothing.
+            held = {t.untyped_storage().data_ptr() for t in self.stored
+                    if isinstance(t, torch.Tensor) and not isinstance(t, PackedTensor)}
+            if x.untyped_storage().data_ptr() in held:
+                self.x_parts = [x[t0:t1].detach().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
+            else:
+                self.x_parts = [x[t0:t1].detach().clone().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
             del x
             # Start states: one replay keeps every `every`-th (checkpoints) and the last segment's; a segment's
             # others are replayed from its checkpoint when backward reaches it (about 2 sqrt(k) states alive).
