@@ -8,7 +8,8 @@ state restored after each); one training step compared bitwise against a ``copy.
 (``fxmemopt.compare_training_step``); then "step 2": the same step once more on each side (no optimizer step in
 between), which must reproduce that side's step 1 bitwise since every model here resets its neurons per sequence.
 
-``snntorch_single_step_net`` is one time step per call, so its step is the whole sequence run with
+``snntorch_single_step_net`` is one time step per call (optimized with ``calls_per_step=T``), so its step is the
+whole sequence run with
 ``snntorch_run_sequence`` (``utils.reset`` then T calls), outputs and every parameter gradient compared bitwise,
 and its peaks are those of that whole sequence; the one-call ``compare_training_step`` (on copies) is shown too.
 A deepcopy is not in snntorch's class-level ``SpikingNeuron.instances`` list, so ``utils.reset`` never resets it:
@@ -113,7 +114,9 @@ def check(name: str, factory: Callable[[], tuple[nn.Module, tuple[Any, ...]]], p
     row["inputs"] = " ".join(str(tuple(x.shape)) for x in inputs)
     t0 = time.perf_counter()
     try:
-        gm, summary = fxmemopt.optimize(model, inputs, prefer=prefer, return_summary=True)
+        # one call is one time step: the step the plan is for is T calls (what the README row says)
+        calls = {"calls_per_step": other_libs.snntorch_example_sequence().shape[0]} if name == SINGLE_STEP else {}
+        gm, summary = fxmemopt.optimize(model, inputs, prefer=prefer, return_summary=True, **calls)
     except Exception as e:
         row["optimize"] = f"raised {_err(e)}"
         return row
