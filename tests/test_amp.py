@@ -33,7 +33,9 @@ def test_mixed_precision_training_step_is_exact(case, prefer):
     x = torch.rand(4, 2, 2, 48, 48).to(model_dtype)
     reference = copy.deepcopy(model)
     with _autocast(autocast_dtype):
-        gm, summary = fxmemopt.optimize(model, (x,), prefer=prefer, return_summary=True)
+        # never_worse=False: every region stays (what is tested is exactness under reduced precision; measuring
+        # the peak of reduced-precision steps on CPU would double this test's time)
+        gm, summary = fxmemopt.optimize(model, (x,), prefer=prefer, return_summary=True, never_worse=False)
         report = fxmemopt.compare_training_step(reference, gm, (x,))
     assert report.ok, report.mismatches
     assert summary.packed_input_count > 0  # spikes are still stored packed under reduced precision
