@@ -76,26 +76,86 @@ def sj_targets(model: torch.nn.Module) -> tuple[type, ...]:
                   and any(isinstance(c, neuron.BaseNode) for c in m.children())})
 
 
-def sj_levels(pristine: torch.nn.Module, inputs, repeats: int) -> dict[int, int | str]:
-    """spikingjelly's ``optimize_memory`` at levels 1-4 (see the module docstring): level -> peak, or the error."""
+def sj_levels(pristine: torch.nn.Module, inputs, repeats: int) -> dict[int, dict | str]:
+    """spikingjelly's ``optimize_memory`` at levels 1-4 (see the module docstring): level -> ``{"peak", "exact",
+    "diff"}`` (its measured peak; whether one training step is bitwise equal to the unoptimized model's, checked
+    with ``fxmemopt.compare_training_step``; the largest gradient difference), or the error."""
     from spikingjelly.activation_based.memopt import pipeline
 
     from fxmemopt.tools.bench import patch_sj_for_cpu
 
     patch_sj_for_cpu()
     targets = sj_targets(pristine)
-    out: dict[int, int | str] = {}
+    out: dict[int, dict | str] = {}
     for level in (1, 2, 3, 4):
         m = copy.deepcopy(pristine)
         try:
             functional.reset_net(m)
+            names = _names_by_id(m)  # its wrappers rename parameters: compare them by identity
             pipeline.optimize_memory(m, targets, lambda mm: mm(*inputs), level=level, checkpoint_budget="memory",
                                      compress=True, split_fn=lambda mod: list(mod.children()),
                                      can_chunk=lambda leaf: True)
-            out[level] = _peak(m, inputs, repeats)
+            reference = copy.deepcopy(pristine)
+            functional.reset_net(reference)
+            functional.reset_net(m)
+            exact, diff = _same_step(reference, m, names, inputs)
+            out[level] = {"peak": _peak(m, inputs, repeats), "exact": exact, "diff": diff}
         except Exception as e:  # recorded, not raised: the table says what ran
             out[level] = _first_line(e)
     return out
+
+
+def _names_by_id(module: torch.nn.Module) -> dict[int, str]:
+    """id -> name of every parameter, buffer and neuron (by its own module path) of ``module``."""
+    from spikingjelly.activation_based import neuron
+
+    named = {id(p): n for n, p in module.named_parameters()}
+    named.update({id(b): n for n, b in module.named_buffers()})
+    named.update({id(m): n for n, m in module.named_modules() if isinstance(m, neuron.BaseNode)})
+    return named
+
+
+def _same_step(reference: torch.nn.Module, candidate: torch.nn.Module, names: dict[int, str],
+               inputs) -> tuple[bool, float]:
+    """One training step of each from the same seed: (bitwise equal outputs, input and parameter gradients,
+    buffers and neuron states; the largest gradient difference). ``names`` maps the candidate's objects to the
+    names they had before spikingjelly wrapped them (``compare_training_step`` matches by name)."""
+    from spikingjelly.activation_based import neuron
+
+    runs = []
+    for module, rename in ((reference, None), (candidate, names)):
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        torch.manual_seed(0)
+        out = module(*xs)
+        fxmemopt.profiling.measure.default_loss(out).backward()
+
+        def key(obj, name, rename=rename):
+            return rename.get(id(obj), name) if rename else name
+
+        got = {f"in{k}": x.grad for k, x in enumerate(xs)}
+        got |= {f"out{k}": t.detach() for k, t in enumerate(torch.utils._pytree.tree_leaves(out))}
+        got |= {"grad:" + key(p, n): p.grad for n, p in module.named_parameters()}
+        got |= {"buf:" + key(b, n): b for n, b in module.named_buffers()}
+        got |= {"v:" + key(mm, n): mm.v for n, mm in module.named_modules()
+                if isinstance(mm, neuron.BaseNode) and isinstance(getattr(mm, "v", None), torch.Tensor)}
+        runs.append(got)
+    ref, cand = runs
+    exact, diff = set(ref) == set(cand), 0.0
+    for k in ref.keys() & cand.keys():
+        a, b = ref[k], cand[k]
+        if a is None or b is None or a.shape != b.shape:
+            exact = exact and a is None and b is None
+            continue
+        exact = exact and torch.equal(a, b)
+        if k.startswith(("grad:", "in")):
+            diff = max(diff, (a.double() - b.double()).abs().max().item())
+    return exact, diff
+
+
+def _sj_text(level: int, v: dict | str) -> str:
+    if isinstance(v, str):
+        return f"L{level} {v}"
+    return f"L{level} {_mib(v['peak'])}" + ("" if v["exact"] else f" (not exact, grad diff {v['diff']:.2g})")
 
 
 def check(name: str, presets: list[str], repeats: int, verbose: bool, sj: bool = False,
@@ -104,7 +164,7 @@ def check(name: str, presets: list[str], repeats: int, verbose: bool, sj: bool =
     results = []
 
     def emit(preset, status, **kw):
-        shown = {k: v for k, v in kw.items() if k not in ("time_ratio", "level")}
+        shown = {k: v for k, v in kw.items() if k in ("regions", "t_opt", "t_cmp", "base", "peak", "err")}
         print(_row(name, preset, status, **shown), flush=True)
         results.append({"model": name, "preset": preset, "status": status, **kw})
 
@@ -165,11 +225,15 @@ def check(name: str, presets: list[str], repeats: int, verbose: bool, sj: bool =
     if sj:
         t0 = time.perf_counter()
         levels = sj_levels(pristine, inputs, repeats)
-        ok = {lv: v for lv, v in levels.items() if isinstance(v, int)}
-        best = min(ok, key=ok.get) if ok else None
-        text = "; ".join(f"L{lv} {_mib(v) if isinstance(v, int) else v}" for lv, v in levels.items())
+        ok = {lv: v for lv, v in levels.items() if isinstance(v, dict)}
+        best = min(ok, key=lambda lv: ok[lv]["peak"]) if ok else None
+        exact = {lv: v for lv, v in ok.items() if v["exact"]}
+        best_exact = min(exact, key=lambda lv: exact[lv]["peak"]) if exact else None
+        text = "; ".join(_sj_text(lv, v) for lv, v in levels.items())
         emit("sj-best", "OK" if ok else "ERROR", t_opt=f"{time.perf_counter() - t0:.2f}s", base=base,
-             peak=ok.get(best), err=text, level=best)
+             peak=ok[best]["peak"] if ok else None, err=text, level=best,
+             exact=bool(ok) and ok[best]["exact"], diff=ok[best]["diff"] if ok else None,
+             exact_level=best_exact, exact_peak=exact[best_exact]["peak"] if exact else None)
     return results
 
 
@@ -198,7 +262,14 @@ def markdown(results: list[dict]) -> list[str]:
             return f"{r['peak'] / 2**20:.1f} MiB ({base / r['peak']:.2f}x{t})"
 
         sj = by.get("sj-best")
-        sj_cell = f"{cell(sj)} level {sj['level']}" if sj and sj.get("level") else "-"
+        sj_cell = "-"
+        if sj and sj.get("level"):
+            sj_cell = f"{cell(sj)} level {sj['level']}"
+            if not sj["exact"]:  # its lowest peak changes the training step: say so, and give its best exact one
+                sj_cell += f", not exact (gradients differ by up to {sj['diff']:.1g})"
+                if sj.get("exact_level"):
+                    sj_cell += (f"; exact: {sj['exact_peak'] / 2**20:.1f} MiB ({base / sj['exact_peak']:.2f}x) "
+                                f"level {sj['exact_level']}")
         regions = by.get("default", {}).get("regions", "-")
         rows.append(f"| spikingjelly `{name}` | {regions} | {base / 2**20:.1f} MiB | {cell(by.get('default'))} | "
                     f"{cell(by.get('memory'))} | {sj_cell} |")

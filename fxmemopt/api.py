@@ -21,6 +21,7 @@ from torch import fx, nn
 from .analysis.annotate import AnnotatedGraph, annotate
 from .analysis.state import ModelState, has_memories, probe, set_state
 from .analysis.trace import make_graph_module, trace
+from .analysis.units import Units, find_units
 from .errors import (
     FxMemOptError,
     FxMemOptWarning,
@@ -49,6 +50,7 @@ from .profiling.verify import slice_effects
 from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
 from .report.summary import InputReport, RegionReport, Summary
 from .runtime.checkpoint import CheckpointRegion, RegionStats
+from .runtime.hierarchy import UncalledModulesCheck, uncalled_modules
 from .runtime.packing import packed_nbytes
 from .runtime.rewrite import rewrite
 
@@ -223,6 +225,7 @@ class Analysis:
         annotated: the annotated graph (plain data).
         regions: the candidate regions.
         splits: region name -> the per-neuron regions it can be split into.
+        units: the modules kept as modules (``keep_modules``).
     """
 
     found: Any
@@ -232,10 +235,11 @@ class Analysis:
     annotated: AnnotatedGraph
     regions: tuple[Region, ...]
     splits: dict[str, list[Region]]
+    units: Units = Units()
 
 
 def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, ...] = (),
-            leaf: tuple[type | str, ...] = (), declared: tuple[type, ...] = (),
+            leaf: tuple[type | str, ...] = (), declared: tuple[type, ...] = (), keep: tuple[type | str, ...] = (),
             progress: Callable[[str], None] | None = None) -> Analysis:
     """The analysis stages: probe, trace, annotate, find regions. The model is left as it was.
 
@@ -245,6 +249,7 @@ def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, .
         targets: module types whose instances are regions (empty: weight-norm-neuron layers).
         leaf: module types or paths to keep whole.
         declared: module types declared stateful.
+        keep: module paths or types kept as modules (``keep_modules``): no region crosses their boundaries.
         progress: told the name of each stage as it starts.
 
     Raises:
@@ -275,12 +280,15 @@ def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, .
     step("annotating shapes and spike value sets")
     annotated = annotate(traced, inputs, stateful)
     # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
+    # (never across the boundary of a module kept as a module)
+    units = find_units(captured.graph, model, keep)
+    unit_of = units.unit_of()
     target_paths = {p for p, m in model.named_modules() if isinstance(m, targets)} if targets else None
-    regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in targets))
+    regions = find_regions(annotated, target_paths, ", ".join(t.__name__ for t in targets), unit_of)
     used = {r.name for r in regions}
-    splits = {r.name: parts for r in regions if len(r.stateful) > 1 for parts in [split_region(annotated, r, used)]
-              if parts}
-    return Analysis(found, stateful, captured, traced, annotated, tuple(regions), splits)
+    splits = {r.name: parts for r in regions if len(r.stateful) > 1
+              for parts in [split_region(annotated, r, used, unit_of)] if parts}
+    return Analysis(found, stateful, captured, traced, annotated, tuple(regions), splits, units)
 
 
 # ---- the stages after analysis: each takes frozen values and returns frozen values ---------------------------------
@@ -307,6 +315,7 @@ class Request:
     targets: tuple[type, ...]
     leaf: tuple[type | str, ...]
     declared: tuple[type, ...]
+    keep: tuple[type | str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -348,7 +357,7 @@ def _stage_logger(started: float, progress: Callable[[str], None] | None) -> Cal
 
 def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str] | None, measure: Any,
              measure_timeout_s: float, calls_per_step: Any, predict: bool, targets: Any, leaf_modules: Any,
-             stateful_modules: Any, opts: Options) -> Request:
+             stateful_modules: Any, keep_modules: Any, opts: Options) -> Request:
     """Check what :func:`optimize` was given (typed errors naming what is wrong) into a :class:`Request`."""
     inputs = _check_inputs(example_inputs)
     _check_model(model)
@@ -368,7 +377,8 @@ def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str
     return Request(inputs, dataclasses.replace(opts, calls_per_step=calls_per_step), saved, source, measure,
                    measure_timeout_s, predict, _check_types("targets", targets),
                    _check_types("leaf_modules", leaf_modules, allow_str=True),
-                   _check_types("stateful_modules", stateful_modules))
+                   _check_types("stateful_modules", stateful_modules),
+                   _check_types("keep_modules", keep_modules, allow_str=True))
 
 
 def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]) -> tuple[nx.DiGraph | None, list[str]]:
@@ -418,8 +428,11 @@ def _choose(an: Analysis, cost: nx.DiGraph | None, req: Request, step: Callable[
 def _build(model: nn.Module, an: Analysis, plan: Plan) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
     """Rewrite: ``plan``'s checkpoint regions in a new GraphModule sharing the model's modules."""
     gm, stats = rewrite(model, an.captured.graph, an.captured.constants, an.annotated, plan, an.stateful,
-                        an.found.mutated_buffers, type(model).__name__)
+                        an.found.mutated_buffers, type(model).__name__, an.units)
     _keep_resets(gm, an.found.resets)
+    uncalled = uncalled_modules(gm)
+    if uncalled:  # FSDP2's fully_shard on a block whose code was inlined: a clear error, not a DTensor one
+        gm.register_forward_pre_hook(UncalledModulesCheck(uncalled, gm.fxmemopt_units))
     return gm, stats
 
 
@@ -649,6 +662,10 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
     all_notes = ([] if an.regions else ["no stateful module (spiking neuron) was found, so no region was formed; "
                                         "pass targets=... or stateful_modules=... to say which layers to checkpoint"])
     all_notes += notes + list(result.notes) + list(built.notes)
+    if built.gm.fxmemopt_units:
+        all_notes.append(f"kept as modules (keep_modules), each called with its regions inside: "
+                         f"{', '.join(built.gm.fxmemopt_units)}")
+    all_notes += list(built.gm.fxmemopt_unit_notes)
     if built.over_peak:
         all_notes.append(f"never worse, measured: {len(built.over_peak)} region(s) left out because a training step "
                          f"with them peaked above the unoptimized step ({', '.join(n for n, _ in built.over_peak)}; "
@@ -707,6 +724,7 @@ def optimize(
     measure_timeout_s: float = 300.0,
     leaf_modules: Sequence[type | str] = (),
     stateful_modules: Sequence[type] = (),
+    keep_modules: Sequence[type | str] = (),
     predict: bool = True,
     calls_per_step: int = 1,
     plan: Plan | str | os.PathLike[str] | None = None,
@@ -768,6 +786,12 @@ def optimize(
         leaf_modules: classes or module paths that must not be traced into.
         stateful_modules: classes to treat as stateful beyond those found automatically (modules with a
             ``_memories`` dict, or whose forward rebinds tensor attributes such as ``self.v``).
+        keep_modules: module paths (``"blocks.0"``) or classes (every instance) that stay modules in the result:
+            the code traced inside each one's call becomes a ``GraphModule`` at the same path, which the optimized
+            module calls, with that module's regions inside (no region crosses its boundary). Needed for anything
+            that works through a module's own call: FSDP2 per block (``fxmemopt.distributed.fully_shard``),
+            forward hooks, per-block ``torch.compile``, profiling by module. A module forward calls more than once
+            cannot be kept (``summary.notes`` says which and why). Default: the graph is flat.
         predict: record one instrumented unoptimized training step on the example inputs and predict the peak
             memory and step time before and after (see :mod:`fxmemopt.planning.costgraph`; always done at levels 2-4 and
             with a memory budget, which need it). Costs a few unoptimized steps' time and the unoptimized step's
@@ -814,7 +838,7 @@ def optimize(
     with _input_grads_kept(example_inputs):  # analysis steps must not add to the examples' .grad
         # check: inputs, model and options, resolved into one frozen request (typed errors name what is wrong)
         req = _request(model, example_inputs, plan, measure, measure_timeout_s, calls_per_step, predict, targets,
-                       leaf_modules, stateful_modules, resolve_options(
+                       leaf_modules, stateful_modules, keep_modules, resolve_options(
                            level=level, prefer=prefer, profile=profile, checkpoint_budget=checkpoint_budget,
                            max_gc_wrapped_modules=max_gc_wrapped_modules,
                            gc_target_budget_ratio=gc_target_budget_ratio, temporal_split_factor=temporal_split_factor,
@@ -824,7 +848,8 @@ def optimize(
                            warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
                            compress=compress, exact=exact, never_worse=never_worse))
         # probe, trace, annotate, regions: what the model is, as plain data
-        an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, progress=step)
+        an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
+                     progress=step)
         # costgraph: one recorded unoptimized step, what the search and the predictions run on
         cost, notes = _cost_graph(an, req, step)
         # plan + choose: a saved plan as is, or the search on the cost graph (level 1 alone without one)

@@ -25,14 +25,14 @@ A plan file works the same way without this helper: ``summary.save_plan("plan.js
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import fx, nn
 
-from .errors import FxMemOptError, format_error
+from .errors import FxMemOptError, InvalidOptionError, ShardingError, format_error
 
-__all__ = ["optimize_distributed"]
+__all__ = ["optimize_distributed", "fully_shard"]
 
 #: Search options that only the planning rank uses (the others apply its plan).
 _SEARCH_ONLY = ("level", "prefer", "profile", "memory_budget", "checkpoint_budget", "max_gc_wrapped_modules",
@@ -96,3 +96,56 @@ def optimize_distributed(model: nn.Module, example_inputs: Sequence[Any], *, src
                                          fix="Fix the error reported on that rank; every rank stopped with it."))
     apply_kwargs = {k: v for k, v in optimize_kwargs.items() if k not in _SEARCH_ONLY}
     return optimize(model, example_inputs, plan=payload, **apply_kwargs)
+
+
+def fully_shard(module: nn.Module, units: Iterable[str] | None = None, **fsdp_kwargs: Any) -> nn.Module:
+    """FSDP2 per block on an optimized module: ``torch.distributed.fsdp.fully_shard`` on each kept module, innermost
+    first, then on the root (the usual recipe, on the module :func:`fxmemopt.optimize` returned).
+
+    The blocks must have been kept as modules when optimizing (``keep_modules=``): a traced block's code is
+    otherwise inlined into its parent, which never calls the block, so FSDP2's hooks on it would never gather its
+    parameters. With ``keep_modules``, each block is a ``GraphModule`` at its own path holding its regions, and no
+    region crosses a block's boundary, so a region's recomputation in backward finds its block's parameters
+    gathered (FSDP2's pre-backward hook runs before any of the block's backward), with ``reshard_after_forward``
+    True or False. Gradients are bitwise those of the unoptimized model sharded the same way.
+
+    Example::
+
+        gm = fxmemopt.optimize(model, (x,), keep_modules=(Block,))       # or optimize_distributed(...)
+        fxmemopt.distributed.fully_shard(gm, mesh=mesh)                   # each Block, then the root
+
+    Args:
+        module: the optimized module (not yet sharded).
+        units: paths to shard before the root (default: every kept module, ``module.fxmemopt_units``).
+        **fsdp_kwargs: passed to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``, ``mp_policy``...).
+
+    Returns:
+        ``module``, sharded in place (as ``fully_shard`` does).
+
+    Raises:
+        ShardingError: ``module`` is not an optimized module, or a path in ``units`` is not a kept module.
+    """
+    from torch.distributed.fsdp import fully_shard as fsdp_fully_shard
+
+    kept = getattr(module, "fxmemopt_units", None)
+    if kept is None:
+        raise ShardingError(format_error(
+            f"fxmemopt.distributed.fully_shard({type(module).__name__})", "is not a module fxmemopt.optimize returned",
+            fix="Optimize first (gm = fxmemopt.optimize(model, (x,), keep_modules=...)), then shard gm; or call "
+                "torch.distributed.fsdp.fully_shard on a model fxmemopt did not touch."))
+    wanted = tuple(kept) if units is None else tuple(units)
+    if isinstance(units, str):
+        raise InvalidOptionError(format_error("fully_shard(units=...)", "takes a list of module paths",
+                                              got=repr(units), fix=f"Pass units=[{units!r}]."))
+    for path in wanted:
+        if path not in kept:
+            raise ShardingError(format_error(
+                f"module {path!r}", "is not a module the optimized module calls: its code was traced into its "
+                "parent, so FSDP2's hooks on it would never run",
+                expected=f"one of the kept modules {list(kept) or '(none)'}",
+                got=repr(path),
+                fix=f"Optimize with keep_modules=[{path!r}, ...] (or keep_modules=(BlockClass,)) and shard again."))
+    for path in sorted(wanted, key=lambda p: -p.count(".")):
+        fsdp_fully_shard(module.get_submodule(path), **fsdp_kwargs)
+    fsdp_fully_shard(module, **fsdp_kwargs)
+    return module

@@ -21,6 +21,7 @@ __all__ = [
     "InvalidOptionError",
     "TargetsMatchNothingError",
     "RegionError",
+    "ShardingError",
     "RecomputationMismatchError",
     "MemoryBudgetError",
     "PlanError",
@@ -108,6 +109,14 @@ class GuardError(FxMemOptError, RuntimeError):
     example inputs when the model was traced; the optimized module checks each such decision on every call and
     raises this, naming the guard, the value traced and the value of this call, instead of running code that was
     specialized for other inputs. Optimize again with example inputs like this call's.
+    """
+
+
+class ShardingError(FxMemOptError, RuntimeError):
+    """A module of an optimized module was sharded (FSDP2 ``fully_shard``) that the optimized module never calls:
+    its code was traced into its parent, so FSDP2's hooks on it would never run and its parameters would stay
+    sharded. Keep it as a module (``optimize(..., keep_modules=[path])``) and shard with
+    :func:`fxmemopt.distributed.fully_shard`.
     """
 
 

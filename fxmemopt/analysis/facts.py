@@ -82,6 +82,9 @@ class NodeInfo:
             only small non-negative integers on the example, while a floating input holds real values. Such a call
             seeds a region whether or not the module keeps state.
         time_steps: T, the length of the time dimension a ``time_chunkable`` call slices (0 otherwise).
+        step_slices_only: a ``time_chunkable`` neuron with trainable parameters (spikingjelly's
+            ``ParametricLIFNode.w``): exact only in slices of one step each, where its parameters' gradients add up
+            step by step as over all steps at once (verified on the example, output, state and gradients).
     """
 
     name: str
@@ -101,6 +104,7 @@ class NodeInfo:
     time_chunkable: bool = False
     spiking: bool = False
     time_steps: int = 0
+    step_slices_only: bool = False
 
     @property
     def seeds_region(self) -> bool:

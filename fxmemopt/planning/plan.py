@@ -236,6 +236,12 @@ def check_plan(plan: Plan, graph: AnnotatedGraph, source: str = "plan", guards: 
             ok, why = sliceable(graph, r.nodes)[:2] if r.whole_slices else chunkable(graph, r.nodes)
             if not ok:
                 raise PlanError(format_error(what, f"asks for {r.chunks} time slices, but {why}", fix=fix))
+            last = graph[r.nodes[-1]]
+            if not r.whole_slices and last.step_slices_only and r.chunks < last.time_steps:
+                raise PlanError(format_error(
+                    what, f"asks for {r.chunks} time slices of its neuron {last.target} ({last.module_type}), which "
+                    "has trainable parameters: exact only in one slice per time step",
+                    expected=f"chunks={last.time_steps}", got=f"chunks={r.chunks}", fix=fix))
 
 
 def input_bits(graph: AnnotatedGraph, node: str, compress: bool) -> int:

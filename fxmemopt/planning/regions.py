@@ -238,8 +238,9 @@ def _make(graph: AnnotatedGraph, anchor: str, nodes: list[str], used: set[str]) 
 
 
 def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
-                  used: set[str] | None = None) -> list[Region]:
+                  used: set[str] | None = None, unit_of: Mapping[str, str] | None = None) -> list[Region]:
     claimed: set[str] = set() if within is None else {n for n in graph.order if n not in within}
+    unit_of = unit_of or {}
     regions: list[Region] = []
     used = set() if used is None else used
     for seed in graph.order:
@@ -250,10 +251,11 @@ def _auto_regions(graph: AnnotatedGraph, within: set[str] | None = None,
         def grows(n: str, seed: str = seed) -> bool:
             """May the region seeded at ``seed`` take ``n``: not another region's, not a boundary (placeholders,
             constants, output), not another neuron or the pick of its tuple output, not a state assignment (which
-            runs once, outside any region)."""
+            runs once, outside any region), not in another kept module (``keep_modules``)."""
             ni = graph[n]
             return n == seed or not (n in claimed or ni.op in _BOUNDARY_OPS or ni.seeds_region
-                                     or _picks_from_neuron(graph, n) or ni.target in SIDE_EFFECT_TARGETS)
+                                     or _picks_from_neuron(graph, n) or ni.target in SIDE_EFFECT_TARGETS
+                                     or unit_of.get(n, "") != unit_of.get(seed, ""))
 
         # the neuron and what feeds it back to the boundaries: its ancestors in the graph of nodes it may take
         members = {seed} | nx.ancestors(nx.subgraph_view(graph.digraph, filter_node=grows), seed)
@@ -304,13 +306,14 @@ def _side_outputs_cut(graph: AnnotatedGraph, seed: str, members: set[str]) -> tu
         i in p for n in p for i in graph[n].inputs)]
 
 
-def split_region(graph: AnnotatedGraph, region: Region, used: set[str]) -> list[Region]:
+def split_region(graph: AnnotatedGraph, region: Region, used: set[str],
+                 unit_of: Mapping[str, str] | None = None) -> list[Region]:
     """Split a multi-neuron region (a ``targets`` block) into one weight-norm-neuron region per neuron.
 
     The walk of the automatic mode runs inside the block only; nodes after the last neuron (a residual add) join
     the last part. Returns ``[]`` when the block has fewer than two neurons or a part would not be convex.
     """
-    parts = _auto_regions(graph, within=set(region.nodes), used=used)
+    parts = _auto_regions(graph, within=set(region.nodes), used=used, unit_of=unit_of)
     if len(parts) < 2:
         return []
     covered = {n for p in parts for n in p.nodes}
@@ -326,7 +329,7 @@ def split_region(graph: AnnotatedGraph, region: Region, used: set[str]) -> list[
     return parts
 
 
-def _target_regions(graph: AnnotatedGraph, target_paths: set[str]) -> list[Region]:
+def _target_regions(graph: AnnotatedGraph, target_paths: set[str], unit_of: Mapping[str, str]) -> list[Region]:
     groups: dict[str, list[str]] = {}
     anchors: dict[str, str] = {}
     for name in graph.order:
@@ -349,18 +352,27 @@ def _target_regions(graph: AnnotatedGraph, target_paths: set[str]) -> list[Regio
                 expected="no path from the module's outputs back into it", got=f"via {', '.join(bad)}",
                 fix="Pass a different module class in targets, or targets=None for automatic regions.",
             ))
+        units = sorted({unit_of.get(n, "") for n in members})
+        if len(units) > 1:
+            raise RegionError(format_error(
+                f"module {anchors[key]!r}", "would be one region across modules kept with keep_modules",
+                expected="a target inside one kept module (or enclosing none)",
+                got=f"nodes in {', '.join(repr(u or '<root>') for u in units)}",
+                fix="Keep the target itself, or modules that enclose it whole, or pass targets=None."))
         regions.append(_make(graph, anchors[key], members, used))
     return regions
 
 
 def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
-                 target_names: str = "") -> list[Region]:
+                 target_names: str = "", unit_of: Mapping[str, str] | None = None) -> list[Region]:
     """Find the candidate checkpoint regions of an annotated graph.
 
     Args:
         graph: the annotated graph.
         target_paths: module paths of target instances (``None``: automatic weight-norm-neuron regions).
         target_names: the target class names, for the error message.
+        unit_of: node name -> the innermost module kept with ``keep_modules`` that encloses it: no region takes
+            nodes of two kept modules (or of one and of none).
 
     Returns:
         Regions in graph order of their first node; disjoint and convex.
@@ -369,9 +381,9 @@ def find_regions(graph: AnnotatedGraph, target_paths: set[str] | None = None,
         TargetsMatchNothingError: ``target_paths`` is given but no traced node lies inside any of them.
     """
     if target_paths is None:
-        regions = _auto_regions(graph)
+        regions = _auto_regions(graph, unit_of=unit_of)
     else:
-        regions = _target_regions(graph, target_paths)
+        regions = _target_regions(graph, target_paths, unit_of or {})
         if not regions:
             raise TargetsMatchNothingError(format_error(
                 f"targets=({target_names})", "no call of these module classes was traced",

@@ -644,7 +644,7 @@ def _temporal(best: Plan, pred: Prediction, p: Planner, stop_at: int | None = No
         if not ok:
             return f"not chunked: {why}"
         steps = graph[rp.nodes[-1]].time_steps
-        chunks = min(steps, rp.chunks * opts.temporal_split_factor)
+        chunks = steps if graph[rp.nodes[-1]].step_slices_only else min(steps, rp.chunks * opts.temporal_split_factor)
         if chunks == rp.chunks:
             return None  # already one slice per time step
 

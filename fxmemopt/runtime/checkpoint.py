@@ -26,8 +26,9 @@ Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``bo
     Recomputation stops as soon as the last tensor backward still needs has been captured (what follows, such
     as a neuron's stacked output, is not rebuilt).
 Rule 4 (no side effects). Recomputation restores, afterwards, every module's live state, every live buffer (same
-    objects) and the global RNG. The state a neuron holds after the step, BatchNorm's running statistics and
-    ``num_batches_tracked`` are the forward's, updated exactly once.
+    objects), every other attribute the recomputation rebound (a module that keeps an observation tensor would
+    otherwise hold the recomputation's graph and all it saved) and the global RNG. The state a neuron holds after
+    the step, BatchNorm's running statistics and ``num_batches_tracked`` are the forward's, updated exactly once.
 Rule 5 (in-place state). Entry states that are tensors are also copied at entry; when ``body`` returns, the copy
     is dropped if the state is unmodified (the reference is exact), or kept and used by recomputation if the
     module modified its state in place (counted in ``state_copies``). A by-reference input modified in place
@@ -441,6 +442,7 @@ class _Frame:
         and autocast, grad enabled; everything live is put back afterwards."""
         live_states = [(m, StateSnapshot.take(m, names)) for (m, _), (_, names)
                        in zip(self.states, self.region.spec.stateful)]
+        live_attrs = [(m, dict(m.__dict__)) for m in self.region._body_modules()]
         live_buffers = []
         for m, name, entry, version in self.buffers:
             live = m._buffers[name]
@@ -462,6 +464,16 @@ class _Frame:
                 stack.enter_context(torch.enable_grad())
                 yield
         finally:
+            # Every attribute first (Rule 4): a module may keep more than its declared state, e.g. spikingjelly's
+            # save_v_LIFNode sets ``self.v_before_spike`` to a tensor whose graph holds the whole recomputation
+            # (measured on spike_dhs: 37 MiB kept alive until the step ended).
+            for m, attrs in live_attrs:
+                d = m.__dict__
+                for k in [k for k in d if k not in attrs]:
+                    del d[k]
+                for k, v in attrs.items():
+                    if d.get(k, _MISSING) is not v:
+                        d[k] = v
             for m, snap in live_states:
                 snap.restore(m)
             for m, name, live in live_buffers:
@@ -694,6 +706,9 @@ def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     return x.split([x.shape[0] // k + (1 if i < x.shape[0] % k else 0) for i in range(k)], dim=0)
 
 
+_MISSING = object()
+
+
 class _StopRecomputation(Exception):
     """Raised from the capture hook once recomputation has produced everything backward needs."""
 
@@ -795,6 +810,11 @@ class CheckpointRegion(nn.Module):
         """The module at ``path`` (a path in the model) used by this region."""
         return self.__dict__["body"].get_submodule(path)
 
+    def _body_modules(self) -> list[nn.Module]:
+        """The model's modules the body calls (and their children), whose attributes recomputation puts back."""
+        body = self.__dict__["body"]
+        return [m for m in body.modules() if m is not body]
+
     def _parameters_used(self) -> Iterator[nn.Parameter]:
         """Every parameter the region's computation reads."""
         return self.__dict__["body"].parameters()
@@ -849,6 +869,9 @@ class ChunkedRegion(CheckpointRegion):
         if self.initial_state == "module" or self.initial_state == "absent":
             return neuron(y)
         return neuron(y[0], y[1]) if self.initial_state == "body" else neuron(y, self.state_constant)
+
+    def _body_modules(self) -> list[nn.Module]:
+        return [*super()._body_modules(), *self.__dict__["neuron"].modules()]
 
     def _parameters_used(self) -> Iterator[nn.Parameter]:
         yield from super()._parameters_used()

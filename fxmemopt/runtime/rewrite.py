@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ..analysis.facts import AnnotatedGraph
 from ..analysis.trace import _resolve, make_graph_module
+from ..analysis.units import Units
 from ..errors import InternalError
 from ..planning.plan import Plan, RegionPlan, sliceable
 from ..planning.regions import metadata_closure, region_io, side_effects, unit_order
@@ -35,6 +36,7 @@ from .checkpoint import (
     region_args,
     release_args,
 )
+from .hierarchy import install, outline_units, region_chain
 
 __all__ = ["rewrite"]
 
@@ -76,7 +78,7 @@ def _body(model: nn.Module, graph: fx.Graph, rp: RegionPlan, nodes: tuple[str, .
 
 def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annotated: AnnotatedGraph, plan: Plan,
             stateful: dict[str, Sequence[str]], mutated_buffers: Sequence[tuple[str, str]],
-            class_name: str) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
+            class_name: str, units: Units | None = None) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
     """Apply ``plan`` to the traced ``graph`` of ``model``.
 
     Args:
@@ -88,10 +90,13 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         stateful: stateful module path -> state attribute names.
         mutated_buffers: (module path, buffer) pairs the forward mutates.
         class_name: name of the generated GraphModule class.
+        units: modules kept as modules (:mod:`fxmemopt.runtime.hierarchy`); ``gm.fxmemopt_units`` lists those
+            kept and ``gm.fxmemopt_unit_notes`` why others were not.
 
     Returns:
         ``(gm, stats)``: the optimized GraphModule and the live run-time counters of each region.
     """
+    units = units or Units()
     node_by_name = {n.name: n for n in graph.nodes}
     region_of: dict[str, RegionPlan] = {}
     for rp in plan.regions:
@@ -154,19 +159,43 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     region_name = {n: rp.name for n, rp in region_of.items()}
     new = fx.Graph()
     env: dict[str, fx.Node] = {}
+    chain_of: dict[fx.Node, tuple[str, ...]] = {}  # the kept modules enclosing each new node
     for u, _ in unit_order(order, inputs_of, region_name, *side_effects(annotated)):
         if u in modules:
             inputs, outputs = io[u]
+            chain = region_chain(units.chains, next(rp.nodes for rp in plan.regions if rp.name == u))
             box = new.create_node("call_function", region_args, tuple(env[i] for i in inputs), {},
                                   name=f"{u}_inputs")
             call = new.call_module(u, (box,))
+            chain_of[box] = chain_of[call] = chain
             if len(outputs) == 1:
                 env[outputs[0]] = call
             else:
                 for k, o in enumerate(outputs):
                     env[o] = new.create_node("call_function", operator.getitem, (call, k), {}, name=o)
+                    chain_of[env[o]] = chain
         else:
             env[u] = new.node_copy(node_by_name[u], lambda n: env[n.name])
+            chain_of[env[u]] = units.chains.get(u, ())
     new.lint()
-    gm = make_graph_module(model, new, class_name, extra={**modules, **constants})
+    kept: dict[str, fx.GraphModule] = {}
+    notes: list[str] = []
+    if units.outlined:
+        new, kept, notes = outline_units(new, model, units, chain_of, modules)
+    top = {n.target for n in new.nodes if n.op == "call_module"}
+    gm = make_graph_module(model, new, class_name,
+                           extra={**{k: v for k, v in modules.items() if k in top}, **constants})
+    fresh: set[int] = set()
+    for path, unit in kept.items():
+        install(gm, path, unit, fresh)
+    gm.fxmemopt_units = tuple(p for p in units.outlined if _is_kept(gm, p)) + units.leaves
+    gm.fxmemopt_unit_notes = tuple(notes) + tuple(f"keep_modules: {p!r} is not kept as a module: {why}"
+                                                  for p, why in units.skipped)
     return gm, stats
+
+
+def _is_kept(gm: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(gm.get_submodule(path), fx.GraphModule)
+    except AttributeError:
+        return False
