@@ -6,7 +6,8 @@ the root, train.
 A SEW ResNet-18 (``fxmemopt.snn``) at a small width stands in for your model, random data for a dataset. The usual
 FSDP2 recipe is ``fully_shard(block)`` for each block, then ``fully_shard(model)``; on an optimized module the
 blocks must be kept as modules (``keep_modules``: otherwise their code is inlined into the root and FSDP2's hooks
-on them never run), and ``fxmemopt.distributed.fully_shard`` does the recipe on every kept block.
+on them never run), and ``fxmemopt.distributed.fully_shard`` does the recipe on every kept block. (FSDP2 warns
+once per rank that the root returns a view: the model's own reshape, which the unoptimized model returns too.)
 """
 
 import datetime

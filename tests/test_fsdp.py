@@ -90,6 +90,10 @@ def _run_config(rank: int, options: dict, shard: dict, library: str) -> dict:
     kept = gm.fxmemopt_units
     regions = {path: sorted(n for n, m in gm.get_submodule(path).named_children() if n.startswith("ckpt_"))
                for path in kept}
+    plain = []  # the same two peaks before sharding
+    for module in (reference, gm):
+        plain.append(fxmemopt.measure_step(module, (example,), repeats=0).peak_bytes)
+        reset_net(module)
     fxmemopt.distributed.fully_shard(gm, mesh=mesh, **shard)
     _shard_like_users(reference, mesh, **shard)
     torch.manual_seed(100 + rank)  # each rank trains on its own data
@@ -104,7 +108,7 @@ def _run_config(rank: int, options: dict, shard: dict, library: str) -> dict:
     for module in (reference, gm):  # per-rank peak of one step, sharded parameters (CPU storage tracker)
         peaks.append(fxmemopt.measure_step(module, (example,), repeats=0).peak_bytes)
         reset_net(module)
-    return {"kept": kept, "regions": regions, "grads": grads, "grads_ref": grads_ref, "peaks": peaks,
+    return {"kept": kept, "regions": regions, "grads": grads, "grads_ref": grads_ref, "peaks": peaks, "plain": plain,
             "buffers": [b.clone() for b in gm.buffers()], "buffers_ref": [b.clone() for b in reference.buffers()]}
 
 
@@ -163,7 +167,9 @@ def test_fsdp2_per_block_gradients_equal_unoptimized_fsdp2(results, config):
         for a, b in zip(got["buffers"], got["buffers_ref"], strict=True):
             assert torch.equal(a, b)  # BatchNorm statistics: updated once per step, as unoptimized
         ref_peak, peak = got["peaks"]
-        assert peak < ref_peak  # per rank, sharded parameters
+        plain_ref, plain_peak = got["plain"]
+        # per rank, sharded parameters: lower by about the ratio without FSDP2 (the parameters are a small part)
+        assert ref_peak / peak > 0.8 * plain_ref / plain_peak > 0.8, (got["peaks"], got["plain"])
     r0, r1 = results
     for a, b in zip(r0[config]["grads"][-1], r1[config]["grads"][-1], strict=True):
         assert torch.equal(a, b)  # reduced: every rank holds the same gradient

@@ -461,3 +461,28 @@ def test_property_pack_iff_in_range(case):
         assert y.numel() == 0 or y.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
     else:
         assert p is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [0.5, -0.0, float("nan"), float("-nan"), 2.0, float("inf"), -1.0, 1e-40, 0.9999999,
+                                 1e-8, -1e-30])
+@pytest.mark.parametrize("numel", [1, 9, 4097])
+def test_one_bit_fast_path_refuses_every_value_but_exact_zero_and_one(dtype, bad, numel):
+    """The 1-bit path checks ranges on the integer view (``aminmax``, then ``min(p, one - p)``), not values: every
+    pattern that is not exactly +0.0 or 1.0 must fail, including subnormals and values just below 1."""
+    value = torch.tensor(bad, dtype=dtype)
+    view = {torch.float32: torch.int32, torch.float64: torch.int64}.get(dtype, torch.int16)
+    if int(value.view(view)) in (0, int(torch.ones((), dtype=dtype).view(view))):
+        pytest.skip(f"{bad} rounds to exactly 0 or 1 in {dtype}")
+    x = (torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5).to(dtype)
+    x[numel // 2] = value
+    assert try_pack(x, 1) is None
+
+
+def test_one_bit_packing_leaves_a_bool_input_untouched():
+    """The payload is built by multiplying 64-bit words in place: never the input's own storage."""
+    b = torch.rand(40, generator=torch.Generator().manual_seed(0)) > 0.5
+    for view in (b, b[8:], b[3:19]):
+        before = view.clone()
+        p = try_pack(view, 1)
+        assert torch.equal(view, before) and torch.equal(unpack(p), before)

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import networkx as nx
 
 from ..analysis.facts import AnnotatedGraph
-from ..runtime.packing import packed_nbytes
+from ..runtime.packing import PACK_CHUNK, packed_nbytes
 from .plan import Plan, RegionPlan, checkpoint_every
 from .regions import region_io, side_effects, unit_order
 
@@ -439,7 +439,10 @@ def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Seque
                 numel = math.prod(info.shape or ())
                 live.add(packed_nbytes(numel, b), lay.entry[r.name] + 1, lay.bwd_last[r.name])
                 elsize = _ELEMENT_SIZE.get(info.dtype or "", 4)
-                live.add(numel * (1 + elsize), lay.entry[r.name], lay.entry[r.name])  # uint8 copy + round-trip check
+                # the packing's transient: for 1 bit, two buffers of at most PACK_CHUNK values (the check on the
+                # integer view, the bool marks); for 2 and 8 bits, a uint8 copy + the round trip
+                transient = min(numel, PACK_CHUNK) * (elsize + 1) if b == 1 else numel * (1 + elsize)
+                live.add(transient, lay.entry[r.name], lay.entry[r.name])
     return kept_by_ref
 
 

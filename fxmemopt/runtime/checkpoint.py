@@ -19,8 +19,9 @@ Rule 2 (what is kept). The region's inputs: bit-packed when the plan says they h
     state. Nothing else.
 Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``body`` once: on the unpacked inputs
     (detached, ``requires_grad`` as in forward), with every stateful module temporarily holding its entry
-    state, every buffer of the region temporarily replaced by a throw-away copy of its entry value, the RNG and
-    autocast state of the forward, and grad enabled. The tensors it saves are matched one to one, by position,
+    state, every buffer of the region temporarily replaced by a throw-away copy of its entry value (only the
+    neuron's own for a replay of a chunked region's neuron alone, Rule 8: the layers before it do not run), the
+    RNG and autocast state of the forward, and grad enabled. The tensors it saves are matched one to one, by position,
     with the forward's handles; shapes and dtypes are checked (:class:`~fxmemopt.errors.RecomputationMismatchError`
     lists every mismatch).
     Recomputation stops as soon as the last tensor backward still needs has been captured (what follows, such
@@ -437,14 +438,19 @@ class _Frame:
 
     @contextlib.contextmanager
     def _replayed_context(self, states: list[tuple[nn.Module, StateSnapshot]] | None = None,
-                          rng: Any = None) -> Iterator[None]:
+                          rng: Any = None, only: nn.Module | None = None) -> Iterator[None]:
         """Rules 3 and 4: entry state (or ``states``), throw-away buffer copies, the forward's RNG (or ``rng``)
-        and autocast, grad enabled; everything live is put back afterwards."""
+        and autocast, grad enabled; everything live is put back afterwards. ``only``: the replay runs this module
+        alone (a chunked region's neuron), so only its own buffers and attributes need swapping and restoring (a
+        BatchNorm before it keeps its live statistics untouched: it does not run)."""
         live_states = [(m, StateSnapshot.take(m, names)) for (m, _), (_, names)
                        in zip(self.states, self.region.spec.stateful)]
-        live_attrs = [(m, dict(m.__dict__)) for m in self.region._body_modules()]
+        inside = None if only is None else {id(m) for m in only.modules()}
+        live_attrs = [(m, dict(m.__dict__)) for m in self.region._body_modules() if inside is None or id(m) in inside]
         live_buffers = []
         for m, name, entry, version in self.buffers:
+            if inside is not None and id(m) not in inside:
+                continue
             live = m._buffers[name]
             if entry is None and live._version != version:
                 raise RuntimeError(format_error(
@@ -618,7 +624,8 @@ class _ChunkedFrame(_Frame):
         module_state = region.initial_state == "module"
         rng = self.neuron_rng if first == 0 else self.rngs[first]
         with self._replayed_context(states=None if module_state and first == 0 else
-                                    [(neuron, state)] if module_state else None, rng=rng), torch.no_grad():
+                                    [(neuron, state)] if module_state else None, rng=rng, only=neuron), \
+                torch.no_grad():
             for c in range(first, stop):
                 _, _, _, _, rg = self.slices[c]
                 if module_state:
@@ -685,9 +692,10 @@ class _ChunkedFrame(_Frame):
         self.x_parts[c] = None
         if region.initial_state == "module":
             self._replay(lambda: self._step(xc, None, c == 0), lo, hi, skip, stop_early=True,
-                         states=[(region.__dict__["neuron"], start)], rng=rng)
+                         states=[(region.__dict__["neuron"], start)], rng=rng, only=region.__dict__["neuron"])
         else:
-            self._replay(lambda: self._step(xc, start, c == 0), lo, hi, skip, stop_early=True, rng=rng)
+            self._replay(lambda: self._step(xc, start, c == 0), lo, hi, skip, stop_early=True, rng=rng,
+                         only=region.__dict__["neuron"])
         if all(p is None for p in self.x_parts):  # every slice has its tensors back
             self.x_parts, self.starts, self.rngs = [], [], []
 
