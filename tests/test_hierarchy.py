@@ -129,3 +129,30 @@ def test_fully_shard_helper_checks_without_a_process_group():
     gm = fxmemopt.optimize(model, (x,))
     with pytest.raises(ShardingError, match=r"keep_modules=\['blocks.1'"):
         fxmemopt.distributed.fully_shard(gm, units=["blocks.1"])
+
+
+class ConvOnly(nn.Module):
+    """A block without a neuron: flat, the next neuron's region grows back into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = SeqToANNContainer(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_saved_plan_whose_regions_cross_kept_modules_is_refused():
+    """A plan made without keep_modules may hold a region across a kept module's boundary (two FSDP units):
+    applied with keep_modules it is refused with a PlanError that says what to do, never built."""
+    from fxmemopt.errors import PlanError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvOnly(), LIFNode())
+    x = torch.rand(3, 2, 3, 8, 8)
+    _, flat = fxmemopt.optimize(copy.deepcopy(model), (x,), return_summary=True)
+    assert any(n.startswith("_0_conv") for r in flat.plan.regions for n in r.nodes)  # the region took the conv
+    kept = fxmemopt.optimize(copy.deepcopy(model), (x,), keep_modules=(ConvOnly,))
+    assert kept.fxmemopt_units == ("0",)
+    with pytest.raises(PlanError, match="crosses the boundary of a module kept"):
+        fxmemopt.optimize(model, (x,), keep_modules=(ConvOnly,), plan=flat.plan)

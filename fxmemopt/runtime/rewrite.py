@@ -24,9 +24,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..analysis.facts import AnnotatedGraph
 from ..analysis.trace import _resolve, make_graph_module
 from ..analysis.units import Units
-from ..errors import InternalError
+from ..errors import InternalError, PlanError, format_error
 from ..planning.plan import Plan, RegionPlan, sliceable
-from ..planning.regions import metadata_closure, region_io, side_effects, unit_order
+from ..planning.regions import is_metadata, metadata_closure, region_io, side_effects, unit_order
 from .checkpoint import (
     CheckpointRegion,
     ChunkedRegion,
@@ -109,6 +109,14 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
     io: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     stats: dict[str, RegionStats] = {}
     for rp in plan.regions:
+        held_by = {units.chains.get(n, ())[-1:] for n in rp.nodes if not is_metadata(annotated, n)}
+        if len(held_by) > 1:  # a saved plan made without these keep_modules
+            raise PlanError(format_error(
+                f"region {rp.name!r}", "crosses the boundary of a module kept with keep_modules",
+                expected="every region inside one kept module (or in none)",
+                got=f"nodes in {', '.join(sorted(repr(h[0]) if h else '<root>' for h in held_by))}",
+                fix="Optimize without plan= to search again with these keep_modules, or pass the keep_modules the "
+                    "plan was made with."))
         inputs, outputs = region_io(annotated, rp.nodes)
         if len(rp.pack_bits) != len(inputs):
             raise InternalError(f"plan for {rp.name} has {len(rp.pack_bits)} pack widths for {len(inputs)} inputs")
