@@ -133,10 +133,10 @@ def fully_shard(module: nn.Module, units: Iterable[str] | None = None, **fsdp_kw
             f"fxmemopt.distributed.fully_shard({type(module).__name__})", "is not a module fxmemopt.optimize returned",
             fix="Optimize first (gm = fxmemopt.optimize(model, (x,), keep_modules=...)), then shard gm; or call "
                 "torch.distributed.fsdp.fully_shard on a model fxmemopt did not touch."))
-    wanted = tuple(kept) if units is None else tuple(units)
     if isinstance(units, str):
         raise InvalidOptionError(format_error("fully_shard(units=...)", "takes a list of module paths",
                                               got=repr(units), fix=f"Pass units=[{units!r}]."))
+    wanted = tuple(kept) if units is None else tuple(units)
     for path in wanted:
         if path not in kept:
             raise ShardingError(format_error(
