@@ -10,12 +10,11 @@ import datetime
 import faulthandler
 import gc
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fxmemopt
@@ -72,19 +71,7 @@ def _run_rank(rank: int, out_dir: str, mode: str) -> None:
 
 
 def _run(tmp_path, mode: str) -> list[dict]:
-    init_file = str(tmp_path / "init")
-    ctx = mp.start_processes(_worker, args=(init_file, str(tmp_path), mode), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-rank run did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path), mode), tmp_path, WORLD, TIMEOUT_S)
 
 
 def test_ddp_two_ranks_gloo_gradients_equal_unoptimized_ddp(tmp_path):

@@ -11,14 +11,13 @@ import copy
 import datetime
 import faulthandler
 import os
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from fsdp_models import Block, BlockNet
+from ranks import spawn_ranks
 
 import fxmemopt
 from fxmemopt.errors import ShardingError
@@ -137,19 +136,7 @@ def _errors() -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     tmp_path = tmp_path_factory.mktemp("fsdp")
-    init_file = str(tmp_path / "init")
-    ctx = mp.start_processes(_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-rank run did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path)), tmp_path, WORLD, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("config", [c[0] for c in CONFIGS])

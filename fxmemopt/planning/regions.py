@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -48,8 +48,8 @@ from ..errors import InternalError, RegionError, TargetsMatchNothingError, forma
 #: them that reads what they write, and before every unit that follows them.
 SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.analysis.trace.set_module_state", "_operator.setitem"})
 
-__all__ = ["Region", "find_regions", "region_io", "check_convex", "unit_order", "split_region", "metadata_closure",
-           "is_metadata", "side_effects"]
+__all__ = ["Region", "find_regions", "region_io", "check_convex", "convex_violations", "unit_order", "split_region",
+           "metadata_closure", "is_metadata", "side_effects"]
 
 #: Opcodes that never belong to a region interior: inputs, the output, and parameter/buffer reads (which are
 #: passed into regions by reference and cost nothing to keep).
@@ -94,16 +94,24 @@ def region_io(graph: AnnotatedGraph, nodes: Iterable[str]) -> tuple[tuple[str, .
 
 
 def check_convex(graph: AnnotatedGraph, nodes: Iterable[str]) -> list[str]:
-    """Outside nodes on a path from the set back into it, that feed the set (empty when the set is convex): the
-    nodes both reachable from the set and reaching it (networkx ``bfs_layers`` forward and backward), restricted to
-    the graph up to the set's last member (no path back into the set goes further)."""
+    """Outside nodes on a path from the set back into it, that feed the set (empty when the set is convex); see
+    :func:`convex_violations`."""
+    return convex_violations(graph.digraph, graph.order, nodes)
+
+
+def convex_violations(digraph: nx.DiGraph, order: Sequence[Hashable], nodes: Iterable[Hashable]) -> list[Hashable]:
+    """Outside nodes on a path from ``nodes`` back into them, that feed them (empty when the set is convex), in a
+    DAG whose topological ``order`` is given: the nodes both reachable from the set and reaching it (networkx
+    ``bfs_layers`` forward and backward), restricted to the graph up to the set's last member (no path back into
+    the set goes further). Works on any node type (names here, fx nodes in :mod:`fxmemopt.runtime.hierarchy`)."""
     members = set(nodes)
-    position = {n: i for i, n in enumerate(graph.order)}
+    position = {n: i for i, n in enumerate(order)}
     last = max(position[n] for n in members)
-    upto = graph.digraph.subgraph(graph.order[:last + 1])
+    upto = digraph.subgraph(order[:last + 1])
     after = {n for layer in nx.bfs_layers(upto, members) for n in layer} - members
     before = {n for layer in nx.bfs_layers(upto.reverse(copy=False), members) for n in layer} - members
-    return sorted((n for n in after & before if any(u in members for u in graph.users[n])), key=position.__getitem__)
+    return sorted((n for n in after & before if any(u in members for u in digraph.successors(n))),
+                  key=position.__getitem__)
 
 
 def _picks_from_neuron(graph: AnnotatedGraph, name: str) -> bool:

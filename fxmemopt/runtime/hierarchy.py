@@ -21,10 +21,11 @@ from typing import Any
 import networkx as nx
 from torch import fx, nn
 
+from ..analysis.annotate import _target_name
 from ..analysis.trace import _resolve
 from ..analysis.units import Units
 from ..errors import ShardingError, format_error
-from ..planning.regions import SIDE_EFFECT_TARGETS, unit_order
+from ..planning.regions import SIDE_EFFECT_TARGETS, convex_violations, unit_order
 
 __all__ = ["outline_units", "install", "uncalled_modules", "UncalledModulesCheck"]
 
@@ -44,22 +45,6 @@ def install(root: nn.Module, path: str, module: nn.Module, fresh: set[int]) -> N
             owner._modules[name] = child
         owner = child
     owner._modules[last] = module
-
-
-def _side_effect(n: fx.Node) -> bool:
-    if n.op != "call_function":
-        return False
-    t = n.target
-    return f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}" in SIDE_EFFECT_TARGETS
-
-
-def _convex(g: nx.DiGraph, members: set[fx.Node]) -> bool:
-    """No path leaves ``members`` and comes back."""
-    after: set[fx.Node] = set()
-    for m in members:
-        after |= nx.descendants(g, m)
-    after -= members
-    return not any(any(s in members for s in g.successors(n)) for n in after)
 
 
 def outline_units(graph: fx.Graph, model: nn.Module, units: Units, chain_of: dict[fx.Node, tuple[str, ...]],
@@ -94,9 +79,9 @@ def outline_units(graph: fx.Graph, model: nn.Module, units: Units, chain_of: dic
             why = "its forward calls a module registered elsewhere"
         else:
             g = nx.DiGraph()
-            g.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
             g.add_nodes_from(graph.nodes)
-            if not _convex(g, member_set):
+            g.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
+            if convex_violations(g, list(graph.nodes), member_set):
                 why = "its code and the code around it interleave (a value leaves it and comes back)"
         if why:
             notes.append(f"keep_modules: {path!r} is not kept as a module: {why}; its code is inlined")
@@ -135,7 +120,8 @@ def outline_units(graph: fx.Graph, model: nn.Module, units: Units, chain_of: dic
         # the top-level graph again, with the unit collapsed into one call (stable topological order)
         order = [n.name for n in graph.nodes]
         by_name = {n.name: n for n in graph.nodes}
-        barriers = [n.name for n in graph.nodes if n not in member_set and _side_effect(n)]
+        barriers = [n.name for n in graph.nodes
+                    if n not in member_set and n.op == "call_function" and _target_name(n) in SIDE_EFFECT_TARGETS]
         writes = {n.name: n.all_input_nodes[0].name for n in graph.nodes
                   if n.name in barriers and n.target is operator.setitem and n.all_input_nodes}
         emitted = unit_order(order, {n.name: [i.name for i in n.all_input_nodes] for n in graph.nodes},
