@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..runtime.packing import _INT_VIEW, _as_small_uint8
 from .facts import BINARY, MAX_INT_SET, REAL, UNKNOWN, AnnotatedGraph, NodeInfo, ValueSet, _int_set  # noqa: F401 (re-exported)
-from .state import ModelState, StateSnapshot
+from .state import ModelState, StateSnapshot, attributes_of, put_back_attributes
 
 __all__ = ["ValueSet", "NodeInfo", "AnnotatedGraph", "annotate", "VALUE_RULES", "observe_value_set"]
 
@@ -345,7 +345,7 @@ class _Annotator(fx.Interpreter):
         after = [(m, StateSnapshot.take(m, names)) for m, names in owners]
         # Every other attribute too: a neuron that keeps an observation (spikingjelly's ``v_seq`` with
         # ``store_v_seq=True``, a mean of the input) would keep only the last slice's, where the model keeps all T.
-        attrs = [(m, dict(m.__dict__)) for m in module.modules()]
+        attrs = attributes_of(module.modules())
         try:
             for m, snap in before:
                 snap.restore(m)
@@ -374,9 +374,7 @@ class _Annotator(fx.Interpreter):
         except Exception:  # a module that cannot be called on slices is simply not chunkable
             return False
         finally:
-            for m, saved in attrs:  # as the whole call left them
-                m.__dict__.clear()
-                m.__dict__.update(saved)
+            put_back_attributes(attrs)  # as the whole call left them
             for m, snap in after:
                 snap.restore(m)
 

@@ -24,7 +24,7 @@ silently corrupting a snapshot.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ __all__ = [
     "StateSnapshot",
     "ModelState",
     "has_memories",
+    "attributes_of",
+    "put_back_attributes",
     "probe",
     "rng_state",
     "set_rng_state",
@@ -147,6 +149,24 @@ class StateSnapshot:
         return StateSnapshot(memories, {k: det(v) for k, v in self.attrs.items()})
 
 
+def attributes_of(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """A shallow copy of each module's ``__dict__``: every attribute it holds now, by reference."""
+    return [(m, dict(m.__dict__)) for m in modules]
+
+
+def put_back_attributes(saved: Sequence[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Rebind every attribute to the object :func:`attributes_of` saw, and drop attributes added since. Covers what
+    a module keeps beyond its declared state (an observation tensor, ``v_seq``), whose graph would otherwise keep a
+    recomputation alive, or which a trial run would leave changed."""
+    for m, attrs in saved:
+        d = m.__dict__
+        for k in [k for k in d if k not in attrs]:
+            del d[k]
+        for k, v in attrs.items():
+            if d.get(k, _MISSING) is not v:
+                d[k] = v
+
+
 def rng_state(cuda_devices: Sequence[torch.device] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The CPU RNG state and the RNG states of the given CUDA devices."""
     return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices]
@@ -195,7 +215,7 @@ class ModelState:
         self.training = [(m, m.training) for m in model.modules()]
         # Every module's attributes by reference: whatever a forward rebinds (a plain-PyTorch neuron's ``self.v``,
         # a counter) is put back, whether or not it was known to be state.
-        self.attrs = [(m, dict(m.__dict__)) for m in model.modules()]
+        self.attrs = attributes_of(model.modules())
         # ... and the values of tensors held in attributes (states a forward updates in place, self.v.mul_(...)).
         seen: set[int] = set()
         self.values: list[tuple[torch.Tensor, int, torch.Tensor]] = []
@@ -218,12 +238,7 @@ class ModelState:
             for mod, name, original, value in self.buffers:
                 mod._buffers[name] = original
                 original.copy_(value)
-        for m, attrs in self.attrs:
-            for k in [k for k in m.__dict__ if k not in attrs]:
-                del m.__dict__[k]
-            for k, v in attrs.items():
-                if m.__dict__.get(k, _MISSING) is not v:
-                    m.__dict__[k] = v
+        put_back_attributes(self.attrs)
         for mod, snap in self.states:
             snap.restore(mod)
         with torch.no_grad():

@@ -98,7 +98,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from ..analysis.state import StateSnapshot, rng_state, set_rng_state
+from ..analysis.state import StateSnapshot, attributes_of, put_back_attributes, rng_state, set_rng_state
 from ..errors import RecomputationMismatchError, RegionError, format_error
 from ..planning.plan import checkpoint_every
 from .packing import PackedTensor, try_pack, unpack
@@ -455,7 +455,7 @@ class _Frame:
         live_states = [(m, StateSnapshot.take(m, names)) for (m, _), (_, names)
                        in zip(self.states, self.region.spec.stateful)]
         inside = None if only is None else {id(m) for m in only.modules()}
-        live_attrs = [(m, dict(m.__dict__)) for m in self.region._body_modules() if inside is None or id(m) in inside]
+        live_attrs = attributes_of(self.region._body_modules() if only is None else only.modules())
         live_buffers = []
         for m, name, entry, version in self.buffers:
             if inside is not None and id(m) not in inside:
@@ -482,13 +482,7 @@ class _Frame:
             # Every attribute first (Rule 4): a module may keep more than its declared state, e.g. spikingjelly's
             # save_v_LIFNode sets ``self.v_before_spike`` to a tensor whose graph holds the whole recomputation
             # (measured on spike_dhs: 37 MiB kept alive until the step ended).
-            for m, attrs in live_attrs:
-                d = m.__dict__
-                for k in [k for k in d if k not in attrs]:
-                    del d[k]
-                for k, v in attrs.items():
-                    if d.get(k, _MISSING) is not v:
-                        d[k] = v
+            put_back_attributes(live_attrs)
             for m, snap in live_states:
                 snap.restore(m)
             for m, name, live in live_buffers:
@@ -721,9 +715,6 @@ def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """
     k = max(1, min(k, x.shape[0]))
     return x.split([x.shape[0] // k + (1 if i < x.shape[0] % k else 0) for i in range(k)], dim=0)
-
-
-_MISSING = object()
 
 
 class _StopRecomputation(Exception):
