@@ -9,7 +9,15 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fxmemopt.runtime.packing import SUPPORTED_BITS, PackedTensor, bits_for_max, packed_nbytes, try_pack, unpack
+from fxmemopt.runtime.packing import (
+    _INT_VIEW,
+    SUPPORTED_BITS,
+    PackedTensor,
+    bits_for_max,
+    packed_nbytes,
+    try_pack,
+    unpack,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.uint8)
@@ -471,7 +479,7 @@ def test_one_bit_fast_path_refuses_every_value_but_exact_zero_and_one(dtype, bad
     """The 1-bit path checks ranges on the integer view (``aminmax``, then ``min(p, one - p)``), not values: every
     pattern that is not exactly +0.0 or 1.0 must fail, including subnormals and values just below 1."""
     value = torch.tensor(bad, dtype=dtype)
-    view = {torch.float32: torch.int32, torch.float64: torch.int64}.get(dtype, torch.int16)
+    view = _INT_VIEW[dtype]
     if int(value.view(view)) in (0, int(torch.ones((), dtype=dtype).view(view))):
         pytest.skip(f"{bad} rounds to exactly 0 or 1 in {dtype}")
     x = (torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5).to(dtype)
