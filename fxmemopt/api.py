@@ -641,7 +641,7 @@ def _region_reports(graph: AnnotatedGraph, plan: Plan) -> list[RegionReport]:
         reports.append(RegionReport(
             rp.name, rp.anchor, rp.nodes, tuple(graph[n].target for n in rp.nodes if graph[n].seeds_region),
             tuple(_input_report(graph, i, b) for i, b in zip(inputs, rp.pack_bits) if not is_metadata(graph, i)),
-            outputs, rp.chunks, rp.keep_prefix, rp.whole_slices))
+            outputs, rp.chunks, rp.keep_prefix, rp.whole_slices, rp.recompute))
     return reports
 
 
@@ -750,7 +750,9 @@ def optimize(
         level: 0 nothing, 1 checkpoint the layers (default), 2 + split multi-neuron regions, 3 + recompute
             neurons in time slices (exact), 4 + unwrap the most expensive regions while the peak does not rise.
             See :mod:`fxmemopt.planning.search`.
-        prefer: ``"speed"`` (level 4; unwraps while the peak stays within half the unoptimized one),
+        prefer: ``"speed"`` (the fastest plan found with half the unoptimized peak: level 4 unwrapping while the
+            peak stays within half, or spikes saved packed by the operations that save them plus the cheapest
+            recomputation, neurons before BatchNorm before convolutions, whichever is predicted faster),
             ``"balanced"`` (level 4, peak never raised), ``"memory"`` (level 3, prefixes recomputed too).
         profile: the seed's presets ``"safe"`` (1), ``"balanced"`` (2), ``"memory"`` (3), ``"exhaustive"`` (4).
         memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (no regions

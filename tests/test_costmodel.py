@@ -167,3 +167,24 @@ def test_packed_inputs_are_charged_from_entry_to_the_end_of_the_regions_backward
     # in the head's backward: temp 800 + internal 400 + the unpacked spikes the head saved again + its gradient
     # + the payload
     assert live[labels.index("bwd:out")] == 800 + 400 + 400 + 400 + 13
+
+
+def test_packed_saves_keep_the_payload_until_backward_reads_it_and_free_the_spikes():
+    # Rule 11: the head saves the spikes packed; nothing is recomputed.
+    annotated, trace = _chain()
+    g = build_cost_graph(annotated, trace)
+    plan = Plan((RegionPlan("pack_out", "out", ("out",), (1,), recompute=False),))
+    p = simulate(g, plan, with_timeline=True)
+    labels = [label for label, _ in p.timeline]
+    live = [b for _, b in p.timeline]
+    out_end = len(labels) - 1 - labels[::-1].index("fwd:out")
+    # at the head's last forward event: temp 800 + internal 400 + spikes 400 + payload 13 + the packing's transient
+    assert live[out_end] == 800 + 400 + 400 + 13 + 100 * 5
+    # then the spikes die (nothing else keeps them): only the 13-byte payload stays
+    assert live[labels.index("loss:<loss>")] == 800 + 400 + 13
+    # the head's backward unpacks a transient copy of the spikes, beside its gradient
+    assert live[labels.index("bwd:out")] == 800 + 400 + 13 + 400 + 400
+    assert p.peak_bytes == 2000 - 400 + 13 + 500 and p.extra_compute_s == 0
+    # the packing's time is charged per value packed (pack_s_per_value, measured when recording)
+    g.graph["pack_s_per_value"] = 1e-6
+    assert simulate(g, plan).extra_compute_s == pytest.approx(100 * 1e-6)

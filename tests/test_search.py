@@ -106,11 +106,14 @@ def test_memory_preset_slices_time_and_stays_exact():
     assert compare_training_step(ref, gm, (x,), between=lambda: torch.rand(2)).ok
 
 
-def test_speed_preset_unwraps_and_halves_memory():
+def test_speed_preset_gives_time_back_and_halves_memory():
     model, x = _deep(blocks=8)
     ref = copy.deepcopy(model)
     gm, s = fxmemopt.optimize(model, (x,), prefer="speed", return_summary=True)
-    assert s.unwrap_count >= 1 and "level4_greedy_unwrap" in s.applied_steps
+    # time given back from the smallest peak (unwrapping), or the cheapest recomputation built up from nothing
+    # (tests/test_speed.py), whichever the cost model predicts faster
+    assert (s.unwrap_count >= 1 and "level4_greedy_unwrap" in s.applied_steps) or \
+        "speed_cheapest_first" in s.applied_steps
     assert s.predicted_peak_after <= s.predicted_peak_before / 2
     assert all(d.reason for d in s.decisions)
     assert compare_training_step(ref, gm, (x,)).ok
@@ -190,7 +193,7 @@ def test_measured_unwraps_within_the_speed_limit_are_kept():
     base = fxmemopt.measure_step(model, (x,), repeats=0).peak_bytes
     measure = _fake_measure({"unoptimized": base, "optimized": int(base * 0.45), "before-unwrap": int(base * 0.1)})
     _, s = fxmemopt.optimize(model, (x,), prefer="speed", measure=measure, return_summary=True)
-    assert any(d.action in ("unwrap", "shrink") for d in s.decisions)
+    assert any(d.action in ("unwrap", "shrink", "recompute", "pack") for d in s.decisions)
     assert not any(name == "optimized" and status == "rejected" for name, status, _ in s.rejected)
     assert s.plan == s.search.plan and s.plan.regions != s.search.pre_unwrap.regions  # unwraps kept
 

@@ -95,6 +95,7 @@ class StepTrace:
         fwd_time_s: node -> forward wall time (separate untracked run, grad enabled).
         step_time_s: wall time of one untracked step.
         peak_bytes: the recorder's own peak (equals :func:`fxmemopt.measure_step`'s on CPU).
+        pack_s_per_value: seconds to check, pack and unpack one spike value on this machine (0: not measured).
     """
 
     events: tuple[tuple[str, str], ...]
@@ -103,6 +104,7 @@ class StepTrace:
     fwd_time_s: dict[str, float]
     step_time_s: float
     peak_bytes: int
+    pack_s_per_value: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -140,13 +142,14 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     Storages the step allocated outside any traced node (the loss) sit on a node named ``"<loss>"`` (``info`` None,
     not in ``order``). Edges: data dependencies, with the bytes that flow (``nbytes``). Graph attributes: ``order``
     (the traced order), ``events`` (the step's ``(phase, node)`` sequence: forward, loss, backward),
-    ``step_time_s`` (one unoptimized step) and ``peak_bytes`` (the recorded peak).
+    ``step_time_s`` (one unoptimized step), ``peak_bytes`` (the recorded peak) and ``pack_s_per_value`` (the time
+    to pack and unpack one spike value).
 
     Nothing in it refers to fx or torch objects: a cost graph can be built by hand, pickled, drawn or saved
     (``nx.write_gml`` with ``stringizer=str``), and :func:`simulate` needs nothing else.
     """
     g = nx.DiGraph(order=annotated.order, events=trace.events, step_time_s=trace.step_time_s,
-                   peak_bytes=trace.peak_bytes)
+                   peak_bytes=trace.peak_bytes, pack_s_per_value=trace.pack_s_per_value)
     by_node: dict[str, list[StorageRecord]] = {}
     for s in trace.storages:
         by_node.setdefault(s.node, []).append(s)
@@ -516,9 +519,12 @@ def _charge_whole_slices(live: _Live, annotated: AnnotatedGraph, by_region: dict
 
 def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
                      replays: _Replays, by_region: dict[str, RegionPlan], ne: dict[str, tuple[int, int]],
-                     kept_by_ref: dict[str, list[str]], x_storage: dict[str, StorageRecord]) -> None:
-    """Every recorded storage, with the lifetime the plan gives it (see the module docstring)."""
+                     kept_by_ref: dict[str, list[str]], x_storage: dict[str, StorageRecord],
+                     packs: dict[str, dict[str, int]]) -> int:
+    """Every recorded storage, with the lifetime the plan gives it (see the module docstring). ``packs``: the
+    packed-saves regions' nodes -> {input node: bits}. Returns the number of values packed-saves regions pack."""
     region_of = {n: r for r in by_region for n in by_region[r].nodes}
+    packed_values = 0
     rc_stop = _recompute_stops(lay, storages, by_region, region_of, replays, ne)
     last_user_end = {n: max((lay.pos[ne[u][1]] for u in annotated.users[n] if u in ne), default=lay.pos[ne[n][1]])
                      for n in annotated.order}
@@ -547,7 +553,6 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                     start = max(start, lay.pos[neuron_bwd_last[s.node]])
             live.add(nbytes, start, lay.at(s.free))
             continue
-        saver_regions = {region_of.get(m) for m in s.saved_by}
         home = region_of.get(s.node)
         stop = lay.at(s.free)
         views = s.views or ((s.value_of,) if s.value_of else ())
@@ -555,16 +560,33 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
             # A frame lives until its neuron's state is reset (its final-state handles keep it, so a later backward
             # through the state still works): an input it keeps by reference lives to the end of the step.
             stop = lay.end - 1
+        # Packed saves (Rule 11): a saver outside the checkpoint regions that packs this value keeps only the
+        # payload, from its forward until backward last reads it (which unpacks a transient full copy).
+        packers = [(m, b) for m in s.saved_by if m not in region_of and m in packs
+                   for b in [max((packs[m].get(v, 0) for v in views), default=0)] if b]
+        for m, b in packers:
+            info = annotated[next(v for v in views if packs[m].get(v))]
+            numel = math.prod(info.shape or ())
+            packed_values += numel
+            at, used = lay.pos[ne[m][1]], lay.at(s.consumed)
+            live.add(packed_nbytes(numel, b), at, max(at, used))
+            live.add(min(numel, PACK_CHUNK) * (_ELEMENT_SIZE.get(info.dtype or "", 4) + 1), at, at)
+            if s.consumed is not None:
+                live.add(s.nbytes, used, used)
+        saver_regions = {region_of.get(m) for m in s.saved_by if m not in dict(packers)}
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
-            # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release.
+            # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release, or with the
+            # frame that keeps it by reference as an input.
+            held_by = {r for v in views for r in kept_by_ref.get(v, ())}
             release = max(last_user_end[v] for v in views) if views else lay.pos[s.alloc]
-            live.add(size(s), lay.pos[s.alloc], release)
+            live.add(size(s), lay.pos[s.alloc], stop if held_by else release)
             if s.consumed is None:
                 continue  # never used by the recorded backward (a neuron's last state update): not recomputed
             for r in saver_regions:
-                if s.node in by_region[r].nodes:
-                    continue  # recomputed by its own region's blocks, below
+                if r is None or r in held_by or s.node in by_region[r].nodes:
+                    # recomputed by its own region's blocks (below), or alive anyway: the region's stored input
+                    continue
                 sl = replays.slicing.get(r)
                 b = _Block(r, "all") if sl is None else sl.first_block(r) if by_region[r].keep_prefix \
                     else _Block(r, "prefix")
@@ -589,6 +611,7 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                 share = replays.whole_share.get(home)
                 live.add(size(s) if share is None else int(s.nbytes * share), start,
                          max(start, min(stop_rc, rc_stop[b])))
+    return packed_values
 
 
 def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = False) -> Prediction:
@@ -608,7 +631,10 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     """
     annotated = facts(graph)
     storages = _storages(graph)
-    regions = plan.regions if plan is not None else ()
+    every = plan.regions if plan is not None else ()
+    regions = tuple(r for r in every if r.recompute)
+    packs = {n: {i: b for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits) if b}
+             for r in every if not r.recompute for n in r.nodes}
     by_region = {r.name: r for r in regions}
     events = graph.graph["events"]
     ne = {n: e for n, e in graph.nodes(data="fwd_events") if e is not None}
@@ -619,7 +645,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     kept_by_ref = _charge_region_inputs(live, annotated, regions, lay)
     x_storage = _charge_slices(live, annotated, storages, lay, replays, ne, kept_by_ref)
     _charge_whole_slices(live, annotated, by_region, lay, replays)
-    _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage)
+    packed_values = _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage,
+                                     packs)
 
     best, best_at, cur = 0, 0, 0
     timeline = []
@@ -631,6 +658,10 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             timeline.append((lay.labels[p], cur))
     fwd = _fwd_times(graph)
     extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
+    # packing: each packed value is checked and packed once in forward and unpacked once in backward
+    packed_values += sum(math.prod(annotated[i].shape or ()) for r in regions
+                         for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits) if b and annotated[i].is_tensor)
+    extra += packed_values * graph.graph.get("pack_s_per_value", 0.0)
     for r, sl in replays.slicing.items():  # the no-grad replays for slice start states, and the prefix if not kept
         extra += fwd.get(sl.neuron, 0.0) * (2 if checkpoint_every(sl.k) < sl.k else 1)
         if not by_region[r].keep_prefix:

@@ -50,6 +50,9 @@ class RegionPlan:
             :mod:`fxmemopt.runtime.checkpoint`; the seed's approximate temporal split, only with
             ``optimize(exact=False)``;
             see :func:`sliceable`) instead of only its neuron (Rule 8).
+        recompute: ``False`` for a *packed-saves* region (Rule 11): nothing is recomputed; where its nodes save one
+            of its packed inputs for backward, the saved tensor is stored packed (an operation outside the
+            checkpoint regions that saves spikes: a convolution's input, a max pool's, an attention matmul's).
     """
 
     name: str
@@ -59,6 +62,7 @@ class RegionPlan:
     chunks: int = 1
     keep_prefix: bool = True
     whole_slices: bool = False
+    recompute: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ class Plan:
                        for shape, dtype in self.inputs],
             "guards": list(self.guards),
             "regions": [{"name": r.name, "anchor": r.anchor, "nodes": list(r.nodes), "pack_bits": list(r.pack_bits),
-                         "chunks": r.chunks, "keep_prefix": r.keep_prefix, "whole_slices": r.whole_slices}
+                         "chunks": r.chunks, "keep_prefix": r.keep_prefix, "whole_slices": r.whole_slices,
+                         "recompute": r.recompute}
                         for r in self.regions]}
         if report is not None:
             d["report"] = report
@@ -151,8 +156,11 @@ class Plan:
                           r["pack_bits"])
             if r["chunks"] < 1:
                 raise bad(f"regions[{k}].chunks", "an int >= 1", r["chunks"])
+            recompute = r.get("recompute", True)  # absent in plans saved before packed-saves regions
+            if not isinstance(recompute, bool):
+                raise bad(f"regions[{k}].recompute", "bool", recompute)
             out.append(RegionPlan(r["name"], r["anchor"], tuple(r["nodes"]), tuple(r["pack_bits"]), r["chunks"],
-                                  r["keep_prefix"], r["whole_slices"]))
+                                  r["keep_prefix"], r["whole_slices"], recompute))
         return cls(tuple(out), fp, tuple(sig), tuple(guards))
 
     @classmethod
@@ -232,6 +240,10 @@ def check_plan(plan: Plan, graph: AnnotatedGraph, source: str = "plan", guards: 
             raise PlanError(format_error(what, "has the wrong number of packing widths",
                                          expected=f"{len(inputs)} (one per input)", got=str(len(r.pack_bits)),
                                          fix=fix))
+        if not r.recompute and (r.chunks > 1 or r.whole_slices or not any(r.pack_bits)):
+            raise PlanError(format_error(what, "is a packed-saves region (recompute=false) with time slices or "
+                                         "nothing to pack", expected="chunks=1 and at least one packed input",
+                                         got=f"chunks={r.chunks}, pack_bits={list(r.pack_bits)}", fix=fix))
         if r.chunks > 1:
             ok, why = sliceable(graph, r.nodes)[:2] if r.whole_slices else chunkable(graph, r.nodes)
             if not ok:

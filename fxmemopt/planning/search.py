@@ -23,7 +23,11 @@ The levels (the seed's meaning, automated)
     4. *greedy unwrap*: regions whose recomputation costs the most time are unwrapped when the predicted peak
        does not rise. ``prefer="speed"`` lets it rise up to half the unoptimized peak (which still halves memory)
        and may also *shrink* a region to its neuron: the neuron's per-step tensors are most of a layer's memory
-       but cheap to recompute, the convolution before it the opposite.
+       but cheap to recompute, the convolution before it the opposite. ``prefer="speed"`` also searches the other
+       way (:func:`cheapest_first`): from no recomputation, pack the spikes operations save for backward
+       (packed-saves regions, nothing recomputed) and recompute the cheapest rungs of each layer (the neuron, then
+       BatchNorm, then the convolution), best peak reduction per second first, until the peak is half the
+       unoptimized one; the faster of the two plans is kept.
 
     ``memory_budget`` replaces the goal: the fastest plan whose predicted peak fits, found by unwrapping the most
     expensive regions from the most memory-saving plan while it still fits; or a typed error naming the smallest
@@ -31,8 +35,9 @@ The levels (the seed's meaning, automated)
 
 How it is built
     :func:`search` runs :data:`STAGES` in order: :func:`wrap` (level 1), :func:`split_spatially` (2),
-    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`give_time_back` (level 4 and
-    ``memory_budget``). Each is a :data:`Stage`: ``stage(plan, prediction, planner) -> (plan, prediction)``, with
+    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`give_time_back` (level 4,
+    ``prefer="speed"`` and ``memory_budget``). Each is a :data:`Stage`:
+    ``stage(plan, prediction, planner) -> (plan, prediction)``, with
     the cost graph, options and candidates in the :class:`Planner`; each does nothing when its option is off.
 
 Every decision is recorded with its reason (:class:`Decision`), so the summary can explain the plan.
@@ -41,6 +46,7 @@ Every decision is recorded with its reason (:class:`Decision`), so the summary c
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +58,7 @@ from ..analysis.facts import AnnotatedGraph
 from ..errors import InvalidOptionError, MemoryBudgetError, format_error
 from .costgraph import Prediction, facts, peak_over_calls, simulate
 from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
-from .regions import Region, region_io
+from .regions import Region, is_metadata, region_io
 
 __all__ = ["Planner", "Stage", "STAGES", "Options", "Decision", "SearchResult", "PRESETS", "Preset",
            "resolve_options", "search", "search_without_cost", "parse_bytes", "applied"]
@@ -85,7 +91,7 @@ PREFER: dict[str, tuple[str, str]] = {
 # What the presets mean here: "safe" wraps every layer (1); "balanced" also splits blocks per neuron (2);
 # "memory" also recomputes neurons in time slices, prefixes included (3); "exhaustive" also unwraps what does not
 # raise the peak (4). prefer="speed" is level 4 without time slices, unwrapping while the peak stays within half the
-# unoptimized one.
+# unoptimized one, or, if faster, the cheapest recomputation and packed saves that reach half (cheapest_first).
 #: ``checkpoint_budget`` -> fraction of candidate regions wrapped at level 1.
 CHECKPOINT_BUDGETS = {"speed": 0.5, "balanced": 0.75, "memory": 1.0}
 #: ``prefer="speed"`` accepts unwraps while the predicted peak stays at or below this fraction of the unoptimized
@@ -514,8 +520,22 @@ def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
     if opts.level >= 4:
         target = p.speed_target
         result.pre_unwrap = plan
-        return _unwrap(plan, pred, pred.peak_bytes if target is None else max(pred.peak_bytes, target), p,
-                       shrink=target is not None)
+        decided = len(result.decisions)
+        best, best_pred = _unwrap(plan, pred, pred.peak_bytes if target is None else max(pred.peak_bytes, target), p,
+                                  shrink=target is not None)
+        if target is not None:
+            # prefer="speed" also builds up from nothing, cheapest recomputation first; the faster plan that reaches
+            # the target wins (or the lower peak, if neither does).
+            other = SearchResult(Plan(()), None, p.baseline)
+            alt, alt_pred = cheapest_first(p.logging_to(other))
+            result.evaluated += other.evaluated
+            reach = (alt_pred.peak_bytes <= target, best_pred.peak_bytes <= target)
+            if (reach[0] and not reach[1]) or (reach == (True, True) and alt_pred.step_time_s < best_pred.step_time_s) \
+                    or (reach == (False, False) and alt_pred.peak_bytes < best_pred.peak_bytes):
+                result.decisions[decided:] = other.decisions
+                result.applied_steps.append("speed_cheapest_first")
+                best, best_pred = alt, alt_pred
+        return best, best_pred
     return plan, pred
 
 
@@ -745,6 +765,121 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool =
     (result.applied_steps if changed else result.skipped_steps).append(
         "level4_greedy_unwrap" if changed else "level4:no_unwrap_within_peak")
     return best, pred
+
+
+def saved_inputs(cost: nx.DiGraph) -> dict[str, set[str]]:
+    """Per node, the inputs whose values (or views of them) it saves for backward, from the recorded storages."""
+    out: dict[str, set[str]] = {}
+    for _, records in cost.nodes(data="storages"):
+        for st in records or ():
+            if st.phase != "fwd" or not st.saved_by:
+                continue
+            views = st.views or ((st.value_of,) if st.value_of else ())
+            for m in st.saved_by:
+                info = cost.nodes[m].get("info") if m in cost else None
+                hit = [v for v in views if info is not None and v in info.inputs]
+                if hit:
+                    out.setdefault(m, set()).update(hit)
+    return out
+
+
+def packed_saves(graph: AnnotatedGraph, saved: dict[str, set[str]], covered: set[str],
+                 compress: bool = True) -> list[RegionPlan]:
+    """Packed-saves regions (Rule 11 of :mod:`fxmemopt.runtime.checkpoint`): one per node outside ``covered`` (the
+    recomputed regions) that saves a spike input for backward; that input is stored packed, nothing recomputed."""
+    out = []
+    for n in graph.order:
+        if n in covered or n not in saved or graph[n].op not in ("call_module", "call_function", "call_method"):
+            continue
+        inputs = region_io(graph, (n,))[0]
+        bits = tuple(input_bits(graph, i, compress) if i in saved[n] else 0 for i in inputs)
+        if any(bits):
+            out.append(RegionPlan(f"pack_{n}", graph[n].target if graph[n].op == "call_module" else n, (n,), bits,
+                                  recompute=False))
+    return out
+
+
+def _ladder(r: Region, p: Planner) -> list[tuple[str, ...]]:
+    """The ways to recompute candidate region ``r``, cheapest first: the suffixes of its nodes that end in its neuron
+    and start at a node that computes something (the neuron alone; BatchNorm and neuron; ...), then all of it."""
+    nodes = r.nodes
+    if not p.graph[nodes[-1]].seeds_region:
+        return [nodes]
+    alloc = dict(p.cost.nodes(data="alloc_bytes", default=0))
+    starts = [k for k in range(1, len(nodes)) if alloc.get(nodes[k], 0) > 0 and not is_metadata(p.graph, nodes[k])]
+    return [nodes[k:] for k in reversed(starts)] + [nodes]
+
+
+def cheapest_first(p: Planner) -> tuple[Plan, Prediction]:
+    """``prefer="speed"``: from the unoptimized step, add what lowers the predicted peak most per second it adds,
+    until the peak reaches the speed target (half the unoptimized one) or nothing lowers it.
+
+    Two kinds of move: *pack* the spikes an operation saves for backward (a packed-saves region, Rule 11 of
+    :mod:`fxmemopt.runtime.checkpoint`: one pack and one unpack, nothing recomputed), or *recompute* one more rung
+    of a candidate region's ladder (:func:`_ladder`; per neuron where level 2 can split the region): the neuron
+    alone first (its per-step tensors are most of a layer's memory and cheap to recompute), then BatchNorm and the
+    neuron, then the whole layer (a convolution is the opposite). A rung covers the packed-saves regions of its
+    nodes: its own input is stored packed when it holds spikes. Moves are ranked lazily (a move's last ratio is
+    an estimate until it is re-evaluated against the current plan), a few predictions per move."""
+    graph, opts, result = p.graph, p.opts, p.result
+    target = p.speed_target if p.speed_target is not None else 0
+    saved = saved_inputs(p.cost)
+    position = {n: i for i, n in enumerate(graph.order)}
+    bases = [part for r in p.regions for part in (p.splits.get(r.name) or [r])]
+    ladders = [_ladder(b, p) for b in bases]
+    packable = [r.nodes[0] for r in packed_saves(graph, saved, set(), opts.compress)]
+
+    def build(level: list[int], packed: frozenset[str]) -> Plan:
+        regions = [RegionPlan(b.name, b.anchor, lad[j - 1],
+                              tuple(input_bits(graph, i, opts.compress) for i in region_io(graph, lad[j - 1])[0]))
+                   for b, lad, j in zip(bases, ladders, level) if j]
+        covered = {n for r in regions for n in r.nodes}
+        regions += packed_saves(graph, {n: saved[n] for n in packed}, covered, opts.compress)
+        return Plan(tuple(sorted(regions, key=lambda r: position[r.nodes[0]])))
+
+    level, packed = [0] * len(bases), frozenset()
+    plan = Plan(())
+    pred = p.baseline
+    version = 0
+    moves = len(bases) + len(packable)  # move k < len(bases): climb ladder k; else: pack packable[k - len(bases)]
+    heap = [(-math.inf, k, -1) for k in range(moves)]  # (-ratio, move, plan version its ratio was measured at)
+    while pred.peak_bytes > target and heap:
+        _, k, seen = heapq.heappop(heap)
+        if k < len(bases):
+            if level[k] >= len(ladders[k]):
+                continue
+            trial, trial_packed = level.copy(), packed
+            trial[k] += 1
+        else:
+            node = packable[k - len(bases)]
+            if node in packed or any(node in lad[j - 1] for lad, j in zip(ladders, level) if j):
+                continue
+            trial, trial_packed = level, packed | {node}
+        cand_plan = build(trial, trial_packed)
+        cand = p.evaluate(cand_plan)
+        gain = pred.peak_bytes - cand.peak_bytes
+        ratio = gain / max(cand.step_time_s - pred.step_time_s, 1e-9)
+        if seen != version and heap and ratio < -heap[0][0]:
+            heapq.heappush(heap, (-ratio, k, version))  # stale: another move may now be better
+            continue
+        if gain <= 0:
+            if seen == version:
+                break  # the best move against the current plan lowers nothing
+            heapq.heappush(heap, (-ratio, k, version))
+            continue
+        added_ms = (cand.step_time_s - pred.step_time_s) * 1e3
+        change = f"predicted peak {_mib(pred.peak_bytes)} -> {_mib(cand.peak_bytes)} for {added_ms:+.1f} ms"
+        if k < len(bases):
+            rung = ladders[k][trial[k] - 1]
+            what = "recompute all of it" if len(rung) == len(bases[k].nodes) else f"recompute from {rung[0]} on"
+            result.decisions.append(Decision(bases[k].name, "recompute", f"{what}: {change}"))
+        else:
+            result.decisions.append(Decision(f"pack_{node}", "pack", f"the spikes it saves for backward stored "
+                                             f"packed, nothing recomputed: {change}"))
+        level, packed, plan, pred = trial, trial_packed, cand_plan, cand
+        version += 1
+        heapq.heappush(heap, (-ratio, k, version - 1))
+    return plan, pred
 
 
 def _sliced_per_step(regions: tuple[RegionPlan, ...], graph: AnnotatedGraph) -> tuple[RegionPlan, ...]:

@@ -134,8 +134,24 @@ class _TimingInterpreter(fx.Interpreter):
         return out
 
 
+def pack_time_per_value(numel: int = 1 << 20, repeats: int = 3) -> float:
+    """Seconds to check, pack and later unpack one spike value (float32, 1 bit), measured here on ``numel`` values
+    (best of ``repeats``): what the cost model charges per value a plan packs (:mod:`fxmemopt.runtime.packing`)."""
+    from ..runtime.packing import try_pack, unpack
+
+    x = (torch.arange(numel) % 3 == 0).float()  # spikes, without touching the global RNG
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        p = try_pack(x, 1)
+        assert p is not None
+        unpack(p)
+        best = min(best, time.perf_counter() - t0)
+    return best / numel
+
+
 def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
-                loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 1) -> StepTrace:
+                loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 2) -> StepTrace:
     """Record one unoptimized training step of the traced module ``gm`` (see the module docstring).
 
     Neuron states are reset first (as :func:`fxmemopt.measure_step` does); buffers, states, gradients and the RNG
@@ -146,7 +162,8 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         inputs: the example inputs.
         stateful: stateful module paths -> state attribute names.
         loss_fn: output -> scalar loss; default :func:`fxmemopt.profiling.measure.default_loss`.
-        timing_repeats: untracked forward passes to time nodes (after one warm-up step).
+        timing_repeats: untracked steps and node-by-node forwards timed, interleaved (after one warm-up step); the
+            fastest of each counts.
 
     Returns:
         The :class:`StepTrace`.
@@ -165,21 +182,32 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
             if loss.requires_grad:  # a model with nothing to train has no backward to record
                 loss.backward()
 
-        # Timing: one warm-up step, then timed steps and node-by-node timed forwards (untracked).
+        # Timing: one warm-up step, then, interleaved, timed steps (forward timed apart) and node-by-node timed
+        # forwards (untracked). The fastest of each is kept (the least disturbed by other work on the machine), and
+        # the nodes' times are scaled to add up to the step's own forward: timing node by node adds the
+        # interpreter's overhead, and a machine under load slows one measurement and not the other.
         clear()
         backward(loss_fn(gm(*inputs)))
-        step_times = []
+        step_times, forward_times, node_times = [], [], []
         for _ in range(max(1, timing_repeats)):
             clear()
             t0 = time.perf_counter()
-            backward(loss_fn(gm(*inputs)))
+            out = gm(*inputs)
+            t1 = time.perf_counter()
+            backward(loss_fn(out))
             step_times.append(time.perf_counter() - t0)
-        timer = _TimingInterpreter(gm)
-        for _ in range(max(1, timing_repeats)):
+            forward_times.append(t1 - t0)
+            del out
+            timer = _TimingInterpreter(gm)
             clear()
             out = timer.run(*inputs)
             del out
-        fwd_time = {k: v / max(1, timing_repeats) for k, v in timer.times.items()}
+            node_times.append(timer.times)
+        fwd_time = {k: min(t.get(k, 0.0) for t in node_times) for k in node_times[0]}
+        total = sum(fwd_time.values())
+        if total > 0:
+            scale = min(2.0, max(0.5, min(forward_times) / total))
+            fwd_time = {k: v * scale for k, v in fwd_time.items()}
 
         clear()
         rec = _Recorder()
@@ -214,5 +242,7 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         (StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"], tuple(sorted(r["saved_by"])),
                        r["value_of"], r["consumed"], tuple(r["views"])) for r in records),
         key=lambda s: (s.alloc, s.nbytes)))
-    step_time = sorted(step_times)[len(step_times) // 2]
-    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak)
+    step_time = min(step_times)
+    device = next((t.device for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)), None)
+    pack_s = pack_time_per_value() if device is None or device.type == "cpu" else 0.0
+    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak, pack_s)

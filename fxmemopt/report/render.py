@@ -117,7 +117,7 @@ def explain(obj: nn.Module | Summary | str | os.PathLike[str] | dict[str, Any]) 
         if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
             plan = Plan.from_dict(d)
             rows = [{"region": r.name, "anchor": r.anchor, "nodes": len(r.nodes),
-                     "slices": slices_label(r.chunks, r.keep_prefix, r.whole_slices), "inputs": [],
+                     "slices": slices_label(r.chunks, r.keep_prefix, r.whole_slices, r.recompute), "inputs": [],
                      "stored_bytes": 0, "unpacked_bytes": 0, "working_set_bytes": None, "decision": "wrap",
                      "reason": "from the plan (no report saved)"}
                     for r in plan.regions]
@@ -177,6 +177,8 @@ def _region_header(summary: Summary, r: Any) -> list[str]:
     slices = "" if r.chunks == 1 else (f", {r.chunks} time slices" + (", prefix recomputed" if not r.keep_prefix
                                                                        else "") + (", whole region per slice"
                                                                                    if r.whole_slices else ""))
+    if not r.recompute:
+        slices = ", nothing recomputed: saved spikes packed"
     lines = [f"region {r.name} (anchor {r.anchor}): {len(r.nodes)} nodes{slices}"]
     for i in r.inputs:
         how = f"packed {i.bits} bit, {_fmt_bytes(i.stored_bytes)} of {_fmt_bytes(i.full_bytes)}" if i.bits else (

@@ -26,9 +26,12 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def slices_label(chunks: int, keep_prefix: bool, whole_slices: bool) -> str:
+def slices_label(chunks: int, keep_prefix: bool, whole_slices: bool, recompute: bool = True) -> str:
     """How a region is sliced in time, for tables: the slice count, ``+p`` when the prefix is recomputed again,
-    ``w`` when the whole region runs per slice (``exact=False``)."""
+    ``w`` when the whole region runs per slice (``exact=False``); ``saves`` for a packed-saves region (nothing
+    recomputed: the spikes its operations save are stored packed)."""
+    if not recompute:
+        return "saves"
     return str(chunks) + ("" if keep_prefix or chunks == 1 else "+p") + ("w" if whole_slices else "")
 
 
@@ -70,6 +73,7 @@ class RegionReport:
     chunks: int = 1
     keep_prefix: bool = True
     whole_slices: bool = False
+    recompute: bool = True
 
     @property
     def stored_bytes(self) -> int:
@@ -142,11 +146,11 @@ class SeedSummaryFields:
 
     @property
     def gc_wrap_count(self) -> int:
-        return len(self.regions)
+        return sum(1 for r in self.regions if r.recompute)  # packed-saves regions checkpoint nothing
 
     @property
     def gc_container_count(self) -> int:
-        return len(self.regions)
+        return sum(1 for r in self.regions if r.recompute)
 
     @property
     def tcgc_container_count(self) -> int:
@@ -277,7 +281,7 @@ class Summary(SeedSummaryFields):
         rows = []
         for r in self.regions:
             d = last.get(r.name)
-            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
+            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices, r.recompute)
             rows.append({
                 "region": r.name, "anchor": r.anchor, "nodes": len(r.nodes), "slices": slices,
                 "inputs": [{"node": i.node, "value_set": i.value_set, "bits": i.bits, "full_bytes": i.full_bytes,
@@ -355,7 +359,7 @@ class Summary(SeedSummaryFields):
             ins = ", ".join(
                 f"{i.node}:{i.value_set}->{str(i.bits) + 'b' if i.bits else ('ref' if i.stored_bytes == 0 else 'full')}"
                 for i in r.inputs)
-            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices)
+            slices = slices_label(r.chunks, r.keep_prefix, r.whole_slices, r.recompute)
             rows.append((r.name, r.anchor, str(len(r.nodes)), slices, ins, _fmt_bytes(r.stored_bytes)))
         widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]

@@ -72,15 +72,22 @@ Rule 10 (torch.compile). A region's forward is excluded from compilation (``torc
     cannot keep the contract (it traces saved-tensor hooks, RNG snapshots and state swaps into graphs with other
     semantics; measured: a wrong input gradient with backend="eager", an error with "aot_eager"). So
     ``torch.compile(gm)`` compiles the code *between* regions and neurons, and every region runs eagerly, exactly.
+Rule 11 (packed saves, nothing recomputed). A :class:`PackedRegion` runs its body once, normally, inside a
+    ``saved_tensors_hooks`` context that stores every saved tensor sharing its storage with a region input planned
+    as spikes bit-packed (:func:`~fxmemopt.runtime.packing.try_pack`: the same exact check as Rule 2; a tensor
+    that fails it is saved as is), and every other saved tensor as autograd would. Backward unpacks a fresh,
+    bitwise-equal tensor (same dtype, shape and strides) for each use. No state, buffer or RNG is snapshotted:
+    nothing runs twice. Rule 7 applies (plain mode runs the body directly).
 
 Copies, and the rule each one serves (nothing else is copied; counted on DeepConvSNN, 16 blocks, T=8, one training
 step: 1277 copy-like ops against 153 unoptimized, most of them the recomputed neurons' own):
-  * the packed payload of each spike input, and the small reused buffers packing works in (Rule 2);
+  * the packed payload of each spike input, and the small reused buffers packing works in (Rules 2 and 11);
   * a clone of each buffer the forward mutates, at entry (Rule 2: BatchNorm statistics), and a throw-away copy
     of it for each recomputation that runs its module (Rule 3; not for a chunked region's neuron replays);
   * a copy of each tensor state at entry, dropped at exit unless the module modified it in place (Rule 5);
   * each slice's part of a chunked neuron's input, unless the input is one the region stores whole (Rule 8);
-  * a fresh tensor from every unpack, which recomputation may modify in place (Rule 3).
+  * a fresh tensor from every unpack, which recomputation may modify in place (Rule 3), or autograd's backward
+    reads (Rule 11).
 """
 
 from __future__ import annotations
@@ -103,8 +110,8 @@ from ..errors import RecomputationMismatchError, RegionError, format_error
 from ..planning.plan import checkpoint_every
 from .packing import PackedTensor, try_pack, unpack
 
-__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "region_args",
-           "release_args", "RegionEvent", "region_events"]
+__all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "PackedRegion",
+           "region_args", "release_args", "RegionEvent", "region_events"]
 
 
 @dataclass(frozen=True)
@@ -949,3 +956,81 @@ class SlicedRegion(CheckpointRegion):
         if isinstance(outs[0], torch.Tensor):
             return torch.cat(outs, dim=0)
         return tuple(torch.cat([o[j] for o in outs], dim=0) for j in range(len(outs[0])))
+
+
+class _PackedFrame(_Frame):
+    """A frame for :class:`PackedRegion` (Rule 11): nothing is recomputed; each saved tensor that is one of the
+    region's spike inputs (or a view of it) is stored packed, everything else as autograd would store it."""
+
+    def __init__(self, region: CheckpointRegion, body: fx.GraphModule) -> None:
+        super().__init__(region, body)
+        #: storage address -> packing width, for the region's inputs planned as spikes
+        self.spikes: dict[int, int] = {}
+        #: storage address, shape, strides, offset -> the payload already made (one packing per saved value)
+        self.made: dict[tuple[Any, ...], PackedTensor | None] = {}
+        self.stats: RegionStats | None = None
+
+    def store_inputs(self, args: tuple[Any, ...], bits: tuple[int, ...], stats: RegionStats) -> None:
+        self.stats = stats
+        for a, b in zip(args, bits):
+            if b and isinstance(a, torch.Tensor) and a.is_floating_point() and a.layout == torch.strided:
+                self.spikes[a.untyped_storage().data_ptr()] = b
+
+    def snapshot(self, args: tuple[Any, ...]) -> None:
+        pass  # nothing is replayed: no state, buffers or RNG to keep
+
+    def pack_hook(self, t: torch.Tensor) -> Any:  # type: ignore[override]
+        # (detached: a saved output holding itself through its grad_fn would be a reference cycle)
+        if t.layout != torch.strided or not t.is_floating_point():
+            return t.detach()
+        bits = self.spikes.get(t.untyped_storage().data_ptr())
+        if bits is None:
+            return t.detach()  # a weight, a temporary: stored as autograd stores it
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
+        if key not in self.made:
+            packed = try_pack(t.detach(), bits)
+            assert self.stats is not None
+            if packed is None:
+                self.stats.unpacked_fallbacks += 1
+                self.region._warn_once(
+                    "unpacked",
+                    f"region {self.region.spec.name!r}: a tensor planned as {bits}-bit spikes holds other values in "
+                    f"this call; it is saved unpacked (exact, but no memory saved for it). Counted in "
+                    f"summary.runtime[...].unpacked_fallbacks.")
+            else:
+                self.stats.packed_bytes += packed.nbytes
+            self.made[key] = packed
+        packed = self.made[key]
+        return t.detach() if packed is None else packed
+
+    def run(self, box: list[Any]) -> Any:
+        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_saved):
+            return self.body(box)
+
+    def close(self, stats: RegionStats, out: Any) -> None:
+        self.made.clear()  # the payloads live in autograd's saved slots only
+
+
+def _unpack_saved(saved: Any) -> torch.Tensor:
+    """Rule 11: a saved tensor back from what :meth:`_PackedFrame.pack_hook` stored (a fresh tensor per unpack)."""
+    return unpack(saved) if isinstance(saved, PackedTensor) else saved
+
+
+class PackedRegion(CheckpointRegion):
+    """A region that stores its spike inputs packed where autograd saves them, and recomputes nothing: Rule 11 of
+    NOTE [Checkpoint region invariants] in this file.
+
+    For an operation outside the checkpoint regions that saves a spike tensor for its backward (a convolution's
+    input, a max pool's, a matmul's operand in spiking attention): the tensor is kept at 1 bit (or the width the
+    plan gives) instead of 32 while the operation's backward waits, for the price of one pack in forward and one
+    unpack in backward, no recomputation. Exact: the unpacked tensor is bitwise the saved one (values, dtype,
+    shape, strides), and a value that is not a spike is saved unpacked instead (counted, warned once).
+
+    Args:
+        body, spec, stats: as for :class:`CheckpointRegion`; ``spec.pack_bits`` marks the inputs to pack.
+    """
+
+    _frame_class = _PackedFrame
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, saved spikes packed, nothing recomputed"

@@ -30,6 +30,7 @@ from ..planning.regions import is_metadata, metadata_closure, region_io, side_ef
 from .checkpoint import (
     CheckpointRegion,
     ChunkedRegion,
+    PackedRegion,
     RegionSpec,
     RegionStats,
     SlicedRegion,
@@ -128,7 +129,11 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         buffers, clone = _owned_buffers(model, prefixes, mutated, stateful)
         spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone)
         stats[rp.name] = RegionStats()
-        if rp.chunks > 1 and rp.whole_slices:
+        if not rp.recompute:
+            # Rule 11: saved spikes packed, nothing recomputed.
+            body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
+            modules[rp.name] = PackedRegion(body, spec, stats[rp.name])
+        elif rp.chunks > 1 and rp.whole_slices:
             # Rule 9: the whole body runs on time slices of the time-major inputs.
             ok, why, sliced = sliceable(annotated, rp.nodes)
             if not ok:
