@@ -29,7 +29,7 @@ from torch import nn
 import fxmemopt
 from fxmemopt.profiling.measure import measure_step, reset_states
 from fxmemopt.profiling.verify import compare_training_step
-from fxmemopt.snn import DeepConvSNN, SpikingVGG11
+from fxmemopt.snn import DeepConvSNN, SEWResNet18, Spikformer, SpikingVGG11
 
 MODELS: dict[str, tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = {
     "dcs": ("DeepConvSNN 16 blocks 32 ch, T=8 N=8 3x32x32",
@@ -38,6 +38,9 @@ MODELS: dict[str, tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = {
             lambda: SpikingVGG11(width=1.0), (10, 4, 2, 48, 48)),
     "vgg-half": ("SpikingVGG11 (width 0.5) T=10 N=4 2x48x48",
                  lambda: SpikingVGG11(width=0.5), (10, 4, 2, 48, 48)),
+    "sew": ("SEWResNet18 (width 0.5) T=4 N=4 3x64x64", lambda: SEWResNet18(width=0.5), (4, 4, 3, 64, 64)),
+    "spikformer": ("Spikformer (dim 128, depth 2) T=4 N=8 3x32x32",
+                   lambda: Spikformer(embed_dim=128, num_heads=4, depth=2), (4, 8, 3, 32, 32)),
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {}, "speed": {"prefer": "speed"}, "balanced": {"prefer": "balanced"},
@@ -117,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"exact {r['exact']}  optimize {r['optimize_s']:.1f}s", flush=True)
     if args.markdown:
         cols = " | ".join(f"step time ({n} thread{'s' if n > 1 else ''})" for n in args.threads)
-        print(f"\n| model | preset | peak | lower by | predicted time | {cols} | exact |")
-        print("|---|---|---|---|---|" + "---|" * len(args.threads) + "---|")
+        print(f"\n| model | preset | peak | lower by | predicted time | {cols} | prediction error | exact |")
+        print("|---|---|---|---|---|" + "---|" * len(args.threads) + "---|---|")
         for r in rows:
             times = " | ".join(f"{r[f'time_ratio_t{n}']:.2f}x" for n in args.threads)
+            measured = statistics.mean(r[f"time_ratio_t{n}"] for n in args.threads)
             print(f"| {r['model']} | {r['preset']} | {r['peak_mib']:.1f} MiB | {r['memory_ratio']:.2f}x | "
-                  f"{r['predicted_time_ratio']:.2f}x | {times} | {'yes' if r['exact'] else 'NO'} |")
+                  f"{r['predicted_time_ratio']:.2f}x | {times} | {r['predicted_time_ratio'] / measured - 1:+.0%} | "
+                  f"{'yes' if r['exact'] else 'NO'} |")
     return 0
 
 

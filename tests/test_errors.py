@@ -129,7 +129,8 @@ def test_region_inputs_that_are_containers_of_tensors_work_exactly():
     model = UsesLeafOutput(Pair(), lambda pair: pair[0] * pair[1])
     reference = copy.deepcopy(model)
     x = torch.rand(3, 2, 4)
-    gm, summary = fxmemopt.optimize(model, (x,), leaf_modules=(Pair,), return_summary=True)
+    gm, summary = fxmemopt.optimize(model, (x,), leaf_modules=(Pair,), return_summary=True,
+                                    never_worse=False)  # a tiny net: the rewrite is under test, not the peak
     last = next(r for r in summary.regions if r.anchor == "sn")
     # the neuron's tuple is unpacked outside the next region: its inputs are the two tensors
     assert [i.shape for i in last.inputs] == [(3, 2, 4), (3, 2, 4)]
