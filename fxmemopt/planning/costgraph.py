@@ -96,6 +96,7 @@ class StepTrace:
         step_time_s: wall time of one untracked step.
         peak_bytes: the recorder's own peak (equals :func:`fxmemopt.measure_step`'s on CPU).
         pack_s_per_value: seconds to check, pack and unpack one spike value on this machine (0: not measured).
+        copy_s_per_byte: seconds to copy one byte of a large tensor on this machine (0: not measured).
     """
 
     events: tuple[tuple[str, str], ...]
@@ -105,6 +106,7 @@ class StepTrace:
     step_time_s: float
     peak_bytes: int
     pack_s_per_value: float = 0.0
+    copy_s_per_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,15 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     Storages the step allocated outside any traced node (the loss) sit on a node named ``"<loss>"`` (``info`` None,
     not in ``order``). Edges: data dependencies, with the bytes that flow (``nbytes``). Graph attributes: ``order``
     (the traced order), ``events`` (the step's ``(phase, node)`` sequence: forward, loss, backward),
-    ``step_time_s`` (one unoptimized step), ``peak_bytes`` (the recorded peak) and ``pack_s_per_value`` (the time
-    to pack and unpack one spike value).
+    ``step_time_s`` (one unoptimized step), ``peak_bytes`` (the recorded peak), ``pack_s_per_value`` (the time
+    to pack and unpack one spike value) and ``copy_s_per_byte`` (to copy one byte).
 
     Nothing in it refers to fx or torch objects: a cost graph can be built by hand, pickled, drawn or saved
     (``nx.write_gml`` with ``stringizer=str``), and :func:`simulate` needs nothing else.
     """
     g = nx.DiGraph(order=annotated.order, events=trace.events, step_time_s=trace.step_time_s,
-                   peak_bytes=trace.peak_bytes, pack_s_per_value=trace.pack_s_per_value)
+                   peak_bytes=trace.peak_bytes, pack_s_per_value=trace.pack_s_per_value,
+                   copy_s_per_byte=trace.copy_s_per_byte)
     by_node: dict[str, list[StorageRecord]] = {}
     for s in trace.storages:
         by_node.setdefault(s.node, []).append(s)
@@ -195,6 +198,12 @@ def _storages(graph: nx.DiGraph) -> list[StorageRecord]:
 def _fwd_times(graph: nx.DiGraph) -> dict[str, float]:
     return {n: t for n, t in graph.nodes(data="fwd_time_s") if t is not None}
 
+
+#: A neuron's no-grad replay (slice start states, Rule 8) costs this fraction of its forward with grad: measured on
+#: DeepConvSNN (16 blocks, 32 ch, T=8, N=8, one thread), the default's 17 sliced regions added 65 ms to checkpointing
+#: alone where their neurons' forwards took 689 ms (autograd's bookkeeping, per step and op, is most of a neuron's
+#: forward; a no-grad replay on slices skips it).
+NO_GRAD_REPLAY_COST = 0.15
 
 _ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
                  "int8": 1, "uint8": 1, "bool": 1}
@@ -662,8 +671,14 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     packed_values += sum(math.prod(annotated[i].shape or ()) for r in regions
                          for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits) if b and annotated[i].is_tensor)
     extra += packed_values * graph.graph.get("pack_s_per_value", 0.0)
-    for r, sl in replays.slicing.items():  # the no-grad replays for slice start states, and the prefix if not kept
-        extra += fwd.get(sl.neuron, 0.0) * (2 if checkpoint_every(sl.k) < sl.k else 1)
+    copy_s = graph.graph.get("copy_s_per_byte", 0.0)
+    for r, sl in replays.slicing.items():
+        # the no-grad replays for slice start states (a fraction of the neuron's forward with grad), the copies
+        # slicing makes (outputs concatenated in forward; in backward the input's parts and their gradients'
+        # concatenation), and the prefix again if not kept
+        extra += fwd.get(sl.neuron, 0.0) * NO_GRAD_REPLAY_COST * (2 if checkpoint_every(sl.k) < sl.k else 1)
+        x_bytes = annotated[annotated[sl.neuron].inputs[0]].nbytes
+        extra += (sl.out_bytes + 2 * x_bytes) * copy_s
         if not by_region[r].keep_prefix:
             extra += sum(fwd.get(n, 0.0) for n in sl.prefix_nodes)
     return Prediction(best, lay.labels[best_at] if lay.labels else "", extra, graph.graph["step_time_s"] + extra,

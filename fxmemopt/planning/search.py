@@ -100,10 +100,11 @@ SPEED_PEAK_FRACTION = 0.5
 #: The default (no level, preset or budget given) also slices the region that sets the predicted peak in time (exact
 #: slices, prefix kept: neuron replays only), as long as the predicted step time stays within this fraction above
 #: the level-1 plan's. A layer whose recomputation sets the peak is what users hope ``optimize(model, x)`` handles.
-#: The prediction charges each replay a neuron's forward with grad, which overstates it: measured with one thread
-#: (interleaved, median of 5), the default's step time rose 3.6% (DeepConvSNN 16x32, T=8, N=8), 5.1% (spiking
-#: VGG-11 w0.5, T=10, N=4), 3.9% (Spikformer) over checkpointing alone, for 1.35x, 1.56x, 1.28x lower peaks.
-DEFAULT_SLICE_TIME_BUDGET = 0.35
+#: Measured with one thread (interleaved, median of 5), the default's step time rose 3.6% (DeepConvSNN 16x32, T=8,
+#: N=8), 5.1% (spiking VGG-11 w0.5, T=10, N=4), 3.9% (Spikformer) over checkpointing alone, for 1.35x, 1.56x, 1.28x
+#: lower peaks (2.6% and 7.1% on DeepConvSNN and the full-width VGG-11 on 2026-12-02). The prediction charges a
+#: slice's no-grad neuron replay and copies (costgraph.NO_GRAD_REPLAY_COST, copy_s_per_byte).
+DEFAULT_SLICE_TIME_BUDGET = 0.15
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -150,6 +150,18 @@ def pack_time_per_value(numel: int = 1 << 20, repeats: int = 3) -> float:
     return best / numel
 
 
+def copy_time_per_byte(nbytes: int = 1 << 24, repeats: int = 3) -> float:
+    """Seconds to copy one byte of a large float tensor here (best of ``repeats`` clones of ``nbytes``): what the
+    cost model charges for the copies time slices make (their inputs' parts, their outputs' concatenation)."""
+    x = torch.zeros(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.clone()
+        best = min(best, time.perf_counter() - t0)
+    return best / nbytes
+
+
 def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 2) -> StepTrace:
     """Record one unoptimized training step of the traced module ``gm`` (see the module docstring).
@@ -244,5 +256,6 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         key=lambda s: (s.alloc, s.nbytes)))
     step_time = min(step_times)
     device = next((t.device for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)), None)
-    pack_s = pack_time_per_value() if device is None or device.type == "cpu" else 0.0
-    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak, pack_s)
+    on_cpu = device is None or device.type == "cpu"
+    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak,
+                     pack_time_per_value() if on_cpu else 0.0, copy_time_per_byte() if on_cpu else 0.0)
