@@ -70,10 +70,13 @@ def _pipeline(model, x):
 @given(spec=snn_specs(max_T=5), data=st.data())
 def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     """Any plan the search can produce — a subset of regions (unwraps), any packing, time slices with either prefix
-    policy on every chunkable region — trains exactly like the unoptimized model."""
+    policy on every chunkable region, a region's suffix in place of an unwrapped region (prefer="speed"'s rungs),
+    packed-saves regions on operations outside the regions that read spikes — trains exactly like the unoptimized
+    model."""
     import dataclasses
 
-    from fxmemopt.planning.plan import Plan, checkpoint_all, chunkable
+    from fxmemopt.planning.plan import Plan, RegionPlan, checkpoint_all, chunkable, input_bits
+    from fxmemopt.planning.regions import is_metadata, region_io
     from fxmemopt.runtime.rewrite import rewrite
 
     model, x = build(spec)
@@ -86,11 +89,27 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     chosen = []
     for rp, k in zip(full.regions, keep):
         if not k:
-            continue  # unwrapped
+            # unwrapped, or only its last nodes recomputed (a suffix ending in the neuron)
+            start = data.draw(st.integers(1, len(rp.nodes)), label=f"suffix of {rp.name}")
+            nodes = rp.nodes[start:]
+            if nodes and not is_metadata(annotated, nodes[0]):
+                bits = tuple(input_bits(annotated, i, compress) for i in region_io(annotated, nodes)[0])
+                chosen.append(RegionPlan(rp.name, rp.anchor, nodes, bits))
+            continue
         if chunkable(annotated, rp.nodes)[0]:
             chunks = data.draw(st.integers(1, spec.T + 1), label=f"chunks {rp.name}")
             rp = dataclasses.replace(rp, chunks=chunks, keep_prefix=data.draw(st.booleans(), label="keep_prefix"))
         chosen.append(rp)
+    covered = {n for rp in chosen for n in rp.nodes}
+    position = {n: i for i, n in enumerate(annotated.order)}
+    for n in annotated.order:  # packed saves on operations outside the regions that read spikes
+        if n in covered or annotated[n].op not in ("call_module", "call_function", "call_method") or \
+                is_metadata(annotated, n):
+            continue
+        bits = tuple(input_bits(annotated, i, True) for i in region_io(annotated, (n,))[0])
+        if any(bits) and data.draw(st.booleans(), label=f"pack saves of {n}"):
+            chosen.append(RegionPlan(f"pack_{n}", n, (n,), bits, recompute=False))
+    chosen.sort(key=lambda rp: position[rp.nodes[0]])
     gm, stats = rewrite(model, graph, constants, annotated, Plan(tuple(chosen)), stateful, found.mutated_buffers,
                         "M")
 
@@ -98,8 +117,11 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
 
     assert report.ok, f"{spec}\n{chosen}\n{report}"
     for rp in chosen:
-        assert stats[rp.name].checkpointed_calls == 1
-        assert stats[rp.name].recomputations >= 1
+        if rp.recompute:
+            assert stats[rp.name].checkpointed_calls == 1 and stats[rp.name].recomputations >= 1
+        else:  # plain when nothing it reads requires grad (Rule 7); never recomputed (Rule 11)
+            assert stats[rp.name].checkpointed_calls + stats[rp.name].plain_calls == 1
+            assert stats[rp.name].recomputations == 0
 
 
 @settings(max_examples=40)

@@ -97,6 +97,7 @@ class StepTrace:
         peak_bytes: the recorder's own peak (equals :func:`fxmemopt.measure_step`'s on CPU).
         pack_s_per_value: seconds to check, pack and unpack one spike value on this machine (0: not measured).
         copy_s_per_byte: seconds to copy one byte of a large tensor on this machine (0: not measured).
+        region_overhead_s: seconds one checkpoint region adds beyond its recomputation (0: not measured).
     """
 
     events: tuple[tuple[str, str], ...]
@@ -107,6 +108,7 @@ class StepTrace:
     peak_bytes: int
     pack_s_per_value: float = 0.0
     copy_s_per_byte: float = 0.0
+    region_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,15 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     not in ``order``). Edges: data dependencies, with the bytes that flow (``nbytes``). Graph attributes: ``order``
     (the traced order), ``events`` (the step's ``(phase, node)`` sequence: forward, loss, backward),
     ``step_time_s`` (one unoptimized step), ``peak_bytes`` (the recorded peak), ``pack_s_per_value`` (the time
-    to pack and unpack one spike value) and ``copy_s_per_byte`` (to copy one byte).
+    to pack and unpack one spike value), ``copy_s_per_byte`` (to copy one byte) and ``region_overhead_s`` (what a
+    region costs beyond its recomputation).
 
     Nothing in it refers to fx or torch objects: a cost graph can be built by hand, pickled, drawn or saved
     (``nx.write_gml`` with ``stringizer=str``), and :func:`simulate` needs nothing else.
     """
     g = nx.DiGraph(order=annotated.order, events=trace.events, step_time_s=trace.step_time_s,
                    peak_bytes=trace.peak_bytes, pack_s_per_value=trace.pack_s_per_value,
-                   copy_s_per_byte=trace.copy_s_per_byte)
+                   copy_s_per_byte=trace.copy_s_per_byte, region_overhead_s=trace.region_overhead_s)
     by_node: dict[str, list[StorageRecord]] = {}
     for s in trace.storages:
         by_node.setdefault(s.node, []).append(s)
@@ -671,6 +674,8 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     packed_values += sum(math.prod(annotated[i].shape or ()) for r in regions
                          for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits) if b and annotated[i].is_tensor)
     extra += packed_values * graph.graph.get("pack_s_per_value", 0.0)
+    # each region's own bookkeeping (entry, snapshots, handles, the replay's context; a packed-saves region: entry)
+    extra += graph.graph.get("region_overhead_s", 0.0) * (len(regions) + 0.25 * (len(every) - len(regions)))
     copy_s = graph.graph.get("copy_s_per_byte", 0.0)
     for r, sl in replays.slicing.items():
         # the no-grad replays for slice start states (a fraction of the neuron's forward with grad), the copies
