@@ -25,10 +25,16 @@ Why a trace replay
       the allocation of the last saved tensor backward uses (recomputation stops there);
     * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
       until the region's backward has run; inputs kept by reference live to the end of the step (the frame lives
-      until the neuron's state is reset).
+      until the neuron's state is reset);
+    * a packed-saves region (Rule 11) keeps, for each spike value its node saves, only the payload, from the node's
+      forward until backward last reads the value (plus the packing's transient, and a full unpacked copy at that
+      read); the value itself dies at its natural release when nothing else saves it.
 
-    Compute: a checkpointed region runs its forward twice; the extra time is the sum of its nodes' forward
-    times, measured in a separate untracked forward.
+    Compute: a checkpointed region runs its forward twice; the extra time is the sum of its nodes' forward times
+    (timed node by node in separate untracked forwards, scaled to add up to the step's own forward), plus what the
+    recording measured on this machine: packing per value packed, copying per byte sliced (Rule 8's parts and
+    concatenations), each region's own overhead; a sliced neuron's no-grad replays cost
+    :data:`NO_GRAD_REPLAY_COST` of its forward.
 
 Known limitations
     The prediction is for the example inputs (memory scales with batch and T, so record at the size you train

@@ -61,7 +61,8 @@ from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
 from .regions import Region, is_metadata, region_io
 
 __all__ = ["Planner", "Stage", "STAGES", "Options", "Decision", "SearchResult", "PRESETS", "Preset",
-           "resolve_options", "search", "search_without_cost", "parse_bytes", "applied"]
+           "resolve_options", "search", "search_without_cost", "parse_bytes", "applied", "cheapest_first",
+           "saved_inputs", "packed_saves"]
 
 
 class Preset(NamedTuple):

@@ -8,6 +8,7 @@ untracked run. The result is a :class:`~fxmemopt.planning.costgraph.StepTrace`: 
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from bisect import bisect_right
@@ -198,6 +199,13 @@ def region_overhead() -> float:
     return max(0.0, wrapped_s - 2 * plain_s)  # (the region also runs the neuron twice)
 
 
+@functools.lru_cache(maxsize=8)
+def machine_costs(threads: int) -> tuple[float, float, float]:
+    """``(pack_time_per_value(), copy_time_per_byte(), region_overhead())`` on the CPU, measured once per process
+    and torch thread count (they are the machine's, not the model's: about 0.1 s to measure)."""
+    return pack_time_per_value(), copy_time_per_byte(), region_overhead()
+
+
 def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 2) -> StepTrace:
     """Record one unoptimized training step of the traced module ``gm`` (see the module docstring).
@@ -293,6 +301,5 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
     step_time = min(step_times)
     device = next((t.device for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)), None)
     on_cpu = device is None or device.type == "cpu"
-    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak,
-                     pack_time_per_value() if on_cpu else 0.0, copy_time_per_byte() if on_cpu else 0.0,
-                     region_overhead())
+    costs = machine_costs(torch.get_num_threads()) if on_cpu else (0.0, 0.0, 0.0)
+    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak, *costs)
