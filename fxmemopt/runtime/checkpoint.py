@@ -77,7 +77,8 @@ Rule 11 (packed saves, nothing recomputed). A :class:`PackedRegion` runs its bod
     as spikes bit-packed (:func:`~fxmemopt.runtime.packing.try_pack`: the same exact check as Rule 2; a tensor
     that fails it is saved as is), and every other saved tensor as autograd would. Backward unpacks a fresh,
     bitwise-equal tensor (same dtype, shape and strides) for each use. No state, buffer or RNG is snapshotted:
-    nothing runs twice. Rule 7 applies (plain mode runs the body directly).
+    nothing runs twice. Rule 7 applies (plain mode runs the body directly). Under autocast an operation saves its
+    own cast copy of the input, a different storage: that copy is saved as is (exact, no memory won).
 
 Copies, and the rule each one serves (nothing else is copied; counted on DeepConvSNN, 16 blocks, T=8, one training
 step: 1277 copy-like ops against 153 unoptimized, most of them the recomputed neurons' own):
