@@ -580,10 +580,10 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
             stop = lay.end - 1
         # Packed saves (Rule 11): a saver outside the checkpoint regions that packs this value keeps only the
         # payload, from its forward until backward last reads it (which unpacks a transient full copy).
-        packers = [(m, b) for m in s.saved_by if m not in region_of and m in packs
-                   for b in [max((packs[m].get(v, 0) for v in views), default=0)] if b]
-        for m, b in packers:
-            info = annotated[next(v for v in views if packs[m].get(v))]
+        packers = {m: v for m in s.saved_by if m not in region_of and m in packs
+                   for v in views if packs[m].get(v)}
+        for m, v in packers.items():
+            info, b = annotated[v], packs[m][v]
             numel = math.prod(info.shape or ())
             packed_values += numel
             at, used = lay.pos[ne[m][1]], lay.at(s.consumed)
@@ -591,7 +591,7 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
             live.add(min(numel, PACK_CHUNK) * (_ELEMENT_SIZE.get(info.dtype or "", 4) + 1), at, at)
             if s.consumed is not None:
                 live.add(s.nbytes, used, used)
-        saver_regions = {region_of.get(m) for m in s.saved_by if m not in dict(packers)}
+        saver_regions = {region_of.get(m) for m in s.saved_by if m not in packers}
         saved_in_regions = bool(s.saved_by) and None not in saver_regions
         if saved_in_regions:
             # Saved only inside regions: not kept by the forward (Rule 1); dies at its natural release, or with the

@@ -531,9 +531,10 @@ def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
             other = SearchResult(Plan(()), None, p.baseline)
             alt, alt_pred = cheapest_first(p.logging_to(other))
             result.evaluated += other.evaluated
-            reach = (alt_pred.peak_bytes <= target, best_pred.peak_bytes <= target)
-            if (reach[0] and not reach[1]) or (reach == (True, True) and alt_pred.step_time_s < best_pred.step_time_s) \
-                    or (reach == (False, False) and alt_pred.peak_bytes < best_pred.peak_bytes):
+            def rank(pr: Prediction) -> tuple[int, float]:
+                return (0, pr.step_time_s) if pr.peak_bytes <= target else (1, pr.peak_bytes)
+
+            if rank(alt_pred) < rank(best_pred):
                 result.decisions[decided:] = other.decisions
                 result.applied_steps.append("speed_cheapest_first")
                 best, best_pred = alt, alt_pred
