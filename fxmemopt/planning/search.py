@@ -846,6 +846,7 @@ def cheapest_first(p: Planner) -> tuple[Plan, Prediction]:
     version = 0
     moves = len(bases) + len(packable)  # move k < len(bases): climb ladder k; else: pack packable[k - len(bases)]
     heap = [(-math.inf, k, -1) for k in range(moves)]  # (-ratio, move, plan version its ratio was measured at)
+    idle: list[tuple[float, int, int]] = []  # moves that lower nothing against the current plan
     while pred.peak_bytes > target and heap:
         _, k, seen = heapq.heappop(heap)
         if k < len(bases):
@@ -866,9 +867,7 @@ def cheapest_first(p: Planner) -> tuple[Plan, Prediction]:
             heapq.heappush(heap, (-ratio, k, version))  # stale: another move may now be better
             continue
         if gain <= 0:
-            if seen == version:
-                break  # the best move against the current plan lowers nothing
-            heapq.heappush(heap, (-ratio, k, version))
+            idle.append((-ratio, k, version))  # lowers nothing now; reconsidered once the plan changes
             continue
         added_ms = (cand.step_time_s - pred.step_time_s) * 1e3
         change = f"predicted peak {_mib(pred.peak_bytes)} -> {_mib(cand.peak_bytes)} for {added_ms:+.1f} ms"
@@ -881,7 +880,10 @@ def cheapest_first(p: Planner) -> tuple[Plan, Prediction]:
                                              f"packed, nothing recomputed: {change}"))
         level, packed, plan, pred = trial, trial_packed, cand_plan, cand
         version += 1
-        heapq.heappush(heap, (-ratio, k, version - 1))
+        heap += idle + [(-ratio, k, version - 1)]
+        heapq.heapify(heap)
+        idle = []
+    # (the heap runs empty when every move, measured against the current plan, lowers nothing)
     return plan, pred
 
 
