@@ -476,8 +476,8 @@ def test_property_pack_iff_in_range(case):
                                  1e-8, -1e-30])
 @pytest.mark.parametrize("numel", [1, 9, 4097])
 def test_one_bit_fast_path_refuses_every_value_but_exact_zero_and_one(dtype, bad, numel):
-    """The 1-bit path checks ranges on the integer view (``aminmax``, then ``min(p, one - p)``), not values: every
-    pattern that is not exactly +0.0 or 1.0 must fail, including subnormals and values just below 1."""
+    """The 1-bit path checks ranges on the integer view (``aminmax``, then ``|p - one/2| == one/2``), not values:
+    every pattern that is not exactly +0.0 or 1.0 must fail, including subnormals and values just below 1."""
     value = torch.tensor(bad, dtype=dtype)
     view = _INT_VIEW[dtype]
     if int(value.view(view)) in (0, int(torch.ones((), dtype=dtype).view(view))):
@@ -485,6 +485,30 @@ def test_one_bit_fast_path_refuses_every_value_but_exact_zero_and_one(dtype, bad
     x = (torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5).to(dtype)
     x[numel // 2] = value
     assert try_pack(x, 1) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_one_bit_fast_path_refuses_the_patterns_next_to_the_ends(dtype):
+    """Bit patterns 1, one/2 (which the check maps to 0), one - 1 and one + 1, each alone among exact spikes."""
+    view = _INT_VIEW[dtype]
+    one = int(torch.ones((), dtype=dtype).view(view))
+    for pattern in (1, one // 2, one // 2 + 1, one - 1, one + 1):
+        x = (torch.rand(100, generator=torch.Generator().manual_seed(pattern)) > 0.5).to(dtype)
+        x.view(view)[37] = pattern
+        assert try_pack(x, 1) is None, (dtype, hex(pattern))
+
+
+def test_one_bit_fast_path_refuses_subnormals_when_they_are_flushed_to_zero():
+    """With subnormals flushed to zero, float operations read them as 0: the check reads bit patterns, so a
+    subnormal still fails (packing it as 0 would not round-trip)."""
+    x = (torch.rand(64, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    x.view(torch.int32)[5] = 1  # the smallest subnormal
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals to zero")
+    try:
+        assert try_pack(x, 1) is None
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_one_bit_packing_leaves_a_bool_input_untouched():

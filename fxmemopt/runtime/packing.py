@@ -147,12 +147,14 @@ PACK_CHUNK = 1 << 18
 def _pack_spikes(flat: torch.Tensor) -> torch.Tensor | None:
     """The 1-bit payload of ``flat`` (1-D), or ``None`` unless every value is exactly 0 or 1 (bitwise).
 
-    The fast path for spikes, with no float intermediate and no bool comparison (slow on CPU). Floats are checked
-    on their integer view: every bit pattern ``p`` must lie in ``[0, bits of 1.0]`` (one ``aminmax`` over the
-    whole tensor: that leaves ``+0.0`` and the positive floats up to 1, so ``-0.0``, ``NaN``, ``inf`` and negatives
-    fail) and be one of the two ends (``min(p, one - p) == 0`` everywhere: ``0.5`` and subnormals fail). Integers
-    must lie in ``[0, 1]``. Then, pass by pass, the values become bool marks and eight marks at a time become one
-    byte with one multiplication per 8 values (``_GATHER``).
+    The fast path for spikes, with no float intermediate and no bool comparison (both slow on CPU). Floats are
+    checked on their integer view, so the check holds whatever the floating-point mode (flushing subnormals to zero
+    included): every bit pattern ``p`` must lie in ``[0, one]`` (``one``: the bits of 1.0; one ``aminmax`` over the
+    whole tensor, which leaves ``+0.0`` and the positive floats up to 1, so ``-0.0``, ``NaN``, ``inf`` and negatives
+    fail) and be one of the two ends: ``|p - one/2| == one/2`` (``0.5`` and subnormals fail; no overflow, as ``p``
+    is in range by then). Integers must lie in ``[0, 1]``. Then, pass by pass, the values become bool marks, eight
+    marks at a time become one byte with one multiplication per 8 values (``_GATHER``: the byte lands in the top
+    byte of each word), and a strided copy takes those top bytes.
     """
     n = flat.numel()
     if n == 0:
@@ -173,22 +175,21 @@ def _pack_spikes(flat: torch.Tensor) -> torch.Tensor | None:
     ends = torch.empty(step, dtype=iv.dtype, device=flat.device) if iv is not None else None
     marks = torch.empty((step + 7) // 8 * 8, dtype=torch.bool, device=flat.device)
     payload = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+    half = one // 2
     for start in range(0, n, step):
         part = flat[start:start + step]
         m = part.numel()
         if iv is not None:
-            e = ends[:m]
-            torch.sub(iv[start:start + m], one, out=e).neg_()
-            if int(torch.minimum(e, iv[start:start + m], out=e).max()) != 0:
+            e = torch.sub(iv[start:start + m], half, out=ends[:m]).abs_()
+            if int(e.min()) != half:
                 return None
         whole = (m + 7) // 8 * 8
         h = marks[:whole]
         h[:m].copy_(part)  # nonzero -> True (exactly the ones, after the check)
         if whole > m:
             h[m:].zero_()
-        words = h.view(torch.uint8).view(torch.int64)
-        words.mul_(_GATHER).bitwise_right_shift_(56).bitwise_and_(0xFF)
-        payload[start // 8:(start + whole) // 8].copy_(words)
+        top = h.view(torch.uint8).view(torch.int64).mul_(_GATHER).view(torch.uint8)[7::8]
+        payload[start // 8:(start + whole) // 8].copy_(top)
     return payload
 
 
@@ -243,11 +244,10 @@ def unpack(p: PackedTensor) -> torch.Tensor:
         n = p.numel
         per = 8 // p.bits
         if p.bits == 1 and _LITTLE_ENDIAN:
-            # each byte spread into eight (one multiplication per 8 values), bit i kept in byte i, then made 0/1
-            # (+0x7F sets a byte's top bit when it is nonzero, without a carry), then converted once to the dtype
+            # each byte spread into eight (one multiplication per 8 values), bit i kept in byte i, each byte made
+            # 0/1 (clamped to 1), then converted once to the dtype
             words = p.payload.to(torch.int64).mul_(_SPREAD).bitwise_and_(_BIT_OF_BYTE)
-            words.add_(0x7F7F7F7F7F7F7F7F).bitwise_right_shift_(7).bitwise_and_(0x0101010101010101)
-            u = words.view(torch.uint8)[:n]
+            u = words.view(torch.uint8).clamp_max_(1)[:n]
             flat = u.view(torch.bool) if p.dtype == torch.bool else u.to(p.dtype)
             if p.stride is not None:
                 return flat.as_strided(p.shape, p.stride, 0)
