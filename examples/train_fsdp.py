@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import fxmemopt
-from fxmemopt.distributed import fully_shard, optimize_distributed
+from fxmemopt.distributed import fully_shard, optimize_distributed, predicted_peak_per_rank
 from fxmemopt.snn import SEWBasicBlock, SEWResNet18, reset_net
 
 WORLD, T, N = 2, 4, 2
@@ -38,6 +38,7 @@ def main(rank: int, init_file: str) -> None:
         example = torch.rand(T, N, 3, 32, 32)
         # rank 0 searches, every rank applies its plan; each SEWBasicBlock stays a module holding its regions
         gm = optimize_distributed(model, (example,), keep_modules=(SEWBasicBlock,), prefer="memory")
+        predicted = predicted_peak_per_rank(gm, WORLD, reshard_after_forward=True)  # one rank's step, sharded
         fully_shard(gm, mesh=mesh, reshard_after_forward=True)  # each kept block, then the root
         optimizer = torch.optim.SGD(gm.parameters(), lr=0.05)  # after sharding: the sharded parameters
         torch.manual_seed(rank)  # each rank its own data
@@ -52,7 +53,8 @@ def main(rank: int, init_file: str) -> None:
                 print(f"step {step}: loss {loss.item():.4f}")
         peak = fxmemopt.measure_step(gm, (example,), repeats=0).peak_bytes
         reset_net(gm)
-        print(f"rank {rank}: peak of one training step {peak / 2**20:.2f} MiB (CPU storage tracker, sharded)")
+        print(f"rank {rank}: peak of one training step {peak / 2**20:.2f} MiB (CPU storage tracker, sharded), "
+              f"predicted {predicted / 2**20:.2f} MiB")
         if rank == 0:
             print("kept as modules:", ", ".join(gm.fxmemopt_units))
         dist.barrier()  # every rank done before the process group goes away

@@ -645,6 +645,16 @@ def _region_reports(graph: AnnotatedGraph, plan: Plan) -> list[RegionReport]:
     return reports
 
 
+def _unit_chains(an: Analysis) -> dict[str, tuple[str, ...]]:
+    """Graph node -> the kept modules enclosing it, outermost first; a kept leaf encloses the node that calls it."""
+    leaves = set(an.units.leaves)
+    chains = {n: tuple(c) for n, c in an.units.chains.items() if c}
+    for node in an.captured.graph.nodes:
+        if node.op == "call_module" and node.target in leaves:
+            chains[node.name] = chains.get(node.name, ()) + (str(node.target),)
+    return chains
+
+
 def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: SearchResult, built: Built,
             measured: Measured | None, sliced: dict[str, str], req: Request, notes: list[str],
             started: float) -> Summary:
@@ -695,6 +705,7 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
                    built.plan, all_notes, built.stats, search=result, options=dataclasses.asdict(req.opts),
                    sliced_regions=sliced, graph=an.annotated, guards=an.captured.guards,
                    failed_regions=list(built.failed), calls_per_step=req.opts.calls_per_step,
+                   unit_chains=_unit_chains(an),
                    optimize_time_s=time.perf_counter() - started, **predicted, **confirmed)
 
 

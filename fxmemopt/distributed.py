@@ -21,6 +21,9 @@ happen, and ``static_graph``/``find_unused_parameters`` are not required).
 
 A plan file works the same way without this helper: ``summary.save_plan("plan.json")`` once, then every rank calls
 ``fxmemopt.optimize(model, example_inputs, plan="plan.json")``.
+
+FSDP2 per block: optimize with ``keep_modules=`` and shard with :func:`fully_shard`;
+:func:`predicted_peak_per_rank` predicts one rank's peak under that sharding.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import fx, nn
 
 from .errors import FxMemOptError, InvalidOptionError, ShardingError, format_error
 
-__all__ = ["optimize_distributed", "fully_shard"]
+__all__ = ["optimize_distributed", "fully_shard", "predicted_peak_per_rank"]
 
 #: Search options that only the planning rank uses (the others apply its plan).
 _SEARCH_ONLY = ("level", "prefer", "profile", "memory_budget", "checkpoint_budget", "max_gc_wrapped_modules",
@@ -149,3 +152,59 @@ def fully_shard(module: nn.Module, units: Iterable[str] | None = None, **fsdp_kw
         fsdp_fully_shard(module.get_submodule(path), **fsdp_kwargs)
     fsdp_fully_shard(module, **fsdp_kwargs)
     return module
+
+
+def predicted_peak_per_rank(module: nn.Module, world_size: int, *, reshard_after_forward: bool = True) -> int:
+    """The predicted peak bytes of one rank's training step once ``module`` is sharded with FSDP2 over
+    ``world_size`` ranks (:func:`fully_shard`: each kept module, then the root), from its cost model.
+
+    ``summary.predicted_peak_after`` is one rank's step on its own batch with every parameter whole. Sharded, a
+    rank holds ``1/W`` of each parameter and gradient, and gathers a unit's parameters whole while the unit runs
+    (forward and backward; from forward to the end of its backward with ``reshard_after_forward=False``); the
+    root's own parameters stay gathered. :func:`fxmemopt.planning.sharding.sharded_peak` replays those rules on the
+    predicted timeline. It leaves out a backend's collective temporaries and prefetching (see there). Measured
+    against the CPU storage tracker on 2 gloo ranks (``tests/test_fsdp.py``), see the README's FSDP2 section.
+
+    Args:
+        module: a module :func:`fxmemopt.optimize` returned, sharded or not yet (parameter sizes are read whole).
+        world_size: ranks the parameters are sharded over.
+        reshard_after_forward: as given to :func:`fully_shard` for the kept modules.
+
+    Returns:
+        Predicted peak live bytes of one training step on one rank (the same quantity as ``measure_step``).
+
+    Raises:
+        FxMemOptError: ``module`` has no cost model (not optimized, or optimized with ``predict=False``), or makes a
+            step of several calls (``calls_per_step``).
+    """
+    from .planning.costgraph import simulate
+    from .planning.sharding import sharded_peak
+
+    summary = getattr(module, "fxmemopt_summary", None)
+    where = f"predicted_peak_per_rank({type(module).__name__})"
+    if summary is None or summary.cost_graph is None:
+        raise FxMemOptError(format_error(where, "has no cost model to predict from",
+                                         fix="Pass a module fxmemopt.optimize returned, optimized with predictions "
+                                             "on (the default)."))
+    if summary.calls_per_step != 1:
+        raise FxMemOptError(format_error(where, "predicts a step of one call only",
+                                         got=f"calls_per_step={summary.calls_per_step}",
+                                         fix="Measure the sharded step instead (fxmemopt.measure_step)."))
+    if world_size < 1:
+        raise InvalidOptionError(format_error(where, "needs world_size >= 1", got=repr(world_size)))
+    units = tuple(getattr(module, "fxmemopt_units", ()))
+    owned = {u: 0 for u in units}
+    grads = {u: 0 for u in units}
+    root = 0
+    for name, p in module.named_parameters():
+        nbytes = p.numel() * p.element_size()  # a DTensor's numel is the whole parameter's
+        owner = max((u for u in units if name.startswith(u + ".")), key=len, default=None)
+        if owner is None:
+            root += nbytes
+            continue
+        owned[owner] += nbytes
+        grads[owner] += nbytes if p.requires_grad else 0
+    timeline = simulate(summary.cost_graph, summary.plan, with_timeline=True).timeline
+    region_node = {r.name: r.nodes[-1] for r in summary.plan.regions}
+    return sharded_peak(timeline, region_node, summary.unit_chains, owned, grads, root, world_size,
+                        reshard_after_forward)

@@ -188,3 +188,36 @@ def test_packed_saves_keep_the_payload_until_backward_reads_it_and_free_the_spik
     # the packing's time is charged per value packed (pack_s_per_value, measured when recording)
     g.graph["pack_s_per_value"] = 1e-6
     assert simulate(g, plan).extra_compute_s == pytest.approx(100 * 1e-6)
+
+
+def test_sharded_peak_on_a_hand_built_timeline():
+    """FSDP2's rules on a timeline of two units, a and b (forward a then b, backward b then a): parameters 100 bytes
+    each (gradients too), 10 at the root. Live bytes (the unsharded prediction) are put at one position at a time
+    to read what the sharding adds there."""
+    from fxmemopt.planning.sharding import sharded_peak
+
+    labels = ["fwd:a1", "fwd:b1", "loss:x", "recompute:rb", "bwd:b1", "bwd:a1", "bwd:head"]
+
+    def peak(at: int, live: int, world: int = 2, reshard: bool = True) -> int:
+        timeline = [(label, live if p == at else 0) for p, label in enumerate(labels)]
+        return sharded_peak(timeline, {"rb": "b1"}, {"a1": ("a",), "b1": ("b",)}, {"a": 100, "b": 100},
+                            {"a": 100, "b": 100}, 10, world, reshard_after_forward=reshard)
+
+    # resharded: a running unit holds its parameters and the all-gather's buffer (200); in b's backward a is
+    # prefetched (100): 10 + 200 + 100
+    assert peak(0, 0) == 310
+    assert peak(1, 1000) == 1000 + 10 + 200  # forward: only b
+    assert peak(4, 1000) == 1000 + 10 + 200 + 100  # backward of b, a prefetched
+    assert peak(5, 1000) == 1000 + 10 + 200 - 50  # backward of a; b's gradients sharded (100 -> 50)
+    assert peak(6, 1000) == 1000 + 10 - 50 - 50  # both units done: gradients sharded, parameters freed
+    assert peak(6, 1000, world=4) == 1000 + 10 - 75 - 75
+    # kept from forward: at b's forward both units are whole (200), with a's buffer (its all-gather's, until b's
+    # is copied out) and b's (held to the end: nothing is gathered after it)
+    assert peak(1, 1000, reshard=False) == 1000 + 10 + 200 + 200
+    assert peak(4, 1000, reshard=False) == 1000 + 10 + 200 + 100  # a and b whole, b's buffer
+    assert peak(5, 1000, reshard=False) == 1000 + 10 + 100 + 100 - 50  # b freed after its backward
+
+
+def test_predicted_peak_per_rank_needs_an_optimized_module():
+    with pytest.raises(fxmemopt.FxMemOptError, match=r"predicted_peak_per_rank\(Linear\).*no cost model"):
+        fxmemopt.distributed.predicted_peak_per_rank(torch.nn.Linear(2, 2), 2)

@@ -3,7 +3,9 @@
 On CPU, peak memory is counted by :class:`LiveBytesTracker`, a ``TorchDispatchMode`` that sees every tensor an op
 returns: each storage is counted once when it first appears and subtracted when it is freed (a
 ``weakref.finalize`` on the storage). The maximum is what a caching allocator would report as peak allocated
-bytes for tensors created during the step; it is deterministic and identical run to run. On CUDA the
+bytes for tensors created during the step; it is deterministic and identical run to run. Storages resized in
+place (``UntypedStorage.resize_``: FSDP2 gathers a unit's parameters into storages it keeps at size 0 between
+uses) are counted by how much they grow or shrink while tracking, though no op returns them. On CUDA the
 allocator's own statistics (``torch.cuda.max_memory_allocated``) are used instead.
 
 Time is wall-clock, median of repeats; compare times only as ratios measured in the same process.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -50,6 +53,19 @@ class LiveBytesTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
+    def _resized(self, storage: torch.UntypedStorage, before: int) -> None:
+        """Count an in-place resize: by its growth for a storage already counted (or one that existed before
+        tracking, from then on counted for what it grew by), down to what it was when tracking began."""
+        key = storage._cdata
+        delta = storage.nbytes() - before
+        if key not in self._sizes:
+            self._sizes[key] = 0
+            weakref.finalize(storage, self._free, key)
+        delta = max(delta, -self._sizes[key])  # never below where tracking found it
+        self._sizes[key] += delta
+        self.live += delta
+        self.peak = max(self.peak, self.live)
+
     @staticmethod
     def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
         try:
@@ -84,11 +100,37 @@ class LiveBytesTracker(TorchDispatchMode):
 
             # regions report enter/exit/recompute while the tracker is active (see runtime.region_events)
             self._events.enter_context(region_events(lambda event: self.mark(event.label)))
+        self._events.enter_context(self._resizes_counted())
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         self._events.close()
         super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def _resizes_counted(self) -> Any:
+        """While tracking, ``UntypedStorage.resize_`` called from this thread reports to :meth:`_resized` (no
+        dispatch mode sees a storage resize)."""
+        original = torch.UntypedStorage.resize_
+        own = "resize_" in vars(torch.UntypedStorage)  # else inherited: put back by removing the wrapper
+        owner = threading.get_ident()
+        tracker = self
+
+        def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+            before = storage.nbytes()
+            out = original(storage, size)
+            if threading.get_ident() == owner and storage.device.type != "meta":
+                tracker._resized(storage, before)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            if own:
+                torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
+            else:
+                del torch.UntypedStorage.resize_
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

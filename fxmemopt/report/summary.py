@@ -262,6 +262,9 @@ class Summary(SeedSummaryFields):
     #: Calls of the module that make one training step (``optimize(calls_per_step=T)`` for a single-step network
     #: called once per time step); predictions are for that many calls and one backward.
     calls_per_step: int = 1
+    #: Graph node -> the kept modules (``keep_modules``) enclosing it, outermost first: what
+    #: :func:`fxmemopt.distributed.predicted_peak_per_rank` reads to place FSDP2's gathers on the predicted timeline.
+    unit_chains: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     def save_plan(self, path: str | os.PathLike[str]) -> str:
         """Write the plan as JSON, with the explain report alongside (for ``fxmemopt explain``), to ``path``.
