@@ -160,10 +160,11 @@ def predicted_peak_per_rank(module: nn.Module, world_size: int, *, reshard_after
 
     ``summary.predicted_peak_after`` is one rank's step on its own batch with every parameter whole. Sharded, a
     rank holds ``1/W`` of each parameter and gradient, and gathers a unit's parameters whole while the unit runs
-    (forward and backward; from forward to the end of its backward with ``reshard_after_forward=False``); the
-    root's own parameters stay gathered. :func:`fxmemopt.planning.sharding.sharded_peak` replays those rules on the
-    predicted timeline. It leaves out a backend's collective temporaries and prefetching (see there). Measured
-    against the CPU storage tracker on 2 gloo ranks (``tests/test_fsdp.py``), see the README's FSDP2 section.
+    (forward and backward, with the all-gather buffer FSDP2 holds and the next unit prefetched in backward; from
+    forward to the end of its backward with ``reshard_after_forward=False``); the root's own parameters stay
+    gathered. :func:`fxmemopt.planning.sharding.sharded_peak` replays those rules on the predicted timeline; it
+    leaves out a backend's own collective temporaries (see there). Measured against the CPU storage tracker on 2
+    gloo ranks (``tests/test_fsdp.py``): within -1% to +7% (README, FSDP2).
 
     Args:
         module: a module :func:`fxmemopt.optimize` returned, sharded or not yet (parameter sizes are read whole).

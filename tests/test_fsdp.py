@@ -1,6 +1,8 @@
 """FSDP2 per block with 2 processes on the gloo backend (CPU): optimize with ``keep_modules``, shard each block then
 the root (``fxmemopt.distributed.fully_shard``), and compare two training steps with unoptimized FSDP2 sharded the
-same way: every gradient (gathered to full tensors) and BatchNorm statistic bitwise equal, no hang.
+same way: every gradient (gathered to full tensors) and BatchNorm statistic bitwise equal, no hang; and one rank's
+measured peak against ``fxmemopt.distributed.predicted_peak_per_rank``, where activations dominate and where
+parameters do.
 
 One spawn runs every configuration (spawning ranks costs most of the time); each rank saves what it saw.
 """
@@ -167,7 +169,7 @@ def test_fsdp2_per_block_gradients_equal_unoptimized_fsdp2(results, config):
         ref_peak, peak = got["peaks"]
         plain_ref, plain_peak = got["plain"]
         # one rank's peak under FSDP2 as fxmemopt.distributed.predicted_peak_per_rank predicts it (gathered units,
-        # the held all-gather buffer, prefetch, sharded gradients; measured within -1% to +6%)
+        # the held all-gather buffer, prefetch, sharded gradients; measured within -1% to +7%)
         assert abs(got["per_rank"] / peak - 1) < 0.10, (config, got["per_rank"], peak)
         if dict((c[0], c[4]) for c in CONFIGS)[config] is ACTIVATIONS:
             # lower by about the ratio without FSDP2 (the parameters are a small part)
