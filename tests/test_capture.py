@@ -448,3 +448,52 @@ def test_state_assigned_by_traced_code_is_assigned_on_every_call():
     for step in range(2):  # the second step starts from the reset, as the model's own does
         report = fxmemopt.compare_training_step(ref, gm, (x,))
         assert report.ok, f"step {step}: {report}"
+
+
+class _EveryStep(nn.Module):
+    """A loop over time indexing steps of its input (norse's ``Lift``, snntorch loops in ``forward``)."""
+
+    def __init__(self, steps: tuple[int, ...] | None = None, scale: float = 1.0, linear: bool = True) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3) if linear else None
+        self.steps, self.scale = steps, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = range(x.shape[0]) if self.steps is None else self.steps
+        out = []
+        for t in steps:
+            xt = x[t]
+            out.append(self.scale * xt if self.lin is None else self.lin(xt) + self.scale * xt)
+        return torch.stack(out)
+
+
+def _input_grad(module: nn.Module, x: torch.Tensor, upstream: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    xi = x.clone().requires_grad_()
+    out = module(xi)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) if upstream is None \
+        else torch.full(out.shape, upstream)
+    (out * weight).sum().backward()
+    return out.detach(), xi.grad
+
+
+@pytest.mark.parametrize("steps", [None, (0, 2), (1,)])
+@pytest.mark.parametrize("upstream", [None, 0.0])
+def test_a_loop_over_time_is_unbound_once_with_bitwise_equal_gradients(steps, upstream):
+    """``x[0] .. x[T-1]`` (distinct steps, shape reads aside) become one ``unbind_steps``: one stacked gradient in
+    backward instead of one full-size zero-filled tensor per step, the input's gradient bitwise the same. With a
+    zero upstream gradient and ``scale=-1`` every step gradient is -0.0: autograd's sum of two or more select
+    gradients makes it +0.0, and so does the rewrite; one select alone has no sum and is left as it is."""
+    from fxmemopt.analysis.trace import make_graph_module
+
+    torch.manual_seed(0)
+    model = _EveryStep(steps, scale=-1.0, linear=upstream is None)
+    x = torch.randn(4, 2, 3)
+    cap = trace(model, (x,))
+    assert sum("unbind_steps" in str(n.target) for n in cap.graph.nodes) == (0 if steps == (1,) else 1)
+    gm = make_graph_module(model, cap.graph, "M", extra=cap.constants)
+    (out_a, g_a), (out_b, g_b) = (_input_grad(m, x, upstream) for m in (model, gm))
+    assert torch.equal(out_a.view(torch.int32), out_b.view(torch.int32))
+    assert torch.equal(g_a.view(torch.int32), g_b.view(torch.int32))
+    if upstream == 0.0:
+        negative_zeros = int((g_a.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).sum())
+        assert negative_zeros == (6 if steps == (1,) else 0)  # one select: its step's -0.0 survive

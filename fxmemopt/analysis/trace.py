@@ -11,7 +11,10 @@ restored by the caller). That lets ordinary Python in the user's ``forward`` tra
   expression on every call and raises :class:`~fxmemopt.errors.GuardError` if it comes out differently (never a
   silent wrong result). Only what the control flow reads is specialized: an ``x.ndim`` test guards the rank, a
   loop over ``range(x.size(0))`` guards T, a model without such control flow stays shape-generic;
-* shapes used as *values* (``x.view(x.shape[0], -1)``) stay symbolic graph nodes, as in plain fx.
+* shapes used as *values* (``x.view(x.shape[0], -1)``) stay symbolic graph nodes, as in plain fx;
+* a tensor only ever indexed by distinct constant steps along its first dimension (``x[t]`` in a loop over time,
+  shape reads aside) is taken apart with one :func:`~fxmemopt.runtime.steps.unbind_steps`: the same views, one
+  stacked gradient in backward instead of a full-size zero-filled tensor per step, bitwise the same gradient.
 
 Control flow on tensor *data* (``if spikes.sum() > 0``, ``.item()``) is not specialized: it would be wrong for the
 next batch. A submodule that does it cannot be traced through and is kept whole (see below).
@@ -50,6 +53,7 @@ from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_leaves
 
 from ..errors import GuardError, TraceError, first_line, format_error
+from ..runtime.steps import unbind_steps
 from .state import ModelState
 
 __all__ = ["Capture", "Guard", "LeafFallback", "check_guard", "trace"]
@@ -498,6 +502,7 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...], *, stateful_paths: 
     before = set(model.__dict__)
     try:
         graph = tracer.trace(model)
+        _unbind_time_steps(graph, tracer.values, tracer.meta_only)
     except Exception as e:
         raise TraceError(format_error(
             f"{type(model).__name__} (the root module)",
@@ -519,6 +524,28 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...], *, stateful_paths: 
             node.type = None
     graph.lint()
     return Capture(graph, constants, tuple(tracer.fallbacks), tuple(tracer.guards))
+
+
+def _unbind_time_steps(graph: fx.Graph, values: dict[fx.Node, Any], meta_only: dict[fx.Node, bool]) -> None:
+    """Where a tensor is only ever indexed along its first dimension by distinct constant steps (``x[0]``, ...,
+    ``x[T-1]``: a loop over time; reads of its shape aside), take it apart with one
+    :func:`~fxmemopt.runtime.steps.unbind_steps` instead: the same views in forward, and in backward one stacked
+    gradient instead of one zero-filled tensor the size of ``x`` per step (exactly the same gradient: see that
+    module)."""
+    for node in list(graph.nodes):
+        value = values.get(node)
+        users = [u for u in node.users if not meta_only.get(u, False)]
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or len(users) < 2:
+            continue
+        steps = [u.args[1] for u in users
+                 if u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and not u.kwargs
+                 and u.args[0] is node and type(u.args[1]) is int and 0 <= u.args[1] < value.shape[0]]
+        if len(steps) != len(users) or len(set(steps)) != len(steps):
+            continue
+        with graph.inserting_after(node):
+            parts = graph.call_function(unbind_steps, (node,))
+        for u in users:
+            u.args = (parts, u.args[1])
 
 
 def _resolve(root: nn.Module, target: str) -> Any:

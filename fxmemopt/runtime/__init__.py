@@ -1,3 +1,4 @@
 """What runs in the returned module: checkpoint regions and their invariants (``checkpoint``), spike packing
-(``packing``), and the rewrite that builds them into a new GraphModule (``rewrite``).
+(``packing``), a loop over time taken apart in one operation (``steps``), and the rewrite that builds them into a
+new GraphModule (``rewrite``).
 """
