@@ -497,3 +497,23 @@ def test_a_loop_over_time_is_unbound_once_with_bitwise_equal_gradients(steps, up
     if upstream == 0.0:
         negative_zeros = int((g_a.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).sum())
         assert negative_zeros == (6 if steps == (1,) else 0)  # one select: its step's -0.0 survive
+
+
+class _WritesSteps(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for t in range(x.shape[0]):
+            xt = x[t]
+            xt.mul_(2)  # written in place: an autograd Function's views may not be, so these selects stay
+            out.append(xt)
+        return torch.stack(out)
+
+
+def test_steps_written_in_place_are_left_as_selects():
+    from fxmemopt.analysis.trace import make_graph_module
+
+    x = torch.rand(3, 2)
+    cap = trace(_WritesSteps(), (x.clone(),))
+    assert not any("unbind_steps" in str(n.target) for n in cap.graph.nodes)
+    gm = make_graph_module(_WritesSteps(), cap.graph, "M", extra=cap.constants)
+    assert torch.equal(gm(x.clone()), _WritesSteps()(x.clone()))

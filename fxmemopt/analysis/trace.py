@@ -540,12 +540,20 @@ def _unbind_time_steps(graph: fx.Graph, values: dict[fx.Node, Any], meta_only: d
         steps = [u.args[1] for u in users
                  if u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and not u.kwargs
                  and u.args[0] is node and type(u.args[1]) is int and 0 <= u.args[1] < value.shape[0]]
-        if len(steps) != len(users) or len(set(steps)) != len(steps):
+        if len(steps) != len(users) or len(set(steps)) != len(steps) or any(_written(u) for u in users):
             continue
         with graph.inserting_after(node):
             parts = graph.call_function(unbind_steps, (node,))
         for u in users:
             u.args = (parts, u.args[1])
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether code writes into ``node``'s value in place (``x[t].add_(1)``, ``x[t][0] = 1``): the views an
+    autograd Function returns may not be (so such selects are left as they are)."""
+    return any((u.op == "call_method" and str(u.target).endswith("_") and not str(u.target).startswith("_"))
+               or (u.op == "call_function" and u.target is operator.setitem and u.args[0] is node)
+               for u in node.users)
 
 
 def _resolve(root: nn.Module, target: str) -> Any:
