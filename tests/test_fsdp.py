@@ -41,6 +41,8 @@ CONFIGS = [
     ("params-reshard", {"never_worse": False}, {"reshard_after_forward": True}, "fxmemopt", PARAMETERS),
     ("params-noreshard", {"never_worse": False}, {"reshard_after_forward": False}, "fxmemopt", PARAMETERS),
 ]
+#: config name -> its (channels, input shape)
+SIZE_OF = {name: size for name, *_, size in CONFIGS}
 
 
 def _neuron(library: str):
@@ -171,7 +173,7 @@ def test_fsdp2_per_block_gradients_equal_unoptimized_fsdp2(results, config):
         # one rank's peak under FSDP2 as fxmemopt.distributed.predicted_peak_per_rank predicts it (gathered units,
         # the held all-gather buffer, prefetch, sharded gradients; measured within -1% to +7%)
         assert abs(got["per_rank"] / peak - 1) < 0.10, (config, got["per_rank"], peak)
-        if dict((c[0], c[4]) for c in CONFIGS)[config] is ACTIVATIONS:
+        if SIZE_OF[config] is ACTIVATIONS:
             # lower by about the ratio without FSDP2 (the parameters are a small part)
             assert ref_peak / peak > 0.8 * plain_ref / plain_peak > 0.8, (got["peaks"], got["plain"])
             # and the unsharded prediction already holds per rank (measured within 0.2-4.5%)
