@@ -476,7 +476,7 @@ def test_property_pack_iff_in_range(case):
                                  1e-8, -1e-30])
 @pytest.mark.parametrize("numel", [1, 9, 4097])
 def test_one_bit_fast_path_refuses_every_value_but_exact_zero_and_one(dtype, bad, numel):
-    """The 1-bit path checks ranges on the integer view (``aminmax``, then ``|p - one/2| == one/2``), not values:
+    """The 1-bit path checks bit patterns on the integer view (``|p - one/2| == one/2``), not values:
     every pattern that is not exactly +0.0 or 1.0 must fail, including subnormals and values just below 1."""
     value = torch.tensor(bad, dtype=dtype)
     view = _INT_VIEW[dtype]
@@ -495,6 +495,31 @@ def test_one_bit_fast_path_refuses_the_patterns_next_to_the_ends(dtype):
     for pattern in (1, one // 2, one // 2 + 1, one - 1, one + 1):
         x = (torch.rand(100, generator=torch.Generator().manual_seed(pattern)) > 0.5).to(dtype)
         x.view(view)[37] = pattern
+        assert try_pack(x, 1) is None, (dtype, hex(pattern))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_bit_fast_path_accepts_exactly_two_of_all_16_bit_patterns(dtype):
+    """Every one of the 65,536 patterns of a 16-bit float, each between an exact 0 and an exact 1: only +0.0 and 1.0
+    pack (``p - one/2`` wraps around for the patterns near the most negative one; those must fail too)."""
+    one = int(torch.ones((), dtype=dtype).view(torch.int16))
+    accepted = []
+    for pattern in range(-(1 << 15), 1 << 15):
+        x = torch.tensor([0, pattern, one], dtype=torch.int16).view(dtype)
+        if try_pack(x, 1) is not None:
+            accepted.append(pattern)
+    assert accepted == [0, one]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_bit_fast_path_refuses_the_patterns_where_the_check_wraps_around(dtype):
+    """The most negative patterns, where ``p - one/2`` overflows, and the mirror images of the ends."""
+    view = _INT_VIEW[dtype]
+    one, lowest, highest = int(torch.ones((), dtype=dtype).view(view)), torch.iinfo(view).min, torch.iinfo(view).max
+    half = one // 2
+    for pattern in (lowest, lowest + 1, lowest + half - 1, lowest + half, lowest + half + 1, lowest + one, -half,
+                    -one, highest, highest - half, one + 2 * half, 2 * one):
+        x = torch.tensor([0, pattern, one], dtype=view).view(dtype)
         assert try_pack(x, 1) is None, (dtype, hex(pattern))
 
 
