@@ -543,3 +543,42 @@ def test_one_bit_packing_leaves_a_bool_input_untouched():
         before = view.clone()
         p = try_pack(view, 1)
         assert torch.equal(view, before) and torch.equal(unpack(p), before)
+
+
+def test_two_bit_gather_constant_on_every_word():
+    """``_GATHER_2BIT`` puts four 2-bit values (one per byte of an int32 word) into the top byte, first lowest,
+    with nothing else reaching it: all 256 words."""
+    import itertools
+
+    from fxmemopt.runtime.packing import _GATHER_2BIT
+
+    vals = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=torch.uint8)
+    words = vals.contiguous().view(torch.int32).view(-1).clone()
+    top = (words * _GATHER_2BIT).view(torch.uint8).view(-1, 4)[:, 3]
+    assert torch.equal(top, (vals.int() << torch.tensor([0, 2, 4, 6])).sum(1).to(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_small_width_path_accepts_exactly_the_integers_of_all_16_bit_patterns(dtype, bits):
+    """Every one of the 65,536 patterns of a 16-bit float at 2 and 8 bits: exactly the patterns of 0.0, 1.0, ...,
+    2**bits - 1 pack (the round trip through int32 compares bit patterns: -0.0, NaN, subnormals all fail)."""
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    allowed = set(torch.arange(1 << bits, dtype=dtype).view(torch.int16).tolist())
+    accepted = [int(p) for p in patterns if try_pack(p.view(1).view(dtype), bits) is not None]
+    assert sorted(accepted) == sorted(allowed)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_small_width_path_spans_several_passes(bits, monkeypatch):
+    """Payloads built pass by pass (uneven last pass, values straddling pass ends) equal one built in one pass; a
+    bad value in the last pass is still found."""
+    import fxmemopt.runtime.packing as packing
+
+    x = torch.randint(0, 1 << bits, (1000,), generator=torch.Generator().manual_seed(bits)).float()
+    whole = try_pack(x, bits)
+    monkeypatch.setattr(packing, "PACK_CHUNK", 36)
+    parts = try_pack(x, bits)
+    assert torch.equal(parts.payload, whole.payload) and torch.equal(unpack(parts), x)
+    x[-1] = 0.5
+    assert try_pack(x, bits) is None

@@ -44,8 +44,9 @@ Known limitations
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -104,6 +105,8 @@ class StepTrace:
         pack_s_per_value: seconds to check, pack and unpack one spike value on this machine (0: not measured).
         copy_s_per_byte: seconds to copy one byte of a large tensor on this machine (0: not measured).
         region_overhead_s: seconds one checkpoint region adds beyond its recomputation (0: not measured).
+        pack_s_per_value_by_bits: ``(bits, seconds)`` for the other packing widths (2 and 8 bits take another
+            path than spikes: measured 5-10x the time per value); a width not listed costs ``pack_s_per_value``.
     """
 
     events: tuple[tuple[str, str], ...]
@@ -115,6 +118,7 @@ class StepTrace:
     pack_s_per_value: float = 0.0
     copy_s_per_byte: float = 0.0
     region_overhead_s: float = 0.0
+    pack_s_per_value_by_bits: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,8 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     not in ``order``). Edges: data dependencies, with the bytes that flow (``nbytes``). Graph attributes: ``order``
     (the traced order), ``events`` (the step's ``(phase, node)`` sequence: forward, loss, backward),
     ``step_time_s`` (one unoptimized step), ``peak_bytes`` (the recorded peak), ``pack_s_per_value`` (the time
-    to pack and unpack one spike value), ``copy_s_per_byte`` (to copy one byte) and ``region_overhead_s`` (what a
+    to pack and unpack one spike value), ``pack_s_per_value_by_bits`` (optional: ``{bits: seconds}`` for the
+    other widths), ``copy_s_per_byte`` (to copy one byte) and ``region_overhead_s`` (what a
     region costs beyond its recomputation).
 
     Nothing in it refers to fx or torch objects: a cost graph can be built by hand, pickled, drawn or saved
@@ -161,7 +166,8 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     """
     g = nx.DiGraph(order=annotated.order, events=trace.events, step_time_s=trace.step_time_s,
                    peak_bytes=trace.peak_bytes, pack_s_per_value=trace.pack_s_per_value,
-                   copy_s_per_byte=trace.copy_s_per_byte, region_overhead_s=trace.region_overhead_s)
+                   copy_s_per_byte=trace.copy_s_per_byte, region_overhead_s=trace.region_overhead_s,
+                   pack_s_per_value_by_bits=dict(trace.pack_s_per_value_by_bits))
     by_node: dict[str, list[StorageRecord]] = {}
     for s in trace.storages:
         by_node.setdefault(s.node, []).append(s)
@@ -538,11 +544,12 @@ def _charge_whole_slices(live: _Live, annotated: AnnotatedGraph, by_region: dict
 def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
                      replays: _Replays, by_region: dict[str, RegionPlan], ne: dict[str, tuple[int, int]],
                      kept_by_ref: dict[str, list[str]], x_storage: dict[str, StorageRecord],
-                     packs: dict[str, dict[str, int]]) -> int:
+                     packs: dict[str, dict[str, int]], pack_s: Callable[[int, int], float]) -> float:
     """Every recorded storage, with the lifetime the plan gives it (see the module docstring). ``packs``: the
-    packed-saves regions' nodes -> {input node: bits}. Returns the number of values packed-saves regions pack."""
+    packed-saves regions' nodes -> {input node: bits}. Returns the seconds packed-saves regions spend packing
+    (``pack_s(values, bits)``)."""
     region_of = {n: r for r in by_region for n in by_region[r].nodes}
-    packed_values = 0
+    packing_s = 0.0
     rc_stop = _recompute_stops(lay, storages, by_region, region_of, replays, ne)
     last_user_end = {n: max((lay.pos[ne[u][1]] for u in annotated.users[n] if u in ne), default=lay.pos[ne[n][1]])
                      for n in annotated.order}
@@ -585,7 +592,7 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
         for m, v in packers.items():
             info, b = annotated[v], packs[m][v]
             numel = math.prod(info.shape or ())
-            packed_values += numel
+            packing_s += pack_s(numel, b)
             at, used = lay.pos[ne[m][1]], lay.at(s.consumed)
             live.add(packed_nbytes(numel, b), at, max(at, used))
             live.add(min(numel, PACK_CHUNK) * (_ELEMENT_SIZE.get(info.dtype or "", 4) + 1), at, at)
@@ -629,7 +636,7 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                 share = replays.whole_share.get(home)
                 live.add(size(s) if share is None else int(s.nbytes * share), start,
                          max(start, min(stop_rc, rc_stop[b])))
-    return packed_values
+    return packing_s
 
 
 def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = False) -> Prediction:
@@ -663,8 +670,9 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     kept_by_ref = _charge_region_inputs(live, annotated, regions, lay)
     x_storage = _charge_slices(live, annotated, storages, lay, replays, ne, kept_by_ref)
     _charge_whole_slices(live, annotated, by_region, lay, replays)
-    packed_values = _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage,
-                                     packs)
+    pack_s = functools.partial(pack_seconds, graph)
+    packing_s = _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage,
+                                 packs, pack_s)
 
     best, best_at, cur = 0, 0, 0
     timeline = []
@@ -677,9 +685,9 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     fwd = _fwd_times(graph)
     extra = sum(fwd.get(n, 0.0) for r in regions for n in r.nodes)
     # packing: each packed value is checked and packed once in forward and unpacked once in backward
-    packed_values += sum(math.prod(annotated[i].shape or ()) for r in regions
-                         for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits) if b and annotated[i].is_tensor)
-    extra += packed_values * graph.graph.get("pack_s_per_value", 0.0)
+    packing_s += sum(pack_s(math.prod(annotated[i].shape or ()), b) for r in regions
+                     for i, b in zip(region_io(annotated, r.nodes)[0], r.pack_bits) if b and annotated[i].is_tensor)
+    extra += packing_s
     # each region's own bookkeeping (entry, snapshots, handles, the replay's context; a packed-saves region: entry)
     extra += graph.graph.get("region_overhead_s", 0.0) * (len(regions) + 0.25 * (len(every) - len(regions)))
     copy_s = graph.graph.get("copy_s_per_byte", 0.0)
@@ -694,6 +702,13 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
             extra += sum(fwd.get(n, 0.0) for n in sl.prefix_nodes)
     return Prediction(best, lay.labels[best_at] if lay.labels else "", extra, graph.graph["step_time_s"] + extra,
                       tuple(timeline))
+
+
+def pack_seconds(graph: nx.DiGraph, values: int, bits: int) -> float:
+    """Seconds to pack ``values`` values at ``bits`` bits in forward and unpack them in backward, at the cost
+    graph's measured rates (``pack_s_per_value_by_bits``, else ``pack_s_per_value``)."""
+    rate = graph.graph.get("pack_s_per_value_by_bits", {}).get(bits)
+    return values * (graph.graph.get("pack_s_per_value", 0.0) if rate is None else rate)
 
 
 def retained_bytes(prediction: Prediction) -> int:

@@ -9,6 +9,7 @@ untracked run. The result is a :class:`~fxmemopt.planning.costgraph.StepTrace`: 
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 import weakref
 from bisect import bisect_right
@@ -135,16 +136,17 @@ class _TimingInterpreter(fx.Interpreter):
         return out
 
 
-def pack_time_per_value(numel: int = 1 << 20, repeats: int = 3) -> float:
-    """Seconds to check, pack and later unpack one spike value (float32, 1 bit), measured here on ``numel`` values
-    (best of ``repeats``): what the cost model charges per value a plan packs (:mod:`fxmemopt.runtime.packing`)."""
+def pack_time_per_value(numel: int = 1 << 20, repeats: int = 3, bits: int = 1) -> float:
+    """Seconds to check, pack and later unpack one value (float32) at ``bits`` bits, measured here on ``numel``
+    values (best of ``repeats``): what the cost model charges per value a plan packs at that width
+    (:mod:`fxmemopt.runtime.packing`; spikes take a faster path than 2 and 8 bits)."""
     from ..runtime.packing import try_pack, unpack
 
-    x = (torch.arange(numel) % 3 == 0).float()  # spikes, without touching the global RNG
+    x = (torch.arange(numel) % 3).clamp_max((1 << bits) - 1).float()  # no draw from the global RNG
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        p = try_pack(x, 1)
+        p = try_pack(x, bits)
         assert p is not None
         unpack(p)
         best = min(best, time.perf_counter() - t0)
@@ -164,51 +166,64 @@ def copy_time_per_byte(nbytes: int = 1 << 24, repeats: int = 3) -> float:
 
 
 def region_overhead() -> float:
-    """Seconds one checkpoint region adds to a training step beyond its recomputed forward, measured here on a tiny
-    neuron (best of three rounds of ten steps, against the same neuron unwrapped): entering the region, snapshots,
-    saved-tensor handles, and the replay's context in backward. What the cost model charges per region; it matters
-    where layers are small (measured 0.3-0.4 ms on this project's 2-core CPU machine). Listeners of
+    """Seconds one checkpoint region adds to a training step beyond its recomputed forward, measured here on a
+    typical small region (convolution, BatchNorm, a multi-step LIF neuron over 4 steps; the median of seven
+    interleaved rounds of ten steps, against the same layers unwrapped): entering the region, snapshots
+    (BatchNorm's statistics, the neuron), saved-tensor handles, classifying them at exit, and the replay's context
+    in backward. What the cost model
+    charges per region; it matters where layers are small. Measured 0.5-1.0 ms on this project's 2-core CPU
+    machine: a tiny single-step neuron, which this measured before, gave 0.02-0.4 ms, and SEW-ResNet-18's 21 regions
+    (width 0.5, T=4, N=4, 64x64) spent about 1.2 ms each. Listeners of
     :func:`~fxmemopt.runtime.checkpoint.region_events` do not hear this region."""
     import operator
 
     from ..runtime.checkpoint import CheckpointRegion, RegionSpec, _listeners, release_args
     from ..snn.neuron import LIFNode
 
+    steps, batch, ch, hw = 4, 2, 4, 8
     g = fx.Graph()
     box = g.placeholder("inputs")
     x_node = g.call_function(operator.getitem, (box, 0))
     g.call_function(release_args, (box,))
-    g.output(g.call_module("sn", (x_node,)))
-    body = fx.GraphModule({"sn": LIFNode()}, g)
-    region = CheckpointRegion(body, RegionSpec("calibration", "sn", ("sn",), ("x",), (0,), (("sn", ()),), (), ()))
-    plain = LIFNode()
-    x = torch.linspace(0.0, 2.0, 16).view(2, 8).requires_grad_()  # (no draw from the global RNG)
+    flat = g.call_method("flatten", (x_node, 0, 1))
+    y = g.call_module("bn", (g.call_module("conv", (flat,)),))
+    g.output(g.call_module("sn", (g.call_method("view", (y, steps, batch, ch, hw, hw)),)))
+    body = fx.GraphModule({"conv": nn.Conv2d(ch, ch, 3, padding=1, bias=False), "bn": nn.BatchNorm2d(ch),
+                           "sn": LIFNode()}, g)
+    bn_buffers = tuple(("bn", b) for b in ("running_mean", "running_var", "num_batches_tracked"))
+    region = CheckpointRegion(body, RegionSpec("calibration", "sn", ("conv", "bn", "sn"), ("x",), (0,),
+                                               (("sn", ()),), bn_buffers, bn_buffers))
+    # (no draw from the global RNG)
+    x = torch.linspace(0.0, 2.0, steps * batch * ch * hw * hw).view(steps, batch, ch, hw, hw).requires_grad_()
 
-    def best(step: Callable[[], torch.Tensor], neuron: nn.Module) -> float:
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(10):
-                neuron.reset()
-                step().sum().backward()
-            times.append((time.perf_counter() - t0) / 10)
-        return min(times)
+    def ten(step: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            body.sn.reset()
+            step()
+        return (time.perf_counter() - t0) / 10
 
     token = _listeners.set(())
+    rounds = []
     try:
         with torch.enable_grad():
-            wrapped_s = best(lambda: region([x]), body.sn)
-            plain_s = best(lambda: plain(x), plain)
+            for _ in range(7):  # interleaved, the median of the rounds' differences: steadier than minima
+                wrapped_s = ten(lambda: region([x]).sum().backward())
+                plain_s = ten(lambda: body([x]).sum().backward())
+                forward_s = ten(lambda: body([x]))
+                rounds.append(wrapped_s - plain_s - forward_s)  # (the region also runs the forward again)
     finally:
         _listeners.reset(token)
-    return max(0.0, wrapped_s - 2 * plain_s)  # (the region also runs the neuron twice)
+    return max(0.0, statistics.median(rounds))
 
 
 @functools.lru_cache(maxsize=8)
-def machine_costs(threads: int) -> tuple[float, float, float]:
-    """``(pack_time_per_value(), copy_time_per_byte(), region_overhead())`` on the CPU, measured once per process
-    and torch thread count (they are the machine's, not the model's: about 0.1 s to measure)."""
-    return pack_time_per_value(), copy_time_per_byte(), region_overhead()
+def machine_costs(threads: int) -> tuple[float, float, float, tuple[tuple[int, float], ...]]:
+    """``(pack_time_per_value(), copy_time_per_byte(), region_overhead(), ((2, 2-bit pack time), (8, 8-bit)))``
+    on the CPU, measured once per process and torch thread count (they are the machine's, not the model's: about
+    0.15 s to measure)."""
+    by_bits = tuple((b, pack_time_per_value(1 << 18, bits=b)) for b in (2, 8))
+    return pack_time_per_value(), copy_time_per_byte(), region_overhead(), by_bits
 
 
 def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
@@ -306,5 +321,5 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
     step_time = min(step_times)
     device = next((t.device for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)), None)
     on_cpu = device is None or device.type == "cpu"
-    costs = machine_costs(torch.get_num_threads()) if on_cpu else (0.0, 0.0, 0.0)
+    costs = machine_costs(torch.get_num_threads()) if on_cpu else (0.0, 0.0, 0.0, ())
     return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak, *costs)

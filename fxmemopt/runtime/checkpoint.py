@@ -510,6 +510,13 @@ class _Frame:
         skip.discard(need)
         return skip
 
+    def replay_body(self, box: list[Any]) -> Any:
+        """The body's ``forward`` for a recomputation, without ``GraphModule.__call__``'s error wrapper: that wrapper
+        extracts the whole traceback (a ``linecache`` stat per frame) from every exception that passes through it,
+        and the early stop of Rule 3 is an exception (measured: 0.2 ms per recomputation, 3% of a SEW-ResNet step).
+        The body is internal (no hooks on it), so nothing else differs."""
+        return self.body.forward(box)
+
     def _replay(self, fn: Callable[[], Any], lo: int, hi: int, skip: set[int], stop_early: bool,
                 **context: Any) -> Any:
         """Run ``fn`` in the replayed context; its saved tensors are the forward's ``lo..hi-1`` (Rule 3).
@@ -558,7 +565,7 @@ class _Frame:
     def recompute(self, need: int) -> None:
         self.region.stats.recomputations += 1
         inputs = self._inputs()
-        self._replay(lambda: self.body(inputs), 0, len(self.meta), self._skip(need), stop_early=True)
+        self._replay(lambda: self.replay_body(inputs), 0, len(self.meta), self._skip(need), stop_early=True)
         if self.task != -1:  # inside a backward pass: release what it leaves unused when it ends (Rule 6)
             torch.autograd.Variable._execution_engine.queue_callback(self._release)
 
@@ -671,13 +678,13 @@ class _ChunkedFrame(_Frame):
         skip = self._skip(need)
         if need < self.prefix_end:  # the prefix's backward (after every slice's)
             inputs = self._inputs()
-            self._replay(lambda: self.body(inputs), 0, self.prefix_end, skip, stop_early=True)
+            self._replay(lambda: self.replay_body(inputs), 0, self.prefix_end, skip, stop_early=True)
             return
         c = next(k for k, sl in enumerate(self.slices) if sl[0] <= need < sl[1])
         if not self.x_parts or self.x_parts[c] is None:  # the first slice backward needs (or a second backward)
             inputs = self._inputs()
             prefix_skip = skip if region.keep_prefix else set(range(self.prefix_end))
-            x, state = self._split(self._replay(lambda: self.body(inputs), 0, self.prefix_end, prefix_skip,
+            x, state = self._split(self._replay(lambda: self.replay_body(inputs), 0, self.prefix_end, prefix_skip,
                                                 stop_early=False))
             grad = x.requires_grad
             # Each slice's input in a storage of its own, so that it dies with its slice: while backward goes from
