@@ -98,7 +98,8 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
             continue
         if chunkable(annotated, rp.nodes)[0]:
             chunks = data.draw(st.integers(1, spec.T + 1), label=f"chunks {rp.name}")
-            rp = dataclasses.replace(rp, chunks=chunks, keep_prefix=data.draw(st.booleans(), label="keep_prefix"))
+            rp = dataclasses.replace(rp, chunks=chunks, keep_prefix=data.draw(st.booleans(), label="keep_prefix"),
+                                     keep_starts=chunks > 1 and data.draw(st.booleans(), label="keep_starts"))
         chosen.append(rp)
     covered = {n for rp in chosen for n in rp.nodes}
     position = {n: i for i, n in enumerate(annotated.order)}

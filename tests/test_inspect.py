@@ -186,6 +186,7 @@ def test_plan_for_another_model_is_refused_naming_the_difference(vgg):
     (lambda d: d.update(format="other/9"), "format"),
     (lambda d: d["regions"][0].update(chunks="2"), "regions[0].chunks"),
     (lambda d: d["regions"][0].update(pack_bits=[3]), "regions[0].pack_bits"),
+    (lambda d: d["regions"][0].update(keep_starts=1), "regions[0].keep_starts"),
     (lambda d: d["regions"][0].update(nodes=[]), "regions[0].nodes"),
     (lambda d: d.update(regions={}), "regions"),
     (lambda d: d.update(inputs=[{"shape": "x"}]), "inputs[0]"),

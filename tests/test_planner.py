@@ -39,17 +39,20 @@ def _cost_graph(spec):
 
 def _deterministic_cost_graph(model, x):
     """The cost graph of ``model`` on ``x``, with each node's forward time made deterministic (proportional to the
-    bytes it produces), and the machine's costs too (packing, copying, a region's own overhead: a fixed 2% of the
-    step, where measured it is about 0.1-0.2% of the reference workloads' steps and many times these tiny nets'
-    whole step): wall times differ run to run and machine to machine, and the search's time decisions with them."""
+    bytes it produces; no-grad replays a fixed fraction of it), and the machine's costs too (packing at every width,
+    copying, a region's own overhead: a fixed 2% of the step, where measured it is about 0.1-0.2% of the reference
+    workloads' steps and many times these tiny nets' whole step): wall times differ run to run and machine to
+    machine, and the search's time decisions with them."""
     _, stateful, graph, constants, annotated, regions = _pipeline(model, x)
     traced = make_graph_module(model, graph, "M", extra=constants)
     cost = build_cost_graph(annotated, record_step(traced, (x,), stateful))
     times = {n: 1e-9 * (annotated[n].nbytes + 64) for n in annotated.order}
     for n, t in times.items():
         cost.nodes[n]["fwd_time_s"] = t
+        cost.nodes[n]["fwd_nograd_time_s"] = None  # replays: the fixed fraction of the forward (NO_GRAD_REPLAY_COST)
     cost.graph["step_time_s"] = 3 * sum(times.values())
-    cost.graph.update(pack_s_per_value=2e-9, copy_s_per_byte=4e-10, region_overhead_s=0.02 * cost.graph["step_time_s"])
+    cost.graph.update(pack_s_per_value=2e-9, pack_s_per_value_by_bits={}, copy_s_per_byte=4e-10,
+                      region_overhead_s=0.02 * cost.graph["step_time_s"])
     return cost, annotated, regions
 
 

@@ -33,7 +33,9 @@ def _speed_plan(model, x):
     cost = build_cost_graph(an.annotated, record_step(an.traced, (x,), an.stateful))
     for n in cost.graph["order"]:
         cost.nodes[n]["fwd_time_s"] = 1e-2 if n.endswith("conv_0") else 1e-3 if n.endswith(("sn", "conv_1")) else 0.0
+        cost.nodes[n]["fwd_nograd_time_s"] = None
     cost.graph["pack_s_per_value"] = 1e-9
+    cost.graph["pack_s_per_value_by_bits"] = {}
     cost.graph["step_time_s"] = 1.0
     return cost, search(cost, list(an.regions), dict(an.splits), resolve_options(prefer="speed"))
 
@@ -103,3 +105,70 @@ def test_packed_saves_regions_round_trip_through_plan_files_and_are_checked():
     bad = next(r for r in plan.regions if not r.recompute)
     with pytest.raises(PlanError, match="packed-saves region"):
         check_plan(dataclasses.replace(plan, regions=(dataclasses.replace(bad, chunks=2),)), graph)
+
+
+def test_kept_slice_start_states_are_exact_replay_less_and_predicted():
+    """``keep_starts`` (one no-grad replay keeps every slice's start state): bitwise the same step, the neuron
+    stepped through fewer slices (7 instead of 11 replayed at 8 slices), ``k`` states alive instead of about
+    ``2 sqrt(k)`` (the prediction charges them), round-trips through plan files, and is refused without slices."""
+    from fxmemopt.planning.costgraph import _replays
+    from fxmemopt.planning.costgraph import facts as cost_facts
+    from fxmemopt.snn.neuron import LIFNode
+
+    torch.manual_seed(0)
+    model, x = DeepConvSNN(num_blocks=2, channels=8), torch.rand(8, 2, 3, 16, 16)
+    an = analyze(model, (x,))
+    cost = build_cost_graph(an.annotated, record_step(an.traced, (x,), an.stateful))
+    base = fxmemopt.optimize(copy.deepcopy(model), (x,), return_summary=True, measure=None, never_worse=False,
+                             level=1)[1].plan
+    sliced = Plan(tuple(dataclasses.replace(r, chunks=8) for r in base.regions), base.graph_fingerprint,
+                  base.inputs, base.guards)
+    kept = Plan(tuple(dataclasses.replace(r, keep_starts=True) for r in sliced.regions), base.graph_fingerprint,
+                base.inputs, base.guards)
+    calls = {}
+    for name, plan in (("sliced", sliced), ("kept", kept)):
+        reference = copy.deepcopy(model)
+        gm = fxmemopt.optimize(copy.deepcopy(model), (x,), plan=plan, measure=None, never_worse=False)
+        counter = [0]
+
+        def count(*_, counter: list[int] = counter) -> None:
+            counter[0] += 1
+
+        hooks = [m.register_forward_hook(count) for m in gm.modules() if isinstance(m, LIFNode)]
+        report = compare_training_step(reference, gm, (x,))
+        assert report.ok, (name, report.mismatches)
+        calls[name] = counter[0]
+        for h in hooks:
+            h.remove()
+    regions = len(base.regions)
+    # forward 8 + recomputation 8 per region; replays 11 (every 3rd state kept) or 7 (every state kept)
+    assert calls["sliced"] - calls["kept"] == 4 * regions, calls
+    annotated = cost_facts(cost)
+    ne = {n: e for n, e in cost.nodes(data="fwd_events") if e is not None}
+    for plan, replayed in ((sliced, 11), (kept, 7)):
+        slicing = _replays(annotated, plan.regions, ne, cost.graph["events"]).slicing
+        assert {sl.replayed_slices for sl in slicing.values()} == {replayed}
+    a, b = simulate(cost, sliced), simulate(cost, kept)
+    assert b.peak_bytes >= a.peak_bytes and b.step_time_s < a.step_time_s
+    assert Plan.from_json(kept.to_json()) == kept
+    with pytest.raises(PlanError, match="keep_starts"):
+        check_plan(dataclasses.replace(base, regions=(dataclasses.replace(base.regions[0], keep_starts=True),)),
+                   an.annotated)
+
+
+def test_slice_start_states_are_kept_only_where_the_peak_does_not_rise():
+    """The search's last stage never raises the predicted peak and only ever lowers the predicted time."""
+    model, x = _dcs()
+    an = analyze(model, (x,))
+    cost = build_cost_graph(an.annotated, record_step(an.traced, (x,), an.stateful))
+    for opts, some in ((resolve_options(), True), (resolve_options(prefer="memory"), False)):
+        result = search(cost, list(an.regions), dict(an.splits), opts)
+        without = Plan(tuple(dataclasses.replace(r, keep_starts=False) for r in result.plan.regions))
+        before = simulate(cost, without)
+        assert result.prediction.peak_bytes <= before.peak_bytes
+        assert result.prediction.step_time_s <= before.step_time_s
+        kept = [d for d in result.decisions if d.action == "keep starts"]
+        assert len(kept) == sum(r.keep_starts for r in result.plan.regions)
+        # the default slices this model's regions in 4 with memory to spare at their backward; prefer="memory"
+        # slices more finely and every region's backward is at the peak
+        assert bool(kept) == some, result.decisions

@@ -32,9 +32,9 @@ Why a trace replay
 
     Compute: a checkpointed region runs its forward twice; the extra time is the sum of its nodes' forward times
     (timed node by node in separate untracked forwards, scaled to add up to the step's own forward), plus what the
-    recording measured on this machine: packing per value packed, copying per byte sliced (Rule 8's parts and
-    concatenations), each region's own overhead; a sliced neuron's no-grad replays cost
-    :data:`NO_GRAD_REPLAY_COST` of its forward.
+    recording measured on this machine: packing per value packed (per width), copying per byte sliced (Rule 8's
+    parts and concatenations), each region's own overhead; a sliced neuron's no-grad replays cost its forward
+    timed without grad, per slice replayed.
 
 Known limitations
     The prediction is for the example inputs (memory scales with batch and T, so record at the size you train
@@ -107,6 +107,9 @@ class StepTrace:
         region_overhead_s: seconds one checkpoint region adds beyond its recomputation (0: not measured).
         pack_s_per_value_by_bits: ``(bits, seconds)`` for the other packing widths (2 and 8 bits take another
             path than spikes: measured 5-10x the time per value); a width not listed costs ``pack_s_per_value``.
+        fwd_nograd_time_s: node -> forward wall time without grad (timed like ``fwd_time_s``): what a neuron's
+            no-grad replay for slice start states costs (Rule 8). Empty: charged as :data:`NO_GRAD_REPLAY_COST` of
+            the forward with grad.
     """
 
     events: tuple[tuple[str, str], ...]
@@ -119,6 +122,7 @@ class StepTrace:
     copy_s_per_byte: float = 0.0
     region_overhead_s: float = 0.0
     pack_s_per_value_by_bits: tuple[tuple[int, float], ...] = ()
+    fwd_nograd_time_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     * ``storages``: the :class:`StorageRecord` s the node allocated in forward or whose backward allocated them
       (size, allocation and release events, who saved them, when backward last read them);
     * ``fwd_events``: the ``(first, last)`` step events of its forward; ``fwd_time_s``: its forward time;
+      ``fwd_nograd_time_s``: its forward time without grad (``None`` when not measured);
     * for drawing and reading: ``op``, ``target``, ``out_bytes``, ``alloc_bytes`` (bytes it allocated in forward),
       ``saved_bytes`` (of those, the bytes saved for backward), ``shape``, ``dtype``, ``value_set`` (a string).
 
@@ -176,8 +181,8 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
         mine = by_node.pop(name, [])
         fwd = [s for s in mine if s.phase == "fwd"]
         g.add_node(name, info=info, storages=tuple(mine), fwd_events=trace.node_events.get(name),
-                   fwd_time_s=trace.fwd_time_s.get(name, 0.0), op=info.op, target=info.target,
-                   out_bytes=info.nbytes, alloc_bytes=sum(s.nbytes for s in fwd),
+                   fwd_time_s=trace.fwd_time_s.get(name, 0.0), fwd_nograd_time_s=trace.fwd_nograd_time_s.get(name),
+                   op=info.op, target=info.target, out_bytes=info.nbytes, alloc_bytes=sum(s.nbytes for s in fwd),
                    saved_bytes=sum(s.nbytes for s in fwd if s.saved_by), shape=info.shape, dtype=info.dtype,
                    value_set=str(info.value_set))
     for name in annotated.order:
@@ -214,11 +219,12 @@ def _fwd_times(graph: nx.DiGraph) -> dict[str, float]:
     return {n: t for n, t in graph.nodes(data="fwd_time_s") if t is not None}
 
 
-#: A neuron's no-grad replay (slice start states, Rule 8) costs this fraction of its forward with grad: measured on
-#: DeepConvSNN (16 blocks, 32 ch, T=8, N=8, one thread), the default's 17 sliced regions added 65 ms to checkpointing
-#: alone where their neurons' forwards took 689 ms (autograd's bookkeeping, per step and op, is most of a neuron's
-#: forward; a no-grad replay on slices skips it).
-NO_GRAD_REPLAY_COST = 0.15
+#: A neuron's no-grad replay (slice start states, Rule 8) costs this fraction of its forward with grad, where the
+#: cost graph has no measured no-grad forward times (a graph built by hand): measured on this project's LIF neuron,
+#: T=8, N=8, 32 ch at 32x32, one thread, one step at a time without grad against all steps with grad: 9.1 vs 13.6 ms.
+#: (It was 0.15, read off a whole step's difference; timed directly, the replays of DeepConvSNN's default took
+#: 180 ms of a 1.2 s step, where 0.15 predicted about 50 ms.)
+NO_GRAD_REPLAY_COST = 0.67
 
 _ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
                  "int8": 1, "uint8": 1, "bool": 1}
@@ -246,6 +252,16 @@ class _Slicing:
     fwd_slice: dict[int, int]  # the neuron's forward events -> the slice they belong to
     out_bytes: int  # the neuron's time-major output (all it returns, or the first of (out, state))
     state_bytes: int  # one slice start state
+    every: int  # a start state kept every this many slices by the first replay (checkpoint_every)
+
+    @property
+    def replayed_slices(self) -> int:
+        """Slices the no-grad replays step the neuron through, as the runtime schedules them (Rule 8): the first
+        replay steps slices ``0 .. k-2``; each segment but the last, whose states the first replay keeps, is stepped
+        again from its checkpoint (``every - 1`` slices) when backward reaches it. 11 for 8 slices (every 3), 7 with
+        every start state kept."""
+        last_first = (self.k - 1) - (self.k - 1) % self.every
+        return (self.k - 1) + (last_first // self.every) * (self.every - 1)
 
     def first_block(self, region: str) -> _Block:
         return _Block(region, "slice", self.k - 1)
@@ -365,7 +381,7 @@ def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[
         out_bytes = info.nbytes if info.is_tensor else annotated[info.inputs[0]].nbytes
         state_bytes = info.nbytes - out_bytes if not info.is_tensor else out_bytes // max(1, steps)
         slicing[r.name] = _Slicing(k, steps, sizes, neuron, frozenset(r.nodes[:-1]), fwd_slice, out_bytes,
-                                   state_bytes)
+                                   state_bytes, checkpoint_every(k, r.keep_starts))
     return _Replays(blocks, trigger, slicing, whole_share, {n: tuple(es) for n, es in bwd.items()})
 
 
@@ -493,7 +509,7 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
         held = r in kept_by_ref.get(x_node, ())  # the parts are views of a stored input: nothing new
         prefix_pos = [lay.rc_pos[first_b][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[first_b]]
         parts_at = max(prefix_pos, default=lay.rc_start[first_b])  # where the parts and start states are made
-        every = checkpoint_every(sl.k)  # start states: a checkpoint every `every` slices (Rule 8)
+        every = sl.every  # start states: a checkpoint every `every` slices (Rule 8)
         for c in range(sl.k):
             b = _Block(r, "slice", c)
             if b in lay.rc_end:
@@ -695,7 +711,9 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
         # the no-grad replays for slice start states (a fraction of the neuron's forward with grad), the copies
         # slicing makes (outputs concatenated in forward; in backward the input's parts and their gradients'
         # concatenation), and the prefix again if not kept
-        extra += fwd.get(sl.neuron, 0.0) * NO_GRAD_REPLAY_COST * (2 if checkpoint_every(sl.k) < sl.k else 1)
+        nograd = graph.nodes[sl.neuron].get("fwd_nograd_time_s")
+        per_pass = nograd if nograd is not None else fwd.get(sl.neuron, 0.0) * NO_GRAD_REPLAY_COST
+        extra += per_pass * sl.replayed_slices / sl.k
         x_bytes = annotated[annotated[sl.neuron].inputs[0]].nbytes
         extra += (sl.out_bytes + 2 * x_bytes) * copy_s
         if not by_region[r].keep_prefix:

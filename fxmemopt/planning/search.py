@@ -36,7 +36,8 @@ The levels (the seed's meaning, automated)
 How it is built
     :func:`search` runs :data:`STAGES` in order: :func:`wrap` (level 1), :func:`split_spatially` (2),
     :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`give_time_back` (level 4,
-    ``prefer="speed"`` and ``memory_budget``). Each is a :data:`Stage`:
+    ``prefer="speed"`` and ``memory_budget``), :func:`keep_slice_starts` (time back at the same peak). Each is a
+    :data:`Stage`:
     ``stage(plan, prediction, planner) -> (plan, prediction)``, with
     the cost graph, options and candidates in the :class:`Planner`; each does nothing when its option is off.
 
@@ -57,7 +58,7 @@ import networkx as nx
 from ..analysis.facts import AnnotatedGraph
 from ..errors import InvalidOptionError, MemoryBudgetError, format_error
 from .costgraph import Prediction, facts, peak_over_calls, simulate
-from .plan import Plan, RegionPlan, chunkable, input_bits, sliceable
+from .plan import Plan, RegionPlan, checkpoint_every, chunkable, input_bits, sliceable
 from .regions import Region, is_metadata, region_io
 
 __all__ = ["Planner", "Stage", "STAGES", "Options", "Decision", "SearchResult", "PRESETS", "Preset",
@@ -254,7 +255,7 @@ class Decision:
     """One decision of the search: ``action`` on ``region`` and why (predicted bytes/seconds in the reason)."""
 
     region: str
-    action: str  # "wrap", "skip", "split", "chunk", "unwrap", "keep", "reject"
+    action: str  # "wrap", "skip", "split", "chunk", "unwrap", "keep", "keep starts", "reject"
     reason: str
 
 
@@ -542,8 +543,35 @@ def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
     return plan, pred
 
 
+def keep_slice_starts(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """Time back at the same peak: a time-sliced region whose backward does not set the predicted peak keeps every
+    slice's start state from its one no-grad neuron replay (``keep_starts``), instead of one every
+    :func:`~fxmemopt.planning.plan.checkpoint_every` slices and a second replay per segment. Tried region by
+    region, the one at the predicted peak last; accepted when the predicted peak does not rise and the predicted
+    step time falls. Never raises the peak, so it keeps what the stages before it reached (a budget, the speed
+    target, never worse)."""
+    hot = _peak_region(pred, plan)
+    changed = False
+    for rp in sorted(plan.regions, key=lambda r: (r.name == hot, r.name)):
+        if rp.chunks < 2 or rp.whole_slices or rp.keep_starts or checkpoint_every(rp.chunks) >= rp.chunks:
+            continue
+        new = dataclasses.replace(rp, keep_starts=True)
+        candidate = Plan(tuple(new if r.name == rp.name else r for r in plan.regions))
+        cand = p.evaluate(candidate)
+        if cand.peak_bytes <= pred.peak_bytes and cand.step_time_s < pred.step_time_s:
+            p.result.decisions.append(Decision(rp.name, "keep starts", (
+                f"every slice's start state kept by one replay: predicted step time x"
+                f"{pred.step_time_s / p.baseline.step_time_s:.3f} -> x{cand.step_time_s / p.baseline.step_time_s:.3f}"
+                f", peak {_mib(cand.peak_bytes)} (not higher)")))
+            plan, pred, changed = candidate, cand, True
+    if changed:
+        p.result.applied_steps.append("keep_slice_starts")
+    return plan, pred
+
+
 #: The search, in order.
-STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, give_time_back)
+STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, give_time_back,
+                             keep_slice_starts)
 
 
 #: A move's candidate ``(plan, description)``, alternatives in order of preference (a list: the first that lowers the

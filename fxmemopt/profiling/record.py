@@ -264,7 +264,7 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         # interpreter's overhead, and a machine under load slows one measurement and not the other.
         clear()
         backward(loss_fn(gm(*inputs)))
-        step_times, forward_times, node_times = [], [], []
+        step_times, forward_times, node_times, nograd_times = [], [], [], []
         for _ in range(max(1, timing_repeats)):
             clear()
             t0 = time.perf_counter()
@@ -279,11 +279,20 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
             out = timer.run(*inputs)
             del out
             node_times.append(timer.times)
+            # and without grad: what a sliced neuron's replays for its slice start states cost (Rule 8)
+            timer = _TimingInterpreter(gm)
+            clear()
+            with torch.no_grad():
+                out = timer.run(*inputs)
+            del out
+            nograd_times.append(timer.times)
         fwd_time = {k: min(t.get(k, 0.0) for t in node_times) for k in node_times[0]}
+        fwd_nograd = {k: min(t.get(k, 0.0) for t in nograd_times) for k in nograd_times[0]}
         total = sum(fwd_time.values())
         if total > 0:
             scale = min(2.0, max(0.5, min(forward_times) / total))
             fwd_time = {k: v * scale for k, v in fwd_time.items()}
+            fwd_nograd = {k: v * scale for k, v in fwd_nograd.items()}
 
         clear()
         rec = _Recorder()
@@ -322,4 +331,5 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
     device = next((t.device for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)), None)
     on_cpu = device is None or device.type == "cpu"
     costs = machine_costs(torch.get_num_threads()) if on_cpu else (0.0, 0.0, 0.0, ())
-    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak, *costs)
+    return StepTrace(tuple(rec.events), storages, interp.node_events, fwd_time, step_time, rec.peak, *costs,
+                     fwd_nograd_time_s=fwd_nograd)

@@ -701,7 +701,7 @@ class _ChunkedFrame(_Frame):
             # Start states: one replay keeps every `every`-th (checkpoints) and the last segment's; a segment's
             # others are replayed from its checkpoint when backward reaches it (about 2 sqrt(k) states alive).
             k = len(self.slices)
-            self.every = checkpoint_every(k)
+            self.every = checkpoint_every(k, region.keep_starts)
             self.starts, self.rngs = [None] * k, []
             last_first = (k - 1) - (k - 1) % self.every
             self._replay_starts(0, k, state, lambda j: j % self.every == 0 or j >= last_first)
@@ -868,7 +868,7 @@ class ChunkedRegion(CheckpointRegion):
 
     def __init__(self, body: fx.GraphModule, neuron: nn.Module, neuron_path: str, neuron_names: tuple[str, ...],
                  chunks: int, spec: RegionSpec, stats: RegionStats | None = None, keep_prefix: bool = True,
-                 initial_state: str = "module", state_constant: Any = None) -> None:
+                 initial_state: str = "module", state_constant: Any = None, keep_starts: bool = False) -> None:
         super().__init__(body, spec, stats)
         if initial_state not in ("module", "absent", "constant", "body"):
             raise RegionError(format_error(f"region {spec.name!r}", "has an unknown initial_state",
@@ -879,6 +879,7 @@ class ChunkedRegion(CheckpointRegion):
         self.neuron_names = tuple(neuron_names)
         self.chunks = int(chunks)
         self.keep_prefix = bool(keep_prefix)
+        self.keep_starts = bool(keep_starts)
         self.initial_state = initial_state
         self.state_constant = state_constant
 

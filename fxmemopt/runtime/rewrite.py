@@ -161,7 +161,8 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
                        else "body" if state_node is not None else "constant")
             modules[rp.name] = ChunkedRegion(body, model.get_submodule(path), path, names, rp.chunks, spec,
                                              stats[rp.name], keep_prefix=rp.keep_prefix, initial_state=initial,
-                                             state_constant=args[1] if initial == "constant" else None)
+                                             state_constant=args[1] if initial == "constant" else None,
+                                             keep_starts=rp.keep_starts)
         else:
             body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
             modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
