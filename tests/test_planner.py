@@ -87,10 +87,31 @@ _BUDGET_UNWRAP_THEN_SLICE = SNNSpec(
     spike_input=False, seed=0)
 
 
+# Found with --hypothesis-seed=1: the budget search kept the costlier region and unwrapped the other; unwrapping the
+# costlier one fits only with the other sliced and its prefix recomputed (the unwrap move's second fallback): 13%
+# faster.
+_BUDGET_UNWRAP_THEN_SLICE_LEAN = SNNSpec(
+    layers=(LayerSpec("linear", 2, True, "none", 0.0), LayerSpec("linear", 2, False, "none", 0.0),
+            LayerSpec("conv", 1, False, "none", 0.0)),
+    neuron="if", hard_reset=False, detach_reset=False, surrogate="atan", T=3, N=2, in_channels=2, size=4,
+    spike_input=False, seed=0)
+
+
+# Found with --hypothesis-seed=1 too: the budget search ended with both regions sliced; the first one whole again
+# (the unwrap stage's "unslice" move) fits the budget and is 13% faster.
+_BUDGET_UNSLICE = SNNSpec(
+    layers=(LayerSpec("linear", 2, True, "none", 0.0), LayerSpec("linear", 2, True, "none", 0.0),
+            LayerSpec("conv", 1, False, "none", 0.0)),
+    neuron="plif", hard_reset=False, detach_reset=True, surrogate="sigmoid", T=2, N=3, in_channels=1, size=4,
+    spike_input=False, seed=0)
+
+
 @settings(max_examples=25)
 @given(spec=snn_specs(max_depth=3, max_T=4), fractions=st.lists(st.floats(0.05, 0.95), min_size=2, max_size=4))
 @example(spec=_BUDGET_KEEP_PREFIX_FINER, fractions=[0.5, 0.5])
 @example(spec=_BUDGET_UNWRAP_THEN_SLICE, fractions=[0.5, 0.5])
+@example(spec=_BUDGET_UNWRAP_THEN_SLICE_LEAN, fractions=[0.1875, 0.5])
+@example(spec=_BUDGET_UNSLICE, fractions=[0.5, 0.1875])
 def test_greedy_search_against_exhaustive_enumeration(spec, fractions):
     cost, annotated, regions = _cost_graph(spec)
     plans = list(_every_plan(annotated, regions))

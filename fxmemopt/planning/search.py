@@ -738,9 +738,11 @@ def _temporal(best: Plan, pred: Prediction, p: Planner, stop_at: int | None = No
 def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool = False) -> tuple[Plan, Prediction]:
     """Level 4: give up recomputation where it costs the most time, while the predicted peak stays within ``limit``.
 
-    Moves: *unwrap* a region (if that does not fit: unwrap it and slice the other regions in time); *keep the
-    prefix* of a time-sliced region (its tensors captured by the recomputation that feeds the slices, instead of
-    recomputed again); or (with ``shrink``, for speed) *shrink* it to its neuron — the neuron's per-step tensors are
+    Moves: *unwrap* a region (if that does not fit: unwrap it and slice the other regions in time, their prefixes
+    kept, then recomputed); *keep the prefix* of a time-sliced region (its tensors captured by the recomputation
+    that feeds the slices, instead of recomputed again); *unslice* it (recompute it whole: no neuron replays, slice
+    copies or second prefix forward; estimated at its prefix's forward if recomputed, plus half its neuron's); or
+    (with ``shrink``, for speed) *shrink* it to its neuron — the neuron's per-step tensors are
     most of a layer's memory but cheap to recompute, while convolutions are the opposite. Each round takes the move
     with the largest estimated saving (the forward time it stops recomputing) whose predicted peak stays within
     ``limit``.
@@ -758,6 +760,10 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool =
                 # Its fallback: unwrap it and pay for that with the others' memory: every unsliced region that can
                 # be sliced, one slice per step with its prefix kept (a neuron replay each: cheap).
                 moves.append(("unwrap+slice", rp, Plan(finer), sum(fwd.get(n, 0.0) for n in rp.nodes)))
+                # and, if that does not fit either, with their prefixes recomputed (less memory, one prefix
+                # forward more each): unwrapping the costlier region can still beat keeping it
+                leaner = _sliced_per_step(rest, graph, keep_prefix=False)
+                moves.append(("unwrap+slice_lean", rp, Plan(leaner), sum(fwd.get(n, 0.0) for n in rp.nodes)))
             if rp.chunks > 1 and not rp.keep_prefix and not rp.whole_slices:
                 # keep the prefix's tensors from the recomputation that feeds the slices: one prefix forward less.
                 # The kept prefix raises the peak; finer slices (one per step) can win that back, so they are the
@@ -768,6 +774,12 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool =
                     moves.append(("keep_prefix", rp,
                                   Plan(tuple(kept if r.name == rp.name else r for r in best.regions)),
                                   sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
+            if rp.chunks > 1 and not rp.whole_slices:
+                # the region whole again: no neuron replays, slice copies or second prefix forward
+                whole = dataclasses.replace(rp, chunks=1, keep_prefix=True, keep_starts=False)
+                moves.append(("unslice", rp, Plan(tuple(whole if r.name == rp.name else r for r in best.regions)),
+                              sum(fwd.get(n, 0.0) for n in rp.nodes[:-1]) * (0 if rp.keep_prefix else 1)
+                              + fwd.get(rp.nodes[-1], 0.0) * 0.5))
             if shrink and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
@@ -787,8 +799,11 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool =
         action, rp, candidate, cand = chosen
         saved_ms = (pred.step_time_s - cand.step_time_s) * 1e3
         what = {"shrink": "shrunk to its neuron (the prefix is no longer recomputed)", "unwrap": "unwrapped",
+                "unslice": "recomputed whole again (no time slices, no neuron replays)",
                 "keep_prefix": "prefix kept from the slices' recomputation (not recomputed twice)",
-                "unwrap+slice": "unwrapped, the other regions sliced one slice per time step"}[action]
+                "unwrap+slice": "unwrapped, the other regions sliced one slice per time step",
+                "unwrap+slice_lean": "unwrapped, the other regions sliced one slice per time step, their prefixes "
+                                     "recomputed"}[action]
         result.decisions.append(Decision(rp.name, action.split("+")[0], f"{what}: saves ~{saved_ms:.1f} ms per step; "
                                          f"predicted peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
         best, pred = candidate, cand
@@ -915,13 +930,14 @@ def cheapest_first(p: Planner) -> tuple[Plan, Prediction]:
     return plan, pred
 
 
-def _sliced_per_step(regions: tuple[RegionPlan, ...], graph: AnnotatedGraph) -> tuple[RegionPlan, ...]:
+def _sliced_per_step(regions: tuple[RegionPlan, ...], graph: AnnotatedGraph,
+                     keep_prefix: bool = True) -> tuple[RegionPlan, ...]:
     """``regions`` with every unsliced region that exact time slicing can take sliced one slice per time step, its
-    prefix kept."""
+    prefix kept (or recomputed)."""
     def finer(rp: RegionPlan) -> RegionPlan:
         if rp.chunks > 1 or rp.whole_slices or not chunkable(graph, rp.nodes)[0]:
             return rp
-        return dataclasses.replace(rp, chunks=graph[rp.nodes[-1]].time_steps, keep_prefix=True)
+        return dataclasses.replace(rp, chunks=graph[rp.nodes[-1]].time_steps, keep_prefix=keep_prefix)
     return tuple(finer(rp) for rp in regions)
 
 
