@@ -52,8 +52,10 @@ Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its fo
     the neuron's input is an input the region stores whole: it is alive anyway, a copy would double it), and one no-grad
     replay of the neuron that keeps the start state of every ``m``-th slice (``m = isqrt(k - 1) + 1``) and of the
     last segment; a segment's other start states are replayed from its checkpoint when backward reaches it (about
-    ``2 sqrt(k)`` states alive instead of ``k``, for one more no-grad pass of the neuron). Then each slice is
-    recomputed on its own when backward first needs it, so only one slice's per-step tensors exist at a time, and
+    ``2 sqrt(k)`` states alive instead of ``k``, for one more no-grad pass of the neuron; with ``keep_starts``,
+    chosen where the region's backward is off the predicted peak, ``m = 1``: that one replay keeps them all). Then
+    each slice is recomputed on its own when backward first needs it, so only one slice's per-step tensors exist at
+    a time, and
     its input part and start state die with it: the input's parts die as fast as its gradient's parts appear. The
     prefix's own saved tensors are either captured during that recomputation and kept (``keep_prefix=True``:
     faster) or recomputed again when the prefix's backward needs them (less memory).
