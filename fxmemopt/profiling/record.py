@@ -258,6 +258,13 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
             if loss.requires_grad:  # a model with nothing to train has no backward to record
                 loss.backward()
 
+        def timed_nodes(grad: bool) -> dict[str, float]:
+            timer = _TimingInterpreter(gm)
+            clear()
+            with torch.set_grad_enabled(grad):
+                timer.run(*inputs)
+            return timer.times
+
         # Timing: one warm-up step, then, interleaved, timed steps (forward timed apart) and node-by-node timed
         # forwards (untracked). The fastest of each is kept (the least disturbed by other work on the machine), and
         # the nodes' times are scaled to add up to the step's own forward: timing node by node adds the
@@ -274,18 +281,9 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
             step_times.append(time.perf_counter() - t0)
             forward_times.append(t1 - t0)
             del out
-            timer = _TimingInterpreter(gm)
-            clear()
-            out = timer.run(*inputs)
-            del out
-            node_times.append(timer.times)
+            node_times.append(timed_nodes(True))
             # and without grad: what a sliced neuron's replays for its slice start states cost (Rule 8)
-            timer = _TimingInterpreter(gm)
-            clear()
-            with torch.no_grad():
-                out = timer.run(*inputs)
-            del out
-            nograd_times.append(timer.times)
+            nograd_times.append(timed_nodes(False))
         fwd_time = {k: min(t.get(k, 0.0) for t in node_times) for k in node_times[0]}
         fwd_nograd = {k: min(t.get(k, 0.0) for t in nograd_times) for k in nograd_times[0]}
         total = sum(fwd_time.values())

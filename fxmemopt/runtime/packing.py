@@ -183,13 +183,7 @@ def _pack_spikes(flat: torch.Tensor) -> torch.Tensor | None:
             lo, hi = torch.aminmax(torch.sub(iv[start:start + m], half, out=ends[:m]).abs_())
             if int(lo) != half or int(hi) != half:
                 return None
-        whole = (m + 7) // 8 * 8
-        h = marks[:whole]
-        h[:m].copy_(part)  # nonzero -> True (exactly the ones, after the check)
-        if whole > m:
-            h[m:].zero_()
-        top = h.view(torch.uint8).view(torch.int64).mul_(_GATHER).view(torch.uint8)[7::8]
-        payload[start // 8:(start + whole) // 8].copy_(top)
+        _gather_into(payload, start, part, marks, 8)  # nonzero -> True (exactly the ones, after the check)
     return payload
 
 
@@ -200,8 +194,8 @@ _GATHER_2BIT = 0x01041040
 
 
 def _pack_small(flat: torch.Tensor, bits: int) -> torch.Tensor | None:
-    """The ``bits``-bit payload (2 or 8; 1 for dtypes the spike path does not take) of ``flat`` (1-D), or ``None``
-    unless every value is exactly an integer in ``[0, 2**bits - 1]``.
+    """The ``bits``-bit payload (2 or 8) of ``flat`` (1-D), or ``None`` unless every value is exactly an integer in
+    ``[0, 2**bits - 1]``.
 
     Pass by pass, in reused buffers: the values truncated to int32 ``y`` and converted back; the bit patterns of
     that round trip must equal the input's (so every value was an integer: ``-0.0`` comes back as ``+0.0``, ``NaN``,
@@ -239,18 +233,28 @@ def _pack_small(flat: torch.Tensor, bits: int) -> torch.Tensor | None:
             return None
         if per == 1:
             payload[start:start + m].copy_(yy)
-            continue
-        whole = -(-m // per) * per
-        h = u[:whole]
-        h[:m].copy_(yy)
-        if whole > m:
-            h[m:].zero_()
-        if per == 4:
-            top = h.view(torch.int32).mul_(_GATHER_2BIT).view(torch.uint8)[3::4]
         else:
-            top = h.view(torch.int64).mul_(_GATHER).view(torch.uint8)[7::8]
-        payload[start // per:(start + whole) // per].copy_(top)
+            _gather_into(payload, start, yy, u, per)
     return payload
+
+
+def _gather_into(payload: torch.Tensor, start: int, values: torch.Tensor, buf: torch.Tensor, per: int) -> None:
+    """Write ``values`` (small integers, value ``start`` onwards of the tensor) into ``payload``, ``per`` (8 or 4)
+    per byte: copied into the reused buffer ``buf`` (bool for spikes: the fastest conversion from floats; else
+    uint8), zero-padded to whole bytes, gathered by one multiplication per word (``_GATHER`` on int64 words,
+    ``_GATHER_2BIT`` on int32 words), and the words' top bytes copied out with one strided copy."""
+    m = values.numel()
+    whole = -(-m // per) * per
+    h = buf[:whole]
+    h[:m].copy_(values)
+    if whole > m:
+        h[m:].zero_()
+    u = h.view(torch.uint8)
+    if per == 8:
+        top = u.view(torch.int64).mul_(_GATHER).view(torch.uint8)[7::8]
+    else:
+        top = u.view(torch.int32).mul_(_GATHER_2BIT).view(torch.uint8)[3::4]
+    payload[start // per:(start + whole) // per].copy_(top)
 
 
 def try_pack(t: torch.Tensor, bits: int) -> PackedTensor | None:
@@ -276,8 +280,8 @@ def try_pack(t: torch.Tensor, bits: int) -> PackedTensor | None:
             flat = t.as_strided((t.numel(),), (1,), t.storage_offset())
         else:
             flat = t.reshape(-1)
-        if _LITTLE_ENDIAN and (bits == 1 or flat.dtype in _INT_VIEW or flat.dtype == torch.bool
-                               or not (flat.is_floating_point() or flat.is_complex())):
+        if _LITTLE_ENDIAN and (bits == 1 or flat.dtype in _INT_VIEW
+                               or not (flat.is_floating_point() or flat.is_complex())):  # (bool included)
             payload = _pack_spikes(flat) if bits == 1 else _pack_small(flat, bits)
             if payload is None:
                 return None
