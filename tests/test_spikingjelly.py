@@ -203,3 +203,92 @@ def test_parametric_neurons_are_sliced_one_step_per_slice_and_stay_exact_on_othe
     coarse = Plan(tuple(dataclasses.replace(r, chunks=2) if r.chunks > 1 else r for r in summary.plan.regions))
     with pytest.raises(PlanError, match="exact only in one slice per time step"):
         fxmemopt.optimize(spare, (x,), plan=coarse)
+
+
+# spikingjelly's own example activation_based/examples/rsnn_sequential_fmnist.py, its three nets as written there
+# (input [W=28, N, H=28]: an image read column by column; `set_step_mode(net, "m")` leaves the neuron inside the
+# recurrent container single-step, as the example's comment says).
+class RSNNPlainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(layer.Linear(28, 32), neuron.IFNode(surrogate_function=surrogate.ATan()),
+                                layer.Linear(32, 10), neuron.IFNode(surrogate_function=surrogate.ATan()))
+
+    def forward(self, x):
+        return self.fc(x).mean(0)
+
+
+class RSNNStatefulSynapseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(layer.Linear(28, 32), neuron.IFNode(surrogate_function=surrogate.ATan()),
+                                layer.SynapseFilter(tau=2.0, learnable=True),
+                                layer.Linear(32, 10), neuron.IFNode(surrogate_function=surrogate.ATan()))
+
+    def forward(self, x):
+        return self.fc(x).mean(0)
+
+
+class RSNNFeedBackNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(
+            layer.Linear(28, 32),
+            layer.LinearRecurrentContainer(neuron.IFNode(surrogate_function=surrogate.ATan(), detach_reset=True),
+                                           in_features=32, out_features=32, bias=True),
+            layer.Linear(32, 10), neuron.IFNode(surrogate_function=surrogate.ATan()))
+
+    def forward(self, x):
+        return self.fc(x).mean(0)
+
+
+RSNN = {"plain": RSNNPlainNet, "synapse": RSNNStatefulSynapseNet, "feedback": RSNNFeedBackNet}
+RSNN_CALLS = {"default": {}, "memory": {"prefer": "memory"}, "speed": {"prefer": "speed"},
+              "balanced": {"prefer": "balanced"}, "level1": {"level": 1}, "level2": {"level": 2},
+              "level3": {"level": 3}, "level4": {"level": 4}}
+
+
+def _rsnn(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = RSNN[name]()
+    functional.set_step_mode(net, step_mode="m")
+    return net, torch.rand(28, 3, 28)  # [W, N, H], pixel intensities as the example feeds them
+
+
+@pytest.mark.parametrize("call", RSNN_CALLS)
+@pytest.mark.parametrize("name", RSNN)
+def test_rsnn_example_nets_train_exactly(name, call):
+    net, x = _rsnn(name)
+    reference = copy.deepcopy(net)
+    gm = fxmemopt.optimize(net, (x,), never_worse=False, **RSNN_CALLS[call])
+    for _ in range(2):  # a second step after reset_net, as the example's training loop does
+        report = fxmemopt.compare_training_step(reference, gm, (x,))
+        assert report.ok, report.mismatches
+        functional.reset_net(gm)
+        functional.reset_net(reference)
+
+
+def test_recurrent_container_is_sliced_with_its_inner_neurons_state():
+    """FeedBackNet's ``LinearRecurrentContainer`` keeps its output ``y`` in its own memory and the inner IFNode's
+    membrane in the IFNode's: time slices must start from both. Carrying only the container's own (as the runtime
+    once did) recomputed each slice from the inner neuron's final membrane: every gradient before the container
+    was wrong, silently. The entry state here also still references the graph of an earlier step (the net ran
+    before optimize), which the slice check must not trip over."""
+    net, x = _rsnn("feedback")
+    net(x).sum().backward()  # state from an earlier step, its graph freed: optimize must cope
+    functional.reset_net(net)
+    net.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(net)
+    gm, summary = fxmemopt.optimize(net, (x,), prefer="memory", never_worse=False, return_summary=True)
+    assert summary.graph["fc_1"].time_chunkable
+    sliced = {r.name: r.chunks for r in summary.plan.regions if r.chunks > 1}
+    assert sliced.get("ckpt_fc_1") == 28  # the container has trainable parameters: one step per slice
+    region = gm.get_submodule("ckpt_fc_1")
+    assert [p for p, _ in region.neuron_states] == ["", "sub_module"]
+    for seed in range(3):  # inputs the plan never saw, too
+        torch.manual_seed(10 + seed)
+        xs = torch.rand(28, 3, 28) * (1 + seed)
+        report = fxmemopt.compare_training_step(reference, gm, (xs,))
+        assert report.ok, (seed, report.mismatches)
+        functional.reset_net(gm)
+        functional.reset_net(reference)

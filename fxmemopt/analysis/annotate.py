@@ -217,7 +217,8 @@ def _same_parameter_grads(module: nn.Module, x: torch.Tensor, params: list[nn.Pa
     with torch.enable_grad():
         for sliced in (False, True):
             for m, snap in before:
-                snap.restore(m)
+                # detached: an entry state from an earlier step may still reference that step's (freed) graph
+                snap.detached().restore(m)
             xi = x.detach().requires_grad_(x.is_floating_point())
             out = torch.cat([module(xc) for xc in xi.split(1, dim=0)], dim=0) if sliced else module(xi)
             if not isinstance(out, torch.Tensor) or not out.requires_grad:

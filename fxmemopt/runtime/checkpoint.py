@@ -611,8 +611,7 @@ class _ChunkedFrame(_Frame):
     def _state_flags(self, state: Any) -> list[bool]:
         region: ChunkedRegion = self.region  # type: ignore[assignment]
         if region.initial_state == "module":
-            return [t.requires_grad for t in StateSnapshot.take(region.__dict__["neuron"], region.neuron_names)
-                    .tensors()]
+            return [t.requires_grad for _, snap in region.neuron_snapshot() for t in snap.tensors()]
         return [t.requires_grad for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
 
     def run(self, box: list[Any]) -> Any:
@@ -643,14 +642,15 @@ class _ChunkedFrame(_Frame):
         neuron = region.__dict__["neuron"]
         module_state = region.initial_state == "module"
         rng = self.neuron_rng if first == 0 else self.rngs[first]
-        with self._replayed_context(states=None if module_state and first == 0 else
-                                    [(neuron, state)] if module_state else None, rng=rng, only=neuron), \
+        with self._replayed_context(states=state if module_state and first > 0 else None, rng=rng, only=neuron), \
                 torch.no_grad():
             for c in range(first, stop):
                 _, _, _, _, rg = self.slices[c]
                 if module_state:
-                    start = StateSnapshot.take(neuron, region.neuron_names).detached()
-                    tensors = list(start.tensors())
+                    # Every stateful module at or under the neuron's path (a recurrent container's own memory and
+                    # its inner neuron's): one slice's start is all of them.
+                    start = [(m, snap.detached()) for m, snap in region.neuron_snapshot()]
+                    tensors = [t for _, snap in start for t in snap.tensors()]
                 else:
                     leaves, spec = tree_flatten(state)
                     leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
@@ -712,7 +712,7 @@ class _ChunkedFrame(_Frame):
         self.x_parts[c] = None
         if region.initial_state == "module":
             self._replay(lambda: self._step(xc, None, c == 0), lo, hi, skip, stop_early=True,
-                         states=[(region.__dict__["neuron"], start)], rng=rng, only=region.__dict__["neuron"])
+                         states=start, rng=rng, only=region.__dict__["neuron"])
         else:
             self._replay(lambda: self._step(xc, start, c == 0), lo, hi, skip, stop_early=True, rng=rng,
                          only=region.__dict__["neuron"])
@@ -854,7 +854,11 @@ class ChunkedRegion(CheckpointRegion):
             state the neuron is given, when ``initial_state="body"``).
         neuron: the region's neuron, called last; its output is the region's output.
         neuron_path: its path in the model.
-        neuron_names: its state attribute names (empty for ``_memories`` modules and for neurons that keep none).
+        neuron_states: ``(path below the neuron, state attribute names)`` of every stateful module at or under the
+            neuron (``""`` for the neuron itself; names empty for ``_memories`` modules): the state carried from
+            slice to slice when ``initial_state="module"``. A recurrent container (spikingjelly's
+            ``LinearRecurrentContainer``) keeps its output in its own memory and its inner neuron's membrane in the
+            inner module's: a slice's start state is both (empty for a neuron that keeps none).
         chunks: requested number of time slices (clamped to T at run time).
         spec, stats: as for :class:`CheckpointRegion`.
         keep_prefix: keep the prefix's saved tensors from the recomputation that feeds the slices (faster), or
@@ -868,7 +872,8 @@ class ChunkedRegion(CheckpointRegion):
 
     _frame_class = _ChunkedFrame
 
-    def __init__(self, body: fx.GraphModule, neuron: nn.Module, neuron_path: str, neuron_names: tuple[str, ...],
+    def __init__(self, body: fx.GraphModule, neuron: nn.Module, neuron_path: str,
+                 neuron_states: tuple[tuple[str, tuple[str, ...]], ...],
                  chunks: int, spec: RegionSpec, stats: RegionStats | None = None, keep_prefix: bool = True,
                  initial_state: str = "module", state_constant: Any = None, keep_starts: bool = False) -> None:
         super().__init__(body, spec, stats)
@@ -878,7 +883,7 @@ class ChunkedRegion(CheckpointRegion):
                                            got=repr(initial_state)))
         self.__dict__["neuron"] = neuron  # registered in the optimized module under its own path already
         self.neuron_path = neuron_path
-        self.neuron_names = tuple(neuron_names)
+        self.neuron_states = tuple((str(p), tuple(names)) for p, names in neuron_states)
         self.chunks = int(chunks)
         self.keep_prefix = bool(keep_prefix)
         self.keep_starts = bool(keep_starts)
@@ -888,6 +893,12 @@ class ChunkedRegion(CheckpointRegion):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, chunks={self.chunks}, keep_prefix={self.keep_prefix}"
                 + (f", state carried as a value ({self.initial_state})" if self.initial_state != "module" else ""))
+
+    def neuron_snapshot(self) -> list[tuple[nn.Module, StateSnapshot]]:
+        """The state of the neuron and of every stateful module under it, now, by reference."""
+        neuron = self.__dict__["neuron"]
+        modules = [(neuron.get_submodule(p) if p else neuron, names) for p, names in self.neuron_states]
+        return [(m, StateSnapshot.take(m, names)) for m, names in modules]
 
     def _plain(self, box: list[Any]) -> Any:
         y = self.__dict__["body"](box)

@@ -156,10 +156,12 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
             body = _body(model, graph, rp, prefix, inputs,
                          (args[0].name,) if state_node is None else (args[0].name, state_node.name), node_by_name)
             path = str(neuron_node.target)
-            names = tuple(dict(inner_state).get(path, ()))
+            # the neuron's own state and that of every stateful module inside it (Rule 8)
+            states = tuple((p[len(path) + 1:], names) for p, names in inner_state
+                           if p == path or p.startswith(path + "."))
             initial = ("module" if not functional else "absent" if len(args) == 1
                        else "body" if state_node is not None else "constant")
-            modules[rp.name] = ChunkedRegion(body, model.get_submodule(path), path, names, rp.chunks, spec,
+            modules[rp.name] = ChunkedRegion(body, model.get_submodule(path), path, states, rp.chunks, spec,
                                              stats[rp.name], keep_prefix=rp.keep_prefix, initial_state=initial,
                                              state_constant=args[1] if initial == "constant" else None,
                                              keep_starts=rp.keep_starts)
