@@ -50,6 +50,8 @@ from .profiling.verify import slice_effects
 from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
 from .report.summary import InputReport, RegionReport, Summary
 from .runtime.checkpoint import CheckpointRegion, RegionStats
+from .runtime.fingerprint import CPU_BUDGET, sampled_cost_s
+from .runtime.fingerprint import MODES as VALUE_CHECK_MODES
 from .runtime.hierarchy import UncalledModulesCheck, uncalled_modules
 from .runtime.packing import packed_nbytes
 from .runtime.rewrite import rewrite
@@ -316,6 +318,7 @@ class Request:
     leaf: tuple[type | str, ...]
     declared: tuple[type, ...]
     keep: tuple[type | str, ...] = ()
+    value_check: str | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,8 @@ class Built:
     over_peak: tuple[tuple[str, str], ...] = ()
     #: the validation step's measurement (CPU: storage tracker, with timeline), when it ran and nothing failed
     step: StepMeasurement | None = None
+    #: fingerprints the recompute value check took in the validation step (forward and recomputation)
+    fingerprints: int = 0
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,7 @@ def _stage_logger(started: float, progress: Callable[[str], None] | None) -> Cal
 
 def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str] | None, measure: Any,
              measure_timeout_s: float, calls_per_step: Any, predict: bool, targets: Any, leaf_modules: Any,
-             stateful_modules: Any, keep_modules: Any, opts: Options) -> Request:
+             stateful_modules: Any, keep_modules: Any, opts: Options, value_check: Any = None) -> Request:
     """Check what :func:`optimize` was given (typed errors naming what is wrong) into a :class:`Request`."""
     inputs = _check_inputs(example_inputs)
     _check_model(model)
@@ -373,12 +378,16 @@ def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str
     if not measure_timeout_s > 0:
         raise InvalidOptionError(format_error("measure_timeout_s", "must be positive", expected="> 0",
                                               got=repr(measure_timeout_s)))
+    if value_check is not None and value_check not in VALUE_CHECK_MODES:
+        raise InvalidOptionError(format_error("recompute_check", "is not a value-check mode",
+                                              expected=f"None (the device's default) or one of {VALUE_CHECK_MODES}",
+                                              got=repr(value_check)))
     saved, source = _load_plan(plan)
     return Request(inputs, dataclasses.replace(opts, calls_per_step=calls_per_step), saved, source, measure,
                    measure_timeout_s, predict, _check_types("targets", targets),
                    _check_types("leaf_modules", leaf_modules, allow_str=True),
                    _check_types("stateful_modules", stateful_modules),
-                   _check_types("keep_modules", keep_modules, allow_str=True))
+                   _check_types("keep_modules", keep_modules, allow_str=True), value_check)
 
 
 def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]) -> tuple[nx.DiGraph | None, list[str]]:
@@ -467,10 +476,50 @@ def _regions_in(error: BaseException, names: set[str]) -> set[str]:
     return found
 
 
+def set_value_check(gm: nn.Module, mode: str | None) -> None:
+    """Set the recompute value check (NOTE [Checkpoint region invariants], Rule 3) of every region in ``gm``."""
+    for m in gm.modules():
+        if isinstance(m, CheckpointRegion):
+            m.value_check = mode
+
+
+def _with_value_check(built: Built, result: SearchResult, req: Request) -> Built:
+    """Set the returned module's recompute value check (Rule 3) and say which in a note.
+
+    Asked for: as asked. By default ``"sampled"``, except on CPU when its predicted cost (the fingerprints the
+    validation step took, at the sampled fingerprint's cost measured in this process) is above
+    :data:`~fxmemopt.runtime.fingerprint.CPU_BUDGET` of the predicted step time: there the check stays off (on CPU
+    recomputation runs the forward's own kernels; the validation step has checked every value in full)."""
+    mode, note = req.value_check, f"recompute value check: {req.value_check} (asked)"
+    if mode is None and built.plan.regions:
+        mode, note = "sampled", "recompute value check: sampled (the default)"
+        step = result.prediction.step_time_s if result.prediction is not None else None
+        if _on_cpu(req.inputs) and step:
+            share = built.fingerprints * sampled_cost_s() / step
+            if share > CPU_BUDGET:
+                mode = "off"
+                note = (f"recompute value check: off, predicted at {share:.1%} of the step time on CPU (over "
+                        f"{CPU_BUDGET:.0%}); the validation step checked every value; recompute_check='sampled' turns "
+                        f"it on")
+            else:
+                note = f"recompute value check: sampled, predicted at {share:.1%} of the step time"
+    set_value_check(built.gm, mode)
+    return dataclasses.replace(built, notes=(*built.notes, note)) if built.plan.regions else built
+
+
+def _full_check(gm: fx.GraphModule) -> fx.GraphModule:
+    set_value_check(gm, "full")
+    return gm
+
+
 def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ...]) -> Built:
     """Build ``plan`` and run one training step of it (also the warm-up); unwrap every region that fails in it,
     until it runs.
 
+    The step checks every value recomputation reproduces against the forward's, in full (every element of every
+    saved tensor: :mod:`fxmemopt.runtime.fingerprint`), whatever the returned module will check per step: a region
+    whose recomputation differs (state it does not restore, a nondeterministic kernel) fails here, on the example,
+    and keeps its activations instead.
     A region that fails (a recomputation mismatch from a forward that is not a deterministic function of its
     inputs and state, an input kind the runtime cannot keep, a library's own error under checkpointing) is named by
     the traceback, or else by trying each region alone; it is left out of the plan and the step runs again. When
@@ -478,6 +527,7 @@ def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ..
     regions' doing: they are kept, and a note says so.
     """
     gm, stats = _build(model, an, plan)
+    set_value_check(gm, "full")
     failed: list[tuple[str, str]] = []
     notes: list[str] = []
     measured: list[StepMeasurement] | None = [] if _on_cpu(inputs) else None
@@ -494,8 +544,8 @@ def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ..
         names = {r.name for r in plan.regions}
         bad = _regions_in(error, names)
         if not bad:  # not on the traceback (raised from autograd's engine): try each region on its own
-            bad = {r.name for r in plan.regions
-                   if _step_error(_build(model, an, dataclasses.replace(plan, regions=(r,)))[0], inputs) is not None}
+            bad = {r.name for r in plan.regions if _step_error(_full_check(_build(
+                model, an, dataclasses.replace(plan, regions=(r,)))[0]), inputs) is not None}
         bad = bad or names  # the step fails whichever region runs: leave all of them out
         why = first_line(error, 300)
         failed += [(n, why) for n in sorted(bad)]
@@ -503,6 +553,9 @@ def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ..
                     why)
         plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name not in bad))
         gm, stats = _build(model, an, plan)
+        set_value_check(gm, "full")
+    set_value_check(gm, None)
+    fingerprints = sum(st.fingerprints for st in stats.values())
     for st in stats.values():
         st.reset()
     if failed:
@@ -510,7 +563,7 @@ def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ..
                       f"left unoptimized: " + "; ".join(f"{n} ({why})" for n, why in failed),
                       FxMemOptWarning, stacklevel=4)
     return Built(gm, stats, plan, tuple(failed), tuple(notes),
-                 step=measured[-1] if measured and not failed and error is None else None)
+                 step=measured[-1] if measured and not failed and error is None else None, fingerprints=fingerprints)
 
 
 #: Measured never-worse (:func:`_kept_below`): regions taken out one at a time, each followed by a measured step,
@@ -722,6 +775,7 @@ def optimize(
     compress: bool = True,
     exact: bool = True,
     never_worse: bool = True,
+    recompute_check: str | None = None,
     checkpoint_budget: str | None = None,
     max_gc_wrapped_modules: int | None = None,
     gc_target_budget_ratio: float | None = None,
@@ -781,6 +835,12 @@ def optimize(
             ``summary.notes`` and a warning. On CPU the result is then measured against the model (one training step
             each under the storage tracker), and the regions active at a peak above the model's are left out too.
             ``False`` keeps every region the search chose (for experiments and tests of the rewrite).
+        recompute_check: how each training step checks that a region's recomputation reproduced the forward's
+            values (NOTE [Checkpoint region invariants], Rule 3): ``"sampled"`` fingerprints of every saved tensor,
+            ``"full"`` (every element; slower), ``"off"``; ``None`` (default): ``"sampled"`` (README "What exact
+            means" has its cost). A difference raises :class:`~fxmemopt.errors.RecomputationValueError` before the
+            gradients can be used. Whatever this says, the validation step on the example checks in full, and a
+            region that fails there keeps its activations instead.
         checkpoint_budget, max_gc_wrapped_modules, gc_target_budget_ratio: level-1 selection, as in the seed
             ("speed" 50%, "balanced" 75%, "memory" 100% of the regions, largest inputs first).
         temporal_split_factor, max_split_rounds, max_candidates_per_round, allow_expensive_profiling: bound the
@@ -859,7 +919,7 @@ def optimize(
                            allow_expensive_profiling=allow_expensive_profiling,
                            warmup_in_main_process=warmup_in_main_process,
                            warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
-                           compress=compress, exact=exact, never_worse=never_worse))
+                           compress=compress, exact=exact, never_worse=never_worse), recompute_check)
         # probe, trace, annotate, regions: what the model is, as plain data
         an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
                      progress=step)
@@ -874,6 +934,8 @@ def optimize(
         built = _kept_below(model, an, built, cost, req)
         # profile: confirm by measurement (optional; failures are recorded, never raised)
         built, measured = _confirmed(model, an, built, result, req, step)
+        # value check: what each step checks from now on (Rule 3); on CPU by default, where it is cheap enough
+        built = _with_value_check(built, result, req)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
         sliced = slice_effects(model, built.gm, req.inputs, an.stateful) \
             if any(r.whole_slices for r in built.plan.regions) else {}

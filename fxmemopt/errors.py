@@ -23,6 +23,7 @@ __all__ = [
     "RegionError",
     "ShardingError",
     "RecomputationMismatchError",
+    "RecomputationValueError",
     "MemoryBudgetError",
     "PlanError",
     "GuardError",
@@ -91,6 +92,17 @@ class RecomputationMismatchError(FxMemOptError, RuntimeError):
     This happens when a region's forward is not a deterministic function of its inputs, parameters, module
     state and RNG state (for example it reads a global counter or the wall clock). The message lists every
     mismatch.
+    """
+
+
+class RecomputationValueError(RecomputationMismatchError):
+    """Recomputing a region in backward produced other *values* than the forward saved (same shapes and dtypes).
+
+    Every saved tensor's fingerprint is taken in forward and compared after recomputation (NOTE [Checkpoint
+    region invariants], Rule 3): a difference means the backward would compute a wrong gradient, so it is stopped.
+    Causes: a kernel that is not deterministic or picks another algorithm on recomputation (on CUDA, cuDNN's
+    benchmark mode or nondeterministic algorithms), or state the region does not restore. :func:`fxmemopt.optimize`
+    catches it in its validation step and keeps that region's activations instead.
     """
 
 

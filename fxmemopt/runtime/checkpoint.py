@@ -23,7 +23,11 @@ Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``bo
     neuron's own for a replay of a chunked region's neuron alone, Rule 8: the layers before it do not run), the
     RNG and autocast state of the forward, and grad enabled. The tensors it saves are matched one to one, by position,
     with the forward's handles; shapes and dtypes are checked (:class:`~fxmemopt.errors.RecomputationMismatchError`
-    lists every mismatch).
+    lists every mismatch), and so are values: each saved tensor's fingerprint (:mod:`fxmemopt.runtime.fingerprint`;
+    sampled by default, every element in :func:`fxmemopt.optimize`'s validation step) is taken when the forward saves
+    it and compared when recomputation produces it; a difference raises
+    :class:`~fxmemopt.errors.RecomputationValueError` (at once on CPU; when the backward pass ends on an accelerator,
+    so the check never waits for the device mid-backward), before the optimizer can use the gradients.
     Recomputation stops as soon as the last tensor backward still needs has been captured (what follows, such
     as a neuron's stacked output, is not rebuilt).
 Rule 4 (no side effects). Recomputation restores, afterwards, every module's live state, every live buffer (same
@@ -82,6 +86,12 @@ Rule 11 (packed saves, nothing recomputed). A :class:`PackedRegion` runs its bod
     nothing runs twice. Rule 7 applies (plain mode runs the body directly). Under autocast an operation saves its
     own cast copy of the input, a different storage: that copy is saved as is (exact, no memory won).
 
+Rule 12 (CUDA kernels). On CUDA the forward of a region and each of its recomputations run with cuDNN's benchmark
+    mode off (:func:`same_kernels`), so that both take the same convolution algorithm for the same shape although
+    they run on different threads (the benchmark cache is per thread); the value check of Rule 3 catches anything
+    else that picks kernels differently (a nondeterministic kernel, a workspace-dependent fallback) and raises
+    :class:`~fxmemopt.errors.RecomputationValueError` before a wrong gradient is used.
+
 Copies, and the rule each one serves (nothing else is copied; counted on DeepConvSNN, 16 blocks, T=8, one training
 step: 1277 copy-like ops against 153 unoptimized, most of them the recomputed neurons' own):
   * the packed payload of each spike input, and the small reused buffers packing works in (Rules 2 and 11);
@@ -109,8 +119,9 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from ..analysis.state import StateSnapshot, attributes_of, put_back_attributes, rng_state, set_rng_state
-from ..errors import RecomputationMismatchError, RegionError, format_error
+from ..errors import RecomputationMismatchError, RecomputationValueError, RegionError, format_error
 from ..planning.plan import checkpoint_every
+from .fingerprint import fingerprint, resolve_mode
 from .packing import PackedTensor, try_pack, unpack
 
 __all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "PackedRegion",
@@ -220,6 +231,9 @@ class RegionStats:
         kept_bytes: bytes of inputs kept unpacked (by reference) by the last checkpointed call.
         unpacked_fallbacks: planned packings that failed the bit-exact check and were stored unpacked.
         state_copies: calls whose entry state was modified in place and is replayed from its entry copy (Rule 5).
+        value_mismatches: recomputations whose values differed from the forward's (Rule 3's value check; each
+            raised :class:`~fxmemopt.errors.RecomputationValueError`).
+        fingerprints: fingerprints taken by the value check (forward and recomputation).
     """
 
     checkpointed_calls: int = 0
@@ -229,6 +243,8 @@ class RegionStats:
     kept_bytes: int = 0
     unpacked_fallbacks: int = 0
     state_copies: int = 0
+    value_mismatches: int = 0
+    fingerprints: int = 0
     warned: set[str] = field(default_factory=set)
 
     def reset(self) -> None:
@@ -300,6 +316,9 @@ class _Frame:
         # cycle through C++ autograd nodes (node -> saved handle -> frame -> node) and leak the whole graph.
         self.state_refs: list[weakref.ref[torch.Tensor]] = []
         self.meta: list[tuple[torch.Size, torch.dtype]] = []  # shape and dtype of every saved tensor
+        self.check = "off"  # the value check's mode for this call (Rule 3; set at entry)
+        self.input_storages: set[int] = set()  # storages of the inputs, whose saved tensors need no fingerprint
+        self.prints: list[torch.Tensor | int | None] = []  # fingerprint of every saved tensor (Rule 3)
         self.entry_copies: list[StateSnapshot | None] = []  # Rule 5, while the forward runs
         self.task = -2
         self.consumed: set[int] = set()
@@ -377,11 +396,20 @@ class _Frame:
                                    key=str)
         self.rng = rng_state(self.cuda_devices)
         self.autocast = _autocast_state()
+        self.check = resolve_mode(region.value_check, "cuda" if self.cuda_devices else "cpu")
+        self.input_storages = {a.untyped_storage().data_ptr() for a in args
+                               if isinstance(a, torch.Tensor) and a.layout == torch.strided}
 
     def pack_hook(self, t: torch.Tensor) -> tuple[_Frame, int]:
         # Rule 1: the tensor is not kept; recomputation will bring it back.
         self.saved.append(None)
         self.meta.append((t.shape, t.dtype))
+        # Parameters and the region's own inputs are not recomputed (the same tensors come back): no fingerprint.
+        if self.check == "off" or isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in self.input_storages:
+            self.prints.append(None)
+        else:
+            self.prints.append(_print_of(t, self.check))
+            self.region.stats.fingerprints += 1
         # The saving node was created just before its tensors are packed: it holds the last sequence number.
         self.seqs.append(torch._C._autograd._get_sequence_nr() - 1)
         return self, len(self.saved) - 1
@@ -487,6 +515,7 @@ class _Frame:
                 for device, enabled, dtype in self.autocast:
                     stack.enter_context(torch.autocast(device_type=device, dtype=dtype, enabled=enabled))
                 stack.enter_context(torch.enable_grad())
+                stack.enter_context(same_kernels(self.cuda_devices))
                 yield
         finally:
             # Every attribute first (Rule 4): a module may keep more than its declared state, e.g. spikingjelly's
@@ -530,10 +559,17 @@ class _Frame:
         last = needed[-1] if (needed and stop_early) else None
         kept: dict[int, torch.Tensor] = {}
         seen: list[tuple[torch.Size, torch.dtype]] = []
+        prints: dict[int, tuple[Any, Any]] = {}  # saved index -> (forward's, recomputed)
+        check = self.check
 
         def capture(t: torch.Tensor) -> None:
             j = lo + len(seen)
             seen.append((t.shape, t.dtype))
+            if check != "off" and j < len(self.prints) and self.prints[j] is not None:
+                now = _print_of(t, check)
+                self.region.stats.fingerprints += 1
+                if now is not None:
+                    prints[j] = (self.prints[j], now)
             if j not in skip:
                 kept[j] = t.detach()  # detached: see pack_hook; lets the recomputation's graph die at once
             if j == last:
@@ -560,6 +596,8 @@ class _Frame:
                 "recomputation in backward did not reproduce the forward: " + "; ".join(problems),
                 fix="The region's forward must be a deterministic function of its inputs, parameters, module "
                     "state and RNG. Exclude the offending module with leaf/targets options or report a bug."))
+        if prints:
+            self._check_values(prints)
         for j, t in kept.items():
             self.saved[j] = t
         return result
@@ -570,6 +608,47 @@ class _Frame:
         self._replay(lambda: self.replay_body(inputs), 0, len(self.meta), self._skip(need), stop_early=True)
         if self.task != -1:  # inside a backward pass: release what it leaves unused when it ends (Rule 6)
             torch.autograd.Variable._execution_engine.queue_callback(self._release)
+
+    def _check_values(self, prints: dict[int, tuple[Any, Any]]) -> None:
+        """Rule 3's value check: every recomputed saved tensor's fingerprint equals the forward's.
+
+        On CPU at once; on an accelerator the comparison stays on the device and is read when the backward pass
+        ends (one host synchronization per recomputation, after the backward's work is queued), so the check never
+        stalls the backward it guards. Either way the error ends the backward before the optimizer can use its
+        gradients."""
+        index = list(prints)
+        on_device = [j for j in index if isinstance(prints[j][0], torch.Tensor)]
+        if not on_device:  # CPU: Python ints
+            self._raise_on_mismatch(index, [k for k, j in enumerate(index) if prints[j][0] != prints[j][1]])
+            return
+        ours = torch.stack([prints[j][0] for j in on_device])
+        theirs = torch.stack([prints[j][1] for j in on_device])
+
+        def read() -> None:
+            self._raise_on_mismatch(on_device, (ours != theirs).nonzero().flatten().tolist())
+
+        if self.task == -1:
+            read()
+        else:
+            torch.autograd.Variable._execution_engine.queue_callback(read)
+
+    def _raise_on_mismatch(self, index: list[int], differ: list[int]) -> None:
+        if not differ:
+            return
+        region = self.region
+        region.stats.value_mismatches += 1
+        listed = ", ".join(f"{index[k]} ({tuple(self.meta[index[k]][0])} {self.meta[index[k]][1]})"
+                           for k in differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise RecomputationValueError(format_error(
+            f"region {region.spec.name!r} (nodes {', '.join(region.spec.nodes)})",
+            f"recomputation in backward produced other values than the forward saved ({self.check} fingerprints "
+            f"of {len(differ)} of {len(index)} saved tensors differ: {listed}); the gradients of this backward "
+            f"would be wrong, so it stops here",
+            fix="Make the region's computation deterministic: on CUDA torch.backends.cudnn.benchmark = False and "
+                "torch.use_deterministic_algorithms(True) (with CUBLAS_WORKSPACE_CONFIG=:4096:8); a module that keeps "
+                "state fxmemopt does not see must declare it (stateful_modules=...). Or keep this region's "
+                "activations: optimize again, or apply the plan without it. Zero the gradients before the next "
+                "step: this backward stopped part way."))
 
     def _release(self) -> None:
         self.saved = [None] * len(self.saved)
@@ -734,6 +813,34 @@ def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     return x.split([x.shape[0] // k + (1 if i < x.shape[0] % k else 0) for i in range(k)], dim=0)
 
 
+@contextlib.contextmanager
+def same_kernels(cuda_devices: list[torch.device]) -> Iterator[None]:
+    """Rule 12: on CUDA, a region's forward and its recomputation run with cuDNN's benchmark mode off.
+
+    With ``torch.backends.cudnn.benchmark = True`` cuDNN times candidate algorithms the first time it sees a
+    convolution's shape and caches the winner, and PyTorch's cache for cuDNN's v8 API is per thread. The forward
+    runs on the caller's thread and the recomputation on autograd's device thread, so the recomputation would time
+    the candidates again and may keep another algorithm, whose last bits differ: a spike threshold turns that into
+    another spike and another gradient. With benchmark mode off both threads take cuDNN's heuristic choice for the
+    shape, the same one. The flag is global; it is set back as soon as the region's forward or recomputation ends
+    (the rest of the model keeps the benchmarked algorithms). On CPU nothing changes."""
+    if not cuda_devices or not torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = True
+
+
+def _print_of(t: torch.Tensor, mode: str) -> torch.Tensor | int | None:
+    """A saved tensor's fingerprint (Rule 3): a Python int on CPU (no tensor kept per saved tensor), a 0-d tensor
+    on an accelerator (no host synchronization)."""
+    p = fingerprint(t, mode)
+    return int(p) if p is not None and p.device.type == "cpu" else p
+
+
 class _StopRecomputation(Exception):
     """Raised from the capture hook once recomputation has produced everything backward needs."""
 
@@ -760,6 +867,9 @@ class CheckpointRegion(nn.Module):
     #: Hand-placed regions (:class:`fxmemopt.tools.manual.Checkpointed`) pack what is binary in each call, quietly;
     #: planned regions warn and count when a planned packing fails.
     pack_if_binary: bool = False
+    #: Rule 3's value check: ``"off"``, ``"sampled"`` or ``"full"`` fingerprints of every saved tensor
+    #: (:mod:`fxmemopt.runtime.fingerprint`); ``None``: the default for the device the region runs on.
+    value_check: str | None = None
 
     def __init__(self, body: fx.GraphModule, spec: RegionSpec, stats: RegionStats | None = None) -> None:
         super().__init__()
@@ -815,7 +925,8 @@ class CheckpointRegion(nn.Module):
         frame.store_inputs(tuple(box), self.spec.pack_bits, self.stats)
         frame.snapshot(tuple(box))
         frame.start_seq = torch._C._autograd._get_sequence_nr()
-        out = frame.run(box)
+        with same_kernels(frame.cuda_devices):
+            out = frame.run(box)
         frame.close(self.stats, out)
         if not last:
             frame.state_only, frame.state_refs = set(), []

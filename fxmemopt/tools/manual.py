@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from ..analysis.state import has_memories
+from ..errors import InvalidOptionError, format_error
 from ..runtime.checkpoint import CheckpointRegion, RegionSpec, RegionStats
+from ..runtime.fingerprint import MODES
 
 __all__ = ["Checkpointed"]
 
@@ -52,6 +54,9 @@ class Checkpointed(nn.Module):
         compress: pack binary floating-point inputs at 1 bit (checked every call).
         stateful_modules: classes inside ``module`` whose tensor / number attributes are state (beyond modules
             with a ``_memories`` dict, found automatically).
+        recompute_check: the recompute value check, as for :func:`fxmemopt.optimize` (``None``: the device's
+            default; ``"off"``, ``"sampled"``, ``"full"``). Nothing validates a hand-placed region in advance: a
+            recomputation whose values differ raises :class:`~fxmemopt.errors.RecomputationValueError` in backward.
 
     Example:
         >>> block = fxmemopt.Checkpointed(ConvBNNeuron(16, 32))      # doctest: +SKIP
@@ -59,10 +64,14 @@ class Checkpointed(nn.Module):
     """
 
     def __init__(self, module: nn.Module, *, compress: bool = True,
-                 stateful_modules: Sequence[type] = ()) -> None:
+                 stateful_modules: Sequence[type] = (), recompute_check: str | None = None) -> None:
         super().__init__()
+        if recompute_check is not None and recompute_check not in MODES:
+            raise InvalidOptionError(format_error("recompute_check", "is not a value-check mode",
+                                                  expected=f"None or one of {MODES}", got=repr(recompute_check)))
         self.module = module
         self.compress = bool(compress)
+        self.value_check = recompute_check
         self.stats = RegionStats()
         declared = tuple(stateful_modules)
         self._stateful: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
@@ -86,6 +95,7 @@ class Checkpointed(nn.Module):
             region.pack_if_binary = True  # nothing is planned: pack what is binary in this call, quietly
             self.__dict__["_regions"][n] = region
         region.training = self.training
+        region.value_check = self.value_check
         return region
 
     def forward(self, *args: Any) -> Any:
