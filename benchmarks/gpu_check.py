@@ -382,10 +382,14 @@ def _region_stats(gm: nn.Module) -> list[Any]:
 
 
 def run_exactness(device: torch.device, quick: bool, amp: bool, clock: Clock, deadline: float,
-                  emit: Callable[[], None], log: Callable[[str], None], rows: list[ExactRow]) -> None:
-    """Part 1 (see the module docstring): appends to ``rows`` as it goes."""
+                  emit: Callable[[], None], log: Callable[[str], None], rows: list[ExactRow], *,
+                  models: list[tuple[str, Callable[[], tuple[nn.Module, torch.Tensor]]]] | None = None,
+                  kinds: tuple[str, ...] | None = None) -> None:
+    """Part 1 (see the module docstring): appends to ``rows`` as it goes. ``models`` and ``kinds`` (names in
+    :data:`KINDS`, or :data:`CONTROL`) replace :func:`exactness_models` and every kind."""
     settings = _settings(device, amp)
-    _, models = exactness_models(device, quick)
+    if models is None:
+        models = exactness_models(device, quick)[1]
     for model_name, factory in models:
         if clock.left(deadline) < 5:
             rows.append(ExactRow(model_name, "*", "*", note=f"skipped: part 1's time budget was used up "
@@ -400,6 +404,8 @@ def run_exactness(device: torch.device, quick: bool, amp: bool, clock: Clock, de
                 plans = kind_plans(model, x)
                 candidates: dict[str, Candidate] = {}
                 for kind, (plan, why) in plans.items():
+                    if kinds is not None and kind not in kinds:
+                        continue
                     if plan is None:
                         candidates[kind] = Candidate(None, {}, [], why)
                         continue
@@ -421,7 +427,9 @@ def run_exactness(device: torch.device, quick: bool, amp: bool, clock: Clock, de
                 owner = copy.deepcopy(model)
                 names, buffers = _names(owner), _buffers(owner)
                 control = bench.torch_checkpoint_per_layer(owner)  # in place: the names are taken before
-                if any(isinstance(m, bench._Checkpointed) for m in control.modules()):
+                if kinds is not None and CONTROL not in kinds:
+                    pass
+                elif any(isinstance(m, bench._Checkpointed) for m in control.modules()):
                     candidates[CONTROL] = Candidate(control, names, buffers, "")
                 else:
                     candidates[CONTROL] = Candidate(None, {}, [], "no layer holds a stateful neuron: "
@@ -796,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard-stop-s", type=float, default=60.0,
                    help="the process exits this long after the budget, whatever runs (0: never)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7 CUDA, 3 CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --device cpu --quick, where the tensors are tiny and a "
+                        "shared machine's oversubscribed threads made the run 6x slower; else torch's default)")
     p.add_argument("--models", help="comma-separated substrings: only part 2's models whose names contain one")
     p.add_argument("--no-exactness", action="store_true", help="skip part 1")
     p.add_argument("--no-bench", action="store_true", help="skip part 2")
@@ -815,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads or (device.type == "cpu" and args.quick):
+        torch.set_num_threads(args.threads or 1)
     rounds = args.rounds or (7 if device.type == "cuda" else 2 if args.quick else 3)
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
