@@ -40,8 +40,9 @@ tracker on CPU), its step time (median of interleaved rounds, synchronized), the
 whether its training step is bitwise the unoptimized one's.
 
 Budget: the whole run stays within ``--budget-s`` (default 280 s): part 1 may use ``--exact-share`` of it (default
-0.4; its unused time goes to part 2), each model of part 2 an equal share of what is left, and each row (an
-``optimize`` call, a measurement) is interrupted by an alarm at its phase's deadline; rows that do not fit are
+0.4; its unused time goes to part 2), each model of part 2 an equal share of what is left (a fifth of it kept for
+the interleaved timing rounds; each variant's peak and exactness are measured as soon as it is built), and each row
+(an ``optimize`` call, a measurement) is interrupted by an alarm at its phase's deadline; rows that do not fit are
 skipped with a note. A watchdog ends the process ``--hard-stop-s`` (60 s) after the budget even if a call never
 returns. The tables (``--out``, markdown) and ``--json`` are rewritten after every row, so a run cut short still
 leaves what it measured. Exit status: 0 when every exactness row that must be exact is (and the control is not),
@@ -84,8 +85,10 @@ MIB = 2**20
 
 
 # -- time budget ---------------------------------------------------------------------------------------------------
-class OverBudget(Exception):
-    """Raised by the alarm of :func:`limited` when a row runs past its deadline."""
+class OverBudget(BaseException):
+    """Raised by the alarm of :func:`limited` when a row runs past its deadline. A ``BaseException``, like
+    ``KeyboardInterrupt``: ``optimize`` turns an ``Exception`` in its validation step into an unwrapped region and
+    carries on (measured: a 21 s limit became a 49 s optimize call)."""
 
 
 class Clock:
@@ -105,7 +108,9 @@ class Clock:
 
 @contextlib.contextmanager
 def limited(seconds: float) -> Iterator[None]:
-    """Raise :class:`OverBudget` in the block after ``seconds`` (SIGALRM; only in the main thread, else no limit)."""
+    """Raise :class:`OverBudget` in the block after ``seconds``, and again every second until the block is left (a
+    handler that swallows it once does not keep the row running). SIGALRM: only in the main thread, else no
+    limit."""
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -116,7 +121,7 @@ def limited(seconds: float) -> Iterator[None]:
         raise OverBudget(f"stopped at its deadline ({seconds:.0f} s)")
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
@@ -146,7 +151,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     except Exception:
         sj = None
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
-            "fxmemopt": fxmemopt.__version__, "spikingjelly": sj, "python": platform.python_version(),
+            "fxmemopt": fxmemopt.__version__, "fxmemopt_path": str(Path(fxmemopt.__file__).parent), "spikingjelly": sj, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
 
 
@@ -602,12 +607,31 @@ def run_workload(w: Workload, device: torch.device, rounds: int, clock: Clock, d
                  rows: list[BenchRow], emit: Callable[[], None], log: Callable[[str], None],
                  sj_levels: tuple[int, ...] = (1, 2, 3, 4)) -> None:
     """Part 2 for one model (see the module docstring): appends to ``rows`` as it goes."""
-    # what is measured after the optimize calls: a share of the model's time kept for it
-    measure_reserve = 0.35 * clock.left(deadline)
+    # each variant's peak and exactness are measured as soon as it is built; the timing rounds at the end (every
+    # variant interleaved) keep this share of the model's time
+    timing_reserve = 0.2 * clock.left(deadline)
     variants: list[tuple[BenchRow, nn.Module, nn.Module, nn.Module]] = []  # row, module, reference, baseline
 
     def skip(variant: str, why: str) -> None:
         rows.append(BenchRow(w.name, variant, note=f"skipped: {why}"))
+        emit()
+
+    def measure(row: BenchRow, m: nn.Module, reference: nn.Module, baseline: nn.Module) -> None:
+        """Peak and exactness of one variant (the unoptimized rows too: the model against a copy of itself, which
+        says whether the device is deterministic)."""
+        try:
+            with limited(clock.left(deadline) - 0.5 * timing_reserve):
+                row.peak_bytes = measure_step(m, (x,), repeats=0).peak_bytes
+                row.exact, row.max_grad_diff = bench._exactness(copy.deepcopy(reference), m, (x,))
+                row.regions = getattr(m, "_gpu_check_regions", None)
+        except OverBudget as e:
+            row.note = (row.note + "; " if row.note else "") + f"measuring {e}"
+        except Exception as e:
+            row.note = (row.note + "; " if row.note else "") + f"measuring failed: {_error(e)}"
+        row.base_peak_bytes = next((r.peak_bytes for r, mm, _, _ in variants if mm is baseline), None)
+        log(f"bench: {w.name[:30]} | {row.variant}: "
+            f"{'-' if row.peak_bytes is None else f'{row.peak_bytes / MIB:.1f} MiB'}, exact {row.exact}"
+            f"{'' if row.optimize_s is None else f', optimized in {row.optimize_s:.1f} s'}")
         emit()
 
     try:
@@ -616,17 +640,18 @@ def run_workload(w: Workload, device: torch.device, rounds: int, clock: Clock, d
             model = w.factory().to(device)
             x = torch.rand(w.shape, device=device)
             pristine = copy.deepcopy(model)
-            base = BenchRow(w.name, "unoptimized")
-            rows.append(base)
-            variants.append((base, model, pristine, model))
-    except Exception as e:
+    except (Exception, OverBudget) as e:
         rows.append(BenchRow(w.name, "unoptimized", note=f"error: {_error(e)}"))
         emit()
         return
+    base = BenchRow(w.name, "unoptimized")
+    rows.append(base)
+    variants.append((base, model, pristine, model))
+    measure(base, model, pristine, model)
 
     def build(variant: str, fn: Callable[[], nn.Module], reference: nn.Module, baseline: nn.Module,
               row_note: str = "") -> None:
-        left = clock.left(deadline) - measure_reserve
+        left = clock.left(deadline) - timing_reserve
         if left < 2:
             skip(variant, f"the model's time budget was used up ({clock.now():.0f} s into the run)")
             return
@@ -649,8 +674,7 @@ def run_workload(w: Workload, device: torch.device, rounds: int, clock: Clock, d
         row.optimize_s = time.perf_counter() - t0
         rows.append(row)
         variants.append((row, m, reference, baseline))
-        log(f"bench: {w.name[:30]} | {variant}: optimized in {row.optimize_s:.1f} s")
-        emit()
+        measure(row, m, reference, baseline)
 
     for variant, kwargs in FX_VARIANTS.items():
         def fx(kwargs: dict[str, Any] = kwargs) -> nn.Module:
@@ -679,6 +703,7 @@ def run_workload(w: Workload, device: torch.device, rounds: int, clock: Clock, d
                                    note="baseline of the spikingjelly rows")
                 rows.append(sj_base)
                 variants.append((sj_base, sj_model, sj_pristine, sj_model))
+                measure(sj_base, sj_model, sj_pristine, sj_model)
                 baseline = sj_model
             for level in sj_levels:
                 def sj(level: int = level) -> nn.Module:
@@ -690,25 +715,7 @@ def run_workload(w: Workload, device: torch.device, rounds: int, clock: Clock, d
                 note = "" if device.type == "cuda" or level == 1 else "its CUDA measuring replaced by the CPU tracker"
                 build(f"spikingjelly L{level}", sj, sj_pristine, baseline, note)
 
-    # peaks and exactness of everything built, then interleaved timing rounds
-    for row, m, reference, _ in variants:
-        if clock.left(deadline) < 1:
-            row.note = (row.note + "; " if row.note else "") + "not measured: the model's time budget was used up"
-            continue
-        try:
-            with limited(clock.left(deadline)):
-                row.peak_bytes = measure_step(m, (x,), repeats=0).peak_bytes
-                # the unoptimized rows too: the model against a copy of itself (is the device deterministic?)
-                row.exact, row.max_grad_diff = bench._exactness(copy.deepcopy(reference), m, (x,))
-                row.regions = getattr(m, "_gpu_check_regions", None)
-        except OverBudget as e:
-            row.note = (row.note + "; " if row.note else "") + f"measuring {e}"
-        except Exception as e:
-            row.note = (row.note + "; " if row.note else "") + f"measuring failed: {_error(e)}"
-        emit()
-    for row, _, _, baseline in variants:
-        base_row = next(r for r, mm, _, _ in variants if mm is baseline)
-        row.base_peak_bytes = base_row.peak_bytes
+    # interleaved timing rounds over every variant measured
     measured = [(row, m) for row, m, _, _ in variants if row.peak_bytes is not None]
     times: dict[int, list[float]] = {id(m): [] for _, m in measured}
     done = 0
@@ -733,10 +740,8 @@ def run_workload(w: Workload, device: torch.device, rounds: int, clock: Clock, d
             row.step_ratio = row.step_s / base_row.step_s
         if done < rounds and row.step_s is not None:
             row.note = (row.note + "; " if row.note else "") + f"{done} of {rounds} timing rounds fit the budget"
-    for row, *_ in variants:
-        log(f"bench: {w.name[:30]} | {row.variant}: "
-            f"{'-' if row.peak_bytes is None else f'{row.peak_bytes / MIB:.1f} MiB'}, "
-            f"{'-' if row.step_s is None else f'{row.step_s * 1e3:.1f} ms'}, exact {row.exact}")
+    log(f"bench: {w.name[:30]}: {done} timing rounds; step times "
+        + ", ".join(f"{row.variant} {row.step_s * 1e3:.1f} ms" for row, _ in measured if row.step_s is not None))
     emit()
 
 
