@@ -151,7 +151,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     except Exception:
         sj = None
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
-            "fxmemopt": fxmemopt.__version__, "fxmemopt_path": str(Path(fxmemopt.__file__).parent), "spikingjelly": sj, "python": platform.python_version(),
+            "fxmemopt": fxmemopt.__version__, "fxmemopt_path": str(Path(fxmemopt.__file__).parent),
+            "spikingjelly": sj, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
 
 
