@@ -10,6 +10,7 @@ import copy
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from plan_kinds import assert_same_attribute_states, pipeline, plan_kind, sliced_plainly
 from strategies import ConvLayer, LayerSpec, ResLayer, SNNSpec, build, snn_specs
 
 import fxmemopt
@@ -19,9 +20,22 @@ _DEGENERATE_T1_N1_RES = SNNSpec(layers=(LayerSpec("res", 2, True, "none", 0.0),)
                       detach_reset=False, surrogate="atan", T=1, N=1, in_channels=1, size=2, spike_input=True, seed=0)
 
 
+# Found when the strategies first drew the new cells: a stateless time loop around a single-step neuron that keeps
+# a spike trace in a plain attribute beside its _memories (a MemoryModule subclass with an attribute of its own).
+# (1) The probe took a _memories module's state from the dict alone: the trace was never snapshotted and every
+# recomputation started from its final value (wrong gradients, silently, at level 1). (2) The first step's region
+# reads only the loop's unbound steps, a tuple: it ran plainly (Rule 7), never checkpointed (caught by the
+# every-plan test's applied-as-drawn check).
+_TRACE_BESIDE_MEMORIES = SNNSpec(
+    layers=(LayerSpec("linear", 3, False, "none", 0.0, cell="multistep", memories=True, trace=True),),
+    neuron="lif", hard_reset=False, detach_reset=True, surrogate="atan", T=3, N=2, in_channels=1, size=2,
+    spike_input=False, seed=0)
+
+
 @settings(max_examples=200)
 @given(spec=snn_specs(), mode=st.sampled_from(["auto", "auto", "targets"]), compress=st.booleans())
 @example(spec=_DEGENERATE_T1_N1_RES, mode="auto", compress=True)
+@example(spec=_TRACE_BESIDE_MEMORIES, mode="auto", compress=True)
 def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool) -> None:
     model, x = build(spec)
     reference = copy.deepcopy(model)
@@ -50,57 +64,6 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
     assert compress or summary.packed_input_count == 0
 
 
-def _pipeline(model, x):
-    """The optimize() stages up to the plan, so a test can apply any plan."""
-    from fxmemopt.analysis.annotate import annotate
-    from fxmemopt.analysis.state import probe
-    from fxmemopt.analysis.trace import make_graph_module, trace
-    from fxmemopt.planning.regions import find_regions
-
-    found = probe(model, (x,))
-    stateful = dict(found.stateful)
-    cap = trace(model, (x,), stateful_paths=stateful)
-    graph, constants = cap.graph, cap.constants
-    traced = make_graph_module(model, graph, "M", extra=constants)
-    annotated = annotate(traced, (x,), stateful)
-    return found, stateful, graph, constants, annotated, find_regions(annotated)
-
-
-def attribute_states(model: torch.nn.Module) -> dict[str, object]:
-    """``path.name -> value`` of the state kept in plain attributes (``compare_training_step`` compares
-    ``_memories`` only): the plain cells' ``v``, ``y``, ``a``, ``out_i`` and ``trace``."""
-    names = ("v", "y", "a", "out_i", "trace")
-    return {f"{p}.{n}": m.__dict__[n] for p, m in model.named_modules() for n in names if n in m.__dict__}
-
-
-def assert_same_attribute_states(reference: torch.nn.Module, candidate: torch.nn.Module, what: str) -> None:
-    ref, got = attribute_states(reference), attribute_states(candidate)
-    assert ref.keys() == got.keys(), what
-    for k, a in ref.items():
-        b = got[k]
-        assert type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (k, what)
-
-
-def _plan_kind(rp) -> type:
-    from fxmemopt.runtime.checkpoint import CheckpointRegion, ChunkedRegion, PackedRegion, SlicedRegion
-
-    if not rp.recompute:
-        return PackedRegion
-    if rp.chunks > 1:
-        return SlicedRegion if rp.whole_slices else ChunkedRegion
-    return CheckpointRegion
-
-
-# Found by the property run once recurrent containers were drawn: a spikingjelly-style container whose neuron
-# keeps a spike trace in a plain attribute beside its _memories (a MemoryModule subclass with an attribute of its
-# own): the probe took _memories modules' state from the dict alone, so the trace was never snapshotted and every
-# recomputation started from its final value (wrong gradients, silently, at level 1).
-_TRACE_BESIDE_MEMORIES = SNNSpec(
-    layers=(LayerSpec("linear", 3, False, "none", 0.0, cell="multistep", memories=True, trace=True),),
-    neuron="lif", hard_reset=False, detach_reset=True, surrogate="atan", T=3, N=2, in_channels=1, size=2,
-    spike_input=False, seed=0)
-
-
 @settings(max_examples=100)
 @given(spec=snn_specs(max_T=5), data=st.data())
 @example(spec=_TRACE_BESIDE_MEMORIES, data=None)
@@ -120,7 +83,7 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     draw = _drawer(data)
     model, x = build(spec)
     reference = copy.deepcopy(model)
-    found, stateful, graph, constants, annotated, regions = _pipeline(model, x)
+    found, stateful, graph, constants, annotated, regions = pipeline(model, (x,))
     compress = draw(st.booleans(), "compress")
     full = checkpoint_all(regions, annotated, compress)
     keep = [draw(st.booleans(), f"keep {rp.name}") for rp in full.regions]
@@ -165,12 +128,9 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     chosen.sort(key=lambda rp: position[rp.nodes[0]])
     plan = Plan(tuple(chosen))
     gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers, "M")
-    whole = [rp for rp in chosen if rp.whole_slices]
-    if whole:
-        # Rule 9: a region run whole on time slices computes what its modules run slice by slice compute; the
-        # reference runs those regions plainly (Rule 7's path), each slice on the state the last one left.
-        reference = _sliced_plainly(reference, graph, constants, annotated, Plan(tuple(whole)), stateful,
-                                    found.mutated_buffers)
+    # Rule 9: a region run whole on time slices computes what its modules run slice by slice compute; the
+    # reference runs those regions plainly (Rule 7's path), each slice on the state the last one left.
+    reference = sliced_plainly(reference, graph, constants, annotated, plan, stateful, found.mutated_buffers)
 
     report = compare_training_step(reference, gm, (x,), between=lambda: torch.rand(5))
 
@@ -178,7 +138,7 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     assert_same_attribute_states(reference, gm, f"{spec}\n{chosen}")
     for rp in chosen:
         region = gm.get_submodule(rp.name)
-        assert type(region) is _plan_kind(rp), (rp, type(region).__name__)  # applied as drawn, not unwrapped
+        assert type(region) is plan_kind(rp), (rp, type(region).__name__)  # applied as drawn, not unwrapped
         steps = min(rp.chunks, spec.T)
         if rp.recompute:
             calls = steps if rp.whole_slices else 1  # Rule 9: one checkpointed call per slice
@@ -202,19 +162,6 @@ def _drawer(data):
         return True if label.startswith(("keep", "compress")) else 1
 
     return simplest
-
-
-def _sliced_plainly(model, graph, constants, annotated, plan, stateful, mutated_buffers):
-    """``model`` with the plan's whole-sliced regions run on their time slices *plainly*: each slice's body runs
-    once with autograd recording as usual (no checkpoint), as Rule 9 defines them."""
-    from fxmemopt.runtime.checkpoint import SlicedRegion
-    from fxmemopt.runtime.rewrite import rewrite
-
-    ref, _ = rewrite(model, graph, constants, annotated, plan, stateful, mutated_buffers, "R")
-    for m in ref.modules():
-        if isinstance(m, SlicedRegion):
-            m._needs_checkpoint = lambda args: False
-    return ref
 
 
 @settings(max_examples=40)
