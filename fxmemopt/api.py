@@ -719,7 +719,7 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
         decisions.append(Decision("*", "reject", "unwraps reverted: the measured peak rose"))
     result = dataclasses.replace(result, decisions=decisions,
                                  pre_unwrap=None if built.failed or built.over_peak else result.pre_unwrap)
-    how = {p: ("_memories" if has_memories(model.get_submodule(p)) else
+    how = {p: ("_memories" + (f", updates {', '.join(n)}" if n else "") if has_memories(model.get_submodule(p)) else
                "declared" if isinstance(model.get_submodule(p), req.declared) else f"updates {', '.join(n)}")
            for p, n in an.stateful.items()}
     all_notes = ([] if an.regions else ["no stateful module (spiking neuron) was found, so no region was formed; "

@@ -2,19 +2,44 @@
 
 ``snn_specs()`` draws a plain-data :class:`SNNSpec` (so a failing example prints readably and can be pinned with
 ``@example``); ``build(spec)`` turns it into an ``nn.Module`` and an input tensor.
+
+Each layer's spiking module (:attr:`LayerSpec.cell`) is a neuron, or one of the stateful modules spikingjelly
+models are built from, written in plain PyTorch in ``tests/plain_stateful.py`` (state in ``_memories`` or in plain
+attributes, :attr:`LayerSpec.memories`): a recurrent container holding a neuron (``LinearRecurrentContainer``,
+``ElementWiseRecurrentContainer``), an adaptive threshold around a neuron, the same around a recurrent container
+(two levels of nesting), a stateless time loop around a single-step neuron that keeps a trace beside its
+``_memories``; or, where spikingjelly is installed, its own containers. A synapse filter (a stateful low-pass filter
+with a learnable tau, no spikes) may follow it (:attr:`LayerSpec.synapse`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
+from plain_stateful import (
+    Adaptive,
+    ElementWiseRecurrent,
+    LinearRecurrent,
+    MultiStep,
+    StepLIF,
+    StepModule,
+    SynapseFilter,
+)
 from torch import nn
 
 from fxmemopt.snn import IFNode, LIFNode, ParametricLIFNode, SeqToANNContainer
 from fxmemopt.snn.surrogate import ATan, ATanSpike, Sigmoid, SigmoidSpike
+
+#: spikingjelly is optional: its own containers and synapse filter are drawn only where it is installed
+HAS_SPIKINGJELLY = importlib.util.find_spec("spikingjelly") is not None
+#: what a layer's spiking module can be (see LayerSpec.cell)
+PLAIN_CELLS = ("lrc", "erc", "adaptive", "nested", "multistep")
+SJ_CELLS = ("sj_lrc", "sj_erc")
+CELLS = ("neuron", *PLAIN_CELLS, *SJ_CELLS)
 
 
 @dataclass(frozen=True)
@@ -24,6 +49,15 @@ class LayerSpec:
     bn: bool
     pool: str            # "none" | "max" | "avg"
     dropout: float
+    # The layer's spiking module: "neuron" (SNNSpec.neuron itself), or a stateful module around a single-step
+    # neuron that keeps its own state (tests/plain_stateful.py): "lrc" (LinearRecurrentContainer-style, over the
+    # last dimension), "erc" (ElementWiseRecurrentContainer-style), "adaptive" (an adaptive threshold of its own
+    # around the neuron), "nested" (the same around an "erc": two levels), "multistep" (a stateless time loop around
+    # the neuron); "sj_lrc" / "sj_erc": spikingjelly's own containers around its own single-step neuron.
+    cell: str = "neuron"
+    memories: bool = True  # plain cells: state in a spikingjelly-style _memories dict, or in plain attributes
+    trace: bool = False    # plain cells' neuron: a spike trace in a plain attribute beside its _memories
+    synapse: str = "none"  # "none" | "plain" | "sj": a SynapseFilter(learnable tau) after the spiking module
 
 
 @dataclass(frozen=True)
@@ -90,6 +124,68 @@ def make_neuron(spec: SNNSpec) -> nn.Module:
     return ParametricLIFNode(init_tau=2.0, **kw)
 
 
+def _step_neuron(spec: SNNSpec, layer: LayerSpec) -> nn.Module:
+    """The single-step neuron inside a plain cell: fxmemopt.snn's IF / PLIF (state in ``_memories``), or the
+    plain-PyTorch :class:`StepLIF` (for "lif" and "value", or when the cell keeps its state in attributes)."""
+    if spec.neuron in ("if", "plif") and layer.memories and not layer.trace:
+        sg = ATan() if spec.surrogate == "atan" else Sigmoid()
+        kw = dict(v_reset=0.0 if spec.hard_reset else None, detach_reset=spec.detach_reset, surrogate_function=sg,
+                  step_mode="s")
+        return IFNode(**kw) if spec.neuron == "if" else ParametricLIFNode(init_tau=2.0, **kw)
+    return StepLIF(spec.detach_reset, spec.hard_reset, memories=layer.memories, trace=layer.trace)
+
+
+def _sj_step_neuron(spec: SNNSpec) -> nn.Module:
+    from spikingjelly.activation_based import neuron, surrogate
+
+    sg = surrogate.ATan() if spec.surrogate == "atan" else surrogate.Sigmoid()
+    kw = dict(v_reset=0.0 if spec.hard_reset else None, detach_reset=spec.detach_reset, surrogate_function=sg,
+              step_mode="s")
+    if spec.neuron == "if":
+        return neuron.IFNode(**kw)
+    if spec.neuron == "plif":
+        return neuron.ParametricLIFNode(init_tau=2.0, **kw)
+    return neuron.LIFNode(tau=2.0, **kw)
+
+
+def make_cell(spec: SNNSpec, layer: LayerSpec, features: int) -> nn.Module:
+    """The layer's spiking module (``layer.cell``), then its synapse filter (``layer.synapse``); multi-step, spikes
+    out (the filter's output is a current). ``features``: the size of the input's last dimension."""
+    cell, mem = layer.cell, layer.memories
+    if cell == "neuron":
+        m: nn.Module = Spikes(spec)
+    elif cell == "lrc":
+        m = LinearRecurrent(_step_neuron(spec, layer), features, memories=mem)
+    elif cell == "erc":
+        m = ElementWiseRecurrent(_step_neuron(spec, layer), memories=mem)
+    elif cell == "adaptive":
+        m = Adaptive(_step_neuron(spec, layer), memories=mem)
+    elif cell == "nested":
+        m = Adaptive(StepModule(ElementWiseRecurrent(_step_neuron(spec, layer), memories=mem)), memories=mem)
+    elif cell == "multistep":
+        m = MultiStep(_step_neuron(spec, layer))
+    else:
+        from spikingjelly.activation_based import layer as sj_layer
+
+        if cell == "sj_lrc":
+            m = sj_layer.LinearRecurrentContainer(_sj_step_neuron(spec), features, features, step_mode="m")
+        elif cell == "sj_erc":
+            m = sj_layer.ElementWiseRecurrentContainer(_sj_step_neuron(spec), _add, step_mode="m")
+        else:
+            raise ValueError(cell)
+    if layer.synapse == "none":
+        return m
+    if layer.synapse == "plain":
+        return nn.Sequential(m, SynapseFilter(memories=mem))
+    from spikingjelly.activation_based import layer as sj_layer
+
+    return nn.Sequential(m, sj_layer.SynapseFilter(tau=2.0, learnable=True, step_mode="m"))
+
+
+def _add(y, x):
+    return y + x
+
+
 def _bn_ok(spec: SNNSpec, values_per_channel: int) -> bool:
     # BatchNorm in training needs more than one value per channel.
     return spec.T * spec.N * values_per_channel > 1
@@ -103,7 +199,7 @@ class ConvLayer(nn.Module):
         if bn:
             mods.append(nn.BatchNorm2d(layer.width))
         self.body = SeqToANNContainer(*mods)
-        self.sn = Spikes(spec)
+        self.sn = make_cell(spec, layer, size)
         post: list[nn.Module] = []
         if layer.pool == "max":
             post.append(nn.MaxPool2d(2))
@@ -130,7 +226,8 @@ class ResLayer(nn.Module):
                 mods.append(nn.BatchNorm2d(cin))
             return SeqToANNContainer(*mods)
 
-        self.c1, self.sn1, self.c2, self.sn2 = cbn(), Spikes(spec), cbn(), Spikes(spec)
+        self.c1, self.c2 = cbn(), cbn()
+        self.sn1, self.sn2 = make_cell(spec, layer, size), make_cell(spec, layer, size)
 
     def forward(self, x):
         return self.sn2(self.c2(self.sn1(self.c1(x)))) + x
@@ -152,7 +249,7 @@ class RandomSNN(nn.Module):
                     mods.append(nn.BatchNorm1d(layer.width))
                 if layer.dropout:
                     mods.append(nn.Dropout(layer.dropout))
-                layers += [SeqToANNContainer(*mods), Spikes(spec)]
+                layers += [SeqToANNContainer(*mods), make_cell(spec, layer, layer.width)]
                 c = layer.width
             elif layer.kind == "res" and not flat:
                 layers.append(ResLayer(c, layer, spec, size))
@@ -176,22 +273,33 @@ class RandomSNN(nn.Module):
 
 
 @st.composite
-def layer_specs(draw, allow_pool: bool) -> LayerSpec:
+def layer_specs(draw, allow_pool: bool, cells: tuple[str, ...] | None = None) -> LayerSpec:
+    """One layer; ``cells``: the spiking modules to draw from (default: a plain neuron half the time, else any
+    cell, spikingjelly's only where it is installed)."""
     kind = draw(st.sampled_from(["conv", "conv", "res", "linear"]))
+    if cells is None:
+        cells = ("neuron",) * (len(PLAIN_CELLS) + 2) + PLAIN_CELLS + (SJ_CELLS if HAS_SPIKINGJELLY else ())
+    cell = draw(st.sampled_from(cells))
+    plain = cell in PLAIN_CELLS
+    synapses = ["none", "none", "plain"] + (["sj"] if HAS_SPIKINGJELLY else [])
     return LayerSpec(
         kind=kind,
         width=draw(st.integers(1, 6)),
         bn=draw(st.booleans()),
         pool=draw(st.sampled_from(["none", "max", "avg"])) if allow_pool and kind == "conv" else "none",
         dropout=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        cell=cell,
+        memories=draw(st.booleans()) if plain else True,
+        trace=draw(st.booleans()) if plain else False,
+        synapse=draw(st.sampled_from(synapses)),
     )
 
 
 @st.composite
-def snn_specs(draw, max_depth: int = 4, max_T: int = 4) -> SNNSpec:
+def snn_specs(draw, max_depth: int = 4, max_T: int = 4, cells: tuple[str, ...] | None = None) -> SNNSpec:
     size = draw(st.sampled_from([2, 4, 6]))
     depth = draw(st.integers(1, max_depth))
-    layers = tuple(draw(layer_specs(allow_pool=size >= 4)) for _ in range(depth))
+    layers = tuple(draw(layer_specs(allow_pool=size >= 4, cells=cells)) for _ in range(depth))
     return SNNSpec(
         layers=layers,
         neuron=draw(st.sampled_from(["if", "lif", "plif", "value"])),

@@ -6,10 +6,12 @@ really recompute."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from plan_kinds import assert_same_attribute_states, pipeline, plan_kind, sliced_plainly
 from strategies import ConvLayer, LayerSpec, ResLayer, SNNSpec, build, snn_specs
 
 import fxmemopt
@@ -19,9 +21,32 @@ _DEGENERATE_T1_N1_RES = SNNSpec(layers=(LayerSpec("res", 2, True, "none", 0.0),)
                       detach_reset=False, surrogate="atan", T=1, N=1, in_channels=1, size=2, spike_input=True, seed=0)
 
 
+# Found when the strategies first drew the new cells: a stateless time loop around a single-step neuron that keeps
+# a spike trace in a plain attribute beside its _memories (a MemoryModule subclass with an attribute of its own).
+# (1) The probe took a _memories module's state from the dict alone: the trace was never snapshotted and every
+# recomputation started from its final value (wrong gradients, silently, at level 1). (2) The first step's region
+# reads only the loop's unbound steps, a tuple: it ran plainly (Rule 7), never checkpointed (caught by the
+# every-plan test's applied-as-drawn check).
+_TRACE_BESIDE_MEMORIES = SNNSpec(
+    layers=(LayerSpec("linear", 3, False, "none", 0.0, cell="multistep", memories=True, trace=True),),
+    neuron="lif", hard_reset=False, detach_reset=True, surrogate="atan", T=3, N=2, in_channels=1, size=2,
+    spike_input=False, seed=0)
+
+
+# Found by the property run: targets=(ConvLayer,) on a layer whose cell is a time loop traced into (x[t] for each
+# t): the trace's unbind_steps node carried no module stack, so the target's nodes were not convex (RegionError).
+_TIME_LOOP_IN_TARGET = SNNSpec(
+    layers=(LayerSpec("conv", 1, False, "none", 0.0),
+            LayerSpec("conv", 1, False, "none", 0.0, cell="multistep", memories=False)),
+    neuron="if", hard_reset=False, detach_reset=False, surrogate="atan", T=3, N=1, in_channels=1, size=4,
+    spike_input=False, seed=0)
+
+
 @settings(max_examples=200)
 @given(spec=snn_specs(), mode=st.sampled_from(["auto", "auto", "targets"]), compress=st.booleans())
 @example(spec=_DEGENERATE_T1_N1_RES, mode="auto", compress=True)
+@example(spec=_TRACE_BESIDE_MEMORIES, mode="auto", compress=True)
+@example(spec=_TIME_LOOP_IN_TARGET, mode="targets", compress=False)
 def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool) -> None:
     model, x = build(spec)
     reference = copy.deepcopy(model)
@@ -50,56 +75,58 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
     assert compress or summary.packed_input_count == 0
 
 
-def _pipeline(model, x):
-    """The optimize() stages up to the plan, so a test can apply any plan."""
-    from fxmemopt.analysis.annotate import annotate
-    from fxmemopt.analysis.state import probe
-    from fxmemopt.analysis.trace import make_graph_module, trace
-    from fxmemopt.planning.regions import find_regions
-
-    found = probe(model, (x,))
-    stateful = dict(found.stateful)
-    cap = trace(model, (x,), stateful_paths=stateful)
-    graph, constants = cap.graph, cap.constants
-    traced = make_graph_module(model, graph, "M", extra=constants)
-    annotated = annotate(traced, (x,), stateful)
-    return found, stateful, graph, constants, annotated, find_regions(annotated)
-
-
 @settings(max_examples=100)
 @given(spec=snn_specs(max_T=5), data=st.data())
+@example(spec=_TRACE_BESIDE_MEMORIES, data=None)
 def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     """Any plan the search can produce — a subset of regions (unwraps), any packing, time slices with either prefix
-    policy on every chunkable region, a region's suffix in place of an unwrapped region (prefer="speed"'s rungs),
-    packed-saves regions on operations outside the regions that read spikes — trains exactly like the unoptimized
-    model."""
+    policy and either start-state schedule on every chunkable region, whole-region time slices where
+    ``exact=False`` allows them (compared with what Rule 9 promises: the region's modules run slice by slice), a
+    region's suffix in place of an unwrapped region (prefer="speed"'s rungs), packed-saves regions on operations
+    outside the regions that read spikes — trains exactly like the unoptimized model; and each region is applied
+    as drawn (its kind, its slices), none left out."""
     import dataclasses
 
-    from fxmemopt.planning.plan import Plan, RegionPlan, checkpoint_all, chunkable, input_bits
+    from fxmemopt.planning.plan import Plan, RegionPlan, checkpoint_all, chunkable, input_bits, sliceable
     from fxmemopt.planning.regions import is_metadata, region_io
     from fxmemopt.runtime.rewrite import rewrite
 
+    draw = _drawer(data)
     model, x = build(spec)
     reference = copy.deepcopy(model)
-    found, stateful, graph, constants, annotated, regions = _pipeline(model, x)
-    compress = data.draw(st.booleans(), label="compress")
+    found, stateful, graph, constants, annotated, regions = pipeline(model, (x,))
+    compress = draw(st.booleans(), "compress")
     full = checkpoint_all(regions, annotated, compress)
-    keep = data.draw(st.lists(st.booleans(), min_size=len(full.regions), max_size=len(full.regions)),
-                     label="keep region")
+    keep = [draw(st.booleans(), f"keep {rp.name}") for rp in full.regions]
     chosen = []
     for rp, k in zip(full.regions, keep):
         if not k:
             # unwrapped, or only its last nodes recomputed (a suffix ending in the neuron)
-            start = data.draw(st.integers(1, len(rp.nodes)), label=f"suffix of {rp.name}")
+            start = draw(st.integers(1, len(rp.nodes)), f"suffix of {rp.name}")
             nodes = rp.nodes[start:]
             if nodes and not is_metadata(annotated, nodes[0]):
                 bits = tuple(input_bits(annotated, i, compress) for i in region_io(annotated, nodes)[0])
                 chosen.append(RegionPlan(rp.name, rp.anchor, nodes, bits))
             continue
+        kinds = ["whole"]
         if chunkable(annotated, rp.nodes)[0]:
-            chunks = data.draw(st.integers(1, spec.T + 1), label=f"chunks {rp.name}")
-            rp = dataclasses.replace(rp, chunks=chunks, keep_prefix=data.draw(st.booleans(), label="keep_prefix"),
-                                     keep_starts=chunks > 1 and data.draw(st.booleans(), label="keep_starts"))
+            kinds += ["chunked", "chunked"]
+        # (BatchNorm in training needs more than one value per channel in each slice, of one step at least)
+        if sliceable(annotated, rp.nodes)[0] and all(
+                math.prod(annotated[n].shape[2:]) * annotated[n].shape[0] // spec.T > 1 for n in rp.nodes
+                if (annotated[n].module_type or "").startswith("BatchNorm")):
+            kinds.append("whole slices")
+        kind = draw(st.sampled_from(kinds), f"kind of {rp.name}")
+        if kind == "chunked":
+            neuron = annotated[rp.nodes[-1]]
+            # trainable neuron parameters: exact only in one slice per time step (check_plan rejects others)
+            chunks = draw(st.sampled_from([1, spec.T, spec.T + 1]) if neuron.step_slices_only
+                          else st.integers(1, spec.T + 1), f"chunks {rp.name}")
+            rp = dataclasses.replace(rp, chunks=chunks, keep_prefix=draw(st.booleans(), "keep_prefix"),
+                                     keep_starts=chunks > 1 and draw(st.booleans(), "keep_starts"))
+        elif kind == "whole slices":
+            rp = dataclasses.replace(rp, chunks=draw(st.integers(2, spec.T + 1), f"whole slices {rp.name}"),
+                                     whole_slices=True)
         chosen.append(rp)
     covered = {n for rp in chosen for n in rp.nodes}
     position = {n: i for i, n in enumerate(annotated.order)}
@@ -108,21 +135,45 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
                 is_metadata(annotated, n):
             continue
         bits = tuple(input_bits(annotated, i, True) for i in region_io(annotated, (n,))[0])
-        if any(bits) and data.draw(st.booleans(), label=f"pack saves of {n}"):
+        if any(bits) and draw(st.booleans(), f"pack saves of {n}"):
             chosen.append(RegionPlan(f"pack_{n}", n, (n,), bits, recompute=False))
     chosen.sort(key=lambda rp: position[rp.nodes[0]])
-    gm, stats = rewrite(model, graph, constants, annotated, Plan(tuple(chosen)), stateful, found.mutated_buffers,
-                        "M")
+    plan = Plan(tuple(chosen))
+    gm, stats = rewrite(model, graph, constants, annotated, plan, stateful, found.mutated_buffers, "M")
+    # Rule 9: a region run whole on time slices computes what its modules run slice by slice compute; the
+    # reference runs those regions plainly (Rule 7's path), each slice on the state the last one left.
+    reference = sliced_plainly(reference, graph, constants, annotated, plan, stateful, found.mutated_buffers)
 
     report = compare_training_step(reference, gm, (x,), between=lambda: torch.rand(5))
 
     assert report.ok, f"{spec}\n{chosen}\n{report}"
+    assert_same_attribute_states(reference, gm, f"{spec}\n{chosen}")
     for rp in chosen:
+        region = gm.get_submodule(rp.name)
+        assert type(region) is plan_kind(rp), (rp, type(region).__name__)  # applied as drawn, not unwrapped
+        steps = min(rp.chunks, spec.T)
         if rp.recompute:
-            assert stats[rp.name].checkpointed_calls == 1 and stats[rp.name].recomputations >= 1
+            calls = steps if rp.whole_slices else 1  # Rule 9: one checkpointed call per slice
+            assert stats[rp.name].checkpointed_calls == calls and stats[rp.name].recomputations >= 1, rp
+            assert getattr(region, "chunks", 1) == rp.chunks
         else:  # plain when nothing it reads requires grad (Rule 7); never recomputed (Rule 11)
             assert stats[rp.name].checkpointed_calls + stats[rp.name].plain_calls == 1
             assert stats[rp.name].recomputations == 0
+
+
+def _drawer(data):
+    """``draw(strategy, label)``: from ``data``, or, for an ``@example`` (``data=None``), each strategy's simplest
+    value (hypothesis' ``data`` cannot be given explicitly), so a pinned spec runs under level 1's plan."""
+    if data is not None:
+        return lambda strategy, label: data.draw(strategy, label=label)
+    def simplest(strategy, label):
+        if label.startswith("kind"):
+            return "whole"
+        if label.startswith("pack saves"):
+            return False
+        return True if label.startswith(("keep", "compress")) else 1
+
+    return simplest
 
 
 @settings(max_examples=40)

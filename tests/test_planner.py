@@ -18,8 +18,8 @@ import pytest
 import torch
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from plan_kinds import pipeline
 from strategies import LayerSpec, SNNSpec, build, snn_specs
-from test_exactness_property import _pipeline
 
 import fxmemopt
 from fxmemopt.analysis.trace import make_graph_module
@@ -43,7 +43,7 @@ def _deterministic_cost_graph(model, x):
     copying, a region's own overhead: a fixed 2% of the step, where measured it is about 0.1-0.2% of the reference
     workloads' steps and many times these tiny nets' whole step): wall times differ run to run and machine to
     machine, and the search's time decisions with them."""
-    _, stateful, graph, constants, annotated, regions = _pipeline(model, x)
+    _, stateful, graph, constants, annotated, regions = pipeline(model, (x,))
     traced = make_graph_module(model, graph, "M", extra=constants)
     cost = build_cost_graph(annotated, record_step(traced, (x,), stateful))
     times = {n: 1e-9 * (annotated[n].nbytes + 64) for n in annotated.order}

@@ -75,3 +75,25 @@ def test_probe_finds_neurons_and_mutated_buffers_without_side_effects():
     assert result.call_counts["1"] == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model[1].v == 0.0
+
+
+def test_probe_finds_an_attribute_a_memories_module_rebinds_beside_its_dict():
+    """A ``MemoryModule`` subclass that also keeps a trace in a plain attribute: both are its state (the probe once
+    took a ``_memories`` module's state from the dict alone, and recomputation started from the final trace)."""
+    from fxmemopt.snn import MemoryModule
+
+    class Traced(MemoryModule):
+        def __init__(self):
+            super().__init__()
+            self.register_memory("v", 0.0)
+            self.trace = 0.0
+
+        def forward(self, x):
+            self.v = self.v + x
+            self.trace = self.trace / 2 + torch.sigmoid(self.v)
+            return self.v - self.trace
+
+    model = nn.Sequential(nn.Linear(2, 2), Traced())
+    found = probe(model, (torch.ones(3, 2),))
+    assert found.stateful == {"1": ("trace",)}
+    assert model[1].trace == 0.0 and model[1].v == 0.0  # left as it was

@@ -265,8 +265,8 @@ class ProbeResult:
     """What one eager forward on the example inputs revealed about module state.
 
     Attributes:
-        stateful: module path -> names of plain attributes its forward rebinds (empty for ``_memories``
-            modules, whose state names are read live from the dict). Sorted by path.
+        stateful: module path -> names of plain attributes its forward rebinds (for ``_memories`` modules, only
+            those besides the dict, whose state names are read live from it: usually none). Sorted by path.
         mutated_buffers: (module path, buffer name) pairs the forward mutated in place or rebound.
         call_counts: module path -> number of times the module was called.
         resets: stateful module path -> its state when the forward first calls it (tensors cloned), for modules
@@ -399,7 +399,9 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
     stateful: dict[str, tuple[str, ...]] = {}
     for p, m in model.named_modules():
         if has_memories(m):
-            stateful[p] = ()
+            # its _memories, and any plain attribute its forward rebinds besides (a MemoryModule subclass that
+            # keeps a trace in ``self.trace``): both are its state
+            stateful[p] = tuple(sorted(changed_attrs.get(m, set())))
         elif isinstance(m, declared):
             names = {k for k, v in m.__dict__.items() if isinstance(v, (torch.Tensor, float)) and k != "training"}
             stateful[p] = tuple(sorted(names | changed_attrs.get(m, set())))

@@ -544,6 +544,10 @@ def _unbind_time_steps(graph: fx.Graph, values: dict[fx.Node, Any], meta_only: d
             continue
         with graph.inserting_after(node):
             parts = graph.call_function(unbind_steps, (node,))
+        # It belongs to the modules its selects ran in (the time loop's), not to the caller's: a target region
+        # (targets=...) holding the loop must hold it too, or the region is not convex.
+        stacks = [dict(u.meta.get("nn_module_stack") or {}) for u in users]
+        parts.meta["nn_module_stack"] = {k: v for k, v in stacks[0].items() if all(s.get(k) == v for s in stacks)}
         for u in users:
             u.args = (parts, u.args[1])
 

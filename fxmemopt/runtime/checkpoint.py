@@ -891,7 +891,8 @@ class CheckpointRegion(nn.Module):
     def _needs_checkpoint(self, args: tuple[Any, ...]) -> bool:
         if not (self.training and torch.is_grad_enabled()):
             return False
-        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        # tree_leaves: a tuple input (the steps a traced time loop unbinds) is read too (Rule 7)
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in tree_leaves(list(args))):
             return True
         if any(p.requires_grad for p in self._parameters_used()):
             return True
