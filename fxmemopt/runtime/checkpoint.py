@@ -106,9 +106,10 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .. import compat
 from ..analysis.state import StateSnapshot, attributes_of, put_back_attributes, rng_state, set_rng_state
+from ..compat import tree_flatten, tree_leaves, tree_unflatten
 from ..errors import RecomputationMismatchError, RegionError, format_error
 from ..planning.plan import checkpoint_every
 from .packing import PackedTensor, try_pack, unpack
@@ -244,8 +245,7 @@ def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
 
 def _graph_task_id() -> int:
     # Identifies the running backward pass, so a second backward (retain_graph=True) recomputes again.
-    get = getattr(torch._C, "_current_graph_task_id", None)
-    return get() if get is not None else -1
+    return compat.current_graph_task_id()
 
 
 #: Non-tensor region inputs kept as they are (immutable values).
@@ -383,7 +383,7 @@ class _Frame:
         self.saved.append(None)
         self.meta.append((t.shape, t.dtype))
         # The saving node was created just before its tensors are packed: it holds the last sequence number.
-        self.seqs.append(torch._C._autograd._get_sequence_nr() - 1)
+        self.seqs.append(compat.autograd_sequence_nr() - 1)
         return self, len(self.saved) - 1
 
     def _classify(self, out: Any) -> None:
@@ -392,7 +392,7 @@ class _Frame:
         stack = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         while stack:
             node = stack.pop()
-            seq = node._sequence_nr()
+            seq = compat.node_sequence_nr(node)
             if seq in reachable or seq < self.start_seq or seq >= 2**63:  # before the region, or AccumulateGrad
                 continue
             reachable.add(seq)
@@ -406,7 +406,7 @@ class _Frame:
         """Will the running backward go through any of the states this region left in its modules?"""
         for ref in self.state_refs:
             t = ref()
-            if t is not None and t.grad_fn is not None and torch._C._will_engine_execute_node(t.grad_fn):
+            if t is not None and t.grad_fn is not None and compat.will_engine_execute_node(t.grad_fn):
                 return True
         return False
 
@@ -788,7 +788,7 @@ class CheckpointRegion(nn.Module):
         return any(t.requires_grad for p, names in self.spec.stateful
                    for t in StateSnapshot.take(self._resolve(p), names).tensors())
 
-    @torch.compiler.disable
+    @compat.compiler_disable
     def forward(self, box: list[Any]) -> Any:
         """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body).
 
@@ -814,7 +814,7 @@ class CheckpointRegion(nn.Module):
         frame = self._frame_class(self, self.__dict__["body"])
         frame.store_inputs(tuple(box), self.spec.pack_bits, self.stats)
         frame.snapshot(tuple(box))
-        frame.start_seq = torch._C._autograd._get_sequence_nr()
+        frame.start_seq = compat.autograd_sequence_nr()
         out = frame.run(box)
         frame.close(self.stats, out)
         if not last:
@@ -945,7 +945,7 @@ class SlicedRegion(CheckpointRegion):
         pieces = [time_slices(a, k) if s else (a,) * k for a, s in zip(box, self.sliced)]
         return [[p[c] for p in pieces] for c in range(k)]
 
-    @torch.compiler.disable
+    @compat.compiler_disable
     def forward(self, box: list[Any]) -> Any:
         """Run the region on the inputs in ``box``, slice by slice (Rule 9); opaque to ``torch.compile``."""
         self._check_box(box)
