@@ -13,8 +13,8 @@ What changed between the versions tested, and where it is handled:
   * torch 2.14: ``fx.GraphModule(module, graph)`` copies the root's non-persistent buffer names; built from a dict
     of targets (as fxmemopt builds them) it still does not (:func:`copy_non_persistent_buffers`).
   * torch 2.14: ``torch.utils.checkpoint`` with a selective-checkpoint policy warns (``FutureWarning``) when any
-    ``saved_tensors_hooks`` context is active, and a later release will route its saved tensors through those
-    hooks (:func:`checkpoint`).
+    ``saved_tensors_hooks`` context is active (fxmemopt's regions push one), and a later release will pack the
+    tensors it keeps with those hooks (:class:`saved_tensors_hooks`).
 Unchanged, and relied on (:func:`check_saved_tensors_hooks_nesting`): a nested ``saved_tensors_hooks`` context
 alone sees the tensors saved inside it, in forward and in a backward pass started inside an outer context.
 """
@@ -22,7 +22,6 @@ alone sees the tensors saved inside it, in forward and in a backward pass starte
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -37,13 +36,13 @@ __all__ = [
     "autograd_sequence_nr",
     "bind_function_apply",
     "check_saved_tensors_hooks_nesting",
-    "checkpoint",
     "compiler_disable",
     "copy_non_persistent_buffers",
     "current_autograd_node",
     "current_graph_task_id",
     "node_sequence_nr",
     "original_function_apply",
+    "saved_tensors_hooks",
     "storage_key",
     "tree_flatten",
     "tree_leaves",
@@ -192,31 +191,50 @@ def check_saved_tensors_hooks_nesting() -> None:
             f"regions rely on it. fxmemopt supports torch {SUPPORTED_TORCH} (tested: {', '.join(TESTED_TORCH)}).")
 
 
-@functools.cache
-def _checkpoint_parameters() -> frozenset[str]:
-    import torch.utils.checkpoint
+def _checkpoint_user_hooks() -> Any:
+    try:  # torch >= 2.14: how torch.utils.checkpoint finds the user's hooks under its own
+        from torch.utils.checkpoint import _current_user_saved_tensors_hooks
+    except ImportError:
+        return None
+    return _current_user_saved_tensors_hooks
 
-    return frozenset(inspect.signature(torch.utils.checkpoint.checkpoint).parameters)
+
+_USER_HOOKS = _checkpoint_user_hooks()
 
 
-def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)``, saying what torch 2.14
-    asks to be said.
+class saved_tensors_hooks(torch.autograd.graph.saved_tensors_hooks):
+    """``torch.autograd.graph.saved_tensors_hooks(pack_hook, unpack_hook)`` for fxmemopt's own mechanics (region
+    frames, recomputation, the step recorder), transparent to ``torch.utils.checkpoint``.
 
-    Without ``use_reentrant`` torch warns; from 2.14 a selective-checkpoint call (``context_fn``) inside any
-    ``saved_tensors_hooks`` context (fxmemopt's regions and step recorder push one) warns that a later release will
-    route its saved tensors through those hooks unless ``respect_saved_tensors_hooks`` is given. fxmemopt keeps
-    today's behaviour explicitly (``False``: torch's checkpoint keeps its own tensors) where torch has the
-    parameter. Fallback (torch <= 2.13, no such parameter): the call without it, which behaves that way.
+    From torch 2.14 a selective activation checkpoint (``checkpoint(..., context_fn=...)``, in a module the user
+    wrote and fxmemopt keeps as a leaf) looks for the *user's* saved-tensor hooks around it, warns
+    (``FutureWarning``) when it finds some, and a later release will pack the tensors it keeps with them. fxmemopt's
+    hooks are not the user's: this context marks its pack hook the way torch marks checkpoint's own internal hooks
+    (``_checkpoint_internal``, with the hooks that were visible when it was entered), so such a checkpoint sees the
+    hooks the user set around the model (``save_on_cpu``), or none, exactly as without fxmemopt.
+    Fallback (torch <= 2.13, which has no such lookup): torch's context unchanged.
     """
-    kwargs.setdefault("use_reentrant", False)
-    if "respect_saved_tensors_hooks" in _checkpoint_parameters() and not kwargs["use_reentrant"]:
-        kwargs.setdefault("respect_saved_tensors_hooks", False)
-    else:
-        kwargs.pop("respect_saved_tensors_hooks", None)
-    import torch.utils.checkpoint
 
-    return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+    def __init__(self, pack_hook: Callable[[torch.Tensor], Any], unpack_hook: Callable[[Any], torch.Tensor]) -> None:
+        if _USER_HOOKS is not None:
+            inner = pack_hook
+
+            def pack_hook(t: torch.Tensor) -> Any:
+                return inner(t)
+
+            pack_hook._checkpoint_internal = True  # type: ignore[attr-defined]
+        super().__init__(pack_hook, unpack_hook)
+
+    def __enter__(self) -> None:
+        if _USER_HOOKS is not None:
+            # only while on the hooks stack: autograd's saved variables keep the pack hook alive beyond gc's sight
+            self.pack_hook._user_hooks = _USER_HOOKS()  # type: ignore[attr-defined]
+        super().__enter__()
+
+    def __exit__(self, *args: object) -> None:
+        if _USER_HOOKS is not None:
+            del self.pack_hook._user_hooks  # type: ignore[attr-defined]
+        super().__exit__(*args)
 
 
 # -- fx and modules ------------------------------------------------------------------------------------------------

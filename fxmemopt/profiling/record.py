@@ -308,7 +308,7 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
                 r["consumed"] = len(rec.events) - 1
             return t
 
-        with rec, torch.autograd.graph.saved_tensors_hooks(on_save, on_unpack):
+        with rec, compat.saved_tensors_hooks(on_save, on_unpack):
             out = interp.run(*inputs)
             rec.phase, rec.node = "loss", LOSS
             rec.seq_starts.append(compat.autograd_sequence_nr())

@@ -500,7 +500,7 @@ class _Frame:
 
     def run(self, box: list[Any]) -> Any:
         """The checkpointed forward (Rule 1): ``body`` under the frame's saved-tensor hooks."""
-        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+        with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
             return self.body(box)
 
     def _skip(self, need: int) -> set[int]:
@@ -542,7 +542,7 @@ class _Frame:
         result = None
         notify("recompute", self.region.spec.name)
         with contextlib.suppress(_StopRecomputation), self._replayed_context(**context), \
-                torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
+                compat.saved_tensors_hooks(capture, lambda _: None):
             result = fn()
         notify("recompute-end", self.region.spec.name)
         expected = (last + 1 - lo) if last is not None else hi - lo
@@ -617,7 +617,7 @@ class _ChunkedFrame(_Frame):
 
     def run(self, box: list[Any]) -> Any:
         region: ChunkedRegion = self.region  # type: ignore[assignment]
-        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+        with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
             x, state = self._split(self.body(box))
         self.prefix_end = len(self.saved)
         self.neuron_rng = rng_state(self.cuda_devices)
@@ -626,7 +626,7 @@ class _ChunkedFrame(_Frame):
         for c, xc in enumerate(time_slices(x, region.chunks)):
             rg = self._state_flags(state)
             lo = len(self.saved)
-            with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+            with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
                 out, state = self._step(xc, state, c == 0)
             outs.append(out)
             self.slices.append((lo, len(self.saved), t0, t0 + xc.shape[0], rg))
@@ -1015,7 +1015,7 @@ class _PackedFrame(_Frame):
         return t.detach() if packed is None else packed
 
     def run(self, box: list[Any]) -> Any:
-        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_saved):
+        with compat.saved_tensors_hooks(self.pack_hook, _unpack_saved):
             return self.body(box)
 
     def close(self, stats: RegionStats, out: Any) -> None:

@@ -125,9 +125,9 @@ class _Checkpointed(nn.Module):
         self.inner = inner
 
     def forward(self, *args: Any) -> Any:
-        from ..compat import checkpoint
+        from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(self.inner, *args)
+        return checkpoint(self.inner, *args, use_reentrant=False)
 
 
 def torch_checkpoint_per_layer(model: nn.Module) -> nn.Module:
