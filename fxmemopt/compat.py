@@ -166,12 +166,13 @@ def _innermost_hooks_only() -> bool:
             return t
         return pack
 
-    x = torch.ones(2, requires_grad=True)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(hook("outer"), lambda t: t):
-        with torch.autograd.graph.saved_tensors_hooks(hook("inner"), lambda t: t):
-            y = x * x
-        z = y * y
-    del z
+    with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode
+        x = torch.ones(2, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(hook("outer"), lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(hook("inner"), lambda t: t):
+                y = x * x
+            z = y * y
+        del z
     return seen == ["inner", "inner", "outer", "outer"]
 
 

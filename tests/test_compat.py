@@ -103,6 +103,13 @@ def test_a_nested_saved_tensors_hooks_context_alone_sees_what_is_saved_inside_it
     assert seen == ["outer", "recompute", "recompute"]
 
 
+def test_the_nesting_check_passes_here_whatever_the_callers_grad_mode():
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        compat._innermost_hooks_only.cache_clear()
+        with mode():
+            compat.check_saved_tensors_hooks_nesting()
+
+
 def test_optimize_refuses_a_torch_whose_nested_hooks_do_not_apply_alone(monkeypatch):
     # Without compat's check, optimize would build regions whose saved tensors an outer context also packs.
     monkeypatch.setattr(compat, "_innermost_hooks_only", lambda: False)
