@@ -22,6 +22,7 @@ from .analysis.annotate import AnnotatedGraph, annotate
 from .analysis.state import ModelState, has_memories, probe, set_state
 from .analysis.trace import make_graph_module, trace
 from .analysis.units import Units, find_units
+from .compat import check_saved_tensors_hooks_nesting, tree_leaves
 from .errors import (
     FxMemOptError,
     FxMemOptWarning,
@@ -461,7 +462,7 @@ def _step_error(gm: nn.Module, inputs: tuple[Any, ...], measured: list[StepMeasu
 
 
 def _on_cpu(inputs: Sequence[Any]) -> bool:
-    return all(t.device.type == "cpu" for t in torch.utils._pytree.tree_leaves(list(inputs))
+    return all(t.device.type == "cpu" for t in tree_leaves(list(inputs))
                if isinstance(t, torch.Tensor))
 
 
@@ -908,6 +909,7 @@ def optimize(
     """
     started = time.perf_counter()
     step = _stage_logger(started, progress)
+    check_saved_tensors_hooks_nesting()  # the torch behaviour regions rely on (fxmemopt.compat)
     with _input_grads_kept(example_inputs):  # analysis steps must not add to the examples' .grad
         # check: inputs, model and options, resolved into one frozen request (typed errors name what is wrong)
         req = _request(model, example_inputs, plan, measure, measure_timeout_s, calls_per_step, predict, targets,

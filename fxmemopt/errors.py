@@ -22,6 +22,7 @@ __all__ = [
     "TargetsMatchNothingError",
     "RegionError",
     "ShardingError",
+    "UnsupportedTorchError",
     "RecomputationMismatchError",
     "RecomputationValueError",
     "MemoryBudgetError",
@@ -130,6 +131,11 @@ class ShardingError(FxMemOptError, RuntimeError):
     sharded. Keep it as a module (``optimize(..., keep_modules=[path])``) and shard with
     :func:`fxmemopt.distributed.fully_shard`.
     """
+
+
+class UnsupportedTorchError(FxMemOptError, RuntimeError):
+    """The installed torch lacks, or changed, an API fxmemopt needs (see :mod:`fxmemopt.compat`); the message names
+    it and the supported torch range."""
 
 
 class InternalError(RuntimeError):

@@ -72,7 +72,7 @@ def test_no_import_cycles_between_modules():
 
 def test_the_layout_shows_the_pipeline():
     top = {p.stem for p in PACKAGE.glob("*.py")}
-    assert top <= {"__init__", "__main__", "_version", "api", "errors", "distributed"}, top
+    assert top <= {"__init__", "__main__", "_version", "api", "compat", "errors", "distributed"}, top
     assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == set(STAGES)
 
 

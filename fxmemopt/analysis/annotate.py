@@ -29,8 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
 
+from .. import compat
+from ..compat import tree_flatten
 from ..runtime.packing import _INT_VIEW, _as_small_uint8
 from .facts import BINARY, MAX_INT_SET, REAL, UNKNOWN, AnnotatedGraph, NodeInfo, ValueSet, _int_set  # noqa: F401 (re-exported)
 from .state import ModelState, StateSnapshot, attributes_of, put_back_attributes
@@ -406,7 +407,7 @@ class _Annotator(fx.Interpreter):
         per_storage: dict[int, list[int]] = {}
         for t in tensors:
             st = t.untyped_storage()
-            used = per_storage.setdefault(st._cdata, [0, st.nbytes()])
+            used = per_storage.setdefault(compat.storage_key(st), [0, st.nbytes()])
             used[0] += t.numel() * t.element_size()
         nbytes = sum(min(used, cap) for used, cap in per_storage.values())
         inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))

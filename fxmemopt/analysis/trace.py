@@ -50,8 +50,8 @@ import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.proxy import Attribute
-from torch.utils._pytree import tree_leaves
 
+from ..compat import bind_function_apply, copy_non_persistent_buffers, original_function_apply, tree_leaves
 from ..errors import GuardError, TraceError, first_line, format_error
 from ..runtime.steps import unbind_steps
 from .state import ModelState
@@ -351,13 +351,13 @@ class _CaptureTracer(fx.Tracer):
 
         # A custom autograd.Function (a surrogate spike function) called on proxies would be traced *through*: its
         # forward recorded as plain ops and its backward lost. Refuse it, so the module calling it stays a leaf.
-        function_apply = torch.autograd.Function.__dict__["apply"]
+        function_apply = original_function_apply()
 
         def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
             if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
                 raise TraceError(f"custom autograd.Function {cls.__name__}.apply cannot be traced through (its "
                                  f"backward would be lost)")
-            return function_apply.__func__(cls, *args, **kwargs)
+            return bind_function_apply(function_apply, cls)(*args, **kwargs)
 
         # Traced code that assigns a traced value to a module (`self.mem = torch.zeros_like(self.mem)`) is recorded
         # as a set_module_state node; the module gets the example value meanwhile, and reading the attribute back
@@ -596,7 +596,7 @@ def make_graph_module(root: nn.Module, graph: fx.Graph, class_name: str,
     gm._parameters.update(root._parameters)
     gm._buffers.clear()
     gm._buffers.update(root._buffers)
-    gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
+    copy_non_persistent_buffers(gm, root)
     for name, value in extra.items():
         setattr(gm, name, value)
     gm.training = root.training

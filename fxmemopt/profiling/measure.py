@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from .. import compat
 from ..analysis.state import ModelState, has_memories
+from ..compat import TorchDispatchMode, tree_leaves
 
 __all__ = ["LiveBytesTracker", "StepMeasurement", "measure_step", "default_loss", "reset_states"]
 
@@ -56,7 +56,7 @@ class LiveBytesTracker(TorchDispatchMode):
     def _resized(self, storage: torch.UntypedStorage, before: int) -> None:
         """Count an in-place resize: by its growth for a storage already counted (or one that existed before
         tracking, from then on counted for what it grew by), down to what it was when tracking began."""
-        key = storage._cdata
+        key = compat.storage_key(storage)
         delta = storage.nbytes() - before
         if key not in self._sizes:
             self._sizes[key] = 0
@@ -77,7 +77,7 @@ class LiveBytesTracker(TorchDispatchMode):
         storage = self._storage(t)
         if storage is None:
             return
-        key = storage._cdata
+        key = compat.storage_key(storage)
         # Views and in-place results alias an input's storage: nothing new was allocated (and a view of a tensor
         # that existed before tracking, such as a parameter or the model input, must not count).
         if key in self._sizes or key in inputs:
@@ -134,7 +134,7 @@ class LiveBytesTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        inputs = {st._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+        inputs = {compat.storage_key(st) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
                   for st in (self._storage(a),) if st is not None}
         out = func(*args, **kwargs)
         for t in tree_leaves(out):

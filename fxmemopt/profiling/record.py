@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from .. import compat
 from ..analysis.state import ModelState
+from ..compat import TorchDispatchMode, tree_leaves
 from ..planning.costgraph import LOSS, StepTrace, StorageRecord
 from .measure import default_loss, reset_states
 
@@ -50,10 +50,10 @@ class _Recorder(TorchDispatchMode):
         return len(self.events) - 1
 
     def _bwd_node(self) -> str:
-        n = torch._C._current_autograd_node()
+        n = compat.current_autograd_node()
         if n is None:
             return self.last_bwd_node
-        seq = n._sequence_nr()
+        seq = compat.node_sequence_nr(n)
         k = bisect_right(self.seq_starts, seq) - 1
         if 0 <= k and seq < 2**63:
             self.last_bwd_node = self.seq_nodes[k]
@@ -68,7 +68,7 @@ class _Recorder(TorchDispatchMode):
 
     def storage_key(self, t: torch.Tensor) -> int | None:
         try:
-            return t.untyped_storage()._cdata
+            return compat.storage_key(t.untyped_storage())
         except (RuntimeError, NotImplementedError):
             return None
 
@@ -86,7 +86,7 @@ class _Recorder(TorchDispatchMode):
                 storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 continue
-            key = storage._cdata
+            key = compat.storage_key(storage)
             if key in self.recs or key in inputs:
                 continue
             rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node,
@@ -108,7 +108,7 @@ class _RecordingInterpreter(fx.Interpreter):
         rec = self.rec
         rec.node = n.name
         first = len(rec.events)
-        rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
+        rec.seq_starts.append(compat.autograd_sequence_nr())
         rec.seq_nodes.append(n.name)
         result = super().run_node(n)
         for t in tree_leaves(result):
@@ -308,10 +308,10 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
                 r["consumed"] = len(rec.events) - 1
             return t
 
-        with rec, torch.autograd.graph.saved_tensors_hooks(on_save, on_unpack):
+        with rec, compat.saved_tensors_hooks(on_save, on_unpack):
             out = interp.run(*inputs)
             rec.phase, rec.node = "loss", LOSS
-            rec.seq_starts.append(torch._C._autograd._get_sequence_nr())
+            rec.seq_starts.append(compat.autograd_sequence_nr())
             rec.seq_nodes.append(LOSS)
             loss = loss_fn(out)
             rec.phase = "bwd"

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from ..analysis.state import ModelState, rng_state, set_rng_state
+from ..compat import tree_leaves
 from ..runtime.checkpoint import SlicedRegion
 from .measure import default_loss
 

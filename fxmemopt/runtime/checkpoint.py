@@ -116,9 +116,10 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .. import compat
 from ..analysis.state import StateSnapshot, attributes_of, put_back_attributes, rng_state, set_rng_state
+from ..compat import tree_flatten, tree_leaves, tree_unflatten
 from ..errors import RecomputationMismatchError, RecomputationValueError, RegionError, format_error
 from ..planning.plan import checkpoint_every
 from .fingerprint import fingerprint, resolve_mode
@@ -260,8 +261,7 @@ def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
 
 def _graph_task_id() -> int:
     # Identifies the running backward pass, so a second backward (retain_graph=True) recomputes again.
-    get = getattr(torch._C, "_current_graph_task_id", None)
-    return get() if get is not None else -1
+    return compat.current_graph_task_id()
 
 
 #: Non-tensor region inputs kept as they are (immutable values).
@@ -411,7 +411,7 @@ class _Frame:
             self.prints.append(_print_of(t, self.check))
             self.region.stats.fingerprints += 1
         # The saving node was created just before its tensors are packed: it holds the last sequence number.
-        self.seqs.append(torch._C._autograd._get_sequence_nr() - 1)
+        self.seqs.append(compat.autograd_sequence_nr() - 1)
         return self, len(self.saved) - 1
 
     def _classify(self, out: Any) -> None:
@@ -420,7 +420,7 @@ class _Frame:
         stack = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         while stack:
             node = stack.pop()
-            seq = node._sequence_nr()
+            seq = compat.node_sequence_nr(node)
             if seq in reachable or seq < self.start_seq or seq >= 2**63:  # before the region, or AccumulateGrad
                 continue
             reachable.add(seq)
@@ -434,7 +434,7 @@ class _Frame:
         """Will the running backward go through any of the states this region left in its modules?"""
         for ref in self.state_refs:
             t = ref()
-            if t is not None and t.grad_fn is not None and torch._C._will_engine_execute_node(t.grad_fn):
+            if t is not None and t.grad_fn is not None and compat.will_engine_execute_node(t.grad_fn):
                 return True
         return False
 
@@ -529,7 +529,7 @@ class _Frame:
 
     def run(self, box: list[Any]) -> Any:
         """The checkpointed forward (Rule 1): ``body`` under the frame's saved-tensor hooks."""
-        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+        with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
             return self.body(box)
 
     def _skip(self, need: int) -> set[int]:
@@ -578,7 +578,7 @@ class _Frame:
         result = None
         notify("recompute", self.region.spec.name)
         with contextlib.suppress(_StopRecomputation), self._replayed_context(**context), \
-                torch.autograd.graph.saved_tensors_hooks(capture, lambda _: None):
+                compat.saved_tensors_hooks(capture, lambda _: None):
             result = fn()
         notify("recompute-end", self.region.spec.name)
         expected = (last + 1 - lo) if last is not None else hi - lo
@@ -607,7 +607,7 @@ class _Frame:
         inputs = self._inputs()
         self._replay(lambda: self.replay_body(inputs), 0, len(self.meta), self._skip(need), stop_early=True)
         if self.task != -1:  # inside a backward pass: release what it leaves unused when it ends (Rule 6)
-            torch.autograd.Variable._execution_engine.queue_callback(self._release)
+            compat.queue_engine_callback(self._release)
 
     def _check_values(self, prints: dict[int, tuple[Any, Any]]) -> None:
         """Rule 3's value check: every recomputed saved tensor's fingerprint equals the forward's.
@@ -630,7 +630,7 @@ class _Frame:
         if self.task == -1:
             read()
         else:
-            torch.autograd.Variable._execution_engine.queue_callback(read)
+            compat.queue_engine_callback(read)
 
     def _raise_on_mismatch(self, index: list[int], differ: list[int]) -> None:
         if not differ:
@@ -695,7 +695,7 @@ class _ChunkedFrame(_Frame):
 
     def run(self, box: list[Any]) -> Any:
         region: ChunkedRegion = self.region  # type: ignore[assignment]
-        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+        with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
             x, state = self._split(self.body(box))
         self.prefix_end = len(self.saved)
         self.neuron_rng = rng_state(self.cuda_devices)
@@ -704,7 +704,7 @@ class _ChunkedFrame(_Frame):
         for c, xc in enumerate(time_slices(x, region.chunks)):
             rg = self._state_flags(state)
             lo = len(self.saved)
-            with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_hook):
+            with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
                 out, state = self._step(xc, state, c == 0)
             outs.append(out)
             self.slices.append((lo, len(self.saved), t0, t0 + xc.shape[0], rg))
@@ -899,7 +899,7 @@ class CheckpointRegion(nn.Module):
         return any(t.requires_grad for p, names in self.spec.stateful
                    for t in StateSnapshot.take(self._resolve(p), names).tensors())
 
-    @torch.compiler.disable
+    @compat.compiler_disable
     def forward(self, box: list[Any]) -> Any:
         """Run the region on the inputs in ``box`` (a list from :func:`region_args`; emptied by the body).
 
@@ -925,7 +925,7 @@ class CheckpointRegion(nn.Module):
         frame = self._frame_class(self, self.__dict__["body"])
         frame.store_inputs(tuple(box), self.spec.pack_bits, self.stats)
         frame.snapshot(tuple(box))
-        frame.start_seq = torch._C._autograd._get_sequence_nr()
+        frame.start_seq = compat.autograd_sequence_nr()
         with same_kernels(frame.cuda_devices):
             out = frame.run(box)
         frame.close(self.stats, out)
@@ -1068,7 +1068,7 @@ class SlicedRegion(CheckpointRegion):
         pieces = [time_slices(a, k) if s else (a,) * k for a, s in zip(box, self.sliced)]
         return [[p[c] for p in pieces] for c in range(k)]
 
-    @torch.compiler.disable
+    @compat.compiler_disable
     def forward(self, box: list[Any]) -> Any:
         """Run the region on the inputs in ``box``, slice by slice (Rule 9); opaque to ``torch.compile``."""
         self._check_box(box)
@@ -1138,7 +1138,7 @@ class _PackedFrame(_Frame):
         return t.detach() if packed is None else packed
 
     def run(self, box: list[Any]) -> Any:
-        with torch.autograd.graph.saved_tensors_hooks(self.pack_hook, _unpack_saved):
+        with compat.saved_tensors_hooks(self.pack_hook, _unpack_saved):
             return self.body(box)
 
     def close(self, stats: RegionStats, out: Any) -> None:

@@ -24,6 +24,7 @@ from torch import fx, nn
 from ..analysis.annotate import _target_name
 from ..analysis.trace import _resolve
 from ..analysis.units import Units
+from ..compat import copy_non_persistent_buffers
 from ..errors import ShardingError, format_error
 from ..planning.regions import SIDE_EFFECT_TARGETS, convex_violations, unit_order
 
@@ -109,7 +110,7 @@ def outline_units(graph: fx.Graph, model: nn.Module, units: Units, chain_of: dic
         unit.__dict__["_modules"] = dict(original._modules)
         unit.__dict__["_parameters"] = dict(original._parameters)
         unit.__dict__["_buffers"] = dict(original._buffers)
-        unit._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+        copy_non_persistent_buffers(unit, original)
         unit.training = original.training
         for inner in [q for q in built if q.startswith(prefix)]:
             install(unit, inner[len(prefix):], built.pop(inner), fresh)

@@ -239,8 +239,7 @@ def _exactness(reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ..
     """One training step of each from the same seed; compare outputs, parameter gradients, buffers, neuron states
     and the RNG *by position* (wrappers such as torch's or spikingjelly's rename modules). Returns (bitwise equal,
     largest gradient difference)."""
-    from torch.utils._pytree import tree_leaves
-
+    from ..compat import tree_leaves
     from ..profiling.measure import default_loss, reset_states
     from ..profiling.verify import module_states
 
