@@ -338,6 +338,10 @@ class Built:
     step: StepMeasurement | None = None
     #: fingerprints the recompute value check took in the validation step (forward and recomputation)
     fingerprints: int = 0
+    #: the recompute value check every region of ``gm`` runs (:func:`_with_value_check`), and the note saying why;
+    #: a module rebuilt from another plan (:func:`_rebuilt`) runs the same, so what is measured is what is returned
+    value_check: str | None = None
+    value_check_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -485,14 +489,17 @@ def set_value_check(gm: nn.Module, mode: str | None) -> None:
 
 
 def _with_value_check(built: Built, result: SearchResult, req: Request) -> Built:
-    """Set the returned module's recompute value check (Rule 3) and say which in a note.
+    """Choose the returned module's recompute value check (Rule 3), set it on ``built.gm`` and say which in a note.
 
     Asked for: as asked. By default ``"sampled"``, except on CPU when its predicted cost (the fingerprints the
     validation step took, at the sampled fingerprint's cost measured in this process) is above
     :data:`~fxmemopt.runtime.fingerprint.CPU_BUDGET` of the predicted step time: there the check stays off (on CPU
-    recomputation runs the forward's own kernels; the validation step has checked every value in full)."""
+    recomputation runs the forward's own kernels; the validation step has checked every value in full).
+
+    Chosen before any measurement of the result (never worse, measured; ``measure=``): the fingerprints a step
+    keeps are live bytes too, and the measured peak is the returned module's."""
     mode, note = req.value_check, f"recompute value check: {req.value_check} (asked)"
-    if mode is None and built.plan.regions:
+    if mode is None:
         mode, note = "sampled", "recompute value check: sampled (the default)"
         step = result.prediction.step_time_s if result.prediction is not None else None
         if _on_cpu(req.inputs) and step:
@@ -505,7 +512,15 @@ def _with_value_check(built: Built, result: SearchResult, req: Request) -> Built
             else:
                 note = f"recompute value check: sampled, predicted at {share:.1%} of the step time"
     set_value_check(built.gm, mode)
-    return dataclasses.replace(built, notes=(*built.notes, note)) if built.plan.regions else built
+    return dataclasses.replace(built, value_check=mode, value_check_note=note)
+
+
+def _rebuilt(model: nn.Module, an: Analysis, plan: Plan, like: Built) -> tuple[fx.GraphModule,
+                                                                                dict[str, RegionStats]]:
+    """:func:`_build` ``plan`` with ``like``'s recompute value check."""
+    gm, stats = _build(model, an, plan)
+    set_value_check(gm, like.value_check)
+    return gm, stats
 
 
 def _full_check(gm: fx.GraphModule) -> fx.GraphModule:
@@ -627,7 +642,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
         why = f"raised the measured peak: {peak.peak_bytes} bytes with it, {base} unoptimized"
         out += [(n, why) for n in sorted(bad)]
         plan = dataclasses.replace(plan, regions=tuple(r for r in plan.regions if r.name not in bad))
-        gm, stats = _build(model, an, plan)
+        gm, stats = _rebuilt(model, an, plan, built)
         if not plan.regions:
             break
     for st in stats.values():  # the measured steps are not the user's
@@ -673,7 +688,7 @@ def _confirmed(model: nn.Module, an: Analysis, built: Built, result: SearchResul
     candidates = [("unoptimized", model), ("optimized", built.gm)]
     pre = result.pre_unwrap if not built.failed else None
     if pre is not None and pre != built.plan:
-        pre_gm, pre_stats = _build(model, an, pre)
+        pre_gm, pre_stats = _rebuilt(model, an, pre, built)
         candidates.append(("before-unwrap", pre_gm))
     results, where = _measure(candidates, req)
     rejected = [(r.name, r.status, r.message) for r in results if not r.ok]
@@ -726,6 +741,8 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
     all_notes = ([] if an.regions else ["no stateful module (spiking neuron) was found, so no region was formed; "
                                         "pass targets=... or stateful_modules=... to say which layers to checkpoint"])
     all_notes += notes + list(result.notes) + list(built.notes)
+    if built.plan.regions and built.value_check_note:
+        all_notes.append(built.value_check_note)
     if built.gm.fxmemopt_units:
         all_notes.append(f"kept as modules (keep_modules), each called with its regions inside: "
                          f"{', '.join(built.gm.fxmemopt_units)}")
@@ -932,12 +949,12 @@ def optimize(
         # rewrite + validate: checkpoint regions in a new GraphModule; one training step of it, failing regions out
         step("rewriting and validating one training step of the result")
         built = _validated(model, an, result.plan, req.inputs)
+        # value check: what each step checks from now on (Rule 3), chosen before the result is measured
+        built = _with_value_check(built, result, req)
         # never worse, measured: one tracked step of the result; regions at a peak above the unoptimized one out
         built = _kept_below(model, an, built, cost, req)
         # profile: confirm by measurement (optional; failures are recorded, never raised)
         built, measured = _confirmed(model, an, built, result, req, step)
-        # value check: what each step checks from now on (Rule 3); on CPU by default, where it is cheap enough
-        built = _with_value_check(built, result, req)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
         sliced = slice_effects(model, built.gm, req.inputs, an.stateful) \
             if any(r.whole_slices for r in built.plan.regions) else {}
