@@ -29,6 +29,7 @@ from .errors import (
     InvalidInputsError,
     InvalidOptionError,
     PlanError,
+    RecordingError,
     first_line,
     format_error,
 )
@@ -46,7 +47,7 @@ from .planning.search import (
     search_without_cost,
 )
 from .profiling.measure import StepMeasurement, measure_step
-from .profiling.record import record_step
+from .profiling.scaled import Recording, record_scaled, slice_batch
 from .profiling.verify import slice_effects
 from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
 from .report.summary import InputReport, RegionReport, Summary
@@ -320,6 +321,8 @@ class Request:
     declared: tuple[type, ...]
     keep: tuple[type | str, ...] = ()
     value_check: str | None = None
+    #: how the step behind the cost graph is recorded (:mod:`fxmemopt.profiling.scaled`)
+    recording: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -367,7 +370,8 @@ def _stage_logger(started: float, progress: Callable[[str], None] | None) -> Cal
 
 def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str] | None, measure: Any,
              measure_timeout_s: float, calls_per_step: Any, predict: bool, targets: Any, leaf_modules: Any,
-             stateful_modules: Any, keep_modules: Any, opts: Options, value_check: Any = None) -> Request:
+             stateful_modules: Any, keep_modules: Any, opts: Options, value_check: Any = None,
+             recording: Any = "auto") -> Request:
     """Check what :func:`optimize` was given (typed errors naming what is wrong) into a :class:`Request`."""
     inputs = _check_inputs(example_inputs)
     _check_model(model)
@@ -387,31 +391,46 @@ def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str
         raise InvalidOptionError(format_error("recompute_check", "is not a value-check mode",
                                               expected=f"None (the device's default) or one of {VALUE_CHECK_MODES}",
                                               got=repr(value_check)))
+    if recording not in RECORDINGS:
+        raise InvalidOptionError(format_error("recording", "is not a recording mode", expected=f"one of {RECORDINGS}",
+                                              got=repr(recording)))
     saved, source = _load_plan(plan)
     return Request(inputs, dataclasses.replace(opts, calls_per_step=calls_per_step), saved, source, measure,
                    measure_timeout_s, predict, _check_types("targets", targets),
                    _check_types("leaf_modules", leaf_modules, allow_str=True),
                    _check_types("stateful_modules", stateful_modules),
-                   _check_types("keep_modules", keep_modules, allow_str=True), value_check)
+                   _check_types("keep_modules", keep_modules, allow_str=True), value_check, recording)
 
 
-def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]) -> tuple[nx.DiGraph | None, list[str]]:
-    """The cost graph from one recorded unoptimized step (when predicting, or when the search needs it), and notes.
+#: ``optimize(recording=...)``: see :mod:`fxmemopt.profiling.scaled`.
+RECORDINGS = ("auto", "full", "reduced")
+
+
+def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]
+                ) -> tuple[nx.DiGraph | None, list[str], Recording | None]:
+    """The cost graph from the recorded unoptimized step (when predicting, or when the search needs it), notes, and
+    how the step was recorded: at small batches, extrapolated to the examples' (``recording="auto"``, where the
+    batch can be sliced: :mod:`fxmemopt.profiling.scaled`), or at the examples' size.
 
     Prediction informs; a failure to record never stops an exact rewrite from being returned (the search falls
-    back to level 1, and a note says why)."""
+    back to level 1, and a note says why), except a ``recording="reduced"`` that cannot be had."""
     notes = list(req.opts.notes)
     needed = req.saved is None and (req.opts.level >= 2 or req.opts.memory_budget is not None)
     if not (req.predict or needed):
-        return None, notes
-    step("recording one training step for the cost model")
+        return None, notes, None
+    step("recording a training step for the cost model")
+    time_steps = {info.time_steps for info in an.annotated.nodes.values() if info.time_steps}
     try:
-        return build_cost_graph(an.annotated, record_step(an.traced, req.inputs, an.stateful)), notes
+        trace, how = record_scaled(an.traced, req.inputs, an.stateful, recording=req.recording,
+                                   time_steps=time_steps)
+        return build_cost_graph(an.annotated, trace), notes, how
+    except RecordingError:
+        raise
     except Exception as e:
         log.warning("fxmemopt: could not record a training step to predict memory: %s", e)
         notes.append(f"no prediction: recording a training step on the example inputs failed with "
                      f"{type(e).__name__}: {e}; the search fell back to level 1")
-        return None, notes
+        return None, notes, None
 
 
 def _choose(an: Analysis, cost: nx.DiGraph | None, req: Request, step: Callable[[str], None]) -> SearchResult:
@@ -528,6 +547,15 @@ def _full_check(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _validation_inputs(inputs: tuple[Any, ...], recording: Recording | None) -> tuple[Any, ...]:
+    """What the validation step runs on: where the step was recorded at small batches (it may not fit at the
+    examples' size), a slice of ``2s`` samples of the examples (the same T: every region kind, every recomputation
+    and state carried, as at full size); else the examples."""
+    if recording is None or recording.method != "extrapolated":
+        return inputs
+    return slice_batch(inputs, recording.batch_dim, recording.sizes[1], recording.batch)
+
+
 def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ...]) -> Built:
     """Build ``plan`` and run one training step of it (also the warm-up); unwrap every region that fails in it,
     until it runs.
@@ -603,7 +631,8 @@ def _region_at_peak(timeline: Sequence[tuple[str, int]], names: set[str]) -> str
     return None
 
 
-def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph | None, req: Request) -> Built:
+def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph | None, req: Request,
+                recording: Recording | None = None) -> Built:
     """Never worse, measured: one training step of the result under the storage tracker, against one of the
     unoptimized model (same tracker, same inputs, :func:`fxmemopt.measure_step` both). While its peak is above
     that, the region active at the peak (:func:`_region_at_peak`) is left out and the step measured again; after
@@ -614,18 +643,29 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     gets wrong (a recomputation's transient, a packing that fell back). CPU only: on CUDA the allocator's peak is not
     the recorder's quantity, and the prediction stands. Skipped with ``never_worse=False``, without a recording (a
     saved plan), and for a network called several times per step (``calls_per_step``: one call's peak is not the
-    step's)."""
+    step's).
+
+    Where the step was recorded at small batches and extrapolated (``recording``), the unoptimized step is never
+    run at the examples' size (it may not fit: that is why fxmemopt was called): its peak is the extrapolated
+    recording's, exact to the byte where the check at a third size passed. The result's own step runs at full size
+    (its peak is the one the user will train with); when even that does not fit here, the prediction stands and a
+    note says so."""
     if cost is None or not req.opts.never_worse or not built.plan.regions or req.opts.calls_per_step != 1 or \
             not _on_cpu(req.inputs):
         return built
     recorded = int(cost.graph["peak_bytes"])
-    base: int | None = None
+    extrapolated = recording is not None and recording.method == "extrapolated"
+    base: int | None = recorded if extrapolated else None
     plan, gm, stats, out = built.plan, built.gm, built.stats, []
+    notes = list(built.notes)
     for attempt in range(MEASURED_NEVER_WORSE_ROUNDS + 1):
         try:
-            peak = built.step if attempt == 0 and built.step is not None else \
+            peak = built.step if attempt == 0 and built.step is not None and not extrapolated else \
                 measure_step(gm, req.inputs, repeats=0, warmup=0, timeline=True)
-        except Exception:  # the step fails on the model itself too (the validation's note says so): nothing to compare
+        except Exception as e:  # the step fails on the model itself too (the validation's note says so), or does
+            if extrapolated:   # not fit in this process's memory: nothing to compare; the prediction stands
+                notes.append(f"never worse, measured: the optimized step at the examples' size could not be "
+                             f"measured here ({first_line(e, 200)}); the predicted peak stands")
             break
         if base is None and peak.peak_bytes > recorded * (1 - RECORDED_PEAK_MARGIN):
             try:  # close to the recorded peak: compare with the same measurement of the model itself
@@ -648,7 +688,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     for st in stats.values():  # the measured steps are not the user's
         st.reset()
     if not out:
-        return built
+        return dataclasses.replace(built, notes=tuple(notes))
     warnings.warn(f"fxmemopt: never worse, measured: {len(out)} region(s) left out, a training step with them peaked "
                   f"above the unoptimized step ({'; '.join(f'{n}: {why}' for n, why in out)}); never_worse=False "
                   f"keeps them", FxMemOptWarning, stacklevel=4)
@@ -726,7 +766,7 @@ def _unit_chains(an: Analysis) -> dict[str, tuple[str, ...]]:
 
 def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: SearchResult, built: Built,
             measured: Measured | None, sliced: dict[str, str], req: Request, notes: list[str],
-            started: float) -> Summary:
+            started: float, recording: Recording | None = None) -> Summary:
     """The :class:`~fxmemopt.report.summary.Summary`: what was done and why, predicted and measured."""
     decisions = list(result.decisions) + [Decision(n, "unwrap", f"failed in the validation step: {why}")
                                           for n, why in built.failed] + [Decision(n, "unwrap", why)
@@ -776,7 +816,7 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
                    built.plan, all_notes, built.stats, search=result, options=dataclasses.asdict(req.opts),
                    sliced_regions=sliced, graph=an.annotated, guards=an.captured.guards,
                    failed_regions=list(built.failed), calls_per_step=req.opts.calls_per_step,
-                   unit_chains=_unit_chains(an),
+                   unit_chains=_unit_chains(an), recording=recording.describe() if recording is not None else "",
                    optimize_time_s=time.perf_counter() - started, **predicted, **confirmed)
 
 
@@ -809,6 +849,7 @@ def optimize(
     stateful_modules: Sequence[type] = (),
     keep_modules: Sequence[type | str] = (),
     predict: bool = True,
+    recording: str = "auto",
     calls_per_step: int = 1,
     plan: Plan | str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -883,10 +924,17 @@ def optimize(
             that works through a module's own call: FSDP2 per block (``fxmemopt.distributed.fully_shard``),
             forward hooks, per-block ``torch.compile``, profiling by module. A module forward calls more than once
             cannot be kept (``summary.notes`` says which and why). Default: the graph is flat.
-        predict: record one instrumented unoptimized training step on the example inputs and predict the peak
-            memory and step time before and after (see :mod:`fxmemopt.planning.costgraph`; always done at levels 2-4 and
-            with a memory budget, which need it). Costs a few unoptimized steps' time and the unoptimized step's
-            memory.
+        predict: record one instrumented unoptimized training step and predict the peak memory and step time
+            before and after (see :mod:`fxmemopt.planning.costgraph`; always done at levels 2-4 and with a memory
+            budget, which need it).
+        recording: how that step is recorded (:mod:`fxmemopt.profiling.scaled`). ``"auto"`` (default): where the
+            examples have a batch dimension of at least 8 samples, at batch sizes 1 and 2 (2 and 4 if those fail),
+            every storage checked to the byte at 3 (6), and extrapolated to the examples' batch; node times at full
+            size without grad. The unoptimized step never runs at the examples' size, so ``optimize`` works where
+            that step does not fit, and the validation step runs on a 2-sample slice; the result's own step is
+            measured at full size. Elsewhere, or when the check fails, at the examples' size (the summary's
+            ``recording`` says which, and why). ``"full"``: always at the examples' size (a few unoptimized steps'
+            time and memory). ``"reduced"``: extrapolated, or :class:`~fxmemopt.errors.RecordingError`.
         calls_per_step: how many calls of the module make one training step: ``T`` for a single-step network
             (snntorch's ``init_hidden=True`` style, norse cells) called once per time step by your training loop,
             with one backward after the last call. ``example_inputs`` are one call's inputs. The predicted peaks
@@ -938,28 +986,29 @@ def optimize(
                            allow_expensive_profiling=allow_expensive_profiling,
                            warmup_in_main_process=warmup_in_main_process,
                            warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
-                           compress=compress, exact=exact, never_worse=never_worse), recompute_check)
+                           compress=compress, exact=exact, never_worse=never_worse), recompute_check, recording)
         # probe, trace, annotate, regions: what the model is, as plain data
         an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
                      progress=step)
-        # costgraph: one recorded unoptimized step, what the search and the predictions run on
-        cost, notes = _cost_graph(an, req, step)
+        # costgraph: the recorded unoptimized step (small batches, extrapolated, where the batch can be sliced): what
+        # the search and the predictions run on
+        cost, notes, recording = _cost_graph(an, req, step)
         # plan + choose: a saved plan as is, or the search on the cost graph (level 1 alone without one)
         result = _choose(an, cost, req, step)
         # rewrite + validate: checkpoint regions in a new GraphModule; one training step of it, failing regions out
         step("rewriting and validating one training step of the result")
-        built = _validated(model, an, result.plan, req.inputs)
+        built = _validated(model, an, result.plan, _validation_inputs(req.inputs, recording))
         # value check: what each step checks from now on (Rule 3), chosen before the result is measured
         built = _with_value_check(built, result, req)
         # never worse, measured: one tracked step of the result; regions at a peak above the unoptimized one out
-        built = _kept_below(model, an, built, cost, req)
+        built = _kept_below(model, an, built, cost, req, recording)
         # profile: confirm by measurement (optional; failures are recorded, never raised)
         built, measured = _confirmed(model, an, built, result, req, step)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example
         sliced = slice_effects(model, built.gm, req.inputs, an.stateful) \
             if any(r.whole_slices for r in built.plan.regions) else {}
         # report: the summary, built once
-        summary = _report(model, an, cost, result, built, measured, sliced, req, notes, started)
+        summary = _report(model, an, cost, result, built, measured, sliced, req, notes, started, recording)
     built.gm.fxmemopt_summary = summary
     log.info("%s", summary)
     return (built.gm, summary) if return_summary else built.gm

@@ -27,6 +27,7 @@ __all__ = [
     "RecomputationValueError",
     "MemoryBudgetError",
     "PlanError",
+    "RecordingError",
     "GuardError",
     "InternalError",
     "FxMemOptWarning",
@@ -109,6 +110,11 @@ class RecomputationValueError(RecomputationMismatchError):
 
 class MemoryBudgetError(FxMemOptError, ValueError):
     """``memory_budget`` is below the smallest peak any plan reaches; the message says that smallest peak."""
+
+
+class RecordingError(FxMemOptError, RuntimeError):
+    """The training step the cost model needs cannot be recorded as asked (``recording="reduced"`` on inputs whose
+    batch cannot be sliced: :mod:`fxmemopt.profiling.scaled`); the message says why and what to pass instead."""
 
 
 class PlanError(FxMemOptError, ValueError):

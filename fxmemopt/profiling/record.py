@@ -25,7 +25,7 @@ from ..compat import TorchDispatchMode, tree_leaves
 from ..planning.costgraph import LOSS, StepTrace, StorageRecord
 from .measure import default_loss, reset_states
 
-__all__ = ["record_step"]
+__all__ = ["forward_node_times", "record_step"]
 
 
 class _Recorder(TorchDispatchMode):
@@ -44,6 +44,7 @@ class _Recorder(TorchDispatchMode):
         self.seq_nodes: list[str] = []
         self.last_bwd_node = LOSS
         self.closed = False  # set when the step is over: later frees (state restore) mean "alive at the end"
+        self.created = 0  # storages seen so far: their creation order, the same at every batch size (scaled.py)
 
     def mark(self) -> int:
         self.events.append((self.phase, self.node))
@@ -89,9 +90,10 @@ class _Recorder(TorchDispatchMode):
             key = compat.storage_key(storage)
             if key in self.recs or key in inputs:
                 continue
-            rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node,
+            rec = {"nbytes": storage.nbytes(), "alloc": ev, "free": None, "node": self.node, "seq": self.created,
                    "phase": self.phase, "saved_by": set(), "value_of": None, "consumed": None, "views": []}
             self.recs[key] = rec
+            self.created += 1
             self.live += rec["nbytes"]
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, key)
@@ -226,6 +228,35 @@ def machine_costs(threads: int) -> tuple[float, float, float, tuple[tuple[int, f
     return pack_time_per_value(), copy_time_per_byte(), region_overhead(), by_bits
 
 
+def forward_node_times(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
+                       repeats: int = 2) -> dict[str, float]:
+    """Node -> forward wall time of ``gm`` without grad on ``inputs`` (the fastest of ``repeats`` after a warm-up),
+    the model's state, buffers and RNG restored afterwards.
+
+    Without grad a forward keeps only the values still to be used (the interpreter drops each after its last use),
+    so this runs at a batch whose training step would not fit (:mod:`fxmemopt.profiling.scaled`)."""
+    saved = ModelState.capture(gm, stateful)
+    runs, plain = [], []
+    with saved.restored_after(), torch.no_grad():
+        for _ in range(repeats + 1):
+            saved.restore()
+            reset_states(gm)
+            timer = _TimingInterpreter(gm)
+            timer.run(*inputs)
+            runs.append(timer.times)
+            saved.restore()
+            reset_states(gm)
+            t0 = time.perf_counter()
+            gm(*inputs)
+            plain.append(time.perf_counter() - t0)
+    runs, plain = runs[1:], plain[1:]
+    times = {k: min(t.get(k, 0.0) for t in runs) for k in runs[0]}
+    total = sum(times.values())
+    # node by node adds the interpreter's overhead: scaled to add up to the plain forward (as record_step does)
+    scale = min(2.0, max(0.5, min(plain) / total)) if total > 0 else 1.0
+    return {k: v * scale for k, v in times.items()}
+
+
 def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None, timing_repeats: int = 2) -> StepTrace:
     """Record one unoptimized training step of the traced module ``gm`` (see the module docstring).
@@ -239,7 +270,8 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         stateful: stateful module paths -> state attribute names.
         loss_fn: output -> scalar loss; default :func:`fxmemopt.profiling.measure.default_loss`.
         timing_repeats: untracked steps and node-by-node forwards timed, interleaved (after one warm-up step); the
-            fastest of each counts.
+            fastest of each counts. 0: no timing (the warm-up step still runs; times are empty and the step time
+            0: :mod:`fxmemopt.profiling.scaled` times at another size).
 
     Returns:
         The :class:`StepTrace`.
@@ -271,8 +303,10 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
         # interpreter's overhead, and a machine under load slows one measurement and not the other.
         clear()
         backward(loss_fn(gm(*inputs)))
-        step_times, forward_times, node_times, nograd_times = [], [], [], []
-        for _ in range(max(1, timing_repeats)):
+        step_times, forward_times, node_times, nograd_times = [0.0], [0.0], [{}], [{}]
+        if timing_repeats > 0:
+            step_times, forward_times, node_times, nograd_times = [], [], [], []
+        for _ in range(timing_repeats):
             clear()
             t0 = time.perf_counter()
             out = gm(*inputs)
@@ -321,10 +355,10 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
             rec.mark()
             rec.closed = True
     records = rec.done + list(rec.recs.values())
-    storages = tuple(sorted(
-        (StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"], tuple(sorted(r["saved_by"])),
-                       r["value_of"], r["consumed"], tuple(r["views"])) for r in records),
-        key=lambda s: (s.alloc, s.nbytes)))
+    # in allocation order (events, then creation within one event): the same at every batch size (scaled.py)
+    storages = tuple(StorageRecord(r["nbytes"], r["alloc"], r["free"], r["node"], r["phase"],
+                                   tuple(sorted(r["saved_by"])), r["value_of"], r["consumed"], tuple(r["views"]))
+                     for r in sorted(records, key=lambda r: (r["alloc"], r["seq"])))
     step_time = min(step_times)
     device = next((t.device for t in tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)), None)
     on_cpu = device is None or device.type == "cpu"

@@ -222,6 +222,9 @@ class Summary(SeedSummaryFields):
     plan: Plan
     notes: list[str] = field(default_factory=list)
     runtime: dict[str, RegionStats] = field(default_factory=dict)
+    #: How the step behind the predictions was recorded (:class:`fxmemopt.profiling.scaled.Recording`): at the
+    #: examples' size, or at small batches and extrapolated; empty without a prediction.
+    recording: str = ""
     #: Predicted peak bytes of a training step (cost model), unoptimized and with the plan.
     predicted_peak_before: int | None = None
     predicted_peak_after: int | None = None
@@ -294,7 +297,7 @@ class Summary(SeedSummaryFields):
                 "decision": d.action if d else "wrap", "reason": d.reason if d else "",
             })
         totals = {"stored_bytes": self.stored_bytes, "unpacked_bytes": sum(r.full_bytes for r in self.regions),
-                  "predicted_peak_before": self.predicted_peak_before,
+                  "predicted_peak_before": self.predicted_peak_before, "recording": self.recording,
                   "predicted_peak_after": self.predicted_peak_after,
                   "measured_peak_before": self.measured_peak_before,
                   "measured_peak_after": self.measured_peak_after,
@@ -388,6 +391,8 @@ class Summary(SeedSummaryFields):
                          f"{_fmt_bytes(self.predicted_peak_after)} "
                          f"({self.predicted_peak_before / self.predicted_peak_after:.2f}x lower), step time "
                          f"x{self.predicted_step_time_ratio:.2f}")
+        if self.recording:
+            parts.append(f"cost model: {self.recording}")
         if self.measured_peak_before and self.measured_peak_after:
             parts.append(f"measured peak ({self.measurement}): {_fmt_bytes(self.measured_peak_before)} -> "
                          f"{_fmt_bytes(self.measured_peak_after)} "
