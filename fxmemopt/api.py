@@ -19,12 +19,11 @@ import torch
 from torch import fx, nn
 
 from .analysis.annotate import AnnotatedGraph, annotate
-from .analysis.state import ModelState, has_memories, probe, set_state
+from .analysis.state import ModelState, ProbeResult, fresh_probe, has_memories, set_state
 from .analysis.trace import make_graph_module, trace
 from .analysis.units import Units, find_units
 from .compat import check_saved_tensors_hooks_nesting, tree_leaves
 from .errors import (
-    FxMemOptError,
     FxMemOptWarning,
     InvalidInputsError,
     InvalidOptionError,
@@ -244,8 +243,13 @@ class Analysis:
 
 def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, ...] = (),
             leaf: tuple[type | str, ...] = (), declared: tuple[type, ...] = (), keep: tuple[type | str, ...] = (),
-            progress: Callable[[str], None] | None = None) -> Analysis:
-    """The analysis stages: probe, trace, annotate, find regions. The model is left as it was.
+            progress: Callable[[str], None] | None = None, found: ProbeResult | None = None) -> Analysis:
+    """The analysis stages: probe, trace, annotate, find regions, on the model in its fresh state. The model is left as
+    it was.
+
+    A model that comes with state from an earlier step (a training step ran, or a forward on another batch size,
+    and nothing reset it) is analysed as if freshly reset: :func:`~fxmemopt.analysis.state.fresh_probe` resets every
+    stateful module for the analysis and puts the caller's state back afterwards.
 
     Args:
         model: the user's model.
@@ -255,23 +259,22 @@ def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, .
         declared: module types declared stateful.
         keep: module paths or types kept as modules (``keep_modules``): no region crosses their boundaries.
         progress: told the name of each stage as it starts.
+        found: the probe of the model, made by the caller's ``fresh_probe`` block (which this call runs inside: the
+            stages after analysis run on the same fresh state); ``None``: probe here, fresh, and put the caller's
+            state back on return.
 
     Raises:
+        StaleStateError: a stateful module holds state from an earlier step that cannot be reset (the message says
+            which, and how to reset it).
         InvalidInputsError: the model fails on the example inputs.
         TraceError, TargetsMatchNothingError: as :func:`optimize`.
     """
     step = progress or (lambda what: None)
-    # probe: which modules carry state across calls, which buffers a forward mutates (model left untouched)
-    step("probing stateful modules")
-    try:
-        found = probe(model, inputs, declared)
-    except FxMemOptError:
-        raise
-    except Exception as e:
-        raise InvalidInputsError(format_error(
-            f"{type(model).__name__}(*example_inputs)", f"raised {type(e).__name__}: {e}",
-            fix="Check that example_inputs are what the model's forward expects (a tuple of positional inputs).",
-        )) from e
+    if found is None:
+        step("probing stateful modules")
+        with fresh_probe(model, inputs, declared) as found:
+            return analyze(model, inputs, targets=targets, leaf=leaf, declared=declared, keep=keep,
+                           progress=progress, found=found)
     stateful = {p: tuple(n) for p, n in found.stateful.items()}
     # trace: fx graph with neurons and untraceable submodules as leaves
     step("tracing")
@@ -866,7 +869,11 @@ def optimize(
 
     Args:
         model: the network (plain PyTorch, :mod:`fxmemopt.snn`, or spikingjelly multi-step modules). It is not
-            modified: its state, buffers, gradients and the global RNG are as before the call.
+            modified: its state, buffers, gradients and the global RNG are as before the call. It is optimized as if
+            freshly reset: neuron state left from an earlier step (a training step, a forward on another batch size)
+            is reset for every run ``optimize`` makes (spikingjelly and fxmemopt.snn ``reset()``, snntorch
+            ``reset_mem()``, sinabs ``reset_states()``, a stateful module's own ``reset()``) and put back after; the
+            returned module shares the model's modules, so it holds that same state until you reset it.
         example_inputs: a tuple of positional inputs shaped like real ones (as for ``torch.export``). One
             ``no_grad`` forward runs on them to find stateful modules, shapes and spike value sets.
         targets: module classes whose instances become regions (like the seed's ``instance``); ``None`` finds
@@ -957,6 +964,8 @@ def optimize(
 
     Raises:
         InvalidInputsError: ``example_inputs`` is not a tuple with a tensor, or the model fails on it.
+        StaleStateError: a plain stateful module without a ``reset()`` holds state from an earlier step (a tensor with
+            autograd history, or one the forward on the example fails on): reset the model first.
         InvalidOptionError: an option has the wrong type or is out of range.
         TraceError: the model's own ``forward`` cannot be traced by torch.fx.
         TargetsMatchNothingError: ``targets`` matches no called module.
@@ -975,7 +984,8 @@ def optimize(
     started = time.perf_counter()
     step = _stage_logger(started, progress)
     check_saved_tensors_hooks_nesting()  # the torch behaviour regions rely on (fxmemopt.compat)
-    with _input_grads_kept(example_inputs):  # analysis steps must not add to the examples' .grad
+    # analysis steps must not add to the examples' .grad; the model runs fresh until optimize returns (`fresh`)
+    with _input_grads_kept(example_inputs), contextlib.ExitStack() as fresh:
         # check: inputs, model and options, resolved into one frozen request (typed errors name what is wrong)
         req = _request(model, example_inputs, plan, measure, measure_timeout_s, calls_per_step, predict, targets,
                        leaf_modules, stateful_modules, keep_modules, resolve_options(
@@ -987,9 +997,13 @@ def optimize(
                            warmup_in_main_process=warmup_in_main_process,
                            warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
                            compress=compress, exact=exact, never_worse=never_worse), recompute_check, recording)
-        # probe, trace, annotate, regions: what the model is, as plain data
+        # probe: which modules carry state, each put in its fresh state for every run below (a model carrying state
+        # from an earlier step is optimized as if reset; the caller's state is put back when this block ends)
+        step("probing stateful modules")
+        found = fresh.enter_context(fresh_probe(model, req.inputs, req.declared))
+        # trace, annotate, regions: what the model is, as plain data
         an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
-                     progress=step)
+                     progress=step, found=found)
         # costgraph: the recorded unoptimized step (small batches, extrapolated, where the batch can be sliced): what
         # the search and the predictions run on
         cost, notes, recording = _cost_graph(an, req, step)

@@ -29,6 +29,7 @@ __all__ = [
     "PlanError",
     "RecordingError",
     "GuardError",
+    "StaleStateError",
     "InternalError",
     "FxMemOptWarning",
     "format_error",
@@ -128,6 +129,19 @@ class GuardError(FxMemOptError, RuntimeError):
     example inputs when the model was traced; the optimized module checks each such decision on every call and
     raises this, naming the guard, the value traced and the value of this call, instead of running code that was
     specialized for other inputs. Optimize again with example inputs like this call's.
+    """
+
+
+class StaleStateError(FxMemOptError, RuntimeError):
+    """A stateful module holds state from an earlier call that :func:`fxmemopt.optimize` cannot put back to fresh.
+
+    ``optimize`` runs the model as if freshly reset, and puts the caller's state back afterwards: it resets
+    spikingjelly and :mod:`fxmemopt.snn` neurons (``reset()``), snntorch neurons (``reset_mem()``), sinabs layers
+    (``reset_states()``) and any stateful module with a ``reset()`` of its own, always on copies of the state. A
+    plain module that keeps its state in an attribute (``self.v = ...``) and has no such method cannot be reset
+    generically; when its state is a tensor from an earlier step (one that still references that step's autograd
+    graph, or that the forward on the example inputs fails on, e.g. another batch size), this error names the module,
+    the attribute and its shape. Reset the model before calling ``optimize``, or give the class a ``reset()``.
     """
 
 

@@ -17,6 +17,7 @@ from fxmemopt.errors import (
     InvalidOptionError,
     PlanError,
     RegionError,
+    StaleStateError,
     TargetsMatchNothingError,
     TraceError,
 )
@@ -69,6 +70,29 @@ def test_example_inputs_the_model_rejects_name_the_model():
     with pytest.raises(InvalidInputsError) as e:
         fxmemopt.optimize(_small(), (torch.rand(2, 1, 5, 8, 8),))
     assert "DeepConvSNN(*example_inputs)" in str(e.value) and "channels" in str(e.value)
+
+
+class KeepsV(nn.Module):
+    """A plain neuron keeping its membrane in ``self.v``, with no reset method (``tests/test_stale_state.py`` has
+    the library neurons optimize resets itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = None
+
+    def forward(self, x):
+        self.v = x if self.v is None else self.v / 2 + x
+        return (self.v > 1).float() + self.v - self.v.detach()
+
+
+def test_stale_state_that_cannot_be_reset_names_the_module_attribute_and_the_reset():
+    model = nn.Sequential(nn.Linear(4, 4), KeepsV())
+    model(torch.rand(3, 4)).sum().backward()  # a training step: v has the step's (freed) graph; nothing reset it
+    with pytest.raises(StaleStateError) as e:
+        fxmemopt.optimize(model, (torch.rand(3, 4),))
+    msg = str(e.value)
+    assert msg.startswith("1 (KeepsV): holds state from an earlier step") and "v: tensor [3, 4] with grad_fn" in msg
+    assert "expected a fresh state" in msg and "Reset the model's state before optimize" in msg
 
 
 class Box:
@@ -179,5 +203,6 @@ def test_options_out_of_range_name_the_option(kwargs, named):
 
 
 def test_every_user_error_is_an_fxmemopt_error():
-    for cls in (TraceError, InvalidInputsError, InvalidOptionError, TargetsMatchNothingError, RegionError, PlanError):
+    for cls in (TraceError, InvalidInputsError, InvalidOptionError, TargetsMatchNothingError, RegionError, PlanError,
+                StaleStateError):
         assert issubclass(cls, FxMemOptError)

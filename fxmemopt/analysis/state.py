@@ -15,6 +15,11 @@ fxmemopt, all with plain data:
 3. *How to snapshot and restore?* :class:`StateSnapshot` for one module's state, :class:`ModelState` for
    everything fxmemopt may disturb while it analyses a model (buffers, states, RNG), so :func:`fxmemopt.optimize`
    leaves the caller's model exactly as it found it.
+4. *How to start fresh?* A model may come with state from an earlier step (a training step ran, nothing reset it):
+   a tensor that references a freed autograd graph, or one of another batch size. :func:`fresh_probe` puts every
+   stateful module in its fresh state for as long as optimize runs (each library's own reset, on copies of the
+   state: :data:`RESET_CONVENTIONS`, or the module's own ``reset()``), probes it, and puts the caller's state back
+   afterwards; a stale state it cannot reset raises :class:`~fxmemopt.errors.StaleStateError`.
 
 Snapshots hold *references*, not copies: neurons rebind their state rather than mutating it, so a reference is
 exact and free. Tensors are version-checked (``Tensor._version``) so an in-place mutation is detected instead of
@@ -24,12 +29,17 @@ silently corrupting a snapshot.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import inspect
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..compat import tree_leaves
+from ..errors import FxMemOptError, InvalidInputsError, StaleStateError, first_line, format_error
 
 __all__ = [
     "ProbeResult",
@@ -39,6 +49,10 @@ __all__ = [
     "attributes_of",
     "put_back_attributes",
     "probe",
+    "ResetConvention",
+    "RESET_CONVENTIONS",
+    "reset_states",
+    "fresh_probe",
     "rng_state",
     "set_rng_state",
 ]
@@ -237,7 +251,8 @@ class ModelState:
         with torch.no_grad():
             for mod, name, original, value in self.buffers:
                 mod._buffers[name] = original
-                original.copy_(value)
+                if not torch.equal(original, value):  # a no-op copy would still bump the version of a tensor
+                    original.copy_(value)             # the caller's autograd graph may have saved
         put_back_attributes(self.attrs)
         for mod, snap in self.states:
             snap.restore(mod)
@@ -410,3 +425,263 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
     state_buffers = {(paths[m], k) for m, ks in changed_attrs.items() for k in ks}
     return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs - state_buffers)), counts,
                        {p: v for p, v in sorted(resets.items()) if p in stateful})
+
+
+# ---- fresh state: a model that comes with state from an earlier step ------------------------------------------------
+
+def _from_library(m: nn.Module, package: str) -> bool:
+    """True when ``m``'s class or one of its bases is defined in ``package`` (no import of it needed)."""
+    return any(c.__module__.split(".", 1)[0] == package for c in type(m).__mro__)
+
+
+@dataclass(frozen=True)
+class ResetConvention:
+    """How one family of neurons is put back to its fresh state.
+
+    Attributes:
+        name: the family, for messages (``"snntorch neuron"``).
+        advice: what a user calls to reset a whole model of this family.
+        applies: ``module -> bool``.
+        reset: ``module -> None``: the family's own per-module reset. It runs on copies of the module's state
+            tensors (:func:`reset_states`), so one that writes in place (sinabs's ``buffer.zero_()``,
+            ``detach_()``) never touches the caller's tensors.
+    """
+
+    name: str
+    advice: str
+    applies: Callable[[nn.Module], bool]
+    reset: Callable[[nn.Module], None]
+
+
+#: The libraries' own resets, tried in order. Per module, never process-wide: snntorch's ``utils.reset`` and the
+#: class-level ``reset_hidden`` reset every instance in ``SpikingNeuron.instances``, other models' included, so the
+#: per-neuron ``reset_mem()`` is used (zeros, no autograd history; the forward re-creates a state of another shape).
+RESET_CONVENTIONS: tuple[ResetConvention, ...] = (
+    ResetConvention("_memories module (spikingjelly, fxmemopt.snn)",
+                    "spikingjelly.activation_based.functional.reset_net(model) (fxmemopt.snn.reset_net for "
+                    "fxmemopt.snn)",
+                    lambda m: has_memories(m) and callable(getattr(m, "reset", None)), lambda m: m.reset()),
+    ResetConvention("snntorch neuron", "snntorch.utils.reset(model), or reset_mem() on each neuron",
+                    lambda m: _from_library(m, "snntorch") and callable(getattr(m, "reset_mem", None)),
+                    lambda m: m.reset_mem()),
+    ResetConvention("sinabs stateful layer", "model.reset_states()",
+                    lambda m: _from_library(m, "sinabs") and callable(getattr(m, "reset_states", None))
+                    and bool(m._buffers), lambda m: m.reset_states()),
+)
+
+
+def convention_of(m: nn.Module) -> ResetConvention | None:
+    """The first :data:`RESET_CONVENTIONS` entry that applies to ``m``, or None."""
+    return next((c for c in RESET_CONVENTIONS if c.applies(m)), None)
+
+
+def _own_reset(m: nn.Module) -> Callable[[], Any] | None:
+    """A plain stateful module's own zero-argument ``reset()`` (or ``reset_states()``), or None."""
+    for name in ("reset", "reset_states"):
+        fn = getattr(m, name, None)
+        if callable(fn) and not isinstance(fn, nn.Module):
+            try:
+                inspect.signature(fn).bind()
+            except (TypeError, ValueError):
+                continue
+            return fn
+    return None
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(t.requires_grad and t.is_leaf)
+
+
+def _on_copies(m: nn.Module) -> None:
+    """Rebind every state tensor of ``m`` (buffers, ``_memories`` entries, tensor attributes) to a detached copy, so
+    a reset that writes in place writes the copies; :class:`ModelState` rebinds the originals afterwards."""
+    for name, b in m._buffers.items():
+        if b is not None:
+            m._buffers[name] = _copy(b)
+    mem = m.__dict__.get("_memories")
+    if isinstance(mem, dict):
+        for k, v in mem.items():
+            if isinstance(v, torch.Tensor):
+                mem[k] = _copy(v)
+    for k, v in list(m.__dict__.items()):
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+            m.__dict__[k] = _copy(v)
+
+
+def reset_states(model: nn.Module) -> list[nn.Module]:
+    """Put every module a :data:`RESET_CONVENTIONS` entry covers back to its fresh state; returns those modules.
+
+    The reset runs on copies of the state tensors (the caller's tensors are rebound, never written): take a
+    :class:`ModelState` first to put them back.
+    """
+    done = []
+    for m in model.modules():
+        convention = convention_of(m)
+        if convention is not None:
+            _on_copies(m)
+            convention.reset(m)
+            done.append(m)
+    return done
+
+
+def _tensor_state(m: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """``m``'s state tensors: those named (or, without names, every non-parameter tensor attribute), and its
+    ``_memories`` tensors."""
+    mem = m.__dict__.get("_memories")
+    found = {k: v for k, v in (mem.items() if isinstance(mem, dict) else ()) if isinstance(v, torch.Tensor)}
+    if names is None:
+        found.update((k, v) for k, v in m.__dict__.items()
+                     if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+    else:
+        found.update((k, v) for k in names for v in [get_state(m, k)] if isinstance(v, torch.Tensor))
+    return found
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}: tensor {list(v.shape)}" + (f" with grad_fn={type(v.grad_fn).__name__}"
+                                                       if v.grad_fn is not None else "")
+                     for k, v in sorted(tensors.items()))
+
+
+def _failing_module(error: BaseException, model: nn.Module) -> tuple[str, nn.Module, str] | None:
+    """The innermost module of ``model`` whose code is on ``error``'s traceback: (path, module, its tensor arguments'
+    shapes there)."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    hit = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            code = frame.f_code
+            args = [frame.f_locals.get(n) for n in code.co_varnames[1:code.co_argcount]]
+            shapes = ", ".join(str(list(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            hit = (paths[id(owner)], owner, shapes)
+    return hit
+
+
+_RESET_FIX = ("Reset the model's state before optimize, as before every new sequence (put {names} back to "
+              "its initial value); or give {cls} a reset() method: optimize calls it on a copy of the state and "
+              "puts yours back afterwards, as it does with spikingjelly, fxmemopt.snn, snntorch and sinabs neurons.")
+
+
+def _stale(path: str, m: nn.Module, problem: str, expected: str, got: str) -> StaleStateError:
+    names = ", ".join(f"self.{k}" for k in sorted(_tensor_state(m))) or "its state"
+    return StaleStateError(format_error(f"{path or 'model'} ({type(m).__name__})", problem, expected=expected,
+                                        got=got, fix=_RESET_FIX.format(cls=type(m).__name__, names=names)))
+
+
+def _probe_fresh(model: nn.Module, inputs: tuple[Any, ...], declared: tuple[type, ...],
+                 reset: set[nn.Module]) -> ProbeResult:
+    """:func:`probe`, on a model whose library neurons are reset already (``reset``): plain stateful modules
+    holding a tensor state are reset with their own ``reset()`` (and the model probed again), or checked for
+    staleness the probe can see."""
+    for _ in range(sum(1 for _ in model.modules()) + 1):  # each round resets at least one more module
+        try:
+            found = probe(model, inputs, declared)
+        except FxMemOptError:
+            raise
+        except Exception as e:
+            hit = _failing_module(e, model)
+            if hit is not None and hit[1] not in reset and _tensor_state(hit[1]):
+                path, m, shapes = hit
+                own = _own_reset(m)
+                if own is not None:  # its own reset, on copies, then probe again
+                    _on_copies(m)
+                    own()
+                    reset.add(m)
+                    continue
+                raise _stale(path, m, f"holds state from an earlier call, and the forward on the example inputs "
+                             f"fails on it ({first_line(e, 200)})", f"a fresh state for its inputs {shapes}",
+                             _shapes(_tensor_state(m))) from e
+            raise InvalidInputsError(format_error(
+                f"{type(model).__name__}(*example_inputs)", f"raised {type(e).__name__}: {e}",
+                fix="Check that example_inputs are what the model's forward expects (a tuple of positional "
+                    "inputs).")) from e
+        again = False
+        graphed: list[tuple[str, nn.Module, dict[str, torch.Tensor]]] = []
+        for path, names in found.stateful.items():
+            m = model.get_submodule(path)
+            state = _tensor_state(m, names)
+            if m in reset or path in found.resets or not state:
+                continue  # reset already, reset by the model's own forward, or no tensor state to be stale
+            own = _own_reset(m)
+            if own is not None:
+                before = _state_values(m)
+                _on_copies(m)
+                own()
+                reset.add(m)
+                again = again or not _same_values(before, _state_values(m))
+                continue
+            history = {k: v for k, v in state.items() if v.grad_fn is not None}
+            if history:
+                graphed.append((path, m, history))
+        if again:
+            continue
+        for path, m, history in _reached(model, inputs, graphed):
+            raise _stale(path, m, "holds state from an earlier step that references that step's autograd "
+                         "graph, which a training step from it would backpropagate into (freed by the earlier "
+                         "step's backward, or else joined to every step optimize runs)",
+                         "a fresh state (no autograd history)", _shapes(history))
+        return found
+    raise StaleStateError(format_error(type(model).__name__, "its stateful modules' reset() methods do not leave "
+                                       "them fresh", fix="Reset the model's state before optimize."))
+
+
+def _reached(model: nn.Module, inputs: tuple[Any, ...], graphed: list[tuple[str, nn.Module, dict[str, torch.Tensor]]]
+             ) -> list[tuple[str, nn.Module, dict[str, torch.Tensor]]]:
+    """Those of ``graphed`` (module, its state tensors with autograd history) whose history the outputs' autograd
+    graph reaches: one forward with grad (state restored after), its graph walked from the outputs. A state the
+    forward overwrites before reading (a cache, an observation) is harmless, however stale."""
+    if not graphed:
+        return []
+    saved = ModelState.capture(model, {p: () for p, m in model.named_modules() if has_memories(m)})
+    with saved.restored_after(), torch.enable_grad():
+        out = model(*inputs)
+    stack = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen: set[int] = set()
+    nodes = []  # kept alive while their ids are in `seen`
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        nodes.append(fn)
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return [(p, m, {k: v for k, v in h.items() if id(v.grad_fn) in seen}) for p, m, h in graphed
+            if any(id(v.grad_fn) in seen for v in h.values())]
+
+
+@contextlib.contextmanager
+def fresh_probe(model: nn.Module, inputs: tuple[Any, ...], declared: tuple[type, ...] = ()
+                ) -> Iterator[ProbeResult]:
+    """Put every stateful module in its fresh state, :func:`probe` the model, and keep it fresh until the block ends;
+    then put the caller's state back (the same objects, the same values).
+
+    A model may come with state from an earlier step: a training step ran and nothing reset it (its state references
+    that step's freed autograd graph), or it ran on another batch size. Everything optimize runs (probe, trace,
+    recording, validation, measurement) must see the model as freshly reset, the state a training step starts from.
+    Modules are reset by their library's convention (:data:`RESET_CONVENTIONS`), or, for a plain stateful module
+    the probe finds, by its own ``reset()``; always on copies of the state tensors.
+
+    Args:
+        model: the user's model.
+        inputs: checked example inputs.
+        declared: module classes declared stateful.
+
+    Yields:
+        The :class:`ProbeResult` of the fresh model.
+
+    Raises:
+        StaleStateError: a plain stateful module without a ``reset()`` holds a tensor state from an earlier step:
+            one with autograd history, or one the forward on the example fails on (another batch size).
+        InvalidInputsError: the model fails on the example inputs for another reason.
+
+    Example:
+        >>> net(x_small)                                             # doctest: +SKIP
+        >>> with fresh_probe(net, (x,)) as found:                    # doctest: +SKIP
+        ...     net(x)                                               # runs from the fresh state
+        >>> # net's state is x_small's again
+    """
+    saved = ModelState.capture(model, {p: () for p, m in model.named_modules() if has_memories(m)})
+    with saved.restored_after():
+        reset = set(reset_states(model))
+        yield _probe_fresh(model, inputs, declared, reset)

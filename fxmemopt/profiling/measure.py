@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import compat
+from ..analysis import state
 from ..analysis.state import ModelState, has_memories
 from ..compat import TorchDispatchMode, tree_leaves
 
@@ -177,10 +178,14 @@ def default_loss(out: Any) -> torch.Tensor:
 
 
 def reset_states(module: nn.Module) -> None:
-    """Call ``reset()`` on every module following the ``_memories`` convention (fxmemopt.snn, spikingjelly)."""
-    for m in module.modules():
-        if has_memories(m) and callable(getattr(m, "reset", None)):
-            m.reset()
+    """Put every neuron in ``module`` back to its fresh state with its library's own per-module reset: ``reset()``
+    for the ``_memories`` convention (fxmemopt.snn, spikingjelly), ``reset_mem()`` for snntorch, ``reset_states()``
+    for sinabs (:data:`fxmemopt.analysis.state.RESET_CONVENTIONS`).
+
+    The resets run on copies of the state tensors, which are rebound: a reset that writes in place (sinabs's) never
+    writes a tensor the caller holds, or one a finished step's autograd graph saved.
+    """
+    state.reset_states(module)
 
 
 def measure_step(module: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable[[Any], torch.Tensor] | None = None,

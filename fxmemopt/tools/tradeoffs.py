@@ -9,6 +9,7 @@ or a budget picks from. Any point's ``plan`` applies as is: ``fxmemopt.optimize(
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..analysis.state import fresh_probe
 from ..api import _check_inputs, _check_model, _check_types, _input_grads_kept, analyze
 from ..errors import InvalidInputsError, InvalidOptionError, MemoryBudgetError, format_error
 from ..planning.costgraph import build_cost_graph, simulate
@@ -124,6 +126,8 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
 
     Raises:
         InvalidInputsError: the model fails on the example inputs, or a training step on them cannot be recorded.
+        StaleStateError: a stateful module holds state from an earlier step that cannot be reset (as
+            :func:`fxmemopt.optimize`; every other model is analysed as if freshly reset, its state put back after).
         InvalidOptionError: an option is out of range.
 
     Example:
@@ -133,12 +137,14 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
     """
     if isinstance(budgets, bool) or not isinstance(budgets, int) or budgets < 0:
         raise InvalidOptionError(format_error("budgets", "must be an int >= 0", got=repr(budgets)))
-    with _input_grads_kept(example_inputs):
+    with _input_grads_kept(example_inputs), contextlib.ExitStack() as fresh:
         inputs = _check_inputs(example_inputs)
         _check_model(model)
+        declared = _check_types("stateful_modules", stateful_modules)
+        # the model as if freshly reset, for the analysis and the recorded step (its state put back after)
+        found = fresh.enter_context(fresh_probe(model, inputs, declared))
         an = analyze(model, inputs, targets=_check_types("targets", targets),
-                     leaf=_check_types("leaf_modules", leaf_modules, allow_str=True),
-                     declared=_check_types("stateful_modules", stateful_modules))
+                     leaf=_check_types("leaf_modules", leaf_modules, allow_str=True), declared=declared, found=found)
         try:
             cost = build_cost_graph(an.annotated, record_step(an.traced, inputs, an.stateful))
         except Exception as e:
