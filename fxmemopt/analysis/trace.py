@@ -42,6 +42,7 @@ import logging
 import operator
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.proxy import Attribute
 
 from ..compat import bind_function_apply, copy_non_persistent_buffers, original_function_apply, tree_leaves
-from ..errors import GuardError, TraceError, first_line, format_error
+from ..errors import GuardError, InternalError, TraceError, first_line, format_error
 from ..runtime.steps import unbind_steps
 from .state import ModelState
 
@@ -194,6 +195,55 @@ def _describe(a: Any, depth: int = 0) -> str:
     return f"<{a.name}>"
 
 
+class _ValueTable:
+    """Node -> its example value, holding tensors only while code can still use them.
+
+    A traced forward at the user's size must not keep every activation alive (the step being optimized may not fit
+    in memory; tracing ran out of memory on a model whose optimized step fitted easily): a tensor value is held
+    strongly by the proxy the user's code holds (:meth:`_CaptureTracer.create_proxy`), and here only by a weak
+    reference, so it is freed when the traced code drops it, as in an untraced ``no_grad`` forward. Reads after
+    that (shape questions after tracing: :func:`_unbind_time_steps`) get a ``meta`` tensor of the same shape and
+    dtype; other values (numbers, sizes, modules, tuples) are held as they are."""
+
+    def __init__(self) -> None:
+        self._strong: dict[fx.Node, Any] = {}
+        self._weak: dict[fx.Node, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+
+    def __setitem__(self, node: fx.Node, value: Any) -> None:
+        self.pop(node, None)
+        if type(value) is torch.Tensor or isinstance(value, nn.Parameter):
+            self._weak[node] = (weakref.ref(value), torch.empty(value.shape, dtype=value.dtype, device="meta"))
+        else:
+            self._strong[node] = value
+
+    def __contains__(self, node: fx.Node) -> bool:
+        return node in self._strong or node in self._weak
+
+    def __getitem__(self, node: fx.Node) -> Any:
+        if node in self._strong:
+            return self._strong[node]
+        ref, meta = self._weak[node]
+        value = ref()
+        return meta if value is None else value
+
+    def live(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value is still its example value (not a ``meta`` stand-in)."""
+        return node in self._strong or (node in self._weak and self._weak[node][0]() is not None)
+
+    def get(self, node: fx.Node, default: Any = None) -> Any:
+        return self[node] if node in self else default
+
+    def pop(self, node: fx.Node, default: Any = None) -> Any:
+        value = self.get(node, default)
+        self._strong.pop(node, None)
+        self._weak.pop(node, None)
+        return value
+
+    def clear(self) -> None:
+        self._strong.clear()
+        self._weak.clear()
+
+
 class _ConcreteProxy(fx.Proxy):
     """A proxy whose Python conversions (``bool``, ``range``, ``len``, iteration, ``int``) use the example's value
     under a guard, instead of failing as plain fx proxies do."""
@@ -246,7 +296,7 @@ class _CaptureTracer(fx.Tracer):
         # Copies: an in-place op in the traced code runs on these, never on the caller's tensors.
         self._examples = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in example_inputs]
         self._placeholders = 0
-        self.values: dict[fx.Node, Any] = {}
+        self.values = _ValueTable()
         self.meta_only: dict[fx.Node, bool] = {}
         self._guarded: set[tuple[fx.Node, str]] = set()
         self._assigned: dict[int, fx.Proxy] = {}
@@ -260,18 +310,26 @@ class _CaptureTracer(fx.Tracer):
                      proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
         p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if kind != "output":
-            self._evaluate(p.node)
+            # the proxy holds its value: alive while the traced code can use it (_ValueTable)
+            object.__setattr__(p, "_fxmemopt_value", self._evaluate(p.node))
         return p
 
     def _value(self, node: fx.Node) -> Any:
         if node not in self.values:
             if node.op != "get_attr":  # created outside create_proxy (fx's tensor constants are get_attr)
                 raise TraceError(f"no example value for node {node.name}")
-            self._evaluate(node)
+            return self._evaluate(node)
+        if not self.values.live(node):
+            if node.op == "get_attr":
+                return self._evaluate(node)
+            else:
+                raise InternalError(f"fxmemopt tracing: the example value of {node.format_node()} was freed while "
+                                    f"the traced code still used it")
         return self.values[node]
 
-    def _evaluate(self, node: fx.Node) -> None:
-        """Run ``node`` on the example values of its inputs; record its value and whether it is metadata only."""
+    def _evaluate(self, node: fx.Node) -> Any:
+        """Run ``node`` on the example values of its inputs; record its value and whether it is metadata only, and
+        return the value (the caller holds it: :class:`_ValueTable` does not)."""
         args = fx.node.map_arg(node.args, self._value)
         kwargs = fx.node.map_arg(node.kwargs, self._value)
         inputs = node.all_input_nodes
@@ -304,6 +362,7 @@ class _CaptureTracer(fx.Tracer):
                 isinstance(v, torch.Tensor) for v in tree_leaves((args, kwargs)))
         self.values[node] = value
         self.meta_only[node] = meta and not isinstance(value, torch.Tensor)
+        return value
 
     def specialize(self, proxy: fx.Proxy, kind: str) -> Any:
         """Use the example value of ``proxy`` as a Python ``kind`` (see :class:`Guard`), under a guard."""
