@@ -42,11 +42,24 @@ _TIME_LOOP_IN_TARGET = SNNSpec(
     spike_input=False, seed=0)
 
 
+# Found by the property run (a random seed): a synapse filter after a one-element linear layer, time-sliced one step
+# per slice: its current is its output and the state carried to the next slice, so the current a slice leaves gets
+# three gradient contributions, summed in another order on slices (the next slice's two first, the slice's own stack
+# last) than over all steps at once (the stack first): input[0].grad 3.73e-9 apart. The one-element example had
+# passed the gradient check by chance (7 of 20 output gradients agree there); the annotator now reads the graph's
+# structure and decides doubtful neurons on random probes (tests/test_chunk_exactness.py).
+_SYNAPSE_FILTER_ONE_ELEMENT = SNNSpec(
+    layers=(LayerSpec("linear", 1, False, "none", 0.0, cell="neuron", memories=True, synapse="plain"),),
+    neuron="if", hard_reset=False, detach_reset=False, surrogate="atan", T=4, N=1, in_channels=1, size=2,
+    spike_input=False, seed=0)
+
+
 @settings(max_examples=200)
 @given(spec=snn_specs(), mode=st.sampled_from(["auto", "auto", "targets"]), compress=st.booleans())
 @example(spec=_DEGENERATE_T1_N1_RES, mode="auto", compress=True)
 @example(spec=_TRACE_BESIDE_MEMORIES, mode="auto", compress=True)
 @example(spec=_TIME_LOOP_IN_TARGET, mode="targets", compress=False)
+@example(spec=_SYNAPSE_FILTER_ONE_ELEMENT, mode="auto", compress=True)
 def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool) -> None:
     model, x = build(spec)
     reference = copy.deepcopy(model)

@@ -85,6 +85,9 @@ class NodeInfo:
         step_slices_only: a ``time_chunkable`` neuron with trainable parameters (spikingjelly's
             ``ParametricLIFNode.w``): exact only in slices of one step each, where its parameters' gradients add up
             step by step as over all steps at once (verified on the example, output, state and gradients).
+        slice_refusal: for a neuron whose slices reproduce its output and state on the example but whose
+            gradients autograd would sum in another order on slices (decided on the autograd graph's structure):
+            why it is not ``time_chunkable``; empty otherwise.
     """
 
     name: str
@@ -105,6 +108,7 @@ class NodeInfo:
     spiking: bool = False
     time_steps: int = 0
     step_slices_only: bool = False
+    slice_refusal: str = ""
 
     @property
     def seeds_region(self) -> bool:

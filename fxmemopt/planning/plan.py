@@ -292,7 +292,10 @@ def chunkable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str]
     norse's ``LIF``), no other node of the region keeps state, the neuron's output is the region's only output (a
     weight-norm-neuron layer), and the neuron was verified time-chunkable on the example
     (:attr:`NodeInfo.time_chunkable`). Everything before the neuron (BatchNorm over T*N included) still runs over
-    all time steps at once, so nothing changes meaning.
+    all time steps at once, so nothing changes meaning. A neuron whose slices give its values but whose gradients
+    autograd would sum in another order on slices (:attr:`NodeInfo.slice_refusal`: a synapse filter, whose current
+    is both its output and its carried state) is refused with that reason: the runtime cannot reorder autograd's
+    sums (Rule 8 of :mod:`fxmemopt.runtime.checkpoint`).
     """
     last = graph[nodes[-1]]
     stateful = [n for n in nodes if graph[n].stateful]
@@ -302,6 +305,8 @@ def chunkable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str]
         return False, "the neuron's output is used inside the region"
     if region_io(graph, nodes)[1] != (last.name,):
         return False, "the region has outputs besides the neuron's (e.g. a residual sum used later)"
+    if not last.time_chunkable and last.slice_refusal:
+        return False, f"{last.target} ({last.module_type}): {last.slice_refusal}"
     if not last.time_chunkable:
         return False, (f"{last.target} ({last.module_type}) did not reproduce its output and state when run on "
                        f"time slices of the example, or its input is not one [T, ...] tensor with T >= 2")

@@ -49,7 +49,13 @@ Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its fo
     carried in the neuron's attributes, or, for a neuron that keeps none and returns it (norse's ``LIF``:
     ``z, s = neuron(x, s)``), as a value: each slice is called with the state the previous one returned, the first
     as the model calls it. This is bitwise what the unsplit call computes (same per-step operations, same order),
-    and autograd's graph carries the state's gradient from slice to slice. The frame records only each slice's
+    and autograd's graph carries the state's gradient from slice to slice. Its *sums* need not come in the same
+    order: autograd adds a tensor's gradient contributions as their nodes run, latest-made first, and a slice's own
+    nodes that read the state it leaves (its stacked output) are made before the next slice's, where over all steps
+    at once the one stack is made last; with three or more contributions from both sides of a boundary (a synapse
+    filter's current is its output and its state) the sum is rounded differently. Nothing here can reorder the
+    engine's work, so such neurons are never sliced: the annotator reads the sliced graph's structure and, where
+    it is in doubt, the gradients on random probes (``NodeInfo.slice_refusal``). The frame records only each slice's
     range of saved tensors and the RNG at the neuron's start: keeping every slice's start state from forward to
     backward would cost (k/T) of a layer's activation per region. In backward, the first slice needed (the last
     one) triggers one recomputation of the prefix, which is copied into one input part per slice (or viewed, when
