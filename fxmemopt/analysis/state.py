@@ -387,19 +387,21 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
         handles = []
         # A second forward tells whether the model's own forward resets stateful modules before using them.
         candidates = [m for m in paths if has_memories(m) or isinstance(m, declared) or m in changed_attrs]
-        after_first = {m: _state_values(m) for m in candidates}
-        second_entry: dict[nn.Module, dict[str, Any]] = {}
+        # Booleans, not the states' clones: holding every neuron's state twice over the second forward (at the
+        # user's size) would cost more than the step being optimized keeps.
+        changed_by_first = {m: m in first_entry and not _same_values(_state_values(m), first_entry[m])
+                            for m in candidates}
+        fresh_at_second: dict[nn.Module, bool] = {}
         def entry(mod: nn.Module, args: Any) -> None:
-            if mod not in second_entry:
-                second_entry[mod] = _state_values(mod)
+            if mod not in fresh_at_second and mod in first_entry:
+                fresh_at_second[mod] = _same_values(_state_values(mod), first_entry[mod])
 
         for m in candidates:
             handles.append(m.register_forward_pre_hook(entry))
         with torch.no_grad():
             model(*example_inputs)
         resets = {paths[m]: first_entry[m] for m in candidates
-                  if m in first_entry and m in second_entry and not _same_values(after_first[m], first_entry[m])
-                  and _same_values(second_entry[m], first_entry[m])}
+                  if changed_by_first[m] and fresh_at_second.get(m, False)}
     finally:
         for h in handles:
             h.remove()

@@ -207,12 +207,13 @@ class _ValueTable:
 
     def __init__(self) -> None:
         self._strong: dict[fx.Node, Any] = {}
-        self._weak: dict[fx.Node, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+        self._weak: dict[fx.Node, tuple[weakref.ref[torch.Tensor], torch.Size, torch.dtype]] = {}
 
     def __setitem__(self, node: fx.Node, value: Any) -> None:
         self.pop(node, None)
         if type(value) is torch.Tensor or isinstance(value, nn.Parameter):
-            self._weak[node] = (weakref.ref(value), torch.empty(value.shape, dtype=value.dtype, device="meta"))
+            # (shape and dtype, not a meta tensor: a storage tracker around tracing would count its nbytes)
+            self._weak[node] = (weakref.ref(value), value.shape, value.dtype)
         else:
             self._strong[node] = value
 
@@ -222,9 +223,9 @@ class _ValueTable:
     def __getitem__(self, node: fx.Node) -> Any:
         if node in self._strong:
             return self._strong[node]
-        ref, meta = self._weak[node]
+        ref, shape, dtype = self._weak[node]
         value = ref()
-        return meta if value is None else value
+        return torch.empty(shape, dtype=dtype, device="meta") if value is None else value
 
     def live(self, node: fx.Node) -> bool:
         """Whether ``node``'s value is still its example value (not a ``meta`` stand-in)."""

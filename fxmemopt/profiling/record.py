@@ -155,7 +155,7 @@ def pack_time_per_value(numel: int = 1 << 20, repeats: int = 3, bits: int = 1) -
     return best / numel
 
 
-def copy_time_per_byte(nbytes: int = 1 << 24, repeats: int = 3) -> float:
+def copy_time_per_byte(nbytes: int = 1 << 22, repeats: int = 3) -> float:
     """Seconds to copy one byte of a large float tensor here (best of ``repeats`` clones of ``nbytes``): what the
     cost model charges for the copies time slices make (their inputs' parts, their outputs' concatenation)."""
     x = torch.zeros(nbytes // 4)
@@ -229,16 +229,16 @@ def machine_costs(threads: int) -> tuple[float, float, float, tuple[tuple[int, f
 
 
 def forward_node_times(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
-                       repeats: int = 2) -> dict[str, float]:
-    """Node -> forward wall time of ``gm`` without grad on ``inputs`` (the fastest of ``repeats`` after a warm-up),
-    the model's state, buffers and RNG restored afterwards.
+                       repeats: int = 2, warmup: int = 1) -> dict[str, float]:
+    """Node -> forward wall time of ``gm`` without grad on ``inputs`` (the fastest of ``repeats`` after ``warmup``
+    runs), the model's state, buffers and RNG restored afterwards.
 
     Without grad a forward keeps only the values still to be used (the interpreter drops each after its last use),
     so this runs at a batch whose training step would not fit (:mod:`fxmemopt.profiling.scaled`)."""
     saved = ModelState.capture(gm, stateful)
     runs, plain = [], []
     with saved.restored_after(), torch.no_grad():
-        for _ in range(repeats + 1):
+        for _ in range(repeats + warmup):
             saved.restore()
             reset_states(gm)
             timer = _TimingInterpreter(gm)
@@ -249,7 +249,7 @@ def forward_node_times(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict
             t0 = time.perf_counter()
             gm(*inputs)
             plain.append(time.perf_counter() - t0)
-    runs, plain = runs[1:], plain[1:]
+    runs, plain = runs[warmup:], plain[warmup:]
     times = {k: min(t.get(k, 0.0) for t in runs) for k in runs[0]}
     total = sum(times.values())
     # node by node adds the interpreter's overhead: scaled to add up to the plain forward (as record_step does)

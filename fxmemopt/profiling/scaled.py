@@ -12,11 +12,13 @@ sizes ``s``, ``2s`` and ``3s`` (slices of the example inputs along their batch d
   (:func:`peak_of`), with the recorder's own counting rule. Anything else (a different op sequence at another
   batch size, a size that is not affine in the batch, a model that fixes its batch size) fails the check, and
   the step is recorded at full size instead, with the reason in the summary.
-* **Time, by ratio.** The nodes' forward times are measured at the examples' full batch without grad (without
-  grad a forward keeps only the values still to be used: a few activations), and the step's and the with-grad
-  forward's times are that forward's times the ratio measured at ``3s``.
+* **Time, by ratio.** The nodes' forward times are measured without grad at a quarter of the examples' batch
+  (:data:`TIMING_FRACTION`; without grad a forward keeps only the values still to be used) and scaled linearly to
+  the batch; the step's and the with-grad forward's times are that forward's times the ratios measured at
+  ``3s``. Times are estimates (the docs show their errors); memory is exact.
 
-Recording at small sizes is also what keeps ``optimize`` cheap: its largest unoptimized step is ``3s`` samples.
+Recording at small sizes is also what keeps ``optimize`` cheap: its largest unoptimized step is ``3s`` samples,
+and its largest forward a quarter of the batch.
 
 When a batch dimension is found (:func:`find_batch_dim`) and the batch is at least :data:`MIN_BATCH` samples,
 ``recording="auto"`` (the default) extrapolates; ``"full"`` always records at the examples' size (the behaviour
@@ -46,6 +48,12 @@ __all__ = ["MIN_BATCH", "Recording", "find_batch_dim", "peak_of", "record_scaled
 #: The smallest batch extrapolated: below it the three small recordings (1 + 2 + 3 samples) cost about what one
 #: full-size recording does, and the full size is recorded.
 MIN_BATCH = 8
+#: Node times are measured at ``1 / TIMING_FRACTION`` of the batch (at least ``3s``) and scaled to it linearly:
+#: large enough that per-op overheads do not dominate, small enough that the forward stays below the optimized
+#: step's peak.
+TIMING_FRACTION = 4
+#: Timed steps at ``3s`` (the step-to-forward ratios): one, after the warm-up step every recording runs.
+SMALL_TIMING_REPEATS = 1
 
 
 @dataclass(frozen=True)
@@ -65,12 +73,14 @@ class Recording:
     batch: int | None = None
     sizes: tuple[int, ...] = ()
     why: str = ""
+    #: the batch the node times were measured at (extrapolated: scaled linearly to ``batch``)
+    timing_batch: int | None = None
 
     def describe(self) -> str:
         if self.method == "extrapolated":
             return (f"recorded at batch {', '.join(map(str, self.sizes[:2]))} (dimension {self.batch_dim}) and "
                     f"extrapolated to {self.batch}, every storage checked to the byte at batch {self.sizes[2]}; "
-                    f"node times measured at batch {self.batch} without grad")
+                    f"node times measured at batch {self.timing_batch} without grad, scaled to {self.batch}")
         return "recorded at the examples' size" + (f" ({self.why})" if self.why else "")
 
 
@@ -166,7 +176,7 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         stateful: stateful module paths -> state attribute names.
         recording: ``"auto"``, ``"full"`` or ``"reduced"``.
         time_steps: the multi-step neurons' time steps (for :func:`find_batch_dim`).
-        timing_repeats: as for ``record_step``.
+        timing_repeats: as for ``record_step``, for a recording at the examples' size.
 
     Raises:
         RecordingError: ``recording="reduced"`` and the step cannot be extrapolated (the message says why).
@@ -185,31 +195,43 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         return record_step(gm, inputs, stateful, timing_repeats=timing_repeats), Recording(
             "full", dim, batch, why="" if recording == "full" else why)
 
-    dim = find_batch_dim(inputs, time_steps) if recording != "full" else None
-    batch = next((t.shape[dim] for t in _tensors(inputs) if dim is not None and t.dim() > dim), None)
     if recording == "full":
+        dim, batch = None, None
         return full("")
-    if dim is None or batch is None:
+    guess = find_batch_dim(inputs, time_steps)
+    if guess is None:
+        dim, batch = None, None
         return full("no batch dimension found")
-    if batch < MIN_BATCH:
+    # the guess first, then the other leading dimension: the byte-exact check is what makes a dimension right
+    # (a multi-step neuron that cannot be time-sliced gives no T to tell [T, N, ...] from [N, ...])
+    first = next(t for t in _tensors(inputs) if t.dim() >= 2)
+    dims = [d for d in (guess, 1 - guess) if d < first.dim() and first.shape[d] >= MIN_BATCH]
+    dim, batch = guess, first.shape[guess]
+    if not dims:
         return full(f"batch {batch} is below {MIN_BATCH}")
     why = ""
-    for s in (1, 2):
+    for dim, s in [(d, s) for d in dims for s in (1, 2)]:
+        batch = first.shape[dim]
         sizes = (s, 2 * s, 3 * s)
         if 3 * s * 2 > batch:
-            break
+            continue
         try:
             traces = [record_step(gm, slice_batch(inputs, dim, n, batch), stateful,
-                                  timing_repeats=timing_repeats if n == sizes[-1] else 0) for n in sizes]
+                                  timing_repeats=SMALL_TIMING_REPEATS if n == sizes[-1] else 0) for n in sizes]
         except Exception as e:  # the model fixes its batch size, or refuses one sample: try the next, then full size
-            why = f"a step at batch {s} failed: {type(e).__name__}: {str(e)[:200]}"
+            why = f"a step at batch {s} (dimension {dim}) failed: {type(e).__name__}: {str(e)[:200]}"
             continue
         trace, why = extrapolate(traces, sizes, batch)
         if trace is None:
+            why = f"dimension {dim}: {why}"
             continue
-        # times: the nodes' at full size without grad; the step's and the with-grad forward's by the ratio at 3s
+        # times: the nodes' without grad at a quarter of the batch, scaled to the batch (a forward at the full
+        # batch, even without grad, holds more than the optimized step: optimize's own peak would be above it);
+        # the step's and the with-grad forward's by the ratios measured at 3s
         small = traces[-1]
-        nograd = forward_node_times(gm, inputs, stateful, repeats=timing_repeats)
+        at = min(batch, max(sizes[-1], -(-batch // TIMING_FRACTION)))
+        nograd = forward_node_times(gm, slice_batch(inputs, dim, at, batch), stateful, repeats=1, warmup=0)
+        nograd = {k: v * batch / at for k, v in nograd.items()}
         small_nograd = sum(small.fwd_nograd_time_s.values())
         ratio_step = small.step_time_s / small_nograd if small_nograd > 0 else 1.0
         ratio_fwd = sum(small.fwd_time_s.values()) / small_nograd if small_nograd > 0 else 1.0
@@ -217,5 +239,6 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         trace = dataclasses.replace(trace, fwd_nograd_time_s=nograd,
                                     fwd_time_s={k: v * ratio_fwd for k, v in nograd.items()},
                                     step_time_s=sum(nograd.values()) * ratio_step)
+        return trace, Recording("extrapolated", dim, batch, sizes, timing_batch=at)
         return trace, Recording("extrapolated", dim, batch, sizes)
     return full(why or f"batch {batch} is too small to slice")

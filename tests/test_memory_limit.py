@@ -1,0 +1,82 @@
+"""Optimizing the step that does not fit, under a real memory limit (issue 27).
+
+Each case runs in a child process (tests/memlimit_child.py) whose address space is limited, after the model and
+inputs exist, to what it has plus ``headroom``: less than the unoptimized step needs (by at least 1.5x, checked
+here with the storage tracker), more than the optimized one. ``optimize`` must succeed inside the limit with the
+default, ``prefer="memory"`` and a ``memory_budget``; the module it returns must train inside it, bitwise equal
+to the unoptimized step computed here, outside the limit; the prediction must be within 10% of the measured peak
+and the budget met. ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return freed tensor pages, so the limit tracks
+live bytes rather than fragmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxmemopt
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memlimit_child import build, reset  # noqa: E402
+
+CHILD = Path(__file__).parent / "memlimit_child.py"
+MiB = 2**20
+#: DeepConvSNN, 8 blocks of 16 channels, T=4, batch 16, 32x32 spikes: 198 MiB unoptimized, 36 MiB optimized
+DEEPCONV = dict(model="deepconv", blocks=8, channels=16, T=4, N=16, hw=32)
+HEADROOM = 100 * MiB
+BUDGET = 48 * MiB
+
+
+def _run(cfg: dict, tmp_path: Path) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(CHILD), json.dumps(cfg)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, f"child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """The unoptimized step outside the limit: its peak, output, gradients and buffers."""
+    model, x = build(DEEPCONV)
+    peak = fxmemopt.measure_step(model, (x,), repeats=0, warmup=0).peak_bytes
+    reset(model)
+    y = model(x)
+    y.sum().backward()
+    return {"peak": peak, "y": y.detach(), "grads": {n: p.grad for n, p in model.named_parameters()},
+            "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+
+
+def test_the_unoptimized_step_does_not_fit(reference, tmp_path):
+    assert reference["peak"] >= 1.5 * HEADROOM
+    out = _run(dict(DEEPCONV, headroom=HEADROOM, what="unoptimized"), tmp_path)
+    assert "error" in out and "allocate" in out["error"], out
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"prefer": "memory"}, {"memory_budget": BUDGET}],
+                         ids=["default", "memory", "budget"])
+def test_optimize_and_train_inside_the_limit(reference, tmp_path, kwargs):
+    save = tmp_path / "step.pt"
+    out = _run(dict(DEEPCONV, headroom=HEADROOM, what="optimize", kwargs=kwargs, save=str(save)), tmp_path)
+    assert "error" not in out, out
+    assert out["step"] == "ok" and out["regions"] > 0
+    assert "extrapolated" in out["recording"]
+    measured, predicted = out["measured_peak_after"], out["predicted_peak_after"]
+    assert measured < HEADROOM
+    assert abs(predicted - measured) <= 0.10 * measured, out
+    if "memory_budget" in kwargs:
+        assert measured <= BUDGET and predicted <= BUDGET
+    got = torch.load(save)
+    assert torch.equal(got["y"], reference["y"])
+    for name, g in reference["grads"].items():
+        assert torch.equal(got["grads"][name], g), name
+    for name, b in reference["buffers"].items():
+        assert torch.equal(got["buffers"][name], b), name
