@@ -1,6 +1,7 @@
 """The memory / time trade-off of a model: the plans from "nothing" to "least memory", each with its prediction.
 
-:func:`tradeoffs` analyses the model once, records one training step for the cost model, and asks the planner for
+:func:`tradeoffs` analyses the model once, records one training step for the cost model (at small batches,
+extrapolated: :mod:`fxmemopt.profiling.scaled`), and asks the planner for
 plans along the way: nothing, every region whole (level 1), the presets, and ``memory_budget`` searches at budgets
 spread between the least memory reachable and the unoptimized peak. Each plan is predicted on the same cost graph;
 those that another plan beats on both peak and step time are dropped, so what is left is the Pareto front a preset
@@ -23,7 +24,7 @@ from ..errors import InvalidInputsError, InvalidOptionError, MemoryBudgetError, 
 from ..planning.costgraph import build_cost_graph, simulate
 from ..planning.plan import Plan, graph_fingerprint, guard_lines, inputs_signature
 from ..planning.search import resolve_options, search
-from ..profiling.record import record_step
+from ..profiling.scaled import record_scaled
 
 __all__ = ["Tradeoff", "Tradeoffs", "tradeoffs"]
 
@@ -146,7 +147,9 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
         an = analyze(model, inputs, targets=_check_types("targets", targets),
                      leaf=_check_types("leaf_modules", leaf_modules, allow_str=True), declared=declared, found=found)
         try:
-            cost = build_cost_graph(an.annotated, record_step(an.traced, inputs, an.stateful))
+            time_steps = {i.time_steps for i in an.annotated.nodes.values() if i.time_steps}
+            cost = build_cost_graph(an.annotated, record_scaled(an.traced, inputs, an.stateful,
+                                                                time_steps=time_steps)[0])
         except Exception as e:
             raise InvalidInputsError(format_error(
                 f"{type(model).__name__}(*example_inputs)",
