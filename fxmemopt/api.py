@@ -943,10 +943,11 @@ def optimize(
             budget, which need it).
         recording: how that step is recorded (:mod:`fxmemopt.profiling.scaled`). ``"auto"`` (default): where the
             examples have a batch dimension of at least 8 samples, at batch sizes 1 and 2 (2 and 4 if those fail),
-            every storage checked to the byte at 3 (6), and extrapolated to the examples' batch; node times at full
-            size without grad. The unoptimized step never runs at the examples' size, so ``optimize`` works where
-            that step does not fit, and the validation step runs on a 2-sample slice; the result's own step is
-            measured at full size. Elsewhere, or when the check fails, at the examples' size (the summary's
+            every storage checked to the byte at 3 (6), and extrapolated to the examples' batch; node times from a
+            no-grad forward at a quarter of the batch, scaled. The unoptimized step never runs at the examples'
+            size, so ``optimize`` works where that step does not fit; the validation step runs on a 2-sample slice,
+            and the result's own step at full size only where its predicted peak is above 3/4 of the unoptimized
+            one. Elsewhere, or when the check fails, at the examples' size (the summary's
             ``recording`` says which, and why). ``"full"``: always at the examples' size (a few unoptimized steps'
             time and memory). ``"reduced"``: extrapolated, or :class:`~fxmemopt.errors.RecordingError`.
         calls_per_step: how many calls of the module make one training step: ``T`` for a single-step network
