@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .analysis.annotate import AnnotatedGraph, annotate
+from .analysis.shapes import at_shapes
 from .analysis.state import ModelState, ProbeResult, fresh_probe, has_memories, set_state
 from .analysis.trace import make_graph_module, trace
 from .analysis.units import Units, find_units
@@ -74,6 +75,60 @@ def _check_inputs(example_inputs: Any) -> tuple[Any, ...]:
             got=", ".join(type(a).__name__ for a in example_inputs) or "an empty tuple",
             fix="Pass example tensors shaped like real inputs, e.g. (torch.rand(T, N, C, H, W),)."))
     return tuple(example_inputs)
+
+
+def _is_meta(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.device.type == "meta"
+
+
+def _check_sample(inputs: tuple[Any, ...], sample_inputs: Any
+                  ) -> tuple[tuple[Any, ...], tuple[Any, ...] | None, tuple[int, int] | None]:
+    """``(inputs to run, inputs planned for, (batch dimension, batch))``: the examples themselves and ``None``s,
+    or, for example inputs on the meta device, their real sample (:func:`optimize`'s ``sample_inputs``), checked
+    to be the same inputs with fewer samples along one dimension."""
+    if not any(_is_meta(a) for a in inputs):
+        if sample_inputs is not None:
+            raise InvalidOptionError(format_error(
+                "sample_inputs", "is for example inputs on the meta device (plan for a size that cannot run here)",
+                expected="None, with real example inputs", got=f"{len(tuple(sample_inputs))} sample input(s)",
+                fix="leave sample_inputs out: real example inputs are sliced and extrapolated already "
+                    "(recording='auto')"))
+        return inputs, None, None
+    where = [i for i, a in enumerate(inputs) if _is_meta(a)]
+    if sample_inputs is None:
+        raise InvalidInputsError(format_error(
+            "example_inputs", f"input(s) {where} are on the meta device: they say the size to plan for, but value "
+                              f"sets (spikes or not), node times and the small recordings need real values",
+            expected="sample_inputs=(...): real inputs like the examples with a few samples (3 or more) along the "
+                     "batch dimension", got="no sample_inputs",
+            fix="pass sample_inputs=(x_small,), e.g. the first 4 samples of a real batch"))
+    sample = _check_inputs(sample_inputs)
+    dims: set[int] = set()
+    for i, (a, b) in enumerate(zip(inputs, sample)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
+                raise InvalidInputsError(format_error(
+                    f"sample_inputs[{i}]", "is not like the example input at that position",
+                    expected=repr(a)[:80], got=repr(b)[:80], fix="pass the same non-tensor arguments in both"))
+            continue
+        differ = [d for d in range(a.dim()) if a.dim() == b.dim() and a.shape[d] != b.shape[d]]
+        if _is_meta(b) or a.dtype != b.dtype or a.dim() != b.dim() or len(differ) > 1 or \
+                any(b.shape[d] > a.shape[d] for d in differ):
+            raise InvalidInputsError(format_error(
+                f"sample_inputs[{i}]", "is not a real sample of the example input at that position",
+                expected=f"a real tensor of dtype {a.dtype} shaped {tuple(a.shape)} except fewer samples along one "
+                         f"dimension", got=f"{b.device.type} tensor of dtype {b.dtype} shaped {tuple(b.shape)}",
+                fix="slice a real batch: x[:, :4] for [T, N, ...] inputs, x[:4] for [N, ...]"))
+        dims.update(differ)
+    if len(dims) != 1 or len(sample) != len(inputs):
+        raise InvalidInputsError(format_error(
+            "sample_inputs", "must differ from the meta example inputs along exactly one dimension (the batch)",
+            expected="one dimension", got=f"dimensions {sorted(dims)}" if len(sample) == len(inputs)
+            else f"{len(sample)} inputs for {len(inputs)}",
+            fix="pass the examples' shapes with fewer samples in the batch dimension only"))
+    dim = dims.pop()
+    batch = next(a.shape[dim] for a in inputs if isinstance(a, torch.Tensor) and a.dim() > dim)
+    return sample, inputs, (dim, batch)
 
 
 #: Module namespaces whose layers are kept whole on purpose: spikingjelly's ``layer.*`` wrappers are per-step
@@ -326,6 +381,10 @@ class Request:
     value_check: str | None = None
     #: how the step behind the cost graph is recorded (:mod:`fxmemopt.profiling.scaled`)
     recording: str = "auto"
+    #: example inputs on the meta device, planned for (``inputs`` is then their real sample: every run uses it)
+    planned_for: tuple[Any, ...] | None = None
+    #: ``(batch dimension, batch)`` of ``planned_for``
+    planned_batch: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,10 +433,15 @@ def _stage_logger(started: float, progress: Callable[[str], None] | None) -> Cal
 def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str] | None, measure: Any,
              measure_timeout_s: float, calls_per_step: Any, predict: bool, targets: Any, leaf_modules: Any,
              stateful_modules: Any, keep_modules: Any, opts: Options, value_check: Any = None,
-             recording: Any = "auto") -> Request:
+             recording: Any = "auto", sample_inputs: Any = None) -> Request:
     """Check what :func:`optimize` was given (typed errors naming what is wrong) into a :class:`Request`."""
-    inputs = _check_inputs(example_inputs)
+    inputs, planned_for, planned_batch = _check_sample(_check_inputs(example_inputs), sample_inputs)
     _check_model(model)
+    if planned_for is not None and measure in ("worker", "in-process"):
+        raise InvalidOptionError(format_error(
+            "measure", "cannot measure a step on example inputs on the meta device", expected="None, or a function",
+            got=repr(measure), fix="measure the result on the training machine (fxmemopt.measure_step), or pass a "
+                                   "Measurer function that runs there"))
     if measure not in (None, "worker", "in-process") and not callable(measure):
         raise InvalidOptionError(format_error("measure", "is not a known measuring mode",
                                               expected='None, "worker", "in-process" or a function (see Measurer)',
@@ -402,7 +466,8 @@ def _request(model: Any, example_inputs: Any, plan: Plan | str | os.PathLike[str
                    measure_timeout_s, predict, _check_types("targets", targets),
                    _check_types("leaf_modules", leaf_modules, allow_str=True),
                    _check_types("stateful_modules", stateful_modules),
-                   _check_types("keep_modules", keep_modules, allow_str=True), value_check, recording)
+                   _check_types("keep_modules", keep_modules, allow_str=True), value_check, recording, planned_for,
+                   planned_batch)
 
 
 #: ``optimize(recording=...)``: see :mod:`fxmemopt.profiling.scaled`.
@@ -425,7 +490,7 @@ def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]
     time_steps = {info.time_steps for info in an.annotated.nodes.values() if info.time_steps}
     try:
         trace, how = record_scaled(an.traced, req.inputs, an.stateful, recording=req.recording,
-                                   time_steps=time_steps)
+                                   time_steps=time_steps, planned_for=req.planned_batch)
         return build_cost_graph(an.annotated, trace), notes, how
     except RecordingError:
         raise
@@ -439,7 +504,7 @@ def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]
 def _choose(an: Analysis, cost: nx.DiGraph | None, req: Request, step: Callable[[str], None]) -> SearchResult:
     """The plan: a saved one as is (checked against this graph), or the search's; stamped with the graph's
     fingerprint, the inputs' signature and the trace's guards (what the plan file records)."""
-    signature = inputs_signature(req.inputs)
+    signature = inputs_signature(req.planned_for or req.inputs)
     if req.saved is not None:
         check_plan(req.saved, an.annotated, req.source, guard_lines(an.captured.guards))
         if req.saved.inputs and req.saved.inputs != signature:
@@ -556,7 +621,7 @@ def _validation_inputs(inputs: tuple[Any, ...], recording: Recording | None) -> 
     and state carried, as at full size); else the examples."""
     if recording is None or recording.method != "extrapolated":
         return inputs
-    return slice_batch(inputs, recording.batch_dim, recording.sizes[1], recording.batch)
+    return slice_batch(inputs, recording.batch_dim, recording.sizes[1], recording.sample_batch or recording.batch)
 
 
 def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ...]) -> Built:
@@ -661,6 +726,10 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     if cost is None or not req.opts.never_worse or not built.plan.regions or req.opts.calls_per_step != 1 or \
             not _on_cpu(req.inputs):
         return built
+    if req.planned_for is not None:  # no step of that size runs here: the search's predicted judgement stands
+        return dataclasses.replace(built, notes=built.notes + (
+            "never worse: judged on the predicted peaks (the example inputs are on the meta device; no step at "
+            "their size ran here: measure the result where it trains, fxmemopt.measure_step)",))
     recorded = int(cost.graph["peak_bytes"])
     extrapolated = recording is not None and recording.method == "extrapolated"
     if extrapolated and simulate(cost, built.plan).peak_bytes <= EXTRAPOLATED_MEASURE_ABOVE * recorded:
@@ -709,7 +778,7 @@ def _measure(candidates: list[tuple[str, nn.Module]], req: Request) -> tuple[lis
     """Measure candidate modules: in one reused worker, in this process, or with the user's function."""
     w = 1 if req.opts.warmup_in_profile_workers else 0
     if callable(req.measure):
-        results = list(req.measure(candidates, req.inputs))
+        results = list(req.measure(candidates, req.planned_for or req.inputs))
         names = [n for n, _ in candidates]
         if [getattr(r, "name", None) for r in results] != names or not all(isinstance(r, ProfileResult)
                                                                            for r in results):
@@ -860,6 +929,7 @@ def optimize(
     keep_modules: Sequence[type | str] = (),
     predict: bool = True,
     recording: str = "auto",
+    sample_inputs: Sequence[Any] | None = None,
     calls_per_step: int = 1,
     plan: Plan | str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -950,6 +1020,16 @@ def optimize(
             one. Elsewhere, or when the check fails, at the examples' size (the summary's
             ``recording`` says which, and why). ``"full"``: always at the examples' size (a few unoptimized steps'
             time and memory). ``"reduced"``: extrapolated, or :class:`~fxmemopt.errors.RecordingError`.
+        sample_inputs: plan for a size this machine could never run. Pass ``example_inputs`` on the meta device
+            (``torch.empty(T, 4096, 2, 128, 128, device="meta")``: only their shapes are read) and here a real
+            sample of them: the same shapes with 3 or more samples along the batch dimension (the only dimension
+            that may differ). Everything that needs values runs on the sample: tracing, value sets, the recordings
+            at batch 1, 2 and 3 extrapolated to the examples' batch, validation on 2 samples; each node's shape
+            and bytes at the examples' size are extrapolated the same way (:mod:`fxmemopt.analysis.shapes`). The
+            predictions (and ``memory_budget``) are for the examples' size; "never worse" is judged on them, and
+            nothing is measured at that size. Save the plan (``summary.save_plan``) and apply it on the training
+            machine with ``plan=``. Raises :class:`~fxmemopt.errors.RecordingError` where the step or a shape
+            cannot be extrapolated (not affine in the batch): there is no full-size fallback.
         calls_per_step: how many calls of the module make one training step: ``T`` for a single-step network
             (snntorch's ``init_hidden=True`` style, norse cells) called once per time step by your training loop,
             with one backward after the last call. ``example_inputs`` are one call's inputs. The predicted peaks
@@ -1004,7 +1084,8 @@ def optimize(
                            allow_expensive_profiling=allow_expensive_profiling,
                            warmup_in_main_process=warmup_in_main_process,
                            warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
-                           compress=compress, exact=exact, never_worse=never_worse), recompute_check, recording)
+                           compress=compress, exact=exact, never_worse=never_worse), recompute_check, recording,
+                       sample_inputs)
         # probe: which modules carry state, each put in its fresh state for every run below (a model carrying state
         # from an earlier step is optimized as if reset; the caller's state is put back when this block ends)
         step("probing stateful modules")
@@ -1012,6 +1093,10 @@ def optimize(
         # trace, annotate, regions: what the model is, as plain data
         an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
                      progress=step, found=found)
+        if req.planned_for is not None:  # meta example inputs: the sizes the cost model reads are theirs
+            step("carrying every node's shape to the meta example inputs' batch")
+            an = dataclasses.replace(an, annotated=at_shapes(an.annotated, an.traced, model, an.stateful, req.inputs,
+                                                             *req.planned_batch))
         # costgraph: the recorded unoptimized step (small batches, extrapolated, where the batch can be sliced): what
         # the search and the predictions run on
         cost, notes, recording = _cost_graph(an, req, step)

@@ -35,6 +35,7 @@ from .. import compat
 from ..compat import tree_flatten
 from ..runtime.packing import _INT_VIEW, _as_small_uint8
 from .facts import BINARY, MAX_INT_SET, REAL, UNKNOWN, AnnotatedGraph, NodeInfo, ValueSet, _int_set  # noqa: F401 (re-exported)
+from .shapes import output_bytes
 from .state import ModelState, StateSnapshot, attributes_of, put_back_attributes
 
 __all__ = ["ValueSet", "NodeInfo", "AnnotatedGraph", "annotate", "VALUE_RULES", "observe_value_set"]
@@ -527,13 +528,7 @@ class _Annotator(fx.Interpreter):
         # what `z, s = neuron(x)` (norse) or `spk, mem = lif(x, mem)` (snntorch) picks out is decided element by
         # element on the example (spikes binary, the state real); the packer re-checks every call
         self.sets[n.name] = UNKNOWN if spiking and not single else value_set
-        # Bytes per distinct storage: views of one storage (chunk, split) add up, capped at the storage size.
-        per_storage: dict[int, list[int]] = {}
-        for t in tensors:
-            st = t.untyped_storage()
-            used = per_storage.setdefault(compat.storage_key(st), [0, st.nbytes()])
-            used[0] += t.numel() * t.element_size()
-        nbytes = sum(min(used, cap) for used, cap in per_storage.values())
+        nbytes = output_bytes(tensors)  # per distinct storage (views of one add up, capped at its size)
         inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
         self.infos[n.name] = NodeInfo(
             name=n.name, op=n.op, target=_target_name(n), inputs=inputs,

@@ -75,12 +75,21 @@ class Recording:
     why: str = ""
     #: the batch the node times were measured at (extrapolated: scaled linearly to ``batch``)
     timing_batch: int | None = None
+    #: planned for example inputs on the meta device: the batch of the real sample recorded from (``None``: the
+    #: recordings are slices of the examples themselves)
+    sample_batch: int | None = None
 
     def describe(self) -> str:
         if self.method == "extrapolated":
-            return (f"recorded at batch {', '.join(map(str, self.sizes[:2]))} (dimension {self.batch_dim}) and "
-                    f"extrapolated to {self.batch}, every storage checked to the byte at batch {self.sizes[2]}; "
-                    f"node times measured at batch {self.timing_batch} without grad, scaled to {self.batch}")
+            of = "" if self.sample_batch is None else f" of the {self.sample_batch}-sample real sample"
+            text = (f"recorded at batch {', '.join(map(str, self.sizes[:2]))}{of} (dimension {self.batch_dim}) "
+                    f"and extrapolated to {self.batch}, every storage checked to the byte at batch "
+                    f"{self.sizes[2]}; node times measured at batch {self.timing_batch} without grad, scaled to "
+                    f"{self.batch}")
+            if self.sample_batch is not None:
+                text += ("; the examples are on the meta device: node shapes extrapolated the same way, no step ran "
+                         "at their size here")
+            return text
         return "recorded at the examples' size" + (f" ({self.why})" if self.why else "")
 
 
@@ -165,8 +174,8 @@ def extrapolate(traces: Sequence[StepTrace], sizes: Sequence[int], batch: int) -
 
 
 def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
-                  recording: str = "auto", time_steps: Collection[int] = (), timing_repeats: int = 2
-                  ) -> tuple[StepTrace, Recording]:
+                  recording: str = "auto", time_steps: Collection[int] = (), timing_repeats: int = 2,
+                  planned_for: tuple[int, int] | None = None) -> tuple[StepTrace, Recording]:
     """The unoptimized training step of ``gm`` on ``inputs`` for the cost graph, and how it was had (see the module
     docstring). Side effects as :func:`~fxmemopt.profiling.record.record_step`'s: none.
 
@@ -177,13 +186,25 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         recording: ``"auto"``, ``"full"`` or ``"reduced"``.
         time_steps: the multi-step neurons' time steps (for :func:`find_batch_dim`).
         timing_repeats: as for ``record_step``, for a recording at the examples' size.
+        planned_for: ``(batch_dim, batch)`` where ``inputs`` are a real sample of example inputs that cannot run
+            here (on the meta device): the step is recorded on slices of the sample and extrapolated to ``batch``
+            samples along ``batch_dim``; there is no full-size fallback.
 
     Raises:
-        RecordingError: ``recording="reduced"`` and the step cannot be extrapolated (the message says why).
+        RecordingError: ``recording="reduced"``, or ``planned_for`` given, and the step cannot be extrapolated (the
+            message says why).
     """
     from ..errors import RecordingError, format_error
 
     def full(why: str) -> tuple[StepTrace, Recording]:
+        if planned_for is not None:
+            raise RecordingError(format_error(
+                "sample_inputs", f"cannot be extrapolated to the meta example inputs' batch of {planned_for[1]}: "
+                                 f"{why}",
+                expected="a model whose training step at batch s, 2s and 3s of the sample is the same step, "
+                         "each storage affine in the batch",
+                got=f"sample {[tuple(t.shape) for t in _tensors(inputs)]}",
+                fix="plan with real example inputs at the training size on a machine where they fit"))
         if recording == "reduced":
             raise RecordingError(format_error(
                 "recording='reduced'", f"cannot extrapolate the training step from small batches: {why}",
@@ -195,28 +216,35 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         return record_step(gm, inputs, stateful, timing_repeats=timing_repeats), Recording(
             "full", dim, batch, why="" if recording == "full" else why)
 
-    if recording == "full":
+    if recording == "full" and planned_for is None:
         dim, batch = None, None
         return full("")
-    guess = find_batch_dim(inputs, time_steps)
+    guess = find_batch_dim(inputs, time_steps) if planned_for is None else planned_for[0]
     if guess is None:
         dim, batch = None, None
         return full("no batch dimension found")
     # the guess first, then the other leading dimension: the byte-exact check is what makes a dimension right
     # (a multi-step neuron that cannot be time-sliced gives no T to tell [T, N, ...] from [N, ...])
-    first = next(t for t in _tensors(inputs) if t.dim() >= 2)
-    dims = [d for d in (guess, 1 - guess) if d < first.dim() and first.shape[d] >= MIN_BATCH]
+    first = next(t for t in _tensors(inputs) if t.dim() > guess)
+    if planned_for is not None:
+        dims = [guess]
+    else:
+        dims = [d for d in (guess, 1 - guess) if d < first.dim() and first.shape[d] >= MIN_BATCH]
     dim, batch = guess, first.shape[guess]
     if not dims:
         return full(f"batch {batch} is below {MIN_BATCH}")
     why = ""
     for dim, s in [(d, s) for d in dims for s in (1, 2)]:
-        batch = first.shape[dim]
+        have = first.shape[dim]  # the samples there are to slice: the examples', or the sample's
+        batch = have if planned_for is None else planned_for[1]
         sizes = (s, 2 * s, 3 * s)
-        if 3 * s * 2 > batch:
+        # slices well below the batch (else one full-size step costs less); of a sample, any three that fit in it
+        if (3 * s * 2 > batch) if planned_for is None else (3 * s > have):
+            if planned_for is not None:
+                why = why or f"the sample has {have} samples along dimension {dim}, fewer than {3 * s}"
             continue
         try:
-            traces = [record_step(gm, slice_batch(inputs, dim, n, batch), stateful,
+            traces = [record_step(gm, slice_batch(inputs, dim, n, have), stateful,
                                   timing_repeats=SMALL_TIMING_REPEATS if n == sizes[-1] else 0) for n in sizes]
         except Exception as e:  # the model fixes its batch size, or refuses one sample: try the next, then full size
             why = f"a step at batch {s} (dimension {dim}) failed: {type(e).__name__}: {str(e)[:200]}"
@@ -229,8 +257,8 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         # batch, even without grad, holds more than the optimized step: optimize's own peak would be above it);
         # the step's and the with-grad forward's by the ratios measured at 3s
         small = traces[-1]
-        at = min(batch, max(sizes[-1], -(-batch // TIMING_FRACTION)))
-        nograd = forward_node_times(gm, slice_batch(inputs, dim, at, batch), stateful, repeats=1, warmup=0)
+        at = min(have, max(sizes[-1], -(-batch // TIMING_FRACTION)))
+        nograd = forward_node_times(gm, slice_batch(inputs, dim, at, have), stateful, repeats=1, warmup=0)
         nograd = {k: v * batch / at for k, v in nograd.items()}
         small_nograd = sum(small.fwd_nograd_time_s.values())
         ratio_step = small.step_time_s / small_nograd if small_nograd > 0 else 1.0
@@ -239,6 +267,6 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         trace = dataclasses.replace(trace, fwd_nograd_time_s=nograd,
                                     fwd_time_s={k: v * ratio_fwd for k, v in nograd.items()},
                                     step_time_s=sum(nograd.values()) * ratio_step)
-        return trace, Recording("extrapolated", dim, batch, sizes, timing_batch=at)
-        return trace, Recording("extrapolated", dim, batch, sizes)
+        return trace, Recording("extrapolated", dim, batch, sizes, timing_batch=at,
+                                sample_batch=have if planned_for is not None else None)
     return full(why or f"batch {batch} is too small to slice")
