@@ -46,6 +46,7 @@ from .planning.search import (
     search,
     search_without_cost,
 )
+from .profiling.available import available_bytes
 from .profiling.measure import StepMeasurement, measure_step
 from .profiling.scaled import Recording, record_scaled, slice_batch
 from .profiling.verify import slice_effects
@@ -407,6 +408,8 @@ class Built:
     #: a module rebuilt from another plan (:func:`_rebuilt`) runs the same, so what is measured is what is returned
     value_check: str | None = None
     value_check_note: str = ""
+    #: the measured step at the examples' size ran out of memory here (the error's first line; empty: it did not)
+    oom: str = ""
 
 
 @dataclass(frozen=True)
@@ -519,8 +522,14 @@ def _choose(an: Analysis, cost: nx.DiGraph | None, req: Request, step: Callable[
         result = search_without_cost(list(an.regions), an.annotated, req.opts)
     for note in result.notes:
         warnings.warn(f"fxmemopt: {note}", FxMemOptWarning, stacklevel=4)
-    stamp = {"graph_fingerprint": graph_fingerprint(an.annotated), "inputs": signature,
-             "guards": guard_lines(an.captured.guards)}
+    return _stamped(an, req, result)
+
+
+def _stamped(an: Analysis, req: Request, result: SearchResult) -> SearchResult:
+    """``result`` with its plans stamped with the graph's fingerprint, the inputs' signature and the trace's guards
+    (what the plan file records)."""
+    stamp = {"graph_fingerprint": graph_fingerprint(an.annotated),
+             "inputs": inputs_signature(req.planned_for or req.inputs), "guards": guard_lines(an.captured.guards)}
     return dataclasses.replace(
         result, plan=dataclasses.replace(result.plan, **stamp),
         pre_unwrap=dataclasses.replace(result.pre_unwrap, **stamp) if result.pre_unwrap is not None else None)
@@ -735,7 +744,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     if extrapolated and simulate(cost, built.plan).peak_bytes <= EXTRAPOLATED_MEASURE_ABOVE * recorded:
         return built  # far below the unoptimized peak: a prediction error of that size was never seen (docs)
     base: int | None = recorded if extrapolated else None
-    plan, gm, stats, out = built.plan, built.gm, built.stats, []
+    plan, gm, stats, out, oom = built.plan, built.gm, built.stats, [], ""
     notes = list(built.notes)
     for attempt in range(MEASURED_NEVER_WORSE_ROUNDS + 1):
         try:
@@ -745,6 +754,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
             if extrapolated:   # not fit in this process's memory: nothing to compare; the prediction stands
                 notes.append(f"never worse, measured: the optimized step at the examples' size could not be "
                              f"measured here ({first_line(e, 200)}); the predicted peak stands")
+                oom = first_line(e, 200) if _is_oom(e) else ""
             break
         if base is None and peak.peak_bytes > recorded * (1 - RECORDED_PEAK_MARGIN):
             try:  # close to the recorded peak: compare with the same measurement of the model itself
@@ -767,11 +777,85 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     for st in stats.values():  # the measured steps are not the user's
         st.reset()
     if not out:
-        return dataclasses.replace(built, notes=tuple(notes))
+        return dataclasses.replace(built, notes=tuple(notes), oom=oom)
     warnings.warn(f"fxmemopt: never worse, measured: {len(out)} region(s) left out, a training step with them peaked "
                   f"above the unoptimized step ({'; '.join(f'{n}: {why}' for n, why in out)}); never_worse=False "
                   f"keeps them", FxMemOptWarning, stacklevel=4)
-    return dataclasses.replace(built, gm=gm, stats=stats, plan=plan, over_peak=tuple(out))
+    return dataclasses.replace(built, gm=gm, stats=stats, plan=plan, over_peak=tuple(out), oom=oom)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """An allocation that failed for want of memory: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA), or the
+    CPU allocator's ``RuntimeError`` ("can't allocate memory")."""
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or \
+        "out of memory" in text
+
+
+def _lowest(an: Analysis, cost: nx.DiGraph, req: Request, than: SearchResult) -> SearchResult | None:
+    """The plan with the lowest predicted peak (``prefer="memory"``'s search, the user's compress/exact/never
+    worse kept), stamped as :func:`_choose` stamps; ``None`` unless its predicted peak is below ``than``'s: a
+    fallback is never a higher plan."""
+    if req.saved is not None or than.prediction is None:
+        return None
+    opts = resolve_options(prefer="memory", compress=req.opts.compress, exact=req.opts.exact,
+                           never_worse=req.opts.never_worse)
+    lower = search(cost, list(an.regions), dict(an.splits), opts)
+    if lower.prediction is None or lower.prediction.peak_bytes >= than.prediction.peak_bytes:
+        return None
+    return _stamped(an, req, lower)
+
+
+def _fitting(an: Analysis, cost: nx.DiGraph | None, result: SearchResult, req: Request,
+             step: Callable[[str], None]) -> SearchResult:
+    """The plan to build: ``result``'s, unless its predicted peak is above the memory this process can still
+    allocate on the inputs' device (:func:`~fxmemopt.profiling.available.available_bytes`: a memory limit, a
+    container, a full GPU), where the plan with the lowest predicted peak is taken if that one is lower. Its
+    step would run out of memory here, as the user's training step would; a note says what was done."""
+    if cost is None or result.prediction is None:
+        return result
+    device = next((a.device for a in req.inputs if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    free = available_bytes(device) if req.planned_for is None else None
+    if free is None or result.prediction.peak_bytes <= free:
+        return result
+    step("the chosen plan is predicted above the memory left here: searching the lowest-peak plan")
+    lower = _lowest(an, cost, req, result)
+    mib = 2 ** 20
+    if lower is None:
+        warnings.warn(f"fxmemopt: the plan is predicted at {result.prediction.peak_bytes / 2**20:.1f} MiB, above the "
+                      f"{free / 2**20:.1f} MiB this process can still allocate, and no plan is predicted lower",
+                      FxMemOptWarning, stacklevel=4)
+        return dataclasses.replace(result, notes=result.notes + [
+            f"the plan's predicted peak ({result.prediction.peak_bytes / mib:.1f} MiB) is above the memory this "
+            f"process can still allocate on {device.type} ({free / mib:.1f} MiB) and no plan is predicted lower: "
+            f"its training step may run out of memory here"])
+    log.warning("fxmemopt: the plan chosen is predicted above the memory left here; taking the lowest-peak plan")
+    return dataclasses.replace(lower, notes=lower.notes + [
+        f"the plan first chosen was predicted at {result.prediction.peak_bytes / mib:.1f} MiB, above the "
+        f"{free / mib:.1f} MiB this process can still allocate on {device.type}; the plan with the lowest predicted "
+        f"peak ({lower.prediction.peak_bytes / mib:.1f} MiB, prefer='memory') was taken instead"])
+
+
+def _lower_on_oom(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph | None, result: SearchResult,
+                  req: Request, recording: Recording | None, step: Callable[[str], None]
+                  ) -> tuple[Built, SearchResult]:
+    """Where the result's measured step ran out of memory at the examples' size (:func:`_kept_below`), the plan
+    with the lowest predicted peak instead, validated and measured the same way; never a plan predicted higher.
+    When that one runs out of memory too, it stays (nothing lower is known) and the note says so."""
+    if not built.oom or cost is None:
+        return built, result
+    lower = _lowest(an, cost, req, result)
+    if lower is None:
+        return built, result
+    step("the result ran out of memory at the examples' size: the plan with the lowest predicted peak instead")
+    again = _kept_below(model, an, _with_value_check(_validated(model, an, lower.plan, _validation_inputs(
+        req.inputs, recording)), lower, req), cost, req, recording)
+    note = (f"the plan first chosen (predicted {result.prediction.peak_bytes / 2**20:.1f} MiB) ran out of memory in "
+            f"its measured step here ({built.oom}); the plan with the lowest predicted peak (prefer='memory', "
+            f"{lower.prediction.peak_bytes / 2**20:.1f} MiB) was taken instead"
+            + (", and ran out of memory too" if again.oom else ""))
+    log.warning("fxmemopt: %s", note)
+    return dataclasses.replace(again, notes=again.notes + (note,)), lower
 
 
 def _measure(candidates: list[tuple[str, nn.Module]], req: Request) -> tuple[list[ProfileResult], str]:
@@ -1102,6 +1186,8 @@ def optimize(
         cost, notes, recording = _cost_graph(an, req, step)
         # plan + choose: a saved plan as is, or the search on the cost graph (level 1 alone without one)
         result = _choose(an, cost, req, step)
+        # fit here: a plan predicted above the memory this process has left gives way to the lowest-peak plan
+        result = _fitting(an, cost, result, req, step)
         # rewrite + validate: checkpoint regions in a new GraphModule; one training step of it, failing regions out
         step("rewriting and validating one training step of the result")
         built = _validated(model, an, result.plan, _validation_inputs(req.inputs, recording))
@@ -1109,6 +1195,8 @@ def optimize(
         built = _with_value_check(built, result, req)
         # never worse, measured: one tracked step of the result; regions at a peak above the unoptimized one out
         built = _kept_below(model, an, built, cost, req, recording)
+        # out of memory in that step: the plan with the lowest predicted peak, validated and measured the same way
+        built, result = _lower_on_oom(model, an, built, cost, result, req, recording, step)
         # profile: confirm by measurement (optional; failures are recorded, never raised)
         built, measured = _confirmed(model, an, built, result, req, step)
         # verify: what whole-region time slices (exact=False) change, each such region run both ways on the example

@@ -74,9 +74,28 @@ def test_optimize_and_train_inside_the_limit(reference, tmp_path, kwargs):
     assert abs(predicted - measured) <= 0.10 * measured, out
     if "memory_budget" in kwargs:
         assert measured <= BUDGET and predicted <= BUDGET
-    got = torch.load(save)
+    _same_step(torch.load(save), reference)
+
+
+def _same_step(got: dict, reference: dict) -> None:
     assert torch.equal(got["y"], reference["y"])
     for name, g in reference["grads"].items():
         assert torch.equal(got["grads"][name], g), name
     for name, b in reference["buffers"].items():
         assert torch.equal(got["buffers"][name], b), name
+
+
+#: Less than prefer="speed"'s plan needs (95 MiB predicted) and more than prefer="memory"'s (28 MiB).
+TIGHT = 60 * MiB
+
+
+def test_a_plan_predicted_above_the_memory_left_gives_way_to_the_lowest_peak_plan(reference, tmp_path):
+    """prefer="speed" keeps more than this process has: optimize sees the limit (RLIMIT_AS less its address
+    space, fxmemopt.profiling.available) and takes the plan with the lowest predicted peak, which trains inside."""
+    save = tmp_path / "step.pt"
+    out = _run(dict(DEEPCONV, headroom=TIGHT, what="optimize", kwargs={"prefer": "speed"}, save=str(save)), tmp_path)
+    assert "error" not in out, out
+    assert any("was taken instead" in n for n in out["notes"]), out["notes"]
+    assert out["measured_peak_after"] < TIGHT
+    assert abs(out["predicted_peak_after"] - out["measured_peak_after"]) <= 0.10 * out["measured_peak_after"], out
+    _same_step(torch.load(save), reference)
