@@ -48,7 +48,7 @@ from .planning.search import (
 )
 from .profiling.available import available_bytes
 from .profiling.measure import StepMeasurement, measure_step
-from .profiling.scaled import Recording, record_scaled, slice_batch
+from .profiling.scaled import TIMING_FRACTION, Recording, record_scaled, slice_batch
 from .profiling.verify import slice_effects
 from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
 from .report.summary import InputReport, RegionReport, Summary
@@ -382,10 +382,21 @@ class Request:
     value_check: str | None = None
     #: how the step behind the cost graph is recorded (:mod:`fxmemopt.profiling.scaled`)
     recording: str = "auto"
-    #: example inputs on the meta device, planned for (``inputs`` is then their real sample: every run uses it)
+    #: the example inputs planned for, where analysis and recordings run on a sample of them (``inputs``): on the
+    #: meta device (with the user's ``sample_inputs``), or real and sliced (:func:`_sliced`); ``None``: ``inputs``
     planned_for: tuple[Any, ...] | None = None
     #: ``(batch dimension, batch)`` of ``planned_for``
     planned_batch: tuple[int, int] | None = None
+
+    @property
+    def meta(self) -> bool:
+        """The examples are on the meta device: no step of their size can run here."""
+        return self.planned_for is not None and any(_is_meta(a) for a in self.planned_for)
+
+    @property
+    def full(self) -> tuple[Any, ...]:
+        """The example inputs, at the size planned for (real or meta)."""
+        return self.planned_for if self.planned_for is not None else self.inputs
 
 
 @dataclass(frozen=True)
@@ -493,7 +504,7 @@ def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]
     time_steps = {info.time_steps for info in an.annotated.nodes.values() if info.time_steps}
     try:
         trace, how = record_scaled(an.traced, req.inputs, an.stateful, recording=req.recording,
-                                   time_steps=time_steps, planned_for=req.planned_batch)
+                                   time_steps=time_steps, planned_for=req.planned_batch, meta=req.meta)
         return build_cost_graph(an.annotated, trace), notes, how
     except RecordingError:
         raise
@@ -504,10 +515,72 @@ def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]
         return None, notes, None
 
 
+#: Where the examples' batch is at least this, tracing, annotation and the recordings run on their first samples
+#: (:func:`_sliced`): 2x the 6 samples that recordings at batch 2, 4 and 6 need.
+SLICED_ANALYSIS_MIN_BATCH = 12
+
+
+def _sliced(req: Request) -> Request:
+    """``req`` to analyse on the examples' first samples: where their batch is large (at least
+    :data:`SLICED_ANALYSIS_MIN_BATCH`, and ``recording`` is not ``"full"``), ``inputs`` becomes the first quarter
+    of the batch (6 samples at least: :data:`~fxmemopt.profiling.scaled.TIMING_FRACTION`, the batch node times
+    are measured at) and ``planned_for`` the examples. Nothing then runs at the examples' size before the plan is
+    made: a no-grad forward there holds about what the optimized step does (``optimize``'s own peak would be
+    above the module it returns).
+
+    The batch dimension is guessed (dimension 1 of a 3- or 5-dimensional ``[T, N, ...]`` input, else 0); a wrong
+    guess fails the byte-exact check of the recordings and :func:`_analysed` analyses at full size instead."""
+    if req.planned_for is not None or req.recording == "full":
+        return req
+    first = next((a for a in req.inputs if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    if first is None:
+        return req
+    dim = 1 if first.dim() in (3, 5) else 0
+    batch = first.shape[dim]
+    if batch < SLICED_ANALYSIS_MIN_BATCH:
+        return req
+    size = min(batch, max(6, -(-batch // TIMING_FRACTION)))
+    return dataclasses.replace(req, inputs=slice_batch(req.inputs, dim, size, batch), planned_for=req.inputs,
+                               planned_batch=(dim, batch))
+
+
+def _analysed(model: nn.Module, req: Request, found: ProbeResult, step: Callable[[str], None]
+              ) -> tuple[Analysis, nx.DiGraph | None, list[str], Recording | None, Request]:
+    """Analysis and cost graph: on ``req.inputs``, and where those are a sample of ``req.planned_for``, every node's
+    shape and bytes carried to the examples' size (:func:`~fxmemopt.analysis.shapes.at_shapes`) and the step
+    extrapolated to their batch. Where real examples were sliced (:func:`_sliced`) and that cannot be had (a model
+    fixing its batch size, a wrong batch dimension), analysis runs again at the examples' size; the request
+    returned says which inputs were used."""
+    def analysis(inputs: tuple[Any, ...]) -> Analysis:
+        return analyze(model, inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
+                       progress=step, found=found)
+
+    an = analysis(req.inputs)
+    if req.planned_for is not None:
+        try:
+            step("carrying every node's shape to the examples' batch")
+            carried = at_shapes(an.annotated, an.traced, model, an.stateful, req.inputs, *req.planned_batch)
+            dim, batch = req.planned_batch
+            size = next(a.shape[dim] for a in req.inputs if isinstance(a, torch.Tensor) and a.dim() > dim)
+            if not req.meta and dim == 0 and any(i.time_steps == size for i in an.annotated.nodes.values()):
+                raise RecordingError(f"dimension 0 of {size} samples is a neuron's time steps")  # sliced T, not N
+            an = dataclasses.replace(an, annotated=carried)
+            cost, notes, recording = _cost_graph(an, req, step)
+            return an, cost, notes, recording, req
+        except RecordingError as e:
+            if req.meta:
+                raise
+            log.info("fxmemopt: analysing at the examples' size (a slice did not extrapolate: %s)", first_line(e))
+            req = dataclasses.replace(req, inputs=req.planned_for, planned_for=None, planned_batch=None)
+            an = analysis(req.inputs)
+    cost, notes, recording = _cost_graph(an, req, step)
+    return an, cost, notes, recording, req
+
+
 def _choose(an: Analysis, cost: nx.DiGraph | None, req: Request, step: Callable[[str], None]) -> SearchResult:
     """The plan: a saved one as is (checked against this graph), or the search's; stamped with the graph's
     fingerprint, the inputs' signature and the trace's guards (what the plan file records)."""
-    signature = inputs_signature(req.planned_for or req.inputs)
+    signature = inputs_signature(req.full)
     if req.saved is not None:
         check_plan(req.saved, an.annotated, req.source, guard_lines(an.captured.guards))
         if req.saved.inputs and req.saved.inputs != signature:
@@ -529,7 +602,7 @@ def _stamped(an: Analysis, req: Request, result: SearchResult) -> SearchResult:
     """``result`` with its plans stamped with the graph's fingerprint, the inputs' signature and the trace's guards
     (what the plan file records)."""
     stamp = {"graph_fingerprint": graph_fingerprint(an.annotated),
-             "inputs": inputs_signature(req.planned_for or req.inputs), "guards": guard_lines(an.captured.guards)}
+             "inputs": inputs_signature(req.full), "guards": guard_lines(an.captured.guards)}
     return dataclasses.replace(
         result, plan=dataclasses.replace(result.plan, **stamp),
         pre_unwrap=dataclasses.replace(result.pre_unwrap, **stamp) if result.pre_unwrap is not None else None)
@@ -735,7 +808,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     if cost is None or not req.opts.never_worse or not built.plan.regions or req.opts.calls_per_step != 1 or \
             not _on_cpu(req.inputs):
         return built
-    if req.planned_for is not None:  # no step of that size runs here: the search's predicted judgement stands
+    if req.meta:  # no step of that size runs here: the search's predicted judgement stands
         return dataclasses.replace(built, notes=built.notes + (
             "never worse: judged on the predicted peaks (the example inputs are on the meta device; no step at "
             "their size ran here: measure the result where it trains, fxmemopt.measure_step)",))
@@ -749,7 +822,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     for attempt in range(MEASURED_NEVER_WORSE_ROUNDS + 1):
         try:
             peak = built.step if attempt == 0 and built.step is not None and not extrapolated else \
-                measure_step(gm, req.inputs, repeats=0, warmup=0, timeline=True)
+                measure_step(gm, req.full, repeats=0, warmup=0, timeline=True)
         except Exception as e:  # the step fails on the model itself too (the validation's note says so), or does
             if extrapolated:   # not fit in this process's memory: nothing to compare; the prediction stands
                 notes.append(f"never worse, measured: the optimized step at the examples' size could not be "
@@ -758,7 +831,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
             break
         if base is None and peak.peak_bytes > recorded * (1 - RECORDED_PEAK_MARGIN):
             try:  # close to the recorded peak: compare with the same measurement of the model itself
-                base = measure_step(model, req.inputs, repeats=0, warmup=0).peak_bytes
+                base = measure_step(model, req.full, repeats=0, warmup=0).peak_bytes
             except Exception:
                 base = recorded
         if peak.peak_bytes <= (recorded if base is None else base):
@@ -815,7 +888,7 @@ def _fitting(an: Analysis, cost: nx.DiGraph | None, result: SearchResult, req: R
     if cost is None or result.prediction is None:
         return result
     device = next((a.device for a in req.inputs if isinstance(a, torch.Tensor)), torch.device("cpu"))
-    free = available_bytes(device) if req.planned_for is None else None
+    free = None if req.meta else available_bytes(device)
     if free is None or result.prediction.peak_bytes <= free:
         return result
     step("the chosen plan is predicted above the memory left here: searching the lowest-peak plan")
@@ -862,7 +935,7 @@ def _measure(candidates: list[tuple[str, nn.Module]], req: Request) -> tuple[lis
     """Measure candidate modules: in one reused worker, in this process, or with the user's function."""
     w = 1 if req.opts.warmup_in_profile_workers else 0
     if callable(req.measure):
-        results = list(req.measure(candidates, req.planned_for or req.inputs))
+        results = list(req.measure(candidates, req.full))
         names = [n for n, _ in candidates]
         if [getattr(r, "name", None) for r in results] != names or not all(isinstance(r, ProfileResult)
                                                                            for r in results):
@@ -871,9 +944,9 @@ def _measure(candidates: list[tuple[str, nn.Module]], req: Request) -> tuple[lis
                 expected=f"ProfileResults named {names}", got=repr(results)[:300]))
         return results, getattr(req.measure, "__name__", type(req.measure).__name__)
     if req.measure == "in-process":
-        return [run_in_process(m, req.inputs, name=name, warmup=w) for name, m in candidates], "process"
+        return [run_in_process(m, req.full, name=name, warmup=w) for name, m in candidates], "process"
     with WorkerPool() as pool:
-        results = [pool.run(make_job(name, m, req.inputs, timeout_s=req.measure_timeout_s, warmup=w))
+        results = [pool.run(make_job(name, m, req.full, timeout_s=req.measure_timeout_s, warmup=w))
                    for name, m in candidates]
     for r in results:
         if not r.ok:
@@ -1172,18 +1245,13 @@ def optimize(
                        sample_inputs)
         # probe: which modules carry state, each put in its fresh state for every run below (a model carrying state
         # from an earlier step is optimized as if reset; the caller's state is put back when this block ends)
+        # (on the examples' first samples where the batch is large: no forward at their size, _sliced)
+        req = _sliced(req)
         step("probing stateful modules")
         found = fresh.enter_context(fresh_probe(model, req.inputs, req.declared))
-        # trace, annotate, regions: what the model is, as plain data
-        an = analyze(model, req.inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
-                     progress=step, found=found)
-        if req.planned_for is not None:  # meta example inputs: the sizes the cost model reads are theirs
-            step("carrying every node's shape to the meta example inputs' batch")
-            an = dataclasses.replace(an, annotated=at_shapes(an.annotated, an.traced, model, an.stateful, req.inputs,
-                                                             *req.planned_batch))
-        # costgraph: the recorded unoptimized step (small batches, extrapolated, where the batch can be sliced): what
-        # the search and the predictions run on
-        cost, notes, recording = _cost_graph(an, req, step)
+        # trace, annotate, regions: what the model is, as plain data; costgraph: the recorded unoptimized step
+        # (small batches, extrapolated, where the batch can be sliced): what the search and the predictions run on
+        an, cost, notes, recording, req = _analysed(model, req, found, step)
         # plan + choose: a saved plan as is, or the search on the cost graph (level 1 alone without one)
         result = _choose(an, cost, req, step)
         # fit here: a plan predicted above the memory this process has left gives way to the lowest-peak plan

@@ -2,16 +2,18 @@
 
 fxmemopt exists for the training step that runs out of memory, so the step the cost model reads (a
 :class:`~fxmemopt.planning.costgraph.StepTrace`) must be had without running that step. It is recorded at batch
-sizes ``s``, ``2s`` and ``3s`` (slices of the example inputs along their batch dimension) and extrapolated:
+sizes ``s``, ``2s`` and ``3s`` (slices of the example inputs along their batch dimension; ``s`` = 1, or 2 where a
+model refuses one sample) and extrapolated:
 
 * **Memory, exactly.** A training step allocates the same storages, in the same order, at every batch size; each
   is either independent of the batch (parameter gradients, per-channel BatchNorm statistics, the loss) or
   proportional to it (activations, their gradients, per-sample state). So every storage's size is
   ``a + b * batch``: fitted on ``s`` and ``2s``, *checked to the byte* at ``3s``, then evaluated at the examples'
-  batch. Live bytes at every event, and so the peak, follow from the storages' sizes and lifetimes
-  (:func:`peak_of`), with the recorder's own counting rule. Anything else (a different op sequence at another
-  batch size, a size that is not affine in the batch, a model that fixes its batch size) fails the check, and
-  the step is recorded at full size instead, with the reason in the summary.
+  batch. (An empty batch would check at no cost in memory, but BatchNorm dispatches other ops on one.) Live bytes
+  at every event, and so the peak, follow from the storages' sizes and lifetimes (:func:`peak_of`), with the
+  recorder's own counting rule. Anything else (a different op sequence at another batch size, a size that is not
+  affine in the batch, a model that fixes its batch size) fails the check, and the step is recorded at full size
+  instead, with the reason in the summary.
 * **Time, by ratio.** The nodes' forward times are measured without grad at a quarter of the examples' batch
   (:data:`TIMING_FRACTION`; without grad a forward keeps only the values still to be used) and scaled linearly to
   the batch; the step's and the with-grad forward's times are that forward's times the ratios measured at
@@ -75,20 +77,25 @@ class Recording:
     why: str = ""
     #: the batch the node times were measured at (extrapolated: scaled linearly to ``batch``)
     timing_batch: int | None = None
-    #: planned for example inputs on the meta device: the batch of the real sample recorded from (``None``: the
-    #: recordings are slices of the examples themselves)
+    #: the batch of the sample everything ran on (``None``: the examples' own slices, analysis at full size):
+    #: the examples' first samples, or the user's sample of inputs on the meta device
     sample_batch: int | None = None
+    #: the examples are on the meta device (their size never ran here)
+    meta: bool = False
 
     def describe(self) -> str:
         if self.method == "extrapolated":
-            of = "" if self.sample_batch is None else f" of the {self.sample_batch}-sample real sample"
+            of = "" if self.sample_batch is None else f" of a {self.sample_batch}-sample slice" if not self.meta \
+                else f" of the {self.sample_batch}-sample real sample"
             text = (f"recorded at batch {', '.join(map(str, self.sizes[:2]))}{of} (dimension {self.batch_dim}) "
                     f"and extrapolated to {self.batch}, every storage checked to the byte at batch "
                     f"{self.sizes[2]}; node times measured at batch {self.timing_batch} without grad, scaled to "
                     f"{self.batch}")
-            if self.sample_batch is not None:
+            if self.meta:
                 text += ("; the examples are on the meta device: node shapes extrapolated the same way, no step ran "
                          "at their size here")
+            elif self.sample_batch is not None:
+                text += "; traced and annotated on the slice, node shapes extrapolated the same way"
             return text
         return "recorded at the examples' size" + (f" ({self.why})" if self.why else "")
 
@@ -175,7 +182,7 @@ def extrapolate(traces: Sequence[StepTrace], sizes: Sequence[int], batch: int) -
 
 def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, Sequence[str]], *,
                   recording: str = "auto", time_steps: Collection[int] = (), timing_repeats: int = 2,
-                  planned_for: tuple[int, int] | None = None) -> tuple[StepTrace, Recording]:
+                  planned_for: tuple[int, int] | None = None, meta: bool = False) -> tuple[StepTrace, Recording]:
     """The unoptimized training step of ``gm`` on ``inputs`` for the cost graph, and how it was had (see the module
     docstring). Side effects as :func:`~fxmemopt.profiling.record.record_step`'s: none.
 
@@ -186,9 +193,10 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         recording: ``"auto"``, ``"full"`` or ``"reduced"``.
         time_steps: the multi-step neurons' time steps (for :func:`find_batch_dim`).
         timing_repeats: as for ``record_step``, for a recording at the examples' size.
-        planned_for: ``(batch_dim, batch)`` where ``inputs`` are a real sample of example inputs that cannot run
-            here (on the meta device): the step is recorded on slices of the sample and extrapolated to ``batch``
-            samples along ``batch_dim``; there is no full-size fallback.
+        planned_for: ``(batch_dim, batch)`` where ``inputs`` are a sample of the example inputs (their first
+            samples, or the user's sample of inputs on the meta device): the step is recorded on slices of the
+            sample and extrapolated to ``batch`` samples along ``batch_dim``; there is no full-size fallback.
+        meta: the example inputs are on the meta device (for :class:`Recording`).
 
     Raises:
         RecordingError: ``recording="reduced"``, or ``planned_for`` given, and the step cannot be extrapolated (the
@@ -199,8 +207,8 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
     def full(why: str) -> tuple[StepTrace, Recording]:
         if planned_for is not None:
             raise RecordingError(format_error(
-                "sample_inputs", f"cannot be extrapolated to the meta example inputs' batch of {planned_for[1]}: "
-                                 f"{why}",
+                "sample_inputs" if meta else "example_inputs",
+                f"cannot be extrapolated from a sample to the examples' batch of {planned_for[1]}: {why}",
                 expected="a model whose training step at batch s, 2s and 3s of the sample is the same step, "
                          "each storage affine in the batch",
                 got=f"sample {[tuple(t.shape) for t in _tensors(inputs)]}",
@@ -257,7 +265,7 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
         # batch, even without grad, holds more than the optimized step: optimize's own peak would be above it);
         # the step's and the with-grad forward's by the ratios measured at 3s
         small = traces[-1]
-        at = min(have, max(sizes[-1], -(-batch // TIMING_FRACTION)))
+        at = min(have, max(3 * s, -(-batch // TIMING_FRACTION)))
         nograd = forward_node_times(gm, slice_batch(inputs, dim, at, have), stateful, repeats=1, warmup=0)
         nograd = {k: v * batch / at for k, v in nograd.items()}
         small_nograd = sum(small.fwd_nograd_time_s.values())
@@ -268,5 +276,5 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
                                     fwd_time_s={k: v * ratio_fwd for k, v in nograd.items()},
                                     step_time_s=sum(nograd.values()) * ratio_step)
         return trace, Recording("extrapolated", dim, batch, sizes, timing_batch=at,
-                                sample_batch=have if planned_for is not None else None)
+                                sample_batch=have if planned_for is not None else None, meta=meta)
     return full(why or f"batch {batch} is too small to slice")
