@@ -88,6 +88,9 @@ class NodeInfo:
         slice_refusal: for a neuron whose slices reproduce its output and state on the example but whose
             gradients autograd would sum in another order on slices (decided on the autograd graph's structure):
             why it is not ``time_chunkable``; empty otherwise.
+        passes_through: the node returned one of its input tensors, or a view of all of it, and wrote none of
+            them, on the example (``nn.Identity``, ``nn.Flatten``, a reshape): it computes nothing, so autograd
+            saves nothing for it and a checkpoint region has nothing of it to recompute.
     """
 
     name: str
@@ -109,6 +112,7 @@ class NodeInfo:
     time_steps: int = 0
     step_slices_only: bool = False
     slice_refusal: str = ""
+    passes_through: bool = False
 
     @property
     def seeds_region(self) -> bool:
