@@ -725,3 +725,28 @@ def test_nbytes_of_tuple_of_distinct_tensors():
     mx = g[next(n for n in g.order if g[n].target.endswith(".max"))]
     assert not mx.is_tensor and mx.shape is None and mx.dtype is None
     assert mx.nbytes == 3 * 4 + 3 * 8  # float32 values + int64 indices
+
+
+class PassThroughs(nn.Module):
+    """Layers that return their input or a view of all of it, beside layers that compute (one of them in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.identity, self.flatten, self.conv = nn.Identity(), nn.Flatten(0, 1), nn.Conv2d(2, 2, 1)
+        self.relu_ = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(self.flatten(self.identity(x)))
+        return self.relu_(y).reshape(x.shape), torch.stack([x[0]]), x[0]
+
+
+@pytest.mark.parametrize(("node", "passes"), [
+    ("identity", True), ("flatten", True), ("reshape", True),  # nothing computed: nothing saved for backward
+    ("conv", False),
+    ("relu_", False),  # returns its input, written in place: it computes (and saves its result)
+    ("stack", False),  # a new tensor
+    ("getitem", False),  # a view of part of its input (not "all of it": not claimed, though it saves nothing)
+])
+def test_passes_through(node, passes):
+    g = run_annotate(PassThroughs(), spike_input())
+    assert g[node].passes_through is passes, g[node]
