@@ -750,3 +750,28 @@ class PassThroughs(nn.Module):
 def test_passes_through(node, passes):
     g = run_annotate(PassThroughs(), spike_input())
     assert g[node].passes_through is passes, g[node]
+
+
+class StepsOfTime(nn.Module):
+    """A time loop (``x[t]``, traced into one ``unbind_steps`` for T >= 2), the last step taken with ``select``, and a
+    stack of the steps (time-major again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        steps = torch.stack([self.conv(x[t]) * 2.0 for t in range(x.shape[0])])
+        return steps + x, x.select(0, -1).relu()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_per_step_values(steps):
+    """One step's values (taken from the leading dimension, and what is computed from them) are marked; the stack
+    of the steps and what follows it are not: their leading dimension is time. At T = 1 a step is ``[N, ...]``, a
+    leading dimension that only this fact tells from time."""
+    g = run_annotate(StepsOfTime(), torch.rand(steps, N, C, H, W))
+    per_step = {g[n].target.rsplit(".", 1)[-1] for n in g.order if g[n].per_step}
+    time_major = {g[n].target.rsplit(".", 1)[-1] for n in g.order if g[n].is_tensor and not g[n].per_step}
+    assert per_step == {"getitem", "conv", "mul", "select", "relu"}, per_step
+    assert time_major == {"x", "stack", "add"}, time_major
