@@ -725,3 +725,53 @@ def test_nbytes_of_tuple_of_distinct_tensors():
     mx = g[next(n for n in g.order if g[n].target.endswith(".max"))]
     assert not mx.is_tensor and mx.shape is None and mx.dtype is None
     assert mx.nbytes == 3 * 4 + 3 * 8  # float32 values + int64 indices
+
+
+class PassThroughs(nn.Module):
+    """Layers that return their input or a view of all of it, beside layers that compute (one of them in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.identity, self.flatten, self.conv = nn.Identity(), nn.Flatten(0, 1), nn.Conv2d(2, 2, 1)
+        self.relu_ = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(self.flatten(self.identity(x)))
+        return self.relu_(y).reshape(x.shape), torch.stack([x[0]]), x[0]
+
+
+@pytest.mark.parametrize(("node", "passes"), [
+    ("identity", True), ("flatten", True), ("reshape", True),  # nothing computed: nothing saved for backward
+    ("conv", False),
+    ("relu_", False),  # returns its input, written in place: it computes (and saves its result)
+    ("stack", False),  # a new tensor
+    ("getitem", False),  # a view of part of its input (not "all of it": not claimed, though it saves nothing)
+])
+def test_passes_through(node, passes):
+    g = run_annotate(PassThroughs(), spike_input())
+    assert g[node].passes_through is passes, g[node]
+
+
+class StepsOfTime(nn.Module):
+    """A time loop (``x[t]``, traced into one ``unbind_steps`` for T >= 2), the last step taken with ``select``, and a
+    stack of the steps (time-major again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        steps = torch.stack([self.conv(x[t]) * 2.0 for t in range(x.shape[0])])
+        return steps + x, x.select(0, -1).relu()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_per_step_values(steps):
+    """One step's values (taken from the leading dimension, and what is computed from them) are marked; the stack
+    of the steps and what follows it are not: their leading dimension is time. At T = 1 a step is ``[N, ...]``, a
+    leading dimension that only this fact tells from time."""
+    g = run_annotate(StepsOfTime(), torch.rand(steps, N, C, H, W))
+    per_step = {g[n].target.rsplit(".", 1)[-1] for n in g.order if g[n].per_step}
+    time_major = {g[n].target.rsplit(".", 1)[-1] for n in g.order if g[n].is_tensor and not g[n].per_step}
+    assert per_step == {"getitem", "conv", "mul", "select", "relu"}, per_step
+    assert time_major == {"x", "stack", "add"}, time_major

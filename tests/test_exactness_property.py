@@ -6,8 +6,10 @@ really recompute."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -54,12 +56,37 @@ _SYNAPSE_FILTER_ONE_ELEMENT = SNNSpec(
     spike_input=False, seed=0)
 
 
+# Found by the property run (a random seed): a layer whose cell is a time loop, then a residual block, whose first
+# layer and shortcut both read the layer's output: the loop's stack and the layer's empty nn.Identity (no pooling,
+# no dropout) were cut out of the block's first region as a region without a neuron, which kept the loop's spikes
+# and recomputed nothing (a stack and an identity save nothing for backward): recomputations == 0. A pass-through
+# layer no longer makes a cut-out chain a region (tests/test_pipeline.py::test_a_chain_of_pass_through_layers_...).
+_PASS_THROUGH_CHAIN = SNNSpec(
+    layers=(LayerSpec("conv", 1, False, "none", 0.0, cell="multistep", memories=False),
+            LayerSpec("res", 1, False, "none", 0.0)),
+    neuron="if", hard_reset=False, detach_reset=False, surrogate="atan", T=1, N=1, in_channels=1, size=2,
+    spike_input=False, seed=0)
+
+
+# Found by the property run (a random seed), in test_every_plan_is_bitwise_exact: a residual block whose cells are
+# time loops, at T = 1: its second loop's region (stack of the first loop's step .. the step's neuron) outputs one
+# step, [N, ...], whose first dimension N = 2 sliceable() took for T: "whole slices" cut the batch, each slice's
+# neuron started from the state the other sample left (two checkpointed calls where one time step allows one; with
+# N = 3, a shape error). One step's values are now marked (NodeInfo.per_step) and never sliced in time.
+_LOOP_STEP_AT_ONE_STEP = SNNSpec(
+    layers=(LayerSpec("conv", 1, False, "none", 0.0, cell="lrc", memories=False),
+            LayerSpec("res", 1, False, "none", 0.0, cell="multistep", memories=False)),
+    neuron="if", hard_reset=False, detach_reset=False, surrogate="atan", T=1, N=2, in_channels=1, size=2,
+    spike_input=False, seed=0)
+
+
 @settings(max_examples=200)
 @given(spec=snn_specs(), mode=st.sampled_from(["auto", "auto", "targets"]), compress=st.booleans())
 @example(spec=_DEGENERATE_T1_N1_RES, mode="auto", compress=True)
 @example(spec=_TRACE_BESIDE_MEMORIES, mode="auto", compress=True)
 @example(spec=_TIME_LOOP_IN_TARGET, mode="targets", compress=False)
 @example(spec=_SYNAPSE_FILTER_ONE_ELEMENT, mode="auto", compress=True)
+@example(spec=_PASS_THROUGH_CHAIN, mode="auto", compress=True)
 def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool) -> None:
     model, x = build(spec)
     reference = copy.deepcopy(model)
@@ -91,6 +118,8 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
 @settings(max_examples=100)
 @given(spec=snn_specs(max_T=5), data=st.data())
 @example(spec=_TRACE_BESIDE_MEMORIES, data=None)
+@example(spec=_PASS_THROUGH_CHAIN, data=None)
+@example(spec=_LOOP_STEP_AT_ONE_STEP, data=None)
 def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
     """Any plan the search can produce — a subset of regions (unwraps), any packing, time slices with either prefix
     policy and either start-state schedule on every chunkable region, whole-region time slices where
@@ -172,6 +201,24 @@ def test_every_plan_is_bitwise_exact(spec: SNNSpec, data) -> None:
         else:  # plain when nothing it reads requires grad (Rule 7); never recomputed (Rule 11)
             assert stats[rp.name].checkpointed_calls + stats[rp.name].plain_calls == 1
             assert stats[rp.name].recomputations == 0
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_one_steps_regions_are_not_sliced_in_time(T):
+    """``_LOOP_STEP_AT_ONE_STEP``'s drawn plan sliced the block's second loop region whole (its output one step,
+    ``[N, ...]``): no region whose output is one step's is sliceable, whatever its first dimension; the layer
+    before the block, time-major, still is at T = 2."""
+    from fxmemopt.planning.plan import sliceable
+
+    model, x = build(dataclasses.replace(_LOOP_STEP_AT_ONE_STEP, T=T))
+    annotated, regions = pipeline(model, (x,))[4:]
+    by_name = {r.name: r for r in regions}
+    for r in regions:
+        steps = [o for o in r.outputs if annotated[o].per_step]
+        assert not steps or sliceable(annotated, r.nodes)[:2] == (
+            False, "its outputs are single time steps (x[t] in a loop over time): no time dimension"), r
+    assert any(annotated[o].per_step for o in by_name["ckpt_features_1_sn2_sub_module"].outputs)
+    assert sliceable(annotated, by_name["ckpt_features_0_sn"].nodes)[0] is (T > 1)
 
 
 def _drawer(data):

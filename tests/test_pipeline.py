@@ -349,6 +349,53 @@ def test_membrane_shortcut_blocks_get_one_output_regions(prefer):
     assert report.ok, str(report)
 
 
+class StepLoop(nn.Module):
+    """A single-step neuron run over T by a time loop: ``stack([sn(x[t]) for t])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sn = IFNode(step_mode="s")
+
+    def forward(self, x):
+        return torch.stack([self.sn(x[t]) for t in range(x.shape[0])])
+
+
+class LoopThenShortcut(nn.Module):
+    """A layer whose neuron is a time loop, then an empty ``nn.Identity`` (a layer's unused pooling slot), whose
+    value a residual block reads twice: its first layer's input and its shortcut."""
+
+    def __init__(self, c: int = 2):
+        super().__init__()
+        self.c0, self.loop, self.post = SeqToANNContainer(nn.Conv2d(1, c, 3, padding=1)), StepLoop(), nn.Identity()
+        self.c1, self.sn1 = SeqToANNContainer(nn.Conv2d(c, c, 3, padding=1)), IFNode()
+        self.c2, self.sn2 = SeqToANNContainer(nn.Conv2d(c, c, 3, padding=1)), IFNode()
+
+    def forward(self, x):
+        h = self.post(self.loop(self.c0(x)))
+        return self.sn2(self.c2(self.sn1(self.c1(h)))) + h
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_a_chain_of_pass_through_layers_forms_no_region(T):
+    """Growing back from the block's first neuron takes the loop's ``stack`` and the ``nn.Identity``, whose value
+    the shortcut also reads: they are cut out. As a region of their own they would keep the loop's spikes and
+    recompute nothing (a stack and an identity save nothing for backward), so they stay outside regions (found by
+    the property run: ``_PASS_THROUGH_CHAIN`` in tests/test_exactness_property.py). Every region recomputes."""
+    torch.manual_seed(0)
+    model = LoopThenShortcut()
+    x = torch.rand(T, 1, 1, 2, 2) * 4
+    reference = copy.deepcopy(model)
+    gm, summary = fxmemopt.optimize(model, (x,), never_worse=False, return_summary=True)
+    # the only region without a neuron is the first convolution, cut out where the loop reads its steps (T >= 2)
+    chains = [r.anchor for r in summary.regions if not r.stateful_modules]
+    assert chains == ([] if T == 1 else ["c0.0"]), summary.table()
+    report = compare_training_step(reference, gm, (x,))
+    assert report.ok, str(report)
+    chunks = {r.name: r.chunks for r in summary.regions}
+    for name, stats in summary.runtime.items():
+        assert stats.checkpointed_calls == 1 and stats.recomputations >= chunks[name], (name, stats)
+
+
 def test_a_zero_initialised_batchnorm_is_not_taken_for_a_neuron():
     """Its output is all zeros on the example, small integers from real input as a silent neuron's would be; but a
     torch.nn layer (or a subclass, such as spikingjelly's) is never a neuron."""

@@ -34,6 +34,7 @@ from torch import fx, nn
 from .. import compat
 from ..compat import tree_flatten
 from ..runtime.packing import _INT_VIEW, _as_small_uint8
+from ..runtime.steps import unbind_steps
 from .facts import BINARY, MAX_INT_SET, REAL, UNKNOWN, AnnotatedGraph, NodeInfo, ValueSet, _int_set  # noqa: F401 (re-exported)
 from .shapes import output_bytes
 from .state import ModelState, StateSnapshot, attributes_of, put_back_attributes
@@ -374,6 +375,40 @@ def _makes_spikes(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bo
     return real_in and any(t.is_floating_point() and t.numel() and observe_value_set(t).is_int for t in outputs)
 
 
+def _passes_through(inputs: list[tuple[torch.Tensor, int]], result: Any) -> bool:
+    """``result`` is one of ``inputs`` (tensors with their versions before the call), or a view of all of one
+    (same storage, first element and number of elements), and the call wrote none of them (versions unchanged: an
+    in-place ``relu_`` also returns its input, but computes, and saves its result)."""
+    if not isinstance(result, torch.Tensor) or any(t._version != v for t, v in inputs):
+        return False
+    key = compat.storage_key(result.untyped_storage())
+    return any(compat.storage_key(t.untyped_storage()) == key and t.data_ptr() == result.data_ptr()
+               and t.numel() == result.numel() and t.dtype == result.dtype for t, _ in inputs)
+
+
+#: Calls that take a tensor apart along its leading dimension into a tuple of steps (its items are per-step).
+_UNBINDS = (unbind_steps, torch.unbind, "unbind")
+#: Calls that join values along the leading dimension: of per-step values, a time-major one again.
+_JOINS = (torch.stack, torch.cat, torch.concat, "stack", "cat")
+
+
+def _takes_a_step(n: fx.Node, env: dict[fx.Node, Any]) -> bool:
+    """``n`` takes one step out of the leading dimension: ``x[t]`` or ``x.select(0, t)`` on a tensor, or item ``t``
+    of an ``unbind`` (``unbind_steps``, the tracer's form of ``x[t]`` in a loop over time)."""
+    def step_index(a: Any) -> bool:
+        return isinstance(a, int) and not isinstance(a, bool)
+
+    if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and step_index(n.args[1]):
+        src = n.args[0]
+        if not isinstance(src, fx.Node):
+            return False
+        return isinstance(env.get(src), torch.Tensor) or src.op in ("call_function", "call_method") and \
+            src.target in _UNBINDS and (len(src.args) < 2 or src.args[1] == 0) and not src.kwargs
+    if n.op in ("call_function", "call_method") and n.target in (torch.select, "select"):
+        return len(n.args) == 3 and n.args[1] == 0 and step_index(n.args[2])
+    return False
+
+
 def _builtin_layer(module: nn.Module | None) -> bool:
     """A torch.nn layer (or a library's subclass of one: spikingjelly's multi-step ``layer.BatchNorm2d``): never a
     neuron, whatever its output holds on the example. A BatchNorm whose weight starts at zero (MS-ResNet's last one
@@ -510,10 +545,11 @@ class _Annotator(fx.Interpreter):
         stateful = n.op == "call_module" and self._contains_state(str(n.target))
         before = [(m, StateSnapshot.take(m, names)) for m, names in self._states_under(str(n.target))] \
             if stateful else []
+        in_tensors = [t for a in n.all_input_nodes for t in _flat_tensors(self.env.get(a))]
+        versions = [(t, t._version) for t in in_tensors]
         result = super().run_node(n)
         tensors = _flat_tensors(result)
-        spiking = n.op == "call_module" and not _builtin_layer(module) and _makes_spikes(
-            [t for a in n.all_input_nodes for t in _flat_tensors(self.env.get(a))], tensors)
+        spiking = n.op == "call_module" and not _builtin_layer(module) and _makes_spikes(in_tensors, tensors)
         chunkable = (stateful or spiking) and module is not None and self._time_chunkable(
             n, module, before, result, stateful)
         # A neuron fxmemopt has no rule for (norse, snntorch): the example decides, the packer re-checks every call.
@@ -539,7 +575,9 @@ class _Annotator(fx.Interpreter):
             time_chunkable=chunkable, spiking=spiking,
             time_steps=self.env[n.args[0]].shape[0] if chunkable else 0,
             step_slices_only=bool(chunkable) and any(p.requires_grad for p in module.parameters()),
-            slice_refusal=self.refusals.get(n.name, ""),
+            slice_refusal=self.refusals.get(n.name, ""), passes_through=_passes_through(versions, result),
+            per_step=_takes_a_step(n, self.env) or n.op != "output" and n.target not in _JOINS and any(
+                self.infos[a.name].per_step for a in n.all_input_nodes),
         )
         n.meta["fxmemopt"] = self.infos[n.name]
         return result

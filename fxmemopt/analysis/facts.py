@@ -88,6 +88,13 @@ class NodeInfo:
         slice_refusal: for a neuron whose slices reproduce its output and state on the example but whose
             gradients autograd would sum in another order on slices (decided on the autograd graph's structure):
             why it is not ``time_chunkable``; empty otherwise.
+        passes_through: the node returned one of its input tensors, or a view of all of it, and wrote none of
+            them, on the example (``nn.Identity``, ``nn.Flatten``, a reshape): it computes nothing, so autograd
+            saves nothing for it and a checkpoint region has nothing of it to recompute.
+        per_step: the node's value is one time step's: taken from its input's leading (time) dimension by an
+            integer index (``x[t]``, ``x.select(0, t)``, an item of ``unbind_steps`` or ``unbind``), or computed
+            from such values (a ``stack`` or ``cat`` of them is time-major again). Its leading dimension is not time
+            (at T = 1 a loop's step is ``[N, ...]``), so a region that outputs one is not sliced in time (Rule 9).
     """
 
     name: str
@@ -109,6 +116,8 @@ class NodeInfo:
     time_steps: int = 0
     step_slices_only: bool = False
     slice_refusal: str = ""
+    passes_through: bool = False
+    per_step: bool = False
 
     @property
     def seeds_region(self) -> bool:

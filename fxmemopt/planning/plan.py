@@ -317,11 +317,17 @@ def sliceable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str,
     """Can the whole region over ``nodes`` run on time slices (Rule 9, approximate)? ``(answer, reason, sliced)``.
 
     Yes when every output is a tensor whose first dimension is the same ``T >= 2`` and at least one input is a
-    tensor with that first dimension; ``sliced`` flags those inputs (the others reach every slice whole). Whether
-    slicing changes the region's values (BatchNorm statistics, attention over T) is not decided here: the region
-    is run both ways on the example after the rewrite and the summary reports the difference.
+    tensor with that first dimension; ``sliced`` flags those inputs (the others reach every slice whole). Values of
+    one time step (:attr:`~fxmemopt.analysis.facts.NodeInfo.per_step`: ``x[t]`` in a loop over time, and what is
+    computed from it) have no time dimension, whatever their first one is: a region that outputs one is not sliced,
+    and an input that is one is not sliced (found by the property run: at T = 1 a loop's step is ``[N, ...]``, and
+    its region was sliced along the batch, each slice's neuron starting from the state another sample left).
+    Whether slicing changes the region's values (BatchNorm statistics, attention over T) is not decided here: the
+    region is run both ways on the example after the rewrite and the summary reports the difference.
     """
     inputs, outputs = region_io(graph, nodes)
+    if any(graph[o].per_step for o in outputs):
+        return False, "its outputs are single time steps (x[t] in a loop over time): no time dimension", ()
     firsts = {graph[o].shape[0] if graph[o].is_tensor and graph[o].shape else None for o in outputs}
     if len(firsts) != 1 or None in firsts:
         return False, "its outputs are not tensors with one common first (time) dimension", ()
@@ -329,7 +335,7 @@ def sliceable(graph: AnnotatedGraph, nodes: tuple[str, ...]) -> tuple[bool, str,
     if steps < 2:
         return False, f"its outputs have T={steps} time steps: nothing to slice", ()
     sliced = tuple(bool(graph[i].is_tensor and graph[i].op != "get_attr" and graph[i].shape
-                        and graph[i].shape[0] == steps) for i in inputs)
+                        and graph[i].shape[0] == steps and not graph[i].per_step) for i in inputs)
     if not any(sliced):
         return False, f"none of its inputs is a tensor with T={steps} leading steps", ()
     return True, f"T={steps}; {sum(sliced)} of {len(inputs)} inputs sliced", sliced

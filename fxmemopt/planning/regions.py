@@ -290,7 +290,11 @@ def _side_outputs_cut(graph: AnnotatedGraph, seed: str, members: set[str]) -> tu
     their own without a neuron (``conv -> bn`` of a shortcut or of a block's last layer, stem layers): it keeps its
     input, usually spikes or a value stored anyway, and recomputes the layers' intermediates. Element-wise nodes at
     its end (the residual sum) stay outside: they save nothing for backward, and taking them would store their
-    other operands. The search leaves either region out where it does not lower the peak.
+    other operands; so do pass-through layers at its end (``nn.Identity``, ``nn.Flatten``:
+    :attr:`~fxmemopt.analysis.facts.NodeInfo.passes_through`), and a piece whose only layers pass through forms no
+    region: it would keep its input and have nothing to recompute (found by the property run: a time loop's
+    ``stack`` and the empty ``nn.Identity`` after it, read by a residual block's shortcut). The search leaves either
+    region out where it does not lower the peak.
     """
     side = [n for n in members if n != seed and any(
         u not in members and not is_metadata(graph, u) for u in graph.users[n])]
@@ -299,18 +303,21 @@ def _side_outputs_cut(graph: AnnotatedGraph, seed: str, members: set[str]) -> tu
     cut = set(side)
     for n in side:
         cut |= nx.ancestors(graph.digraph, n) & members
+    def computes(n: str) -> bool:  # a layer whose output is not its input: it may save something for backward
+        return graph[n].op == "call_module" and not graph[n].passes_through
+
     chain = set(cut)
     changed = True
-    while changed:  # strip trailing element-wise nodes: they save nothing and would store their other operands
-        changed = False
+    while changed:  # strip trailing element-wise nodes and pass-through layers: they save nothing, and element-wise
+        changed = False  # ones would store their other operands
         for n in list(chain):
-            if graph[n].op != "call_module" and not any(u in chain for u in graph.users[n]):
+            if not computes(n) and not any(u in chain for u in graph.users[n]):
                 chain.discard(n)
                 changed = True
     # One region per connected piece (a block's last layers and its shortcut's layers are separate chains), if it
     # has a layer and an interior value (a layer alone would keep only its input, which it saves anyway).
     pieces = nx.weakly_connected_components(graph.digraph.subgraph(chain))
-    return cut, [p for p in pieces if any(graph[n].op == "call_module" for n in p) and any(
+    return cut, [p for p in pieces if any(computes(n) for n in p) and any(
         i in p for n in p for i in graph[n].inputs)]
 
 
