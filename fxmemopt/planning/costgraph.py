@@ -468,6 +468,14 @@ def _recompute_stops(lay: _Layout, storages: Sequence[StorageRecord], by_region:
     return stop
 
 
+def _prefix_end(lay: _Layout, ne: dict[str, tuple[int, int]], sl: _Slicing, block: _Block) -> int:
+    """Where a time-sliced region's first block has finished its prefix: the position of the prefix's last event
+    (its last node's end marker, after every operation of the prefix), or the block's start for an empty prefix.
+    The parts and start states are made there (Rule 8)."""
+    positions = [lay.rc_pos[block][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[block]]
+    return max(positions, default=lay.rc_start[block])
+
+
 def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Sequence[RegionPlan],
                           lay: _Layout) -> dict[str, list[str]]:
     """Packed inputs: allocated when the region is entered (plus a transient for the check and the packing), alive
@@ -489,6 +497,25 @@ def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Seque
     return kept_by_ref
 
 
+def _waits_per_step(storages: Sequence[StorageRecord], sl: _Slicing, x_bytes: int, bwd_last: int) -> bool:
+    """Whether the sliced neuron's recorded backward keeps each time step's input gradient until its end, where one
+    operation joins them (a loop over ``x_seq.unbind(0)``, as spikingjelly's ``lif_multi_step`` runs on CPU:
+    ``UnbindBackward`` stacks them all at once).
+
+    The sign: storages of the neuron's backward, each at least one step of its input and smaller than its output,
+    allocated before its last event and alive until then, that add up to all steps but one at least. Those storages
+    are then the slices' gradients, charged with their recorded lifetimes: the sliced run stacks each slice's at the
+    end of its backward into a tensor of the same size that lives as long, so charging the slices' gradients again
+    would count the neuron's input gradient twice while backward goes through the slices. A neuron whose per-step
+    gradient buffers have the input's full size (``x_seq[t]``: ``SelectBackward`` accumulates into one buffer)
+    shows no such storages."""
+    steps = max(1, sl.steps)
+    waiting = sum(st.nbytes for st in storages
+                  if st.phase == "bwd" and st.node == sl.neuron and st.free is not None
+                  and st.alloc < bwd_last <= st.free and st.nbytes * steps >= x_bytes and st.nbytes < sl.out_bytes)
+    return waiting > 0 and waiting * steps >= x_bytes * (steps - 1)
+
+
 def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
                    replays: _Replays, ne: dict[str, tuple[int, int]],
                    kept_by_ref: dict[str, list[str]]) -> dict[str, StorageRecord]:
@@ -507,8 +534,10 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
         x_node = annotated[sl.neuron].inputs[0]
         x_bytes = annotated[x_node].nbytes
         held = r in kept_by_ref.get(x_node, ())  # the parts are views of a stored input: nothing new
-        prefix_pos = [lay.rc_pos[first_b][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[first_b]]
-        parts_at = max(prefix_pos, default=lay.rc_start[first_b])  # where the parts and start states are made
+        parts_at = _prefix_end(lay, ne, sl, first_b)  # where the parts are made
+        # The first no-grad replay (the start states) runs once the parts are made and the whole input is dropped:
+        # at the next position, the block's first of the neuron.
+        replay_at = parts_at + 1
         every = sl.every  # start states: a checkpoint every `every` slices (Rule 8)
         for c in range(sl.k):
             b = _Block(r, "slice", c)
@@ -518,14 +547,15 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
                 # The first slice starts from the region's entry state (referenced anyway); checkpoints and the last
                 # segment's states exist from the first replay, the others from their segment's replay.
                 segment_end = min(sl.k - 1, c - c % every + every - 1)
-                made = parts_at if c % every == 0 or segment_end == sl.k - 1 else \
-                    lay.rc_start.get(_Block(r, "slice", segment_end), parts_at)
+                made = replay_at if c % every == 0 or segment_end == sl.k - 1 else \
+                    lay.rc_start.get(_Block(r, "slice", segment_end), replay_at)
                 if c:
                     live.add(sl.state_bytes, made, lay.rc_end[b])
-        # Each slice's input gradient waits for the others (the split's backward takes them all at once).
+        # Each slice's input gradient waits for the others (the split's backward takes them all at once), unless the
+        # recorded backward shows them already (_waits_per_step).
         nb = replays.bwd_events.get(sl.neuron, ())
         prefix_bwd = [e for n in sl.prefix_nodes for e in replays.bwd_events.get(n, ())]
-        if nb:
+        if nb and not _waits_per_step(storages, sl, x_bytes, nb[-1]):
             done = lay.pos[min([nb[-1]] + [e for e in prefix_bwd if e > nb[0]])]
             for c in range(sl.k):
                 b = _Block(r, "slice", c)
@@ -634,6 +664,11 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                 if b in lay.rc_start:  # an input of r that r saves: it comes back when r recomputes
                     consumed = lay.pos.get(s.consumed, lay.bwd_last[r])
                     live.add(s.nbytes, lay.rc_start[b], max(lay.rc_start[b], consumed))
+                first = sl.first_block(r) if sl is not None else None
+                if first is not None and first != b and first in lay.rc_start:
+                    # The first block runs the prefix too, on the input unpacked again, which lives until the
+                    # prefix's saved tensors are dropped, once the parts are made (Rule 8: the prefix not kept).
+                    live.add(s.nbytes, lay.rc_start[first], _prefix_end(lay, ne, sl, first))
         else:
             live.add(size(s), lay.pos[s.alloc], stop)
         if home is None:
@@ -649,9 +684,14 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                 # A temporary or output of the region: it reappears during recomputation and is dropped when that
                 # ends (or when it died in the forward, if earlier).
                 stop_rc = lay.rc_pos[b].get(s.free, lay.rc_end[b]) if s.free is not None else lay.rc_end[b]
+                stop_rc = min(stop_rc, rc_stop[b])
+                sl = replays.slicing.get(home)
+                if sl is not None and b == sl.first_block(home) and s.node in sl.prefix_nodes:
+                    # The first block runs the prefix as one call that returns only the neuron's input (Rule 8):
+                    # the prefix's other tensors are gone before the parts are copied and the slice recomputes.
+                    stop_rc = min(stop_rc, _prefix_end(lay, ne, sl, b) - 1)
                 share = replays.whole_share.get(home)
-                live.add(size(s) if share is None else int(s.nbytes * share), start,
-                         max(start, min(stop_rc, rc_stop[b])))
+                live.add(size(s) if share is None else int(s.nbytes * share), start, max(start, stop_rc))
     return packing_s
 
 
