@@ -44,6 +44,7 @@ Known limitations
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -322,13 +323,61 @@ def _events_of(ne: dict[str, tuple[int, int]], nodes: Iterable[str]) -> list[int
     return [e for n in nodes for e in range(ne[n][0], ne[n][1] + 1)]
 
 
+def _step_ends(storages: Sequence[StorageRecord], neuron: str, first: int, last: int, steps: int,
+               step_bytes: int) -> list[int] | None:
+    """The forward events at which each time step of a neuron's recorded forward ends, read off its state, or
+    ``None`` where the recording does not show them.
+
+    A neuron that rebinds its state every step (``self.v = ...``, or a loop variable) frees the previous step's
+    state when it makes the new one: those storages (one step of the output each) form a chain, each freed at the
+    event that allocated the next. The last ``steps`` links are the steps' ends (a state made lazily in the first
+    step comes before them). Accepted only when every step after the first spans the same number of events (the
+    same operations each step, as a loop over time runs): a neuron that keeps every step's state, runs all steps in
+    one kernel or varies per step shows no such chain, and its steps are taken as equal shares of its events."""
+    mine = [s for s in storages if s.node == neuron and s.phase == "fwd" and first <= s.alloc <= last
+            and s.nbytes == step_bytes]
+    at = {s.alloc: s for s in mine}
+    longest: list[int] = []
+    for s in mine:
+        chain = [s.alloc]
+        while at[chain[-1]].free in at and at[chain[-1]].free > chain[-1] and len(chain) <= steps:
+            chain.append(at[chain[-1]].free)  # type: ignore[arg-type]
+        longest = max(longest, chain, key=len)
+    ends = longest[-steps:]
+    if len(ends) < steps or len({b - a for a, b in zip(ends, ends[1:])}) > 1:
+        return None
+    return ends
+
+
+def _slice_triggers(storages: Sequence[StorageRecord], neuron: str, fwd_slice: dict[int, int], k: int,
+                    events: Sequence[tuple[str, str]]) -> dict[int, int] | None:
+    """The backward event before which each slice of a sliced neuron recomputes, or ``None`` where the recording
+    does not show it: recomputation runs when backward first unpacks one of the tensors the slice saved (Rule 3; the
+    neuron's own saves, not its output saved by the next layer), and a storage's ``consumed`` is the event after
+    which backward unpacked it. Slice -> event, the last slice first;
+    ``None`` unless every slice has one and they come in that order."""
+    found: dict[int, int] = {}
+    for s in storages:
+        if s.node == neuron and neuron in s.saved_by and s.consumed is not None and s.alloc in fwd_slice:
+            c = fwd_slice[s.alloc]
+            found[c] = min(found.get(c, s.consumed + 1), s.consumed + 1)
+    at = [found.get(c) for c in reversed(range(k))]
+    if None in at or any(b <= a for a, b in zip(at, at[1:])) or not all(  # type: ignore[operator]
+            e < len(events) and events[e][0] == "bwd" for e in at):  # type: ignore[operator]
+        return None
+    return found
+
+
 def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[str, tuple[int, int]],
-             events: Sequence[tuple[str, str]]) -> _Replays:
+             events: Sequence[tuple[str, str]], storages: Sequence[StorageRecord] = ()) -> _Replays:
     """Which forward events each region's recomputation replays, and before which backward event.
 
     An unsliced region is one block, run just before its first backward event. A time-sliced region (prefix ->
     neuron, k slices) has one block per slice, run before that slice's first backward event (the first also replays
-    the prefix), and, when the prefix is not kept, a prefix block before the prefix's backward."""
+    the prefix), and, when the prefix is not kept, a prefix block before the prefix's backward. A slice's forward
+    events are its steps' (:func:`_step_ends`) and its block runs when backward first unpacks what it saved
+    (:func:`_slice_triggers`), where the recorded ``storages`` show them; otherwise each step is an equal share of
+    the neuron's forward and backward events."""
     region_of = {n: r.name for r in regions for n in r.nodes}
     bwd: dict[str, list[int]] = {}
     for e, (phase, node) in enumerate(events):
@@ -362,11 +411,22 @@ def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[
 
         first, last = ne[neuron]
         nfwd = last - first + 1
-        fwd_slice = {e: slice_of(min(steps - 1, (e - first) * steps // nfwd)) for e in range(first, last + 1)}
+        out_bytes = info.nbytes if info.is_tensor else annotated[info.inputs[0]].nbytes
+        ends = _step_ends(storages, neuron, first, last, steps, out_bytes // max(1, steps))
+        if ends is not None:  # a step ends with the state it makes (the events after the last: the last step's)
+            fwd_slice = {e: slice_of(min(steps - 1, bisect.bisect_left(ends, e))) for e in range(first, last + 1)}
+        else:
+            fwd_slice = {e: slice_of(min(steps - 1, (e - first) * steps // nfwd)) for e in range(first, last + 1)}
         prefix = _events_of(ne, r.nodes[:-1])
         nb = bwd.get(neuron, [])
-        for i, e in enumerate(nb):  # the neuron's backward runs from the last step to the first
-            trigger.setdefault(e, _Block(r.name, "slice", slice_of(steps - 1 - min(steps - 1, i * steps // len(nb)))))
+        unpacked = _slice_triggers(storages, neuron, fwd_slice, k, events)
+        if unpacked is not None:
+            for c, e in unpacked.items():
+                trigger.setdefault(e, _Block(r.name, "slice", c))
+        else:
+            for i, e in enumerate(nb):  # the neuron's backward runs from the last step to the first
+                trigger.setdefault(e, _Block(r.name, "slice",
+                                             slice_of(steps - 1 - min(steps - 1, i * steps // len(nb)))))
         for c in reversed(range(k)):  # the last slice's block runs first and replays the prefix
             blocks[_Block(r.name, "slice", c)] = tuple((prefix if c == k - 1 else [])
                                                        + [e for e in range(first, last + 1) if fwd_slice[e] == c])
@@ -378,7 +438,6 @@ def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[
         # The neuron's time-major output: all it returns, or the first element of (out, state) (norse's LIF), which
         # has the shape of its input. One slice start state: the state a neuron returns (exact), or one time step of
         # its output (an estimate for a state kept in the module, which holds one membrane per output element).
-        out_bytes = info.nbytes if info.is_tensor else annotated[info.inputs[0]].nbytes
         state_bytes = info.nbytes - out_bytes if not info.is_tensor else out_bytes // max(1, steps)
         slicing[r.name] = _Slicing(k, steps, sizes, neuron, frozenset(r.nodes[:-1]), fwd_slice, out_bytes,
                                    state_bytes, checkpoint_every(k, r.keep_starts))
@@ -468,6 +527,14 @@ def _recompute_stops(lay: _Layout, storages: Sequence[StorageRecord], by_region:
     return stop
 
 
+def _prefix_end(lay: _Layout, ne: dict[str, tuple[int, int]], sl: _Slicing, block: _Block) -> int:
+    """Where a time-sliced region's first block has finished its prefix: the position of the prefix's last event
+    (its last node's end marker, after every operation of the prefix), or the block's start for an empty prefix.
+    The parts and start states are made there (Rule 8)."""
+    positions = [lay.rc_pos[block][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[block]]
+    return max(positions, default=lay.rc_start[block])
+
+
 def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Sequence[RegionPlan],
                           lay: _Layout) -> dict[str, list[str]]:
     """Packed inputs: allocated when the region is entered (plus a transient for the check and the packing), alive
@@ -489,6 +556,25 @@ def _charge_region_inputs(live: _Live, annotated: AnnotatedGraph, regions: Seque
     return kept_by_ref
 
 
+def _waits_per_step(storages: Sequence[StorageRecord], sl: _Slicing, x_bytes: int, bwd_last: int) -> bool:
+    """Whether the sliced neuron's recorded backward keeps each time step's input gradient until its end, where one
+    operation joins them (a loop over ``x_seq.unbind(0)``, as spikingjelly's ``lif_multi_step`` runs on CPU:
+    ``UnbindBackward`` stacks them all at once).
+
+    The sign: storages of the neuron's backward, each at least one step of its input and smaller than its output,
+    allocated before its last event and alive until then, that add up to all steps but one at least. Those storages
+    are then the slices' gradients, charged with their recorded lifetimes: the sliced run stacks each slice's at the
+    end of its backward into a tensor of the same size that lives as long, so charging the slices' gradients again
+    would count the neuron's input gradient twice while backward goes through the slices. A neuron whose per-step
+    gradient buffers have the input's full size (``x_seq[t]``: ``SelectBackward`` accumulates into one buffer)
+    shows no such storages."""
+    steps = max(1, sl.steps)
+    waiting = sum(st.nbytes for st in storages
+                  if st.phase == "bwd" and st.node == sl.neuron and st.free is not None
+                  and st.alloc < bwd_last <= st.free and st.nbytes * steps >= x_bytes and st.nbytes < sl.out_bytes)
+    return waiting > 0 and waiting * steps >= x_bytes * (steps - 1)
+
+
 def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
                    replays: _Replays, ne: dict[str, tuple[int, int]],
                    kept_by_ref: dict[str, list[str]]) -> dict[str, StorageRecord]:
@@ -507,8 +593,10 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
         x_node = annotated[sl.neuron].inputs[0]
         x_bytes = annotated[x_node].nbytes
         held = r in kept_by_ref.get(x_node, ())  # the parts are views of a stored input: nothing new
-        prefix_pos = [lay.rc_pos[first_b][e] for e in _events_of(ne, sl.prefix_nodes) if e in lay.rc_pos[first_b]]
-        parts_at = max(prefix_pos, default=lay.rc_start[first_b])  # where the parts and start states are made
+        parts_at = _prefix_end(lay, ne, sl, first_b)  # where the parts are made
+        # The first no-grad replay (the start states) runs once the parts are made and the whole input is dropped:
+        # at the next position, the block's first of the neuron.
+        replay_at = parts_at + 1
         every = sl.every  # start states: a checkpoint every `every` slices (Rule 8)
         for c in range(sl.k):
             b = _Block(r, "slice", c)
@@ -518,14 +606,15 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
                 # The first slice starts from the region's entry state (referenced anyway); checkpoints and the last
                 # segment's states exist from the first replay, the others from their segment's replay.
                 segment_end = min(sl.k - 1, c - c % every + every - 1)
-                made = parts_at if c % every == 0 or segment_end == sl.k - 1 else \
-                    lay.rc_start.get(_Block(r, "slice", segment_end), parts_at)
+                made = replay_at if c % every == 0 or segment_end == sl.k - 1 else \
+                    lay.rc_start.get(_Block(r, "slice", segment_end), replay_at)
                 if c:
                     live.add(sl.state_bytes, made, lay.rc_end[b])
-        # Each slice's input gradient waits for the others (the split's backward takes them all at once).
+        # Each slice's input gradient waits for the others (the split's backward takes them all at once), unless the
+        # recorded backward shows them already (_waits_per_step).
         nb = replays.bwd_events.get(sl.neuron, ())
         prefix_bwd = [e for n in sl.prefix_nodes for e in replays.bwd_events.get(n, ())]
-        if nb:
+        if nb and not _waits_per_step(storages, sl, x_bytes, nb[-1]):
             done = lay.pos[min([nb[-1]] + [e for e in prefix_bwd if e > nb[0]])]
             for c in range(sl.k):
                 b = _Block(r, "slice", c)
@@ -555,6 +644,19 @@ def _charge_whole_slices(live: _Live, annotated: AnnotatedGraph, by_region: dict
         steps = annotated[outs[0]].shape[0]
         state = sum(annotated[n].nbytes // steps for n in nodes if annotated[n].stateful)
         live.add((round(1 / share) - 1) * state, lay.exit[r], lay.bwd_last[r])
+
+
+def _used_at(lay: _Layout, consumed: int | None, start: int, otherwise: int) -> int:
+    """Where backward is done with a tensor recomputed at ``start`` that it unpacked after event ``consumed``: that
+    event's position, or, where the unpack itself set off the recomputation (the block runs between the unpack and
+    the operation that reads the tensor: :func:`_slice_triggers`), the next event's. ``otherwise`` (the region's
+    last backward event) where neither comes at or after ``start``."""
+    if consumed is None:
+        return otherwise
+    at = lay.pos.get(consumed, -1)
+    if at < start:
+        at = lay.pos.get(consumed + 1, -1)
+    return at if at >= start else otherwise
 
 
 def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
@@ -632,8 +734,12 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                 b = _Block(r, "all") if sl is None else sl.first_block(r) if by_region[r].keep_prefix \
                     else _Block(r, "prefix")
                 if b in lay.rc_start:  # an input of r that r saves: it comes back when r recomputes
-                    consumed = lay.pos.get(s.consumed, lay.bwd_last[r])
-                    live.add(s.nbytes, lay.rc_start[b], max(lay.rc_start[b], consumed))
+                    live.add(s.nbytes, lay.rc_start[b], _used_at(lay, s.consumed, lay.rc_start[b], lay.bwd_last[r]))
+                first = sl.first_block(r) if sl is not None else None
+                if first is not None and first != b and first in lay.rc_start:
+                    # The first block runs the prefix too, on the input unpacked again, which lives until the
+                    # prefix's saved tensors are dropped, once the parts are made (Rule 8: the prefix not kept).
+                    live.add(s.nbytes, lay.rc_start[first], _prefix_end(lay, ne, sl, first))
         else:
             live.add(size(s), lay.pos[s.alloc], stop)
         if home is None:
@@ -643,15 +749,19 @@ def _charge_storages(live: _Live, annotated: AnnotatedGraph, storages: Sequence[
                 continue  # the sliced neuron's recomputed input is charged with the slices
             start = lay.rc_pos[b][s.alloc]
             if saved_in_regions and keeps and home in saver_regions and s.consumed is not None:
-                consumed = lay.pos.get(s.consumed, lay.bwd_last[home])
-                live.add(size(s), start, consumed if consumed >= start else lay.bwd_last[home])
+                live.add(size(s), start, _used_at(lay, s.consumed, start, lay.bwd_last[home]))
             elif start <= rc_stop[b]:
                 # A temporary or output of the region: it reappears during recomputation and is dropped when that
                 # ends (or when it died in the forward, if earlier).
                 stop_rc = lay.rc_pos[b].get(s.free, lay.rc_end[b]) if s.free is not None else lay.rc_end[b]
+                stop_rc = min(stop_rc, rc_stop[b])
+                sl = replays.slicing.get(home)
+                if sl is not None and b == sl.first_block(home) and s.node in sl.prefix_nodes:
+                    # The first block runs the prefix as one call that returns only the neuron's input (Rule 8):
+                    # the prefix's other tensors are gone before the parts are copied and the slice recomputes.
+                    stop_rc = min(stop_rc, _prefix_end(lay, ne, sl, b) - 1)
                 share = replays.whole_share.get(home)
-                live.add(size(s) if share is None else int(s.nbytes * share), start,
-                         max(start, min(stop_rc, rc_stop[b])))
+                live.add(size(s) if share is None else int(s.nbytes * share), start, max(start, stop_rc))
     return packing_s
 
 
@@ -680,7 +790,7 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     events = graph.graph["events"]
     ne = {n: e for n, e in graph.nodes(data="fwd_events") if e is not None}
 
-    replays = _replays(annotated, regions, ne, events)
+    replays = _replays(annotated, regions, ne, events, storages)
     lay = _layout(annotated, regions, ne, events, replays)
     live = _Live(lay.end)
     kept_by_ref = _charge_region_inputs(live, annotated, regions, lay)
