@@ -764,8 +764,10 @@ def _validated(model: nn.Module, an: Analysis, plan: Plan, inputs: tuple[Any, ..
 #: before the rest are taken out together. Each round is one training step under the storage tracker.
 MEASURED_NEVER_WORSE_ROUNDS = 3
 #: The recorder's peak is within a few hundred bytes of :func:`fxmemopt.measure_step`'s: a result this far below
-#: it needs no step of the model to compare with.
+#: it (a share of it, and at least :data:`RECORDED_PEAK_SLACK` bytes: on a tiny model a few hundred bytes are more
+#: than the share) needs no step of the model to compare with.
 RECORDED_PEAK_MARGIN = 0.01
+RECORDED_PEAK_SLACK = 4096
 #: With an extrapolated recording, the result's step is measured only where its predicted peak is above this share
 #: of the unoptimized one: below, never worse holds unless the prediction were off by a third (measured errors stay
 #: within about 10%: docs/benchmarks.md), and the measurement would be one more full-size step of optimize.
@@ -829,7 +831,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
                              f"measured here ({first_line(e, 200)}); the predicted peak stands")
                 oom = first_line(e, 200) if _is_oom(e) else ""
             break
-        if base is None and peak.peak_bytes > recorded * (1 - RECORDED_PEAK_MARGIN):
+        if base is None and peak.peak_bytes > recorded - max(RECORDED_PEAK_MARGIN * recorded, RECORDED_PEAK_SLACK):
             try:  # close to the recorded peak: compare with the same measurement of the model itself
                 base = measure_step(model, req.full, repeats=0, warmup=0).peak_bytes
             except Exception:

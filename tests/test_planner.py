@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
+import warnings
 
 import pytest
 import torch
@@ -230,16 +232,24 @@ def _tiny():
 def test_never_worse_returns_a_model_no_plan_helps_without_regions(preset):
     model, x = _tiny()
     ref = copy.deepcopy(model)
-    with pytest.warns(fxmemopt.FxMemOptWarning, match="never worse: .*never_worse=False keeps them"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, **preset)
     assert not summary.regions and summary.predicted_peak_after == summary.predicted_peak_before
-    assert any("never worse" in n for n in summary.notes)
+    # the predicted judgement (the search) or the measured one (a step of each) leaves the region out, saying so;
+    # or the search unwraps it for speed (predicted no lower): either way, nothing stays that raises the peak
+    warned = [str(w.message) for w in caught if issubclass(w.category, fxmemopt.FxMemOptWarning)
+              and re.search("never worse(:|, measured:) .*never_worse=False keeps them", str(w.message))]
+    unwrapped = [d for d in summary.decisions if d.action == "unwrap" and "saves" in d.reason]
+    assert warned or unwrapped, (summary.notes, summary.decisions)
+    assert not warned or any("never worse" in n for n in summary.notes)
     assert all(d.action == "unwrap" for d in summary.decisions if "unoptimized" in d.reason)
     assert fxmemopt.compare_training_step(ref, gm, (x,)).ok
     if preset.get("level") != 4 and preset.get("prefer") != "speed":  # (those unwrap for speed anyway)
-        # never_worse=False keeps the region the search chose, and its higher predicted peak
-        _, kept = fxmemopt.optimize(model, (x,), return_summary=True, never_worse=False, **preset)
-        assert kept.regions and kept.predicted_peak_after > kept.predicted_peak_before
+        # never_worse=False keeps the region the search chose, and the higher peak it trains with
+        kept_gm, kept = fxmemopt.optimize(model, (x,), return_summary=True, never_worse=False, **preset)
+        assert kept.regions and kept.predicted_peak_after >= kept.predicted_peak_before
+        assert fxmemopt.measure_step(kept_gm, (x,)).peak_bytes > fxmemopt.measure_step(ref, (x,)).peak_bytes
 
 
 def test_memory_budget_the_unoptimized_step_fits_returns_it_unoptimized():
