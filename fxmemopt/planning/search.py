@@ -42,6 +42,15 @@ How it is built
     the cost graph, options and candidates in the :class:`Planner`; each does nothing when its option is off.
 
 Every decision is recorded with its reason (:class:`Decision`), so the summary can explain the plan.
+
+What it costs
+    A prediction (:func:`~fxmemopt.planning.costgraph.simulate`) is linear in the recorded step, and every stage
+    makes a bounded number per candidate region, so a search is about (regions) x (graph size) (issue 27,
+    "optimizing is cheap"; ``benchmarks/search_scaling.py``, ``tests/test_search_scaling.py``): levels 2 and 3 take a
+    region out of the running once a move on it fails; never worse judges all regions per round and drops every
+    harmful one at once (:data:`NEVER_WORSE_ROUNDS` rounds at most); level 4 does not re-predict a move that did not
+    fit while nothing suggests it would now (:data:`UNWRAP_MOVES_PER_REGION` accepted moves per region at most);
+    ``keep starts`` tries every region away from the peak in one prediction.
 """
 
 from __future__ import annotations
@@ -546,24 +555,39 @@ def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
 def keep_slice_starts(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
     """Time back at the same peak: a time-sliced region whose backward does not set the predicted peak keeps every
     slice's start state from its one no-grad neuron replay (``keep_starts``), instead of one every
-    :func:`~fxmemopt.planning.plan.checkpoint_every` slices and a second replay per segment. Tried region by
-    region, the one at the predicted peak last; accepted when the predicted peak does not rise and the predicted
-    step time falls. Never raises the peak, so it keeps what the stages before it reached (a budget, the speed
-    target, never worse)."""
+    :func:`~fxmemopt.planning.plan.checkpoint_every` slices and a second replay per segment. Accepted when the
+    predicted peak does not rise and the predicted step time falls. Never raises the peak, so it keeps what the
+    stages before it reached (a budget, the speed target, never worse).
+
+    First every region but the one at the predicted peak together (one prediction: each region's extra start
+    states live only during its own backward, so they rarely add up); if that raises the peak, region by region as
+    before. The region at the peak is tried last, alone."""
     hot = _peak_region(pred, plan)
+    eligible = [rp for rp in sorted(plan.regions, key=lambda r: (r.name == hot, r.name))
+                if rp.chunks >= 2 and not rp.whole_slices and not rp.keep_starts
+                and checkpoint_every(rp.chunks) < rp.chunks]
     changed = False
-    for rp in sorted(plan.regions, key=lambda r: (r.name == hot, r.name)):
-        if rp.chunks < 2 or rp.whole_slices or rp.keep_starts or checkpoint_every(rp.chunks) >= rp.chunks:
-            continue
-        new = dataclasses.replace(rp, keep_starts=True)
-        candidate = Plan(tuple(new if r.name == rp.name else r for r in plan.regions))
+
+    def keep(rps: list[RegionPlan], plan: Plan, pred: Prediction) -> tuple[Plan, Prediction, bool]:
+        names = {rp.name for rp in rps}
+        candidate = Plan(tuple(dataclasses.replace(r, keep_starts=True) if r.name in names else r
+                               for r in plan.regions))
         cand = p.evaluate(candidate)
         if cand.peak_bytes <= pred.peak_bytes and cand.step_time_s < pred.step_time_s:
-            p.result.decisions.append(Decision(rp.name, "keep starts", (
+            together = f" ({len(rps)} regions together)" if len(rps) > 1 else ""
+            p.result.decisions += [Decision(rp.name, "keep starts", (
                 f"every slice's start state kept by one replay: predicted step time x"
                 f"{pred.step_time_s / p.baseline.step_time_s:.3f} -> x{cand.step_time_s / p.baseline.step_time_s:.3f}"
-                f", peak {_mib(cand.peak_bytes)} (not higher)")))
-            plan, pred, changed = candidate, cand, True
+                f", peak {_mib(cand.peak_bytes)} (not higher){together}")) for rp in rps]
+            return candidate, cand, True
+        return plan, pred, False
+
+    cold = [rp for rp in eligible if rp.name != hot]
+    if len(cold) > 1:
+        plan, pred, changed = keep(cold, plan, pred)
+    for rp in eligible if not changed else [rp for rp in eligible if rp.name == hot]:
+        plan, pred, kept = keep([rp], plan, pred)
+        changed |= kept
     if changed:
         p.result.applied_steps.append("keep_slice_starts")
     return plan, pred
@@ -587,6 +611,11 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
 
     ``propose(region_plan, plan)`` returns ``(candidate plan, description)``, a reason string when the region
     cannot take this move (recorded once), or ``None`` when it simply does not apply.
+
+    Cost: a region whose move fails (or does not apply) is out of the running for the rest of the stage, and a
+    round ends at its first accepted move, so a stage predicts at most (accepted moves + regions) x (alternatives
+    per move) plans, however many rounds it runs; accepted moves are bounded per region too (one split; one
+    doubling of the slices each, up to T).
     """
     blocked: set[str] = set()
     improved_any = False
@@ -635,38 +664,68 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
     return best, pred
 
 
+#: Never worse runs at most this many rounds of per-region trials (one prediction per region each). Its batches drop
+#: every region that raised the peak at once, so the rounds are the chains of interaction (a region harmful only
+#: once its neighbour is gone): DeepConvSNN up to 128 blocks and the zoo converge in one or two; four bound the
+#: search at about 4 x (regions) predictions where dropping one region a round took (harmful regions) x (regions).
+NEVER_WORSE_ROUNDS = 4
+
+
 def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
     """Leave out the regions whose checkpointing raises the predicted peak (their kept inputs and recomputation cost
-    more than they free: small layers, a layer whose input is kept anyway), one at a time, the most harmful first;
-    if the plan still predicts a higher peak than the unoptimized step, return no plan at all. (One prediction per
-    region a round, also for plans already below the unoptimized peak: a region that raises the peak is never worth
-    keeping.)
+    more than they free: small layers, a layer whose input is kept anyway); if the plan still predicts a higher
+    peak than the unoptimized step, return no plan at all.
+
+    Rounds of trials: each region is left out alone (one prediction per region, also for plans already below the
+    unoptimized peak: a region that raises the peak is never worth keeping), and every region whose removal
+    lowered the peak is dropped at once, the most harmful first: that batch is kept when one prediction shows it
+    lowers the peak at least as far as dropping the most harmful region alone (the old one-region-a-round step);
+    otherwise its less harmful half is put back, and again, down to the most harmful region alone (already
+    predicted). A round without a harmful region ends the search; at most :data:`NEVER_WORSE_ROUNDS` rounds run,
+    so the cost is about ``rounds x regions`` predictions (plus ``log2`` of each batch), not ``regions**2``.
 
     With ``calls`` forward calls per step (a single-step network called once per time step) the peak compared is
     the whole step's (:func:`~fxmemopt.planning.costgraph.peak_over_calls`): what a call keeps for backward counts
-    ``calls``
-    times, so a region can lower it while raising one call's transient peak.
+    ``calls`` times, so a region can lower it while raising one call's transient peak.
     """
     calls, result, baseline = p.opts.calls_per_step, p.result, p.baseline
 
-    def peak(plan: Plan) -> int:
+    def predict(plan: Plan) -> tuple[int, Prediction]:
         if calls == 1:
-            return p.evaluate(plan).peak_bytes
+            one = p.evaluate(plan)
+            return one.peak_bytes, one
         result.evaluated += 1
-        return peak_over_calls(simulate(p.cost, plan, with_timeline=True), calls)
+        one = simulate(p.cost, plan, with_timeline=True)
+        return peak_over_calls(one, calls), dataclasses.replace(one, timeline=())
 
-    current = peak(best)
-    floor = baseline.peak_bytes if calls == 1 else peak(Plan(()))
-    dropped = []
-    while best.regions:
-        trials = [(peak(Plan(tuple(r for r in best.regions if r is not rp))), rp) for rp in best.regions]
-        without, rp = min(trials, key=lambda t: t[0])
-        if without >= current:
+    def without(plan: Plan, names: set[str]) -> Plan:
+        return Plan(tuple(r for r in plan.regions if r.name not in names))
+
+    current, current_pred = (pred.peak_bytes, pred) if calls == 1 else predict(best)
+    floor = baseline.peak_bytes if calls == 1 else predict(Plan(()))[0]
+    dropped: list[str] = []
+    for _ in range(NEVER_WORSE_ROUNDS):
+        if not best.regions:
             break
-        result.decisions.append(Decision(rp.name, "unwrap", f"raised the predicted peak: {_mib(current)} with it, "
-                                         f"{_mib(without)} without"))
-        dropped.append(rp.name)
-        best, current = Plan(tuple(r for r in best.regions if r is not rp)), without
+        # (regions in plan order break ties: deterministic)
+        trials = [(predict(without(best, {rp.name})), k, rp) for k, rp in enumerate(best.regions)]
+        harmful = sorted(((peak, k, rp, one) for (peak, one), k, rp in trials if peak < current),
+                         key=lambda t: (t[0], t[1]))
+        if not harmful:
+            break
+        batch = harmful
+        while len(batch) > 1:
+            peak, one = predict(without(best, {rp.name for _, _, rp, _ in batch}))
+            if peak <= harmful[0][0]:
+                break
+            batch = batch[:len(batch) // 2]  # the less harmful half back in
+        if len(batch) == 1:
+            peak, one = harmful[0][0], harmful[0][3]
+        for alone, _, rp, _ in batch:
+            result.decisions.append(Decision(rp.name, "unwrap", f"raised the predicted peak: {_mib(current)} with "
+                                             f"it, {_mib(alone)} without"))
+            dropped.append(rp.name)
+        best, current, current_pred = without(best, {rp.name for _, _, rp, _ in batch}), peak, one
     if best.regions and current > floor:
         for rp in best.regions:
             result.decisions.append(Decision(rp.name, "unwrap", f"the plan's predicted peak {_mib(current)} is above "
@@ -678,7 +737,7 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
         result.notes.append(f"never worse: {len(dropped)} region(s) left out because checkpointing them raised the "
                             f"predicted peak ({', '.join(dropped)}; never_worse=False keeps them)")
         result.applied_steps.append("never_worse")
-        return best, p.evaluate(best)
+        return best, current_pred
     return best, pred
 
 
@@ -735,6 +794,12 @@ def _temporal(best: Plan, pred: Prediction, p: Planner, stop_at: int | None = No
     return _improve(best, pred, "chunk", propose, limit, p.per_round, p, "3_temporal_split", stop_at, time_limit)
 
 
+#: Level 4 accepts at most this many moves per region of the plan it starts from (unwrap, shrink, keep the prefix,
+#: unslice: about four per region; a region re-sliced by another's unwrap+slice can take a few more): a bound on
+#: rounds that the searches measured never reach, so a pathological cost graph cannot make the search quadratic.
+UNWRAP_MOVES_PER_REGION = 8
+
+
 def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool = False) -> tuple[Plan, Prediction]:
     """Level 4: give up recomputation where it costs the most time, while the predicted peak stays within ``limit``.
 
@@ -746,54 +811,74 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool =
     most of a layer's memory but cheap to recompute, while convolutions are the opposite. Each round takes the move
     with the largest estimated saving (the forward time it stops recomputing) whose predicted peak stays within
     ``limit``.
+
+    Bounded: a move that did not fit is not predicted again while its region is unchanged, unless the plan's
+    predicted peak has fallen since (moves give time back, so the peak mostly rises and what did not fit still does
+    not); each such move is retried at most once. Candidate plans are built only when predicted. So a search
+    predicts about (moves per region) x (regions) plans, where re-predicting every larger-saving move each round
+    took (rounds) x (regions); at most :data:`UNWRAP_MOVES_PER_REGION` moves per region are accepted.
     """
     fwd = dict(p.cost.nodes(data="fwd_time_s", default=0.0))
     graph, result = p.graph, p.result
     changed = 0
-    while True:
-        moves = []
-        for rp in best.regions:
-            rest = tuple(r for r in best.regions if r.name != rp.name)
-            moves.append(("unwrap", rp, Plan(rest), sum(fwd.get(n, 0.0) for n in rp.nodes)))
-            finer = _sliced_per_step(rest, graph)
-            if finer != rest:
+    # (action, region plan, variant) -> the plan's predicted peak when it did not fit, and whether it was retried
+    failed: dict[tuple[str, RegionPlan, int], tuple[int, bool]] = {}
+    max_moves = UNWRAP_MOVES_PER_REGION * max(1, len(best.regions))
+
+    while changed < max_moves:
+        # Per round, once: each region sliced one slice per step where it can be (the unwrap fallbacks' others)
+        finer_all = _sliced_per_step(best.regions, graph)
+        leaner_all = _sliced_per_step(best.regions, graph, keep_prefix=False)
+        sliceable_names = {r.name for r, f in zip(best.regions, finer_all) if f != r}
+        # (saving, region k's plan, action, variant, base, k, replacement): the candidate is ``base`` with region k
+        # replaced (or left out: None), built only when predicted
+        moves: list[tuple[float, RegionPlan, str, int, tuple[RegionPlan, ...], int, RegionPlan | None]] = []
+        for k, rp in enumerate(best.regions):
+            nodes_s = sum(fwd.get(n, 0.0) for n in rp.nodes)
+            moves.append((nodes_s, rp, "unwrap", 0, best.regions, k, None))
+            if sliceable_names - {rp.name}:
                 # Its fallback: unwrap it and pay for that with the others' memory: every unsliced region that can
                 # be sliced, one slice per step with its prefix kept (a neuron replay each: cheap).
-                moves.append(("unwrap+slice", rp, Plan(finer), sum(fwd.get(n, 0.0) for n in rp.nodes)))
+                moves.append((nodes_s, rp, "unwrap+slice", 0, finer_all, k, None))
                 # and, if that does not fit either, with their prefixes recomputed (less memory, one prefix
                 # forward more each): unwrapping the costlier region can still beat keeping it
-                leaner = _sliced_per_step(rest, graph, keep_prefix=False)
-                moves.append(("unwrap+slice_lean", rp, Plan(leaner), sum(fwd.get(n, 0.0) for n in rp.nodes)))
+                moves.append((nodes_s, rp, "unwrap+slice_lean", 0, leaner_all, k, None))
             if rp.chunks > 1 and not rp.keep_prefix and not rp.whole_slices:
                 # keep the prefix's tensors from the recomputation that feeds the slices: one prefix forward less.
                 # The kept prefix raises the peak; finer slices (one per step) can win that back, so they are the
                 # move's fallback at the same saving.
                 steps = graph[rp.nodes[-1]].time_steps
-                for chunks in [rp.chunks] + ([steps] if steps and steps > rp.chunks else []):
+                for v, chunks in enumerate([rp.chunks] + ([steps] if steps and steps > rp.chunks else [])):
                     kept = dataclasses.replace(rp, keep_prefix=True, chunks=chunks)
-                    moves.append(("keep_prefix", rp,
-                                  Plan(tuple(kept if r.name == rp.name else r for r in best.regions)),
-                                  sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
+                    moves.append((sum(fwd.get(n, 0.0) for n in rp.nodes[:-1]), rp, "keep_prefix", v, best.regions,
+                                  k, kept))
             if rp.chunks > 1 and not rp.whole_slices:
                 # the region whole again: no neuron replays, slice copies or second prefix forward
                 whole = dataclasses.replace(rp, chunks=1, keep_prefix=True, keep_starts=False)
-                moves.append(("unslice", rp, Plan(tuple(whole if r.name == rp.name else r for r in best.regions)),
-                              sum(fwd.get(n, 0.0) for n in rp.nodes[:-1]) * (0 if rp.keep_prefix else 1)
-                              + fwd.get(rp.nodes[-1], 0.0) * 0.5))
+                moves.append((sum(fwd.get(n, 0.0) for n in rp.nodes[:-1]) * (0 if rp.keep_prefix else 1)
+                              + fwd.get(rp.nodes[-1], 0.0) * 0.5, rp, "unslice", 0, best.regions, k, whole))
             if shrink and len(rp.nodes) > 1 and graph[rp.nodes[-1]].seeds_region:
                 nodes = (rp.nodes[-1],)
                 bits = tuple(input_bits(graph, i, any(rp.pack_bits)) for i in region_io(graph, nodes)[0])
                 small = dataclasses.replace(rp, nodes=nodes, pack_bits=bits, chunks=1, keep_prefix=True,
                                             whole_slices=False)
-                moves.append(("shrink", rp, Plan(tuple(small if r.name == rp.name else r for r in best.regions)),
-                              sum(fwd.get(n, 0.0) for n in rp.nodes[:-1])))
+                moves.append((sum(fwd.get(n, 0.0) for n in rp.nodes[:-1]), rp, "shrink", 0, best.regions, k,
+                              small))
         chosen = None
         # (sorted is stable: a move's fallbacks follow it)
-        for action, rp, candidate, _ in sorted(moves, key=lambda m: (-m[3], m[1].name, m[0].split("+")[0])):
+        for _, rp, action, variant, base, k, new in sorted(moves, key=lambda m: (-m[0], m[1].name,
+                                                                                  m[2].split("+")[0])):
+            key = (action, rp, variant)
+            if key in failed:
+                peak_then, retried = failed[key]
+                if retried or pred.peak_bytes >= peak_then:
+                    continue  # did not fit, and nothing since suggests it would now
+            candidate = Plan(base[:k] + ((new,) if new is not None else ()) + base[k + 1:])
             cand = p.evaluate(candidate)
             if cand.peak_bytes <= limit:
                 chosen = (action, rp, candidate, cand)
                 break
+            failed[key] = (pred.peak_bytes, key in failed)
         if chosen is None:
             break
         action, rp, candidate, cand = chosen
