@@ -57,6 +57,8 @@ def _prune(monkeypatch, base, kept, out) -> tuple[Plan, Prediction, SearchResult
 
     simulate = _peaks(base, kept, out)
     monkeypatch.setattr(search_module, "simulate", simulate)
+    # decisions name peaks in bytes: in MiB every synthetic peak reads "0.00 MiB" and the rounds cannot be counted
+    monkeypatch.setattr(search_module, "_mib", lambda b: f"{b} bytes")
     plan = Plan(tuple(RegionPlan(f"r{i}", f"r{i}", (f"n{i}",), (1,)) for i in range(len(kept))))
     baseline, pred = simulate(None, None), simulate(None, plan)
     result = SearchResult(plan, pred, baseline)
