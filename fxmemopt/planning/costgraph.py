@@ -368,8 +368,18 @@ def _slice_triggers(storages: Sequence[StorageRecord], neuron: str, fwd_slice: d
     return found
 
 
+def _own_storages(storages: Sequence[StorageRecord]) -> dict[str, list[StorageRecord]]:
+    """Node -> the storages it allocated, in the order of ``storages``: what a sliced neuron's facts are read from
+    (scanning every storage once per sliced region made a simulation quadratic in the depth of the network)."""
+    own: dict[str, list[StorageRecord]] = {}
+    for s in storages:
+        own.setdefault(s.node, []).append(s)
+    return own
+
+
 def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[str, tuple[int, int]],
-             events: Sequence[tuple[str, str]], storages: Sequence[StorageRecord] = ()) -> _Replays:
+             events: Sequence[tuple[str, str]], storages: Sequence[StorageRecord] = (),
+             own: dict[str, list[StorageRecord]] | None = None) -> _Replays:
     """Which forward events each region's recomputation replays, and before which backward event.
 
     An unsliced region is one block, run just before its first backward event. A time-sliced region (prefix ->
@@ -377,7 +387,8 @@ def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[
     the prefix), and, when the prefix is not kept, a prefix block before the prefix's backward. A slice's forward
     events are its steps' (:func:`_step_ends`) and its block runs when backward first unpacks what it saved
     (:func:`_slice_triggers`), where the recorded ``storages`` show them; otherwise each step is an equal share of
-    the neuron's forward and backward events."""
+    the neuron's forward and backward events. ``own``: :func:`_own_storages` of ``storages``, if already made."""
+    own = _own_storages(storages) if own is None else own
     region_of = {n: r.name for r in regions for n in r.nodes}
     bwd: dict[str, list[int]] = {}
     for e, (phase, node) in enumerate(events):
@@ -412,14 +423,14 @@ def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[
         first, last = ne[neuron]
         nfwd = last - first + 1
         out_bytes = info.nbytes if info.is_tensor else annotated[info.inputs[0]].nbytes
-        ends = _step_ends(storages, neuron, first, last, steps, out_bytes // max(1, steps))
+        ends = _step_ends(own.get(neuron, ()), neuron, first, last, steps, out_bytes // max(1, steps))
         if ends is not None:  # a step ends with the state it makes (the events after the last: the last step's)
             fwd_slice = {e: slice_of(min(steps - 1, bisect.bisect_left(ends, e))) for e in range(first, last + 1)}
         else:
             fwd_slice = {e: slice_of(min(steps - 1, (e - first) * steps // nfwd)) for e in range(first, last + 1)}
         prefix = _events_of(ne, r.nodes[:-1])
         nb = bwd.get(neuron, [])
-        unpacked = _slice_triggers(storages, neuron, fwd_slice, k, events)
+        unpacked = _slice_triggers(own.get(neuron, ()), neuron, fwd_slice, k, events)
         if unpacked is not None:
             for c, e in unpacked.items():
                 trigger.setdefault(e, _Block(r.name, "slice", c))
@@ -575,14 +586,15 @@ def _waits_per_step(storages: Sequence[StorageRecord], sl: _Slicing, x_bytes: in
     return waiting > 0 and waiting * steps >= x_bytes * (steps - 1)
 
 
-def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[StorageRecord], lay: _Layout,
+def _charge_slices(live: _Live, annotated: AnnotatedGraph, own: dict[str, list[StorageRecord]], lay: _Layout,
                    replays: _Replays, ne: dict[str, tuple[int, int]],
                    kept_by_ref: dict[str, list[str]]) -> dict[str, StorageRecord]:
     """Time-sliced regions (Rule 8): the concatenation of slice outputs in forward. In backward, the first block
     recomputes the neuron's input, replays the neuron for every slice's start state, and copies the input into one
     part per slice (views instead, when the input is one the region keeps by reference: it is alive anyway); a
     slice's part and start state die when that slice has been recomputed. Returns, per region, the storage of the
-    neuron's input recomputed by the prefix (charged here, not again with the storages)."""
+    neuron's input recomputed by the prefix (charged here, not again with the storages). ``own``: each node's
+    storages (:func:`_own_storages`)."""
     x_storage: dict[str, StorageRecord] = {}
     for r, sl in replays.slicing.items():
         neuron_end = lay.pos[ne[sl.neuron][1]]
@@ -614,7 +626,7 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
         # recorded backward shows them already (_waits_per_step).
         nb = replays.bwd_events.get(sl.neuron, ())
         prefix_bwd = [e for n in sl.prefix_nodes for e in replays.bwd_events.get(n, ())]
-        if nb and not _waits_per_step(storages, sl, x_bytes, nb[-1]):
+        if nb and not _waits_per_step(own.get(sl.neuron, ()), sl, x_bytes, nb[-1]):
             done = lay.pos[min([nb[-1]] + [e for e in prefix_bwd if e > nb[0]])]
             for c in range(sl.k):
                 b = _Block(r, "slice", c)
@@ -623,10 +635,10 @@ def _charge_slices(live: _Live, annotated: AnnotatedGraph, storages: Sequence[St
         # The neuron's whole input (the storage its input node's value lives in) exists from its recomputation until
         # it is copied into the parts. Otherwise (an input of the region) it is the unpacked input, alive from the
         # block's start.
-        candidates = [st for st in storages if st.phase == "fwd" and x_node in st.views and st.node in sl.prefix_nodes]
-        if candidates:
-            x_storage[r] = candidates[0]
-            live.add(x_bytes, lay.rc_pos[first_b][candidates[0].alloc], parts_at)
+        candidates = [st for n in sl.prefix_nodes for st in own.get(n, ()) if st.phase == "fwd" and x_node in st.views]
+        if candidates:  # the first allocated (one event allocates for one node: no ties across nodes)
+            x_storage[r] = first = min(candidates, key=lambda st: (st.alloc, st.nbytes))
+            live.add(x_bytes, lay.rc_pos[first_b][first.alloc], parts_at)
         elif not held:
             live.add(x_bytes, lay.rc_start[first_b], parts_at)
     return x_storage
@@ -790,11 +802,12 @@ def simulate(graph: nx.DiGraph, plan: Plan | None, *, with_timeline: bool = Fals
     events = graph.graph["events"]
     ne = {n: e for n, e in graph.nodes(data="fwd_events") if e is not None}
 
-    replays = _replays(annotated, regions, ne, events, storages)
+    own = _own_storages(storages)
+    replays = _replays(annotated, regions, ne, events, storages, own)
     lay = _layout(annotated, regions, ne, events, replays)
     live = _Live(lay.end)
     kept_by_ref = _charge_region_inputs(live, annotated, regions, lay)
-    x_storage = _charge_slices(live, annotated, storages, lay, replays, ne, kept_by_ref)
+    x_storage = _charge_slices(live, annotated, own, lay, replays, ne, kept_by_ref)
     _charge_whole_slices(live, annotated, by_region, lay, replays)
     pack_s = functools.partial(pack_seconds, graph)
     packing_s = _charge_storages(live, annotated, storages, lay, replays, by_region, ne, kept_by_ref, x_storage,
