@@ -501,10 +501,9 @@ def _cost_graph(an: Analysis, req: Request, step: Callable[[str], None]
     if not (req.predict or needed):
         return None, notes, None
     step("recording a training step for the cost model")
-    time_steps = {info.time_steps for info in an.annotated.nodes.values() if info.time_steps}
     try:
         trace, how = record_scaled(an.traced, req.inputs, an.stateful, recording=req.recording,
-                                   time_steps=time_steps, planned_for=req.planned_batch, meta=req.meta)
+                                   time_steps=an.annotated.time_steps, planned_for=req.planned_batch, meta=req.meta)
         return build_cost_graph(an.annotated, trace), notes, how
     except RecordingError:
         raise
@@ -562,7 +561,7 @@ def _analysed(model: nn.Module, req: Request, found: ProbeResult, step: Callable
             carried = at_shapes(an.annotated, an.traced, model, an.stateful, req.inputs, *req.planned_batch)
             dim, batch = req.planned_batch
             size = next(a.shape[dim] for a in req.inputs if isinstance(a, torch.Tensor) and a.dim() > dim)
-            if not req.meta and dim == 0 and any(i.time_steps == size for i in an.annotated.nodes.values()):
+            if not req.meta and dim == 0 and size in an.annotated.time_steps:
                 raise RecordingError(f"dimension 0 of {size} samples is a neuron's time steps")  # sliced T, not N
             an = dataclasses.replace(an, annotated=carried)
             cost, notes, recording = _cost_graph(an, req, step)

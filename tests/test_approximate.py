@@ -7,6 +7,7 @@ A region run whole on time slices must compute exactly what the *original module
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -54,6 +55,17 @@ def _optimize(model, x, **kw):
                              warmup_in_main_process=False, **kw)
 
 
+def _whole_sliced(model: nn.Module, x: torch.Tensor, k: int):
+    """``model`` with both blocks on ``k`` whole slices: level 1's regions, each given ``chunks=k`` (the search
+    slices a second block of this tiny model only where its prediction says that lowers the peak, and on most of
+    these sizes it does not: measured, it does not either)."""
+    _, level1 = fxmemopt.optimize(model, (x.detach(),), targets=ResBlock, level=1, never_worse=False,
+                                  return_summary=True)
+    plan = dataclasses.replace(level1.plan, regions=tuple(dataclasses.replace(r, chunks=k, whole_slices=True)
+                                                          for r in level1.plan.regions))
+    return fxmemopt.optimize(model, (x,), targets=ResBlock, plan=plan, exact=False, return_summary=True)
+
+
 @pytest.mark.parametrize("bn", [True, False])
 @pytest.mark.parametrize("steps,factor", [(4, 2), (5, 2), (6, 3)])
 def test_whole_slices_equal_the_modules_run_slice_by_slice(bn, steps, factor):
@@ -61,7 +73,7 @@ def test_whole_slices_equal_the_modules_run_slice_by_slice(bn, steps, factor):
     model = Net(bn=bn)
     ref = copy.deepcopy(model)
     x = (torch.rand(steps, 3, 12) > 0.5).float().requires_grad_()
-    gm, summary = _optimize(model, x, temporal_split_factor=factor)
+    gm, summary = _whole_sliced(model, x, factor)
     k = [r.chunks for r in summary.regions]
     assert [r.anchor for r in summary.regions] == ["blocks.0", "blocks.1"]
     assert all(r.whole_slices and r.chunks > 1 for r in summary.regions), summary.table()
@@ -150,14 +162,15 @@ def test_exact_must_be_a_bool():
 
 
 def test_whole_slice_prediction_is_within_its_documented_error():
-    """Whole-slice predictions scale the region's own tensors by the slice's share of T (an approximation): on this
-    residual model they are 22% low (the unsliced plan's are 9% low); the docs promise 30%."""
+    """Whole-slice predictions scale the region's own forward tensors by the slice's share of T (an approximation):
+    on this residual model they are within 1% at 2 and 4 slices (the unsliced plan's too); the docs promise 20%. With
+    backward's tensors scaled as well they were 20-33% low."""
     torch.manual_seed(0)
     model = Net(f=256, bn=True, blocks=3)
     x = (torch.rand(8, 32, 256) > 0.5).float()
     _, summary = _optimize(model, x, measure="in-process")
     assert any(r.whole_slices for r in summary.regions)
-    assert summary.prediction_error is not None and summary.prediction_error < 0.30, str(summary)
+    assert summary.prediction_error is not None and summary.prediction_error < 0.20, str(summary)
 
 
 def test_optimize_leaves_the_examples_grad_alone():

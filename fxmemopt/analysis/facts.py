@@ -142,6 +142,12 @@ class AnnotatedGraph:
     def __getitem__(self, name: str) -> NodeInfo:
         return self.nodes[name]
 
+    @property
+    def time_steps(self) -> frozenset[int]:
+        """The neurons' numbers of time steps (:attr:`NodeInfo.time_steps`, those that run several): a dimension
+        of that size is time, not batch, when the examples' batch dimension is looked for."""
+        return frozenset(info.time_steps for info in self.nodes.values() if info.time_steps)
+
     @functools.cached_property
     def digraph(self) -> nx.DiGraph:
         """The data dependencies as a networkx ``DiGraph`` (input -> user), for graph questions: reachability,

@@ -147,9 +147,8 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
         an = analyze(model, inputs, targets=_check_types("targets", targets),
                      leaf=_check_types("leaf_modules", leaf_modules, allow_str=True), declared=declared, found=found)
         try:
-            time_steps = {i.time_steps for i in an.annotated.nodes.values() if i.time_steps}
             cost = build_cost_graph(an.annotated, record_scaled(an.traced, inputs, an.stateful,
-                                                                time_steps=time_steps)[0])
+                                                                time_steps=an.annotated.time_steps)[0])
         except Exception as e:
             raise InvalidInputsError(format_error(
                 f"{type(model).__name__}(*example_inputs)",
