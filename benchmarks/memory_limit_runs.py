@@ -9,15 +9,15 @@ each compared bitwise with the unoptimized step computed outside the limit.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-import fxmemopt  # noqa: E402
 from memlimit_child import build, reset  # noqa: E402
 from test_memory_limit import _run, _same_step  # noqa: E402
+
+import fxmemopt  # noqa: E402
 
 MiB = 2**20
 CASES = {"sew": (dict(model="sew_resnet18", T=4, N=80, hw=64), 750 * MiB, 600 * MiB),
