@@ -45,6 +45,7 @@ Known limitations
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import itertools
 import math
@@ -477,14 +478,32 @@ class _Recorded(_StepIndex):
         self.views = tuple(s.views or ((s.value_of,) if s.value_of else ()) for s in storages)
         self.inputs_of = {n: annotated[n].inputs for n in annotated.order}
         self.side = side_effects(annotated)
-        self.fwd_label = {n: f"fwd:{n}" for n in annotated.order}
         self.order_index = {n: i for i, n in enumerate(annotated.order)}
         #: per traced node, the last forward event of each of its users (its own last, if none): where a value
         #: saved only inside regions dies (its natural release)
         self.user_ends = {n: tuple(ne[u][1] for u in annotated.users[n] if u in ne) or (ne[n][1],)
                           for n in annotated.order}
         self.fwd_end = max((last for _, last in ne.values()), default=-1)
+        self._flat()
         self._tail()
+        self.forwards: collections.OrderedDict[tuple, tuple[list[str], list[int], dict[str, int], dict[str, int]]] \
+            = collections.OrderedDict()
+
+    def _flat(self) -> None:
+        """The traced nodes' forward events in graph order (``flat_events``) with their labels, each node's
+        ``span`` in them, and ``flat_run``: per element, the run of consecutive events it belongs to (what the
+        forward layout lays out as one slice)."""
+        self.flat_events: list[int] = []
+        self.flat_labels: list[str] = []
+        self.span: dict[str, tuple[int, int]] = {}
+        for n in self.annotated.order:
+            first, last = self.ne[n]
+            i = len(self.flat_events)
+            self.flat_events.extend(range(first, last + 1))
+            self.flat_labels.extend([f"fwd:{n}"] * (last + 1 - first))
+            self.span[n] = (i, len(self.flat_events))
+        flat = self.flat_events
+        self.flat_run = list(itertools.accumulate((0, *(b != a + 1 for a, b in zip(flat, flat[1:])))))[:len(flat)]
 
     def _tail(self) -> None:
         """The tail's events and labels, the storages it sums (``tail_at``, ``tail_gap``, ``tail_of``), the others."""
@@ -520,6 +539,12 @@ class _Recorded(_StepIndex):
                 gap_delta[a + 1] += s.nbytes
                 gap_delta[b + 1] -= s.nbytes
                 self.tail_of.setdefault(s.node, []).append((k, a, b))
+        #: per node, the savers and the values of its forward storages (what makes a plan touch them), and each
+        #: storage's ``(nbytes, alloc, free)`` (those of positive size)
+        self.fwd_deps = {n: ({m for k in ks for m in storages[k].saved_by}, {v for k in ks for v in self.views[k]})
+                         for n, ks in self.fwd_by_node.items()}
+        self.plain_of = {n: [(storages[k].nbytes, storages[k].alloc, storages[k].free) for k in ks
+                             if storages[k].nbytes > 0] for n, ks in self.fwd_by_node.items()}
         self.tail_at = list(itertools.accumulate(at_delta))[:len(tail)]
         self.tail_gap = list(itertools.accumulate(gap_delta))[:len(tail)]
 
@@ -685,28 +710,69 @@ def _replays(annotated: AnnotatedGraph, regions: Sequence[RegionPlan], ne: dict[
     return _Replays(blocks, trigger, slicing, whole_share, idx.bwd, parts)
 
 
-def _layout(rec: _Recorded, regions: Sequence[RegionPlan], replays: _Replays) -> _Layout:
-    """Positions of the simulated step (see :class:`_Layout`)."""
-    ne = rec.ne
+#: forward layouts kept per cost graph (:func:`_forward`): a search's consecutive predictions often differ only in
+#: how a region recomputes (its slices, what it keeps), not in which nodes the regions hold
+FORWARD_LAYOUTS_KEPT = 8
+
+
+def _forward(rec: _Recorded, regions: Sequence[RegionPlan]
+             ) -> tuple[list[str], list[int], dict[str, int], dict[str, int]]:
+    """The forward part of the layout (see :class:`_Layout`): its labels, the positions of the forward events (the
+    others -1), each region's entry (its ``pack`` position) and exit. Runs of nodes whose events follow each other
+    in the recorded forward are laid out as one slice. The last :data:`FORWARD_LAYOUTS_KEPT` are kept per graph,
+    by the regions' names and nodes (the caller copies the lists before extending them)."""
+    key = tuple((r.name, r.nodes) for r in regions)
+    hit = rec.forwards.get(key)
+    if hit is not None:
+        rec.forwards.move_to_end(key)
+        return hit
     region_of = {n: r.name for r in regions for n in r.nodes}
     names = set(region_of.values())
     labels: list[str] = []
     pos = [-1] * max(len(rec.events), rec.fwd_end + 1)
     entry: dict[str, int] = {}
     exit_: dict[str, int] = {}
+    flat, run_of, span = rec.flat_events, rec.flat_run, rec.span
+    run = [0, 0]  # the nodes' events not laid out yet: flat[run[0]:run[1]]
+
+    def lay_run() -> None:
+        i, j = run
+        if j > i:
+            here = len(labels)
+            labels.extend(rec.flat_labels[i:j])
+            if run_of[i] == run_of[j - 1]:  # consecutive events
+                pos[flat[i]:flat[j - 1] + 1] = range(here, here + j - i)
+            else:
+                for t in range(i, j):
+                    pos[flat[t]] = here + t - i
+        run[0] = run[1] = j
+
     for unit, members in unit_order(rec.annotated.order, rec.inputs_of, region_of, *rec.side):
         if unit in names:
+            lay_run()
             entry[unit] = len(labels)
             labels += [f"pack:{unit}", f"enter:{unit}"]
         for n in members:
-            first, last = ne[n]
-            if last >= first:
-                here = len(labels)
-                pos[first:last + 1] = range(here, here + last + 1 - first)
-                labels += [rec.fwd_label[n]] * (last + 1 - first)
+            i, j = span[n]
+            if i != run[1]:
+                lay_run()
+                run[0] = i
+            run[1] = j
         if unit in names:
+            lay_run()
             exit_[unit] = len(labels)
             labels.append(f"exit:{unit}")
+    lay_run()
+    hit = rec.forwards[key] = (labels, pos, entry, exit_)
+    if len(rec.forwards) > FORWARD_LAYOUTS_KEPT:
+        rec.forwards.popitem(last=False)
+    return hit
+
+
+def _layout(rec: _Recorded, regions: Sequence[RegionPlan], replays: _Replays) -> _Layout:
+    """Positions of the simulated step (see :class:`_Layout`)."""
+    labels, pos, entry, exit_ = _forward(rec, regions)
+    labels, pos = labels.copy(), pos.copy()
     # The loss, then the backward: the recorded order with the replay blocks inserted, each before the first event
     # that triggers it.
     tail, tail_start = rec.tail, len(labels)
@@ -919,6 +985,16 @@ def _used_at(lay: _Layout, consumed: int | None, start: int, otherwise: int) -> 
     return at if at >= start else otherwise
 
 
+def _large_backward(rec: _Recorded, node: str, nbytes: int) -> list[tuple[int, int, int]]:
+    """The entries of ``rec.tail_of[node]`` that are backward storages of ``nbytes`` at least, once per pair."""
+    key = ("large backward", node, nbytes)
+    hit = rec.memo.get(key)
+    if hit is None:
+        hit = rec.memo[key] = [(k, a, b) for k, a, b in rec.tail_of.get(node, ())
+                               if rec.storages[k].phase == "bwd" and rec.storages[k].nbytes >= nbytes]
+    return hit
+
+
 def _charge_tail(live: _Live, rec: _Recorded, lay: _Layout, replays: _Replays, by_region: dict[str, RegionPlan],
                  region_of: dict[str, str], whole_outputs: set[str]) -> None:
     """The storages allocated in the tail (backward, the loss) whose lifetime the plan changes, and those not summed
@@ -929,11 +1005,14 @@ def _charge_tail(live: _Live, rec: _Recorded, lay: _Layout, replays: _Replays, b
     their tail sums are taken back and they are charged as the plan has them."""
     slicing_of_neuron = {sl.neuron: sl for sl in replays.slicing.values()}
     neuron_bwd_last = {sl.neuron: max(replays.bwd_events.get(sl.neuron, (-1,))) for sl in replays.slicing.values()}
-    special = set(slicing_of_neuron) | {n for r in replays.whole_share for n in by_region[r].nodes}
+    whole_nodes = {n for r in replays.whole_share for n in by_region[r].nodes}
+    special = set(slicing_of_neuron) | whole_nodes
     storages, tail, pos, delta = rec.storages, rec.tail, lay.pos, live.delta
     again: list[int] = []
     for n in special:
-        for k, a, b in rec.tail_of.get(n, ()):
+        # a sliced neuron's changes only its backward storages as large as its output at least
+        mine = rec.tail_of.get(n, ()) if n in whole_nodes else _large_backward(rec, n, slicing_of_neuron[n].out_bytes)
+        for k, a, b in mine:
             delta[pos[tail[a]]] -= storages[k].nbytes
             delta[pos[tail[b]] + 1] += storages[k].nbytes
             again.append(k)
@@ -1030,25 +1109,54 @@ class _Charges:
 
 
 def _place(charges: Iterable[_Charge], live: _Live, lay: _Layout) -> None:
-    """Charge symbolic intervals (see :class:`_Charges`) at the layout's positions."""
-    rc_start, bwd_last, last = lay.rc_start, lay.bwd_last, lay.end - 1
-
-    def place(where: _Where) -> int:
-        kind, a, b = where
-        if kind == _EVENT:
-            return lay.of(a)
-        if kind == _BLOCK:
-            return rc_start[a] + b
-        if kind == _EVENT_OR_END:
-            return lay.at(a)
-        if kind == _LAST_USE:
-            return max(lay.of(e) for e in a)
-        return last
-
+    """Charge symbolic intervals (see :class:`_Charges`) at the layout's positions: ``live.add`` with the ends
+    placed, the common kinds inline (a search places thousands per prediction)."""
+    pos, rc_start, bwd_last, last, delta = lay.pos, lay.rc_start, lay.bwd_last, lay.end - 1, live.delta
+    events = len(pos)
     for nbytes, start_at, stop_at, how in charges:
-        start = place(start_at)
-        stop = _used_at(lay, stop_at[1], start, bwd_last[stop_at[2]]) if stop_at[0] == _USED else place(stop_at)
-        live.add(nbytes, start, max(start, stop) if how == _NOT_BEFORE_START else stop)
+        kind, a, b = start_at
+        if kind == _EVENT:
+            start = pos[a] if 0 <= a < events else -1
+            if start < 0:
+                raise KeyError(a)
+        elif kind == _BLOCK:
+            start = rc_start[a] + b
+        else:
+            start = _position(lay, start_at)
+        kind, a, b = stop_at
+        if kind == _EVENT_OR_END:
+            stop = pos[a] if a is not None and 0 <= a < events else -1
+            if stop < 0:
+                stop = last
+        elif kind == _USED:  # _used_at(lay, a, start, bwd_last[b]), inline
+            stop = pos[a] if 0 <= a < events else -1
+            if stop < start:
+                stop = pos[a + 1] if 0 <= a + 1 < events else -1
+                if stop < start:
+                    stop = bwd_last[b]
+        elif kind == _BLOCK:
+            stop = rc_start[a] + b
+        else:
+            stop = _position(lay, stop_at)
+        if how == _NOT_BEFORE_START and stop < start:
+            stop = start
+        if nbytes > 0 and stop >= start:
+            delta[start] += nbytes
+            delta[stop + 1] -= nbytes
+
+
+def _position(lay: _Layout, where: _Where) -> int:
+    """A symbolic position's place in the layout (see :class:`_Charges`; not ``_USED``, which needs its start)."""
+    kind, a, b = where
+    if kind == _EVENT:
+        return lay.of(a)
+    if kind == _BLOCK:
+        return lay.rc_start[a] + b
+    if kind == _EVENT_OR_END:
+        return lay.at(a)
+    if kind == _LAST_USE:
+        return max(lay.of(e) for e in a)
+    return lay.end - 1
 
 
 def _storage_charges(rec: _Recorded, k: int, plan: _PlanFacts, out: _Charges) -> None:
@@ -1188,6 +1296,40 @@ def _region_charges(rec: _Recorded, r: RegionPlan, plan: _PlanFacts) -> _Charges
     return hit
 
 
+def _charge_outside(live: _Live, rec: _Recorded, lay: _Layout, plan: _PlanFacts) -> list[tuple[int, int, int]]:
+    """The forward storages of the nodes outside the recompute regions: those the plan touches (saved or kept by
+    reference by a region, saved by a packed-saves one) one by one (:func:`_storage_charges`); the rest alive from
+    allocation to release. Returns the values packed (see :class:`_Charges`)."""
+    region_of, packs, kept_by_ref = plan.region_of, plan.packs, plan.kept_by_ref
+    touched = _Charges()
+    storages, views, pos, delta, last = rec.storages, rec.views, lay.pos, live.delta, lay.end - 1
+    events = len(pos)
+    for n, ks in rec.fwd_by_node.items():
+        if n in region_of:
+            continue
+        savers, viewed = rec.fwd_deps[n]
+        if any(m in region_of or m in packs for m in savers) or any(v in kept_by_ref for v in viewed):
+            for k in ks:
+                s = storages[k]
+                if any(m in region_of or m in packs for m in s.saved_by) or any(v in kept_by_ref for v in views[k]):
+                    _storage_charges(rec, k, plan, touched)
+                else:
+                    live.add(s.nbytes, lay.of(s.alloc), lay.at(s.free))
+            continue
+        for nbytes, alloc, free in rec.plain_of[n]:  # live.add(nbytes, lay.of(alloc), lay.at(free)), inline
+            start = pos[alloc] if 0 <= alloc < events else -1
+            if start < 0:
+                raise KeyError(alloc)
+            stop = pos[free] if free is not None and 0 <= free < events else -1
+            if stop < 0:
+                stop = last
+            if stop >= start:
+                delta[start] += nbytes
+                delta[stop + 1] -= nbytes
+    _place(touched.placed, live, lay)
+    return touched.packing
+
+
 def _charge_storages(live: _Live, rec: _Recorded, lay: _Layout, replays: _Replays, by_region: dict[str, RegionPlan],
                      kept_by_ref: dict[str, list[str]], x_storage: dict[str, StorageRecord],
                      packs: dict[str, dict[str, int]], pack_s: Callable[[int, int], float]) -> float:
@@ -1212,21 +1354,7 @@ def _charge_storages(live: _Live, rec: _Recorded, lay: _Layout, replays: _Replay
         for segment, deltas in charges.local.items():
             live.add_segment(lay.entry[segment] if isinstance(segment, str) else lay.rc_start[segment], deltas)
         packing += charges.packing
-    # The forward storages of the nodes outside the recompute regions: those the plan touches (saved or kept by
-    # reference by a region, saved by a packed-saves one) one by one; the rest alive from allocation to release.
-    touched = _Charges()
-    storages, views, at = rec.storages, rec.views, lay.at
-    for n, ks in rec.fwd_by_node.items():
-        if n in region_of:
-            continue
-        for k in ks:
-            s = storages[k]
-            if any(m in region_of or m in packs for m in s.saved_by) or any(v in kept_by_ref for v in views[k]):
-                _storage_charges(rec, k, plan, touched)
-            else:
-                live.add(s.nbytes, lay.of(s.alloc), at(s.free))
-    _place(touched.placed, live, lay)
-    packing += touched.packing
+    packing += _charge_outside(live, rec, lay, plan)
     packing.sort(key=lambda kvb: kvb[0])  # packing's seconds add up in allocation order
     seconds = 0.0
     for _, values, bits in packing:
