@@ -525,7 +525,7 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
             if u != b and position[members[u][0]] < position[b]:
                 deps[b].add(u)
     # Kahn's algorithm with ties broken by each unit's first node in the original order: the order networkx's
-    # lexicographical_topological_sort gives on the collapsed graph (tests/test_pipeline.py checks it against
+    # lexicographical_topological_sort gives on the collapsed graph (tests/test_search_scaling.py checks it against
     # networkx), without building that graph (the cost model orders the units once per simulated plan).
     users: dict[str, list[str]] = {u: [] for u in members}
     waiting = {u: len(d) for u, d in deps.items()}
