@@ -32,6 +32,7 @@ Region names come from module paths (``ckpt_features_3_lif``), so ``gm.code`` st
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -427,15 +428,57 @@ def side_effects(graph: AnnotatedGraph) -> tuple[list[str], dict[str, str]]:
     return barriers, writes
 
 
+def _walk_in_order(members: dict[str, list[str]], key: Mapping[str, int], inputs: Mapping[str, Sequence[str]],
+                   region_of: Mapping[str, str]) -> list[tuple[str, list[str]]] | None:
+    """:func:`unit_order` without barriers, walking the units in the order of their first nodes: a unit whose
+    dependencies are all emitted when the walk reaches it is emitted there (every unit it has not reached has a
+    larger key, every unit it deferred a smaller one, and those that became ready were emitted first); a unit
+    waiting on another waits in a heap, emitted as soon as its last dependency is. Kahn's algorithm with the same
+    ties, in time linear in the graph. ``None`` where a node reads something that is not a unit (the general path
+    raises)."""
+    done: set[str] = set()
+    waiting: dict[str, int] = {}
+    users: dict[str, list[str]] = {}
+    ready: list[tuple[int, str]] = []
+    emitted: list[tuple[str, list[str]]] = []
+
+    def emit(u: str) -> None:
+        emitted.append((u, members[u]))
+        done.add(u)
+        for w in users.pop(u, ()):
+            waiting[w] -= 1
+            if waiting[w] == 0:
+                heapq.heappush(ready, (key[w], w))
+
+    for u, names in members.items():
+        while ready:  # deferred units that became ready: all before u
+            emit(heapq.heappop(ready)[1])
+        unmet = {v for name in names for i in inputs[name] if (v := region_of.get(i, i)) != u and v not in done}
+        if not unmet:
+            emit(u)
+            continue
+        if not unmet <= key.keys():
+            return None
+        waiting[u] = len(unmet)
+        for v in unmet:
+            users.setdefault(v, []).append(u)
+    while ready:
+        emit(heapq.heappop(ready)[1])
+    if len(emitted) != len(members):
+        raise InternalError("regions are not convex: collapsing them created a cycle")
+    return emitted
+
+
 def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
                region_of: Mapping[str, str], barriers: Iterable[str] = (),
                writes: Mapping[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """The execution order of a graph once each region is collapsed into one call.
 
     Units are regions (named by ``region_of``) or single nodes. They are emitted in a stable topological order that
-    keeps every unit as early as the original ``order`` allows (networkx's ``lexicographical_topological_sort`` of the
-    collapsed graph: Kahn's algorithm, ties broken by the position of the unit's first node). Shared by the rewrite
-    (which emits this order) and the cost model (which simulates it).
+    keeps every unit as early as the original ``order`` allows (what networkx's ``lexicographical_topological_sort``
+    gives on the collapsed graph: Kahn's algorithm, ties broken by the position of the unit's first node; computed
+    here without building that graph, in time linear in the graph plus a heap). Shared by the rewrite (which emits
+    this order) and the cost model (which simulates it, once per plan).
 
     Args:
         order: node names in graph order.
@@ -456,6 +499,12 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
     members: dict[str, list[str]] = {}
     for n in order:
         members.setdefault(region_of.get(n, n), []).append(n)
+    key = {u: position[names[0]] for u, names in members.items()}
+    barriers = list(barriers)
+    if not barriers and not writes:
+        walked = _walk_in_order(members, key, inputs, region_of)
+        if walked is not None:
+            return walked
     deps: dict[str, set[str]] = {u: set() for u in members}
     for u, names in members.items():
         for name in names:
@@ -475,12 +524,24 @@ def unit_order(order: Sequence[str], inputs: Mapping[str, Sequence[str]],
         for u in readers.get(target, ()):
             if u != b and position[members[u][0]] < position[b]:
                 deps[b].add(u)
-    collapsed = nx.DiGraph()
-    collapsed.add_nodes_from(members)
-    collapsed.add_edges_from((v, u) for u, d in deps.items() for v in d)
-    try:
-        # Kahn's algorithm with ties broken by each unit's first node in the original order
-        order_ = nx.lexicographical_topological_sort(collapsed, key=lambda u: position[members[u][0]])
-        return [(u, members[u]) for u in order_]
-    except nx.NetworkXUnfeasible:
-        raise InternalError("regions are not convex: collapsing them created a cycle") from None
+    # Kahn's algorithm with ties broken by each unit's first node in the original order: the order networkx's
+    # lexicographical_topological_sort gives on the collapsed graph (tests/test_search_scaling.py checks it against
+    # networkx), without building that graph (the cost model orders the units once per simulated plan).
+    users: dict[str, list[str]] = {u: [] for u in members}
+    waiting = {u: len(d) for u, d in deps.items()}
+    for u, d in deps.items():
+        for v in d:
+            users[v].append(u)
+    ready = [(key[u], u) for u, k in waiting.items() if k == 0]
+    heapq.heapify(ready)
+    emitted: list[tuple[str, list[str]]] = []
+    while ready:
+        _, u = heapq.heappop(ready)
+        emitted.append((u, members[u]))
+        for w in users[u]:
+            waiting[w] -= 1
+            if waiting[w] == 0:
+                heapq.heappush(ready, (key[w], w))
+    if len(emitted) == len(members):
+        return emitted
+    raise InternalError("regions are not convex: collapsing them created a cycle")
