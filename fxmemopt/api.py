@@ -610,7 +610,7 @@ def _stamped(an: Analysis, req: Request, result: SearchResult) -> SearchResult:
 def _build(model: nn.Module, an: Analysis, plan: Plan) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
     """Rewrite: ``plan``'s checkpoint regions in a new GraphModule sharing the model's modules."""
     gm, stats = rewrite(model, an.captured.graph, an.captured.constants, an.annotated, plan, an.stateful,
-                        an.found.mutated_buffers, type(model).__name__, an.units)
+                        an.found.mutated_buffers, type(model).__name__, an.units, an.found.entry_dead)
     _keep_resets(gm, an.found.resets)
     uncalled = uncalled_modules(gm)
     if uncalled:  # FSDP2's fully_shard on a block whose code was inlined: a clear error, not a DTensor one

@@ -97,3 +97,76 @@ def test_probe_finds_an_attribute_a_memories_module_rebinds_beside_its_dict():
     found = probe(model, (torch.ones(3, 2),))
     assert found.stateful == {"1": ("trace",)}
     assert model[1].trace == 0.0 and model[1].v == 0.0  # left as it was
+
+
+# --- states rebound before use (StateWatch, ProbeResult.entry_dead) -------------------------------------------------
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = torch.ones(2, 3)
+
+
+def test_state_watch_counts_value_uses_not_metadata():
+    from fxmemopt.analysis.state import StateWatch
+
+    m = _Holder()
+    original = m.s
+    w = StateWatch(m, "s")
+    assert w.watching and m.s is not original  # (comparing its values here would be a use)
+    _ = (m.s.shape, m.s.size(0), m.s.dim(), m.s.dtype, m.s.device, m.s.stride(), torch.zeros_like(m.s))
+    assert not w.finish() and m.s is original  # metadata only; not rebound: the tensor itself is put back
+    w = StateWatch(m, "s")
+    m.s = m.s * 2  # a use of the values, then a rebinding
+    assert w.finish() and torch.equal(m.s, 2 * original) and type(m.s) is torch.Tensor
+
+
+def test_state_watch_sees_views_and_escapes_and_skips_grad_tensors():
+    from fxmemopt.analysis.state import StateWatch
+
+    m = _Holder()
+    w = StateWatch(m, "s")
+    view = m.s[0]  # a view's later reads are invisible: the view itself counts
+    assert w.finish() and type(view) is torch.Tensor
+    w = StateWatch(m, "s")
+    escaped = m.s
+    assert w.finish(out=(escaped,))  # returned as it is: it leaves the call, a use
+    m.s = torch.ones(2, 3, requires_grad=True)
+    w = StateWatch(m, "s")
+    assert not w.watching and w.finish()  # an alias would be a node in autograd's graph: not watched
+
+
+def test_state_watch_copies_before_an_in_place_use():
+    from fxmemopt.analysis.state import StateWatch
+
+    m = _Holder()
+    original = m.s
+    w = StateWatch(m, "s", copy_on_use=True)
+    m.s.mul_(3)  # through the alias: same storage and version counter
+    assert w.finish() and torch.equal(w.copy, torch.ones(2, 3)) and original._version == 1
+
+
+class _RebindsFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = torch.zeros(2, 3)
+
+    def forward(self, x):
+        if self.s.shape != x.shape:  # metadata: not a use
+            self.s = torch.zeros_like(x)
+        self.s = x * 2
+        return self.s + 1
+
+
+class _ReadsFirst(_RebindsFirst):
+    def forward(self, x):
+        self.s = self.s * 0.5 + x
+        return self.s
+
+
+def test_probe_finds_states_rebound_before_use():
+    model = nn.Sequential(_RebindsFirst(), _ReadsFirst())
+    found = probe(model, (torch.rand(2, 3),))
+    assert found.stateful == {"0": ("s",), "1": ("s",)}
+    assert found.entry_dead == {"0": ("s",)}
+    assert type(model[0].s) is torch.Tensor and type(model[1].s) is torch.Tensor

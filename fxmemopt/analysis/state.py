@@ -20,6 +20,12 @@ fxmemopt, all with plain data:
    stateful module in its fresh state for as long as optimize runs (each library's own reset, on copies of the
    state: :data:`RESET_CONVENTIONS`, or the module's own ``reset()``), probes it, and puts the caller's state back
    afterwards; a stale state it cannot reset raises :class:`~fxmemopt.errors.StaleStateError`.
+5. *Which state does a call overwrite before reading?* snntorch's ``Leaky(x, mem)`` starts with ``self.mem = mem``
+   and rebinds ``self.reset`` before reading it: the values those attributes hold when the call starts are never
+   used, and a region that kept them for its recomputation would hold one dead tensor per time step.
+   :class:`StateWatch` swaps such a state tensor for an alias that notes any use of its values (metadata such as
+   its shape does not count); :func:`probe` watches every call (``ProbeResult.entry_dead``), and a checkpoint
+   region keeps, for the names found dead, only an :class:`EntryMeta` description unless its own call used them.
 
 Snapshots hold *references*, not copies: neurons rebind their state rather than mutating it, so a reference is
 exact and free. Tensors are version-checked (``Tensor._version``) so an in-place mutation is detected instead of
@@ -44,6 +50,8 @@ from ..errors import FxMemOptError, InvalidInputsError, StaleStateError, first_l
 __all__ = [
     "ProbeResult",
     "StateSnapshot",
+    "EntryMeta",
+    "StateWatch",
     "ModelState",
     "has_memories",
     "attributes_of",
@@ -86,6 +94,109 @@ def has_memories(m: nn.Module) -> bool:
 def _is_state_value(v: Any) -> bool:
     # What a neuron's state looks like: a tensor, a Python number (the reset value before first use) or None.
     return v is None or isinstance(v, (torch.Tensor, float, int, bool)) and not isinstance(v, nn.Parameter)
+
+
+@dataclass(frozen=True)
+class EntryMeta:
+    """A state tensor at a region's entry whose values the region's call never used (:class:`StateWatch`): what
+    recomputation gets instead is a fresh, uninitialized tensor with the same shape, strides, dtype and device
+    (the same code path reads its metadata at most, as the forward did)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> EntryMeta:
+        return cls(tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+def _metadata_only() -> frozenset[Any]:
+    """The tensor functions that read metadata, not values (anything else counts as a use of the values: a view
+    such as ``t[0]`` or ``t.detach()`` is a plain tensor whose later reads a :class:`StateWatch` would not see)."""
+    if not _METADATA:
+        T = torch.Tensor
+        props = ("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_sparse", "is_meta",
+                 "layout", "is_leaf", "grad_fn", "_version", "is_quantized", "is_nested")
+        _METADATA.extend(getattr(T, name).__get__ for name in props if hasattr(T, name))
+        _METADATA.extend([T.size, T.dim, T.stride, T.numel, T.__len__, T.is_contiguous, T.element_size,
+                          T.is_floating_point, T.is_complex, T.storage_offset, T.get_device,
+                          torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like])
+    return frozenset(_METADATA)
+
+
+_METADATA: list[Any] = []
+
+
+class _Watched(torch.Tensor):
+    """An alias of a watched state tensor (:class:`StateWatch`): every torch function on it runs on plain tensors
+    and returns plain tensors; one that reads its values tells the watch first."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _metadata_only():
+            for t in tree_leaves((args, kwargs)):
+                if type(t) is _Watched:
+                    watch = t.__dict__.get("_fxmemopt_watch")
+                    if watch is not None:
+                        watch.used()
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+class StateWatch:
+    """Watches one state tensor of one module over one call: does the call use the values it holds at entry?
+
+    ``StateWatch(module, name)`` puts an alias of the tensor (``Tensor.as_subclass``: same storage, same version
+    counter) in the attribute; :meth:`finish`, once the call has returned, puts the tensor itself back if the call
+    did not rebind the attribute, and says whether any use of its values was seen. Tensors that require grad are
+    not watched (an alias would be a node of autograd's graph, and could change the order in which gradients are
+    summed): ``watching`` is False for them and :meth:`finish` reports a use.
+
+    Args:
+        module, name: the state (a plain attribute or a rebound buffer, as :func:`get_state` finds it).
+        copy_on_use: when a use is seen, copy the entry value first (``copy``): a use may modify it in place.
+    """
+
+    def __init__(self, module: nn.Module, name: str, copy_on_use: bool = False) -> None:
+        self.module, self.name = module, name
+        self.value = get_state(module, name)
+        self.seen = False
+        self.copy: torch.Tensor | None = None
+        self._copy_on_use = copy_on_use
+        self.watching = isinstance(self.value, torch.Tensor) and not self.value.requires_grad \
+            and not isinstance(self.value, nn.Parameter) and type(self.value) is torch.Tensor
+        self.alias: torch.Tensor | None = None
+        if self.watching:
+            alias = self.value.as_subclass(_Watched)
+            alias.__dict__["_fxmemopt_watch"] = self
+            self.alias = alias
+            set_state(module, name, alias)
+
+    def used(self) -> None:
+        if not self.seen:
+            self.seen = True
+            if self._copy_on_use and isinstance(self.value, torch.Tensor):
+                self.copy = self.value.detach().clone()
+
+    def finish(self, out: Any = None) -> bool:
+        """Stop watching; True when the call used the entry value (or it could not be watched). ``out``: the
+        call's outputs: returning the alias itself counts as a use (it escapes the call)."""
+        if not self.watching:
+            return True
+        assert self.alias is not None
+        if get_state(self.module, self.name) is self.alias:
+            set_state(self.module, self.name, self.value)
+        self.alias.__dict__.pop("_fxmemopt_watch", None)
+        if out is not None and any(t is self.alias for t in tree_leaves(out)):
+            self.seen = True
+        self.alias = None
+        return self.seen
 
 
 @dataclass
@@ -134,18 +245,20 @@ class StateSnapshot:
             mem.clear()
             mem.update(self.memories)
         for k, v in self.attrs.items():
-            set_state(module, k, v)
+            set_state(module, k, v.materialize() if isinstance(v, EntryMeta) else v)
 
-    def copied(self) -> StateSnapshot:
-        """A copy whose tensors are cloned (``requires_grad`` kept): immune to later in-place edits of the state."""
+    def copied(self, skip: Iterable[str] = ()) -> StateSnapshot:
+        """A copy whose tensors are cloned (``requires_grad`` kept): immune to later in-place edits of the state.
+        ``skip``: attribute names kept by reference (a :class:`StateWatch` copies them when they are used)."""
+        skip = set(skip)
 
-        def copy(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
+        def copy(v: Any, name: str = "") -> Any:
+            if isinstance(v, torch.Tensor) and name not in skip:
                 return v.detach().clone().requires_grad_(v.requires_grad)
             return v
 
         memories = None if self.memories is None else {k: copy(v) for k, v in self.memories.items()}
-        return StateSnapshot(memories, {k: copy(v) for k, v in self.attrs.items()})
+        return StateSnapshot(memories, {k: copy(v, k) for k, v in self.attrs.items()})
 
     def detached(self) -> StateSnapshot:
         """A copy whose tensors are detached aliases keeping ``requires_grad``: what recomputation runs on.
@@ -157,6 +270,8 @@ class StateSnapshot:
         def det(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return v.detach().requires_grad_(v.requires_grad)
+            if isinstance(v, EntryMeta):
+                return v.materialize()
             return v
 
         memories = None if self.memories is None else {k: det(v) for k, v in self.memories.items()}
@@ -287,12 +402,16 @@ class ProbeResult:
         resets: stateful module path -> its state when the forward first calls it (tensors cloned), for modules
             the model's own ``forward`` puts back to that state before using them (a second forward found them
             there again although the first had changed them): ``reset_net(self)`` at the top of ``forward``.
+        entry_dead: stateful module path -> names of its state tensors no call of a third forward used the values
+            of before rebinding them (:class:`StateWatch`; snntorch's ``mem`` when passed in, and ``reset``).
+            Empty where that forward raised (nothing is then assumed dead).
     """
 
     stateful: dict[str, tuple[str, ...]]
     mutated_buffers: tuple[tuple[str, str], ...]
     call_counts: dict[str, int]
     resets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entry_dead: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _state_values(m: nn.Module) -> dict[str, Any]:
@@ -341,6 +460,7 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
     changed_bufs: set[tuple[str, str]] = set()
     counts: dict[str, int] = {}
     resets: dict[str, dict[str, Any]] = {}
+    entry_dead: dict[nn.Module, tuple[str, ...]] = {}
 
     first_entry: dict[nn.Module, dict[str, Any]] = {}
 
@@ -402,6 +522,11 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
             model(*example_inputs)
         resets = {paths[m]: first_entry[m] for m in candidates
                   if changed_by_first[m] and fresh_at_second.get(m, False)}
+        for h in handles:
+            h.remove()
+        handles = []
+        entry_dead = _entry_dead(model, example_inputs, {m: changed_attrs[m] for m in candidates
+                                                         if m in changed_attrs and not has_memories(m)}, handles)
     finally:
         for h in handles:
             h.remove()
@@ -426,7 +551,45 @@ def probe(model: nn.Module, example_inputs: tuple[Any, ...],
             stateful[p] = tuple(sorted(changed_attrs[m]))
     state_buffers = {(paths[m], k) for m, ks in changed_attrs.items() for k in ks}
     return ProbeResult(dict(sorted(stateful.items())), tuple(sorted(changed_bufs - state_buffers)), counts,
-                       {p: v for p, v in sorted(resets.items()) if p in stateful})
+                       {p: v for p, v in sorted(resets.items()) if p in stateful},
+                       {paths[m]: names for m, names in entry_dead.items() if paths[m] in stateful})
+
+
+def _entry_dead(model: nn.Module, example_inputs: tuple[Any, ...], names: dict[nn.Module, set[str]],
+                handles: list[Any]) -> dict[nn.Module, tuple[str, ...]]:
+    """One more ``no_grad`` forward with every call of the modules in ``names`` watched (:class:`StateWatch`):
+    the state names whose entry values no call used. A forward that raises here finds nothing dead (the watch is
+    an optimization: what is not found dead is kept, as before)."""
+    if not names:
+        return {}
+    used: dict[nn.Module, set[str]] = {m: set() for m in names}
+    tensors: dict[nn.Module, set[str]] = {m: set() for m in names}
+    open_: dict[nn.Module, list[list[StateWatch]]] = {}
+
+    def pre(mod: nn.Module, args: Any) -> None:
+        watches = [StateWatch(mod, n) for n in sorted(names[mod]) if isinstance(get_state(mod, n), torch.Tensor)]
+        tensors[mod].update(w.name for w in watches)
+        open_.setdefault(mod, []).append(watches)
+
+    def post(mod: nn.Module, args: Any, out: Any) -> None:
+        for w in open_[mod].pop():
+            if w.finish(out):
+                used[mod].add(w.name)
+
+    for m in names:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception:
+        return {}
+    finally:
+        for stack in open_.values():  # a forward that raised left its watches open
+            for watches in stack:
+                for w in watches:
+                    w.finish()
+    return {m: tuple(sorted(tensors[m] - used[m])) for m in names if tensors[m] - used[m]}
 
 
 # ---- fresh state: a model that comes with state from an earlier step ------------------------------------------------

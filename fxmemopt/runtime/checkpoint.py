@@ -14,7 +14,11 @@ Rule 1 (non-reentrant). The forward runs ``body`` once, normally, with autograd 
 Rule 2 (what is kept). The region's inputs: bit-packed when the plan says they hold spikes and the packer's
     bit-exact check passes, else the tensor itself (no copy; its version counter is recorded). The state of every
     stateful module inside, *as of entry*, by reference (neurons rebind their state, they do not mutate it; see
-    Rule 5 for those that do).
+    Rule 5 for those that do), but for a state the call rebinds before using its values (snntorch's ``Leaky``
+    rebinds ``mem`` and ``reset`` first; found by the probe, ``RegionSpec.entry_dead``, and watched in each call
+    by :class:`~fxmemopt.analysis.state.StateWatch`): of those only the shape, strides, dtype and device
+    (:class:`~fxmemopt.analysis.state.EntryMeta`; recomputation gets a fresh tensor like it). Keeping them
+    would hold one dead tensor per call until backward. A call that does use one keeps it, as any other state.
     A clone of every buffer the forward mutates (BatchNorm statistics). The CPU and CUDA RNG states. The autocast
     state. Nothing else.
 Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``body`` once: on the unpacked inputs
@@ -41,8 +45,9 @@ Rule 5 (in-place state). Entry states that are tensors are also copied at entry;
 Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks it, so a region's working set
     shrinks while its backward runs. Tensors saved by autograd nodes that only a stateful module's final state
     depends on (a neuron's last state update) are not recomputed at all when the engine will not run those nodes
-    (the usual case: the state is reset, not back-propagated through); anything recomputed but never unpacked is
-    dropped when the backward pass ends. A later backward (``retain_graph=True``) recomputes again.
+    (the usual case: the state is reset, not back-propagated through); those whose saving node is already gone
+    (a detached branch inside the region: :class:`_Handle`) are not kept when recomputed; anything recomputed but
+    never unpacked is dropped when the backward pass ends. A later backward (``retain_graph=True``) recomputes again.
 Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its forward runs the prefix over all
     time steps, then the neuron on ``k`` consecutive time slices (``split`` along dim 0, uneven allowed, ``k``
     clamped to T) with its state carried from slice to slice, and concatenates the slices' outputs. The state is
@@ -124,7 +129,15 @@ import torch
 from torch import fx, nn
 
 from .. import compat
-from ..analysis.state import StateSnapshot, attributes_of, put_back_attributes, rng_state, set_rng_state
+from ..analysis.state import (
+    EntryMeta,
+    StateSnapshot,
+    StateWatch,
+    attributes_of,
+    put_back_attributes,
+    rng_state,
+    set_rng_state,
+)
 from ..compat import tree_flatten, tree_leaves, tree_unflatten
 from ..errors import RecomputationMismatchError, RecomputationValueError, RegionError, format_error
 from ..planning.plan import checkpoint_every
@@ -214,6 +227,9 @@ class RegionSpec:
         stateful: (module path, state attribute names) of stateful modules inside (names empty: ``_memories``).
         buffers: (module path, buffer name) of every buffer owned by modules inside the region.
         entry_clone: the subset of ``buffers`` the forward mutates; cloned at entry (Rule 2).
+        entry_dead: (module path, state names) of the ``stateful`` states the probe found rebound before any use
+            of their entry values (``ProbeResult.entry_dead``): watched in each call, and kept only as an
+            :class:`~fxmemopt.analysis.state.EntryMeta` where the call did not use them (Rule 2).
     """
 
     name: str
@@ -224,6 +240,7 @@ class RegionSpec:
     stateful: tuple[tuple[str, tuple[str, ...]], ...]
     buffers: tuple[tuple[str, str], ...]
     entry_clone: tuple[tuple[str, str], ...]
+    entry_dead: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -238,6 +255,8 @@ class RegionStats:
         kept_bytes: bytes of inputs kept unpacked (by reference) by the last checkpointed call.
         unpacked_fallbacks: planned packings that failed the bit-exact check and were stored unpacked.
         state_copies: calls whose entry state was modified in place and is replayed from its entry copy (Rule 5).
+        entry_state_uses: states the probe found rebound before use (``RegionSpec.entry_dead``) that a call used
+            after all, and kept (Rule 2).
         value_mismatches: recomputations whose values differed from the forward's (Rule 3's value check; each
             raised :class:`~fxmemopt.errors.RecomputationValueError`).
         fingerprints: fingerprints taken by the value check (forward and recomputation).
@@ -250,6 +269,7 @@ class RegionStats:
     kept_bytes: int = 0
     unpacked_fallbacks: int = 0
     state_copies: int = 0
+    entry_state_uses: int = 0
     value_mismatches: int = 0
     fingerprints: int = 0
     warned: set[str] = field(default_factory=set)
@@ -326,8 +346,11 @@ class _Frame:
         self.input_storages: set[int] = set()  # storages of the inputs, whose saved tensors need no fingerprint
         self.prints: list[torch.Tensor | int | None] = []  # fingerprint of every saved tensor (Rule 3)
         self.entry_copies: list[StateSnapshot | None] = []  # Rule 5, while the forward runs
+        self.watches: list[list[StateWatch]] = []  # Rule 2, per stateful module, while the forward runs
         self.task = -2
         self.consumed: set[int] = set()
+        #: saved tensors whose autograd node is gone (Rule 6): nothing can unpack them, recomputation drops them
+        self.dropped: set[int] = set()
 
     # -- forward -------------------------------------------------------------------------------------------------
     def store_inputs(self, args: tuple[Any, ...], bits: tuple[int, ...], stats: RegionStats) -> None:
@@ -388,8 +411,11 @@ class _Frame:
         spec = region.spec
         self.states = [(region._resolve(p), StateSnapshot.take(region._resolve(p), names))
                        for p, names in spec.stateful]
-        self.entry_copies = [snap.copied() if any(True for _ in snap.tensors()) else None
-                             for _, snap in self.states]
+        dead = dict(spec.entry_dead)
+        self.watches = [[w for n in dead.get(p, ()) for w in [StateWatch(m, n, copy_on_use=True)] if w.watching]
+                        for (p, _), (m, _) in zip(spec.stateful, self.states)]
+        self.entry_copies = [snap.copied(w.name for w in watches) if any(True for _ in snap.tensors()) else None
+                             for (_, snap), watches in zip(self.states, self.watches)]
         clone = set(spec.entry_clone)
         for path, name in spec.buffers:
             mod = region._resolve(path)
@@ -418,7 +444,7 @@ class _Frame:
             self.region.stats.fingerprints += 1
         # The saving node was created just before its tensors are packed: it holds the last sequence number.
         self.seqs.append(compat.autograd_sequence_nr() - 1)
-        return self, len(self.saved) - 1
+        return _Handle(self, len(self.saved) - 1)
 
     def _classify(self, out: Any) -> None:
         """Find saved tensors that only the modules' final states need (Rule 6): not reachable from the outputs."""
@@ -444,8 +470,26 @@ class _Frame:
                 return True
         return False
 
+    def unwatch(self, out: Any = None) -> None:
+        """Rule 2: stop watching the states found dead at entry; keep only the metadata of those this call did
+        not use (their entry copies, if it did: Rule 5). Also called when the forward raised."""
+        for (_, snap), copy, watches in zip(self.states, self.entry_copies, self.watches):
+            for w in watches:
+                if w.finish(out):
+                    self.region.stats.entry_state_uses += 1
+                    if copy is not None and w.copy is not None:
+                        copy.attrs[w.name] = w.copy
+                    continue
+                meta = EntryMeta.of(w.value)  # type: ignore[arg-type]
+                snap.attrs[w.name] = meta
+                snap.versions.pop(id(w.value), None)
+                if copy is not None:
+                    copy.attrs[w.name] = meta
+        self.watches = []
+
     def close(self, stats: RegionStats, out: Any) -> None:
-        """Called when the forward of ``body`` returns (Rules 5 and 6)."""
+        """Called when the forward of ``body`` returns (Rules 2, 5 and 6)."""
+        self.unwatch(out)
         for k, ((m, snap), copy) in enumerate(zip(self.states, self.entry_copies)):
             if copy is not None and snap.modified_in_place():
                 self.states[k] = (m, copy)  # the reference was mutated: replay from the entry copy
@@ -541,7 +585,7 @@ class _Frame:
     def _skip(self, need: int) -> set[int]:
         """Saved tensors a recomputation need not keep: already used by this backward, or only needed by final
         states this backward does not go through (Rule 6)."""
-        skip: set[int] = set(self.consumed)
+        skip: set[int] = self.consumed | self.dropped
         if self.state_only and self.task != -1 and not self._states_back_propagated():
             skip |= self.state_only
         skip.discard(need)
@@ -851,9 +895,25 @@ class _StopRecomputation(Exception):
     """Raised from the capture hook once recomputation has produced everything backward needs."""
 
 
-def _unpack_hook(handle: tuple[_Frame, int]) -> torch.Tensor:
-    frame, idx = handle
-    return frame.get(idx)
+class _Handle:
+    """What autograd keeps for one tensor a region's forward saved (Rule 1): the frame and the tensor's position.
+
+    Autograd owns it through the saving node, so it dies with that node: a node that no output reaches any more
+    (a neuron's detached reset signal, ``spike_fn(v - th).clone().detach()`` in snntorch, saves ``v - th`` and is
+    freed at once) tells the frame, and recomputation does not keep that tensor (Rule 6): nothing would unpack it,
+    and it would stay until the backward pass ends, one per region."""
+
+    __slots__ = ("frame", "idx")
+
+    def __init__(self, frame: _Frame, idx: int) -> None:
+        self.frame, self.idx = frame, idx
+
+    def __del__(self) -> None:
+        self.frame.dropped.add(self.idx)
+
+
+def _unpack_hook(handle: _Handle) -> torch.Tensor:
+    return handle.frame.get(handle.idx)
 
 
 class CheckpointRegion(nn.Module):
@@ -932,8 +992,12 @@ class CheckpointRegion(nn.Module):
         frame.store_inputs(tuple(box), self.spec.pack_bits, self.stats)
         frame.snapshot(tuple(box))
         frame.start_seq = compat.autograd_sequence_nr()
-        with same_kernels(frame.cuda_devices):
-            out = frame.run(box)
+        try:
+            with same_kernels(frame.cuda_devices):
+                out = frame.run(box)
+        except BaseException:
+            frame.unwatch()  # the modules hold their own states again
+            raise
         frame.close(self.stats, out)
         if not last:
             frame.state_only, frame.state_refs = set(), []

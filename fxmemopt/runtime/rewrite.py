@@ -15,7 +15,7 @@ buffers and ``state_dict()`` keys are shared and equal.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import fx, nn
@@ -79,7 +79,8 @@ def _body(model: nn.Module, graph: fx.Graph, rp: RegionPlan, nodes: tuple[str, .
 
 def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annotated: AnnotatedGraph, plan: Plan,
             stateful: dict[str, Sequence[str]], mutated_buffers: Sequence[tuple[str, str]],
-            class_name: str, units: Units | None = None) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
+            class_name: str, units: Units | None = None, entry_dead: Mapping[str, Sequence[str]] | None = None
+            ) -> tuple[fx.GraphModule, dict[str, RegionStats]]:
     """Apply ``plan`` to the traced ``graph`` of ``model``.
 
     Args:
@@ -93,6 +94,8 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         class_name: name of the generated GraphModule class.
         units: modules kept as modules (:mod:`fxmemopt.runtime.hierarchy`); ``gm.fxmemopt_units`` lists those
             kept and ``gm.fxmemopt_unit_notes`` why others were not.
+        entry_dead: module path -> state names rebound before any use of their entry values
+            (``ProbeResult.entry_dead``): regions keep only their metadata (checkpoint Rule 2).
 
     Returns:
         ``(gm, stats)``: the optimized GraphModule and the live run-time counters of each region.
@@ -127,7 +130,8 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
         inner_state = tuple((p, tuple(names)) for p, names in stateful.items()
                             if any(p == q or p.startswith(q + ".") for q in prefixes))
         buffers, clone = _owned_buffers(model, prefixes, mutated, stateful)
-        spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone)
+        dead = tuple((p, tuple(entry_dead[p])) for p, _ in inner_state if entry_dead and entry_dead.get(p))
+        spec = RegionSpec(rp.name, rp.anchor, rp.nodes, inputs, rp.pack_bits, inner_state, buffers, clone, dead)
         stats[rp.name] = RegionStats()
         if not rp.recompute:
             # Rule 11: saved spikes packed, nothing recomputed.
