@@ -145,8 +145,9 @@ class _Watched(torch.Tensor):
                     watch = t.__dict__.get("_fxmemopt_watch")
                     if watch is not None:
                         watch.used()
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        # torch.Tensor's own handler, as the plain class: it runs ``func`` with subclass dispatch off and leaves
+        # its results plain tensors (called for a subclass it would convert them to ``_Watched``)
+        return torch.Tensor.__torch_function__(func, (torch.Tensor,), args, kwargs)
 
 
 class StateWatch:
