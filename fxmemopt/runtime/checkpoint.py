@@ -108,7 +108,8 @@ step: 1277 copy-like ops against 153 unoptimized, most of them the recomputed ne
   * the packed payload of each spike input, and the small reused buffers packing works in (Rules 2 and 11);
   * a clone of each buffer the forward mutates, at entry (Rule 2: BatchNorm statistics), and a throw-away copy
     of it for each recomputation that runs its module (Rule 3; not for a chunked region's neuron replays);
-  * a copy of each tensor state at entry, dropped at exit unless the module modified it in place (Rule 5);
+  * a copy of each tensor state at entry, dropped at exit unless the module modified it in place (Rule 5; a
+    state found rebound before use is copied only if the call does use it, just before that use);
   * each slice's part of a chunked neuron's input, unless the input is one the region stores whole (Rule 8);
   * a fresh tensor from every unpack, which recomputation may modify in place (Rule 3), or autograd's backward
     reads (Rule 11).
