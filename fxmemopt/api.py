@@ -421,6 +421,10 @@ class Built:
     value_check_note: str = ""
     #: the measured step at the examples' size ran out of memory here (the error's first line; empty: it did not)
     oom: str = ""
+    #: the never-worse check's measurements at the examples' size (:func:`_kept_below`; storage tracker): the
+    #: unoptimized step's peak and the returned module's, ``None`` where that step was not run
+    checked_before: int | None = None
+    checked_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -818,7 +822,9 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     if extrapolated and simulate(cost, built.plan).peak_bytes <= EXTRAPOLATED_MEASURE_ABOVE * recorded:
         return built  # far below the unoptimized peak: a prediction error of that size was never seen (docs)
     base: int | None = recorded if extrapolated else None
+    measured_base: int | None = None
     plan, gm, stats, out, oom = built.plan, built.gm, built.stats, [], ""
+    final: int | None = None
     notes = list(built.notes)
     for attempt in range(MEASURED_NEVER_WORSE_ROUNDS + 1):
         try:
@@ -832,10 +838,11 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
             break
         if base is None and peak.peak_bytes > recorded - max(RECORDED_PEAK_MARGIN * recorded, RECORDED_PEAK_SLACK):
             try:  # close to the recorded peak: compare with the same measurement of the model itself
-                base = measure_step(model, req.full, repeats=0, warmup=0).peak_bytes
+                base = measured_base = measure_step(model, req.full, repeats=0, warmup=0).peak_bytes
             except Exception:
                 base = recorded
         if peak.peak_bytes <= (recorded if base is None else base):
+            final = peak.peak_bytes
             break
         base = recorded if base is None else base
         names = {r.name for r in plan.regions}
@@ -850,12 +857,15 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
             break
     for st in stats.values():  # the measured steps are not the user's
         st.reset()
+    if not plan.regions and out:
+        final = measured_base  # every region left out: the returned module is the unoptimized step
+    checked = dict(checked_before=measured_base, checked_after=final)
     if not out:
-        return dataclasses.replace(built, notes=tuple(notes), oom=oom)
+        return dataclasses.replace(built, notes=tuple(notes), oom=oom, **checked)
     warnings.warn(f"fxmemopt: never worse, measured: {len(out)} region(s) left out, a training step with them peaked "
                   f"above the unoptimized step ({'; '.join(f'{n}: {why}' for n, why in out)}); never_worse=False "
                   f"keeps them", FxMemOptWarning, stacklevel=4)
-    return dataclasses.replace(built, gm=gm, stats=stats, plan=plan, over_peak=tuple(out), oom=oom)
+    return dataclasses.replace(built, gm=gm, stats=stats, plan=plan, over_peak=tuple(out), oom=oom, **checked)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -1054,7 +1064,8 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
                    sliced_regions=sliced, graph=an.annotated, guards=an.captured.guards,
                    failed_regions=list(built.failed), calls_per_step=req.opts.calls_per_step,
                    unit_chains=_unit_chains(an), recording=recording.describe() if recording is not None else "",
-                   optimize_time_s=time.perf_counter() - started, **predicted, **confirmed)
+                   optimize_time_s=time.perf_counter() - started, checked_peak_before=built.checked_before,
+                   checked_peak_after=built.checked_after, **predicted, **confirmed)
 
 
 
@@ -1249,7 +1260,16 @@ def optimize(
         # (on the examples' first samples where the batch is large: no forward at their size, _sliced)
         req = _sliced(req)
         step("probing stateful modules")
-        found = fresh.enter_context(fresh_probe(model, req.inputs, req.declared))
+        try:
+            found = fresh.enter_context(fresh_probe(model, req.inputs, req.declared))
+        except InvalidInputsError as e:
+            if req.planned_for is None or req.meta:
+                raise
+            # the model fails on the slice, not on the examples: a batch size fixed in the model (sinabs's
+            # ``IAFSqueeze(batch_size=...)``), or the guessed batch dimension is another (time in [N, T, ...])
+            log.info("fxmemopt: analysing at the examples' size (the model fails on a slice: %s)", first_line(e))
+            req = dataclasses.replace(req, inputs=req.planned_for, planned_for=None, planned_batch=None)
+            found = fresh.enter_context(fresh_probe(model, req.inputs, req.declared))
         # trace, annotate, regions: what the model is, as plain data; costgraph: the recorded unoptimized step
         # (small batches, extrapolated, where the batch can be sliced): what the search and the predictions run on
         an, cost, notes, recording, req = _analysed(model, req, found, step)

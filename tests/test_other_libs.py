@@ -69,6 +69,9 @@ def test_snntorch_leaky_regions_keep_no_dead_state(name, at_least):
     opt = fxmemopt.measure_step(gm, inputs, repeats=0).peak_bytes
     assert base / opt >= at_least, f"{name}: {base} -> {opt} bytes ({base / opt:.2f}x)"
     assert abs(summary.predicted_peak_after - opt) <= 0.10 * opt, (summary.predicted_peak_after, opt)
+    # the never-worse check measured the same step, and explain prints it beside the prediction
+    assert summary.checked_peak_after == opt, (summary.checked_peak_after, opt)
+    assert "measured peak (never-worse check" in str(fxmemopt.explain(gm)) and "never-worse check" in str(summary)
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, f"{name}: {report}"
 

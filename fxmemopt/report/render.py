@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import FxMemOptError, InvalidOptionError, format_error
 from ..planning.plan import Plan
-from .summary import Summary, _fmt_bytes, slices_label
+from .summary import Summary, _fmt_bytes, checked_line, slices_label
 
 __all__ = ["Explanation", "explain", "dump", "render_dot", "Timeline", "memory_timeline", "MissingDependencyError"]
 
@@ -92,6 +92,10 @@ class Explanation:
                     extra = f"; prediction error {t['prediction_error']:.1%}"
                 lines.append(f"{what} peak: {_fmt_bytes(before)} -> {_fmt_bytes(after)} "
                              f"({before / after:.2f}x lower){extra}")
+        checked = checked_line(t.get("checked_peak_before"), t.get("checked_peak_after"),
+                               t.get("predicted_peak_before"), t.get("predicted_peak_after"))
+        if checked:
+            lines.append(checked)
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

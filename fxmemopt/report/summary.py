@@ -236,6 +236,12 @@ class Summary(SeedSummaryFields):
     measured_step_time_ratio: float | None = None
     #: How peaks were measured ("cpu-storage-tracker" / "cuda-allocator") and where ("worker" / "in-process").
     measurement: str | None = None
+    #: The never-worse check's measured peaks (CPU storage tracker, one training step at the examples' size, in
+    #: process): the returned module's, and the unoptimized step's where it was run (it is not where the step was
+    #: recorded at small batches, or where the result is far below the predicted unoptimized peak). ``None``: not
+    #: measured (``never_worse=False``, a saved plan, CUDA, meta inputs, or the step did not fit here).
+    checked_peak_before: int | None = None
+    checked_peak_after: int | None = None
     #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
     #: The networkx cost graph (see :mod:`fxmemopt.planning.costgraph`), for inspection and re-simulation.
@@ -301,6 +307,8 @@ class Summary(SeedSummaryFields):
                   "predicted_peak_after": self.predicted_peak_after,
                   "measured_peak_before": self.measured_peak_before,
                   "measured_peak_after": self.measured_peak_after,
+                  "checked_peak_before": self.checked_peak_before,
+                  "checked_peak_after": self.checked_peak_after,
                   "prediction_error": self.prediction_error,
                   "predicted_step_time_ratio": self.predicted_step_time_ratio,
                   "measured_step_time_ratio": self.measured_step_time_ratio}
@@ -393,6 +401,10 @@ class Summary(SeedSummaryFields):
                          f"x{self.predicted_step_time_ratio:.2f}")
         if self.recording:
             parts.append(f"cost model: {self.recording}")
+        checked = checked_line(self.checked_peak_before, self.checked_peak_after, self.predicted_peak_before,
+                               self.predicted_peak_after)
+        if checked:
+            parts.append(checked)
         if self.measured_peak_before and self.measured_peak_after:
             parts.append(f"measured peak ({self.measurement}): {_fmt_bytes(self.measured_peak_before)} -> "
                          f"{_fmt_bytes(self.measured_peak_after)} "
@@ -411,3 +423,18 @@ class Summary(SeedSummaryFields):
             parts += [f"  {g}" for g in self.guards]
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
+
+
+def checked_line(before: int | None, after: int | None, predicted_before: int | None,
+                 predicted_after: int | None) -> str:
+    """The never-worse check's measured figures beside the predicted ones, one line (empty when not measured)."""
+    if after is None:
+        return ""
+    err = f", predicted {_fmt_bytes(predicted_after)} ({(predicted_after - after) / after:+.1%})" \
+        if predicted_after and after else ""
+    if before:
+        base = f"unoptimized {_fmt_bytes(before)} -> {_fmt_bytes(after)} ({before / after:.2f}x lower)"
+    else:
+        base = f"{_fmt_bytes(after)} (the unoptimized step was not run here" + \
+            (f"; predicted {_fmt_bytes(predicted_before)})" if predicted_before else ")")
+    return f"measured peak (never-worse check, one step at the examples' size, CPU storage tracker): {base}{err}"
