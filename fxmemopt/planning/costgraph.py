@@ -824,7 +824,9 @@ def _region_inputs(rec: _Recorded, r: RegionPlan) -> tuple[list[str], list[tuple
     packed: list[tuple[int, int]] = []
     for i, b in zip(rec.io(r.nodes)[0], r.pack_bits):
         info = rec.annotated[i]
-        if info.is_tensor and info.op != "get_attr" and b == 0:
+        if info.op != "get_attr" and b == 0:
+            # a tensor, or a container of them (norse's LIFState threaded from step to step): its tensors are kept
+            # as they are (a container is never packed)
             by_ref.append(i)
         elif info.is_tensor and b:
             numel = math.prod(info.shape or ())
