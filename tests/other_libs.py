@@ -33,7 +33,8 @@ __all__ = [
     "snntorch_single_step_net", "snntorch_run_sequence", "snntorch_loop_in_forward_net",
     "snntorch_init_hidden_loop_in_forward", "norse_lif_multistep", "norse_lif_multistep_module",
     "norse_sequential_state", "norse_sequential_state_readme", "norse_lifcell_loop_in_forward",
-    "SnntorchBNEventNet", "snntorch_bn_event_net", "snntorch_bn_event_net_small",
+    "SnntorchBNEventNet", "snntorch_bn_event_net", "snntorch_bn_event_net_small", "NorseSpeechNet",
+    "norse_recurrent_speech_net", "norse_recurrent_speech_net_small",
 ]
 
 T, N = 16, 4  # time steps, batch
@@ -234,6 +235,38 @@ def snntorch_bn_event_net_small(seed: int = 0) -> tuple[nn.Module, tuple[torch.T
 
 # --- norse ---------------------------------------------------------------------------------------------------------
 
+class NorseSpeechNet(nn.Module):
+    """A recurrent keyword-spotting net in the style of norse's speech-commands task: a ``LIFRecurrentCell`` called
+    once per frame in ``forward`` (its ``LIFState`` threaded by hand), a linear readout into a ``LICell``, the
+    maximum voltage over time as the logits."""
+
+    def __init__(self, n_in: int = 40, hidden: int = 128, n_out: int = 35) -> None:
+        super().__init__()
+        self.cell = norse.LIFRecurrentCell(n_in, hidden)
+        self.fc = nn.Linear(hidden, n_out)
+        self.out = LICell()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s1 = s2 = None
+        voltages = []
+        for t in range(x.shape[0]):
+            z, s1 = self.cell(x[t], s1)
+            v, s2 = self.out(self.fc(z), s2)
+            voltages.append(v)
+        return torch.stack(voltages).max(0).values
+
+
+def norse_recurrent_speech_net(seed: int = 0, *, t: int = 64, n: int = 8, hidden: int = 128
+                               ) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """:class:`NorseSpeechNet` on ``[T, N, 40]`` mel-like frames (T=64, batch 8 by default)."""
+    torch.manual_seed(seed)
+    return NorseSpeechNet(hidden=hidden).train(), (torch.rand(t, n, 40) * 2,)
+
+
+def norse_recurrent_speech_net_small(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """The smaller size: 24 frames, batch 4, 32 hidden neurons."""
+    return norse_recurrent_speech_net(seed, t=24, n=4, hidden=32)
+
 def _event_frames(seed: int, t: int = T, n: int = N, size: int = 32) -> torch.Tensor:
     """``[T, N, 2, size, size]`` sparse binary event frames (a DVS-like two-polarity input)."""
     torch.manual_seed(seed)
@@ -430,4 +463,6 @@ FACTORIES = {
     "norse_sequential_state": norse_sequential_state,
     "norse_sequential_state_readme": norse_sequential_state_readme,
     "norse_lifcell_loop_in_forward": norse_lifcell_loop_in_forward,
+    "norse_recurrent_speech_net": norse_recurrent_speech_net,
+    "norse_recurrent_speech_net_small": norse_recurrent_speech_net_small,
 }

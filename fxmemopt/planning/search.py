@@ -35,8 +35,7 @@ The levels (the seed's meaning, automated)
 
 How it is built
     :func:`search` runs :data:`STAGES` in order: :func:`wrap` (level 1), :func:`split_spatially` (2),
-    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`worth_it` (the default: a plan
-    that buys less than :data:`DEFAULT_MIN_GAIN` of the peak for more time is none), :func:`give_time_back` (level 4,
+    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`give_time_back` (level 4,
     ``prefer="speed"`` and ``memory_budget``), :func:`keep_slice_starts` (time back at the same peak). Each is a
     :data:`Stage`:
     ``stage(plan, prediction, planner) -> (plan, prediction)``, with
@@ -117,12 +116,6 @@ SPEED_PEAK_FRACTION = 0.5
 #: lower peaks (2.6% and 7.1% on DeepConvSNN and the full-width VGG-11 on 2026-12-02). The prediction charges a
 #: slice's no-grad neuron replay and copies (costgraph.NO_GRAD_REPLAY_COST, copy_s_per_byte).
 DEFAULT_SLICE_TIME_BUDGET = 0.15
-
-#: The default returns the model unoptimized where its plan lowers the predicted peak by less than this share of
-#: the unoptimized peak and costs time: regions that buy nothing are not worth a slower step (norse's speech model,
-#: a ``LIFRecurrentCell`` called once per frame, kept 78 one-step regions for 1.3% at 2.7x the step time).
-#: ``prefer="memory"`` and ``memory_budget`` keep them.
-DEFAULT_MIN_GAIN = 0.05
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -497,23 +490,6 @@ def leave_out_harmful(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, P
     return _never_worse(plan, pred, p)
 
 
-def worth_it(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
-    """The default only: a plan whose predicted peak is less than :data:`DEFAULT_MIN_GAIN` below the unoptimized
-    one, at a higher predicted step time, gives way to no plan (every region unwrapped, with the reason)."""
-    base = p.baseline
-    if p.opts.slice_time_budget is None or not plan.regions or p.opts.memory_budget is not None:
-        return plan, pred
-    gain = 1 - pred.peak_bytes / base.peak_bytes if base.peak_bytes else 0.0
-    if gain >= DEFAULT_MIN_GAIN or pred.step_time_s <= base.step_time_s:
-        return plan, pred
-    why = (f"the plan lowers the predicted peak by {gain:.1%} (below the default's {DEFAULT_MIN_GAIN:.0%}: "
-           f"{_mib(base.peak_bytes)} -> {_mib(pred.peak_bytes)}) for x{pred.step_time_s / base.step_time_s:.2f} "
-           f"the step time; prefer=\"memory\" keeps it")
-    p.result.decisions += [Decision(r.name, "unwrap", why) for r in plan.regions]
-    p.result.applied_steps.append("default_min_gain")
-    return Plan(()), base
-
-
 def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
     """Level 4 and ``memory_budget``: give recomputation up where it costs the most time, while the predicted peak
     stays within the limit (the plan's own peak, the speed target, or the budget)."""
@@ -618,7 +594,7 @@ def keep_slice_starts(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, P
 
 
 #: The search, in order.
-STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, worth_it, give_time_back,
+STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, give_time_back,
                              keep_slice_starts)
 
 
