@@ -96,6 +96,33 @@ def test_norse_recurrent_cell_state_container_is_counted(name):
         assert report.ok, f"{name} {preset}: {report}"
 
 
+def test_never_worse_measures_at_full_size_when_the_validation_slice_contradicts_the_prediction(monkeypatch):
+    """With a recording extrapolated from small batches, the result's full-size step is measured only where its
+    predicted peak is close to the unoptimized one. A cost model that misses what the regions keep (here: the
+    container inputs, as it did before, monkeypatched back) predicted 0.46x and the step measured 1.00x, never
+    checked. The validation step on the slice shows it (it keeps about all of the unoptimized peak recorded at that
+    size): the result is then measured at full size, and the regions that raise the measured peak are left out."""
+    from fxmemopt.planning import costgraph
+
+    original = costgraph._region_inputs
+
+    def without_containers(rec, r):
+        by_ref, packed = original(rec, r)
+        return [i for i in by_ref if rec.annotated[i].is_tensor], packed
+
+    monkeypatch.setattr(costgraph, "_region_inputs", without_containers)
+    model, inputs = other_libs.norse_recurrent_speech_net(t=32, n=16)
+    base = fxmemopt.measure_step(model, inputs, repeats=0).peak_bytes
+    reference, _ = other_libs.norse_recurrent_speech_net(t=32, n=16)
+    gm, summary = fxmemopt.optimize(model, inputs, return_summary=True)
+    assert "extrapolated" in summary.recording, summary.recording
+    assert summary.predicted_peak_after < 0.75 * summary.predicted_peak_before  # the wrong prediction
+    assert any("validation step on a slice kept" in n for n in summary.notes), summary.notes
+    assert fxmemopt.measure_step(gm, inputs, repeats=0).peak_bytes <= base
+    report = fxmemopt.compare_training_step(reference, gm, inputs)
+    assert report.ok, str(report)
+
+
 def test_a_state_used_after_the_probe_found_it_dead_is_kept_exactly():
     """The probe runs without grad; this neuron reads its entry ``reset`` only with grad enabled (a data- or
     mode-dependent path the probe did not take). The region's watch sees the use in the training step and keeps

@@ -82,6 +82,9 @@ class Recording:
     sample_batch: int | None = None
     #: the examples are on the meta device (their size never ran here)
     meta: bool = False
+    #: extrapolated: the unoptimized step's recorded peak at each of ``sizes`` (the validation step runs at the
+    #: second: what its measured peak is compared with, ``fxmemopt.api._kept_below``)
+    sample_peaks: tuple[int, ...] = ()
 
     def describe(self) -> str:
         if self.method == "extrapolated":
@@ -276,5 +279,6 @@ def record_scaled(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str,
                                     fwd_time_s={k: v * ratio_fwd for k, v in nograd.items()},
                                     step_time_s=sum(nograd.values()) * ratio_step)
         return trace, Recording("extrapolated", dim, batch, sizes, timing_batch=at,
-                                sample_batch=have if planned_for is not None else None, meta=meta)
+                                sample_batch=have if planned_for is not None else None, meta=meta,
+                                sample_peaks=tuple(t.peak_bytes for t in traces))
     return full(why or f"batch {batch} is too small to slice")
