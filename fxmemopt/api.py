@@ -10,7 +10,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from .analysis.shapes import at_shapes
 from .analysis.state import ModelState, ProbeResult, fresh_probe, has_memories, set_state
 from .analysis.trace import make_graph_module, trace
 from .analysis.units import Units, find_units
-from .compat import check_saved_tensors_hooks_nesting, tree_leaves
+from .compat import check_saved_tensors_hooks_nesting, storage_key, tree_leaves
 from .errors import (
     FxMemOptWarning,
     InvalidInputsError,
@@ -877,6 +877,25 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
     return dataclasses.replace(built, gm=gm, stats=stats, plan=plan, over_peak=tuple(out), oom=oom, **checked)
 
 
+def _resident(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, int]:
+    """The bytes a training step's peak sits on but the storage tracker does not count (they exist before the step
+    starts): the model's parameters and buffers and the example inputs, each storage once."""
+    seen: set[int] = set()
+
+    def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage_key(storage)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        return total
+
+    return {"parameters": nbytes(model.parameters()), "buffers": nbytes(b for b in model.buffers() if b is not None),
+            "inputs": nbytes(t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))}
+
+
 def _kept_at_validation(built: Built, recording: Recording | None) -> float | None:
     """The validation step's measured peak over the unoptimized step's recorded at the same slice (the second of
     the recorded sizes: :func:`_validation_inputs`); ``None`` where either is missing."""
@@ -1083,7 +1102,8 @@ def _report(model: nn.Module, an: Analysis, cost: nx.DiGraph | None, result: Sea
                    failed_regions=list(built.failed), calls_per_step=req.opts.calls_per_step,
                    unit_chains=_unit_chains(an), recording=recording.describe() if recording is not None else "",
                    optimize_time_s=time.perf_counter() - started, checked_peak_before=built.checked_before,
-                   checked_peak_after=built.checked_after, **predicted, **confirmed)
+                   checked_peak_after=built.checked_after, resident=_resident(model, req.full), **predicted,
+                   **confirmed)
 
 
 

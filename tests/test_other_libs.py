@@ -72,6 +72,12 @@ def test_snntorch_leaky_regions_keep_no_dead_state(name, at_least):
     # the never-worse check measured the same step, and explain prints it beside the prediction
     assert summary.checked_peak_after == opt, (summary.checked_peak_after, opt)
     assert "measured peak (never-worse check" in str(fxmemopt.explain(gm)) and "never-worse check" in str(summary)
+    # what the tracker's peaks leave out (it exists before the step), and the whole step with it
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert summary.resident["parameters"] == params and summary.resident["inputs"] == inputs[0].numel() * 4
+    assert summary.whole_step_peaks == (summary.predicted_peak_before + sum(summary.resident.values()),
+                                        summary.predicted_peak_after + sum(summary.resident.values()))
+    assert "not counted: parameters" in str(fxmemopt.explain(gm))
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, f"{name}: {report}"
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import FxMemOptError, InvalidOptionError, format_error
 from ..planning.plan import Plan
-from .summary import Summary, _fmt_bytes, checked_line, slices_label
+from .summary import Summary, _fmt_bytes, checked_line, resident_line, slices_label
 
 __all__ = ["Explanation", "explain", "dump", "render_dot", "Timeline", "memory_timeline", "MissingDependencyError"]
 
@@ -96,6 +96,9 @@ class Explanation:
                                t.get("predicted_peak_before"), t.get("predicted_peak_after"))
         if checked:
             lines.append(checked)
+        whole = resident_line(t.get("resident") or {}, t.get("predicted_peak_before"), t.get("predicted_peak_after"))
+        if whole:
+            lines.append(whole)
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -242,6 +242,10 @@ class Summary(SeedSummaryFields):
     #: measured (``never_worse=False``, a saved plan, CUDA, meta inputs, or the step did not fit here).
     checked_peak_before: int | None = None
     checked_peak_after: int | None = None
+    #: What the peaks above do not count (they exist before the step: the storage tracker sees only what the step
+    #: allocates): bytes of the model's ``parameters``, ``buffers`` and the example ``inputs``. An allocator's
+    #: peak (``torch.cuda.max_memory_allocated``) is about a peak above plus their sum (:attr:`whole_step_peaks`).
+    resident: dict[str, int] = field(default_factory=dict)
     #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
     #: The networkx cost graph (see :mod:`fxmemopt.planning.costgraph`), for inspection and re-simulation.
@@ -309,6 +313,7 @@ class Summary(SeedSummaryFields):
                   "measured_peak_after": self.measured_peak_after,
                   "checked_peak_before": self.checked_peak_before,
                   "checked_peak_after": self.checked_peak_after,
+                  "resident": dict(self.resident),
                   "prediction_error": self.prediction_error,
                   "predicted_step_time_ratio": self.predicted_step_time_ratio,
                   "measured_step_time_ratio": self.measured_step_time_ratio}
@@ -320,6 +325,15 @@ class Summary(SeedSummaryFields):
     def semantics_changed(self) -> list[tuple[str, str]]:
         """``(region, what changed)`` for every region whose meaning ``exact=False`` changed (empty when exact)."""
         return [(r, what) for r, what in self.sliced_regions.items() if what != "equal"]
+
+    @property
+    def whole_step_peaks(self) -> tuple[int, int] | None:
+        """The predicted peaks with what exists before the step added (:attr:`resident`): about what an allocator
+        reports for one training step, ``(unoptimized, optimized)``; ``None`` without a prediction."""
+        if self.predicted_peak_before is None or self.predicted_peak_after is None:
+            return None
+        extra = sum(self.resident.values())
+        return self.predicted_peak_before + extra, self.predicted_peak_after + extra
 
     @property
     def recommendation(self) -> str:
@@ -405,6 +419,9 @@ class Summary(SeedSummaryFields):
                                self.predicted_peak_after)
         if checked:
             parts.append(checked)
+        whole = resident_line(self.resident, self.predicted_peak_before, self.predicted_peak_after)
+        if whole:
+            parts.append(whole)
         if self.measured_peak_before and self.measured_peak_after:
             parts.append(f"measured peak ({self.measurement}): {_fmt_bytes(self.measured_peak_before)} -> "
                          f"{_fmt_bytes(self.measured_peak_after)} "
@@ -438,3 +455,14 @@ def checked_line(before: int | None, after: int | None, predicted_before: int | 
         base = f"{_fmt_bytes(after)} (the unoptimized step was not run here" + \
             (f"; predicted {_fmt_bytes(predicted_before)})" if predicted_before else ")")
     return f"measured peak (never-worse check, one step at the examples' size, CPU storage tracker): {base}{err}"
+
+
+def resident_line(resident: dict[str, int], predicted_before: int | None, predicted_after: int | None) -> str:
+    """What the peaks do not count, and the whole step's predicted peaks with it, one line (empty without them)."""
+    if not resident or predicted_before is None or predicted_after is None:
+        return ""
+    extra = sum(resident.values())
+    parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in resident.items())
+    return (f"peaks count what the step allocates; not counted: {parts}; with them (what an allocator reports): "
+            f"{_fmt_bytes(predicted_before + extra)} -> {_fmt_bytes(predicted_after + extra)}"
+            f" ({(predicted_before + extra) / max(1, predicted_after + extra):.2f}x lower)")
