@@ -35,6 +35,7 @@ silently corrupting a snapshot.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -115,21 +116,18 @@ class EntryMeta:
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
 
 
+@functools.cache
 def _metadata_only() -> frozenset[Any]:
     """The tensor functions that read metadata, not values (anything else counts as a use of the values: a view
-    such as ``t[0]`` or ``t.detach()`` is a plain tensor whose later reads a :class:`StateWatch` would not see)."""
-    if not _METADATA:
-        T = torch.Tensor
-        props = ("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_sparse", "is_meta",
-                 "layout", "is_leaf", "grad_fn", "_version", "is_quantized", "is_nested")
-        _METADATA.extend(getattr(T, name).__get__ for name in props if hasattr(T, name))
-        _METADATA.extend([T.size, T.dim, T.stride, T.numel, T.__len__, T.is_contiguous, T.element_size,
-                          T.is_floating_point, T.is_complex, T.storage_offset, T.get_device,
-                          torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like])
-    return frozenset(_METADATA)
-
-
-_METADATA: list[Any] = []
+    such as ``t[0]`` or ``t.detach()`` is a plain tensor whose later reads a :class:`StateWatch` would not see).
+    Built once (it is read on every torch function a watched tensor takes part in)."""
+    T = torch.Tensor
+    props = ("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_sparse", "is_meta", "layout",
+             "is_leaf", "grad_fn", "_version", "is_quantized", "is_nested")
+    return frozenset([getattr(T, name).__get__ for name in props if hasattr(T, name)] + [
+        T.size, T.dim, T.stride, T.numel, T.__len__, T.is_contiguous, T.element_size, T.is_floating_point,
+        T.is_complex, T.storage_offset, T.get_device, torch.zeros_like, torch.empty_like, torch.ones_like,
+        torch.full_like])
 
 
 class _Watched(torch.Tensor):
