@@ -885,7 +885,11 @@ def _resident(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, int]:
     def nbytes(tensors: Iterable[torch.Tensor]) -> int:
         total = 0
         for t in tensors:
-            storage = t.untyped_storage()
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without one (a sharded DTensor)
+                total += t.numel() * t.element_size()
+                continue
             key = storage_key(storage)
             if key not in seen:
                 seen.add(key)
