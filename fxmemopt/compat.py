@@ -39,6 +39,7 @@ __all__ = [
     "check_saved_tensors_hooks_nesting",
     "compiler_disable",
     "copy_non_persistent_buffers",
+    "gradient_hook_count",
     "current_autograd_node",
     "current_graph_task_id",
     "node_sequence_nr",
@@ -269,3 +270,10 @@ def compiler_disable(fn: Callable[..., Any]) -> Callable[..., Any]:
     (a torch without ``torch.compiler`` has no compiler to exclude it from)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return fn if disable is None else disable(fn)
+
+
+def gradient_hook_count(t: torch.Tensor) -> int:
+    """How many hooks ``t.register_hook`` put on a tensor (``Tensor._backward_hooks``); 0 where that is absent.
+    ``copy.deepcopy`` drops them, which :func:`fxmemopt.compare_training_step` points out."""
+    hooks = getattr(t, "_backward_hooks", None)
+    return len(hooks) if hooks else 0

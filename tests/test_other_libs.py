@@ -102,6 +102,17 @@ def test_norse_recurrent_cell_state_container_is_counted(name):
         assert report.ok, f"{name} {preset}: {report}"
 
 
+def test_compare_training_step_says_a_deep_copied_reference_lost_the_gradient_hooks():
+    model, inputs = other_libs.norse_recurrent_speech_net_small()
+    report = fxmemopt.compare_training_step(copy.deepcopy(model), model, inputs)
+    assert not report.ok
+    assert any(w == "grads:cell.recurrent_weights" and "copy.deepcopy drops tensor hooks" in d
+               for w, d in report.mismatches), str(report)
+    model, inputs = other_libs.norse_recurrent_speech_net_small()  # (its gradients above would add up)
+    rebuilt, _ = other_libs.norse_recurrent_speech_net_small()
+    assert fxmemopt.compare_training_step(rebuilt, model, inputs).ok
+
+
 def test_never_worse_measures_at_full_size_when_the_validation_slice_contradicts_the_prediction(monkeypatch):
     """With a recording extrapolated from small batches, the result's full-size step is measured only where its
     predicted peak is close to the unoptimized one. A cost model that misses what the regions keep (here: the

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from ..analysis.state import ModelState, rng_state, set_rng_state
 from ..compat import tree_leaves
 from ..runtime.checkpoint import SlicedRegion
@@ -95,7 +96,8 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
     module; floating-point inputs are made to require grad so their gradients are compared too.
 
     Args:
-        reference: e.g. a deepcopy of the model taken before optimizing.
+        reference: e.g. a deepcopy of the model taken before optimizing (a deepcopy drops tensor hooks such as
+            norse's recurrent cells' gradient hook: build such a model again instead; the report says so).
         candidate: the optimized module (sharing parameters with the original model, not with ``reference``).
         inputs: positional inputs.
         loss_fn: output -> scalar loss; default: sum of all floating outputs.
@@ -152,7 +154,22 @@ def compare_training_step(reference: nn.Module, candidate: nn.Module, inputs: Se
                 b = b.detach()
             _compare(report, f"{group}:{name}", a, b, exact, atol)
     _compare(report, "rng state after the step", ref["rng"], cand["rng"], True, 0.0)
+    _explain_hooks(report, reference, candidate)
     return report
+
+
+def _explain_hooks(report: EquivalenceReport, reference: nn.Module, candidate: nn.Module) -> None:
+    """A differing parameter gradient where the two parameters carry different numbers of gradient hooks: say so.
+    ``copy.deepcopy`` drops tensor hooks (norse's recurrent cells zero their weights' diagonal gradient with one,
+    ``autapses=False``), so a deep-copied reference computes another gradient by design."""
+    ref = {_plain_name(n): compat.gradient_hook_count(p) for n, p in reference.named_parameters()}
+    cand = {_plain_name(n): compat.gradient_hook_count(p) for n, p in candidate.named_parameters()}
+    for k, (what, detail) in enumerate(report.mismatches):
+        name = what.removeprefix("grads:")
+        if what.startswith("grads:") and ref.get(name, 0) != cand.get(name, 0):
+            report.mismatches[k] = (what, f"{detail}; the candidate's parameter has {cand.get(name, 0)} gradient "
+                                          f"hook(s), the reference's {ref.get(name, 0)}: copy.deepcopy drops tensor "
+                                          f"hooks, so build the reference the way the model was built instead")
 
 
 def slice_effects(model: nn.Module, gm: nn.Module, inputs: Sequence[Any],
