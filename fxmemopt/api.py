@@ -819,7 +819,8 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
             "their size ran here: measure the result where it trains, fxmemopt.measure_step)",))
     recorded = int(cost.graph["peak_bytes"])
     extrapolated = recording is not None and recording.method == "extrapolated"
-    if extrapolated and simulate(cost, built.plan).peak_bytes <= EXTRAPOLATED_MEASURE_ABOVE * recorded:
+    predicted = simulate(cost, built.plan).peak_bytes if extrapolated else None
+    if predicted is not None and predicted <= EXTRAPOLATED_MEASURE_ABOVE * recorded:
         # Far below the unoptimized peak: a prediction error of that size is not expected (docs), unless the
         # validation step, measured on a slice, kept most of the unoptimized peak recorded at that slice's size:
         # then the cost model misses something here, and the result is measured at full size after all.
@@ -828,7 +829,7 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
             return built
         built = dataclasses.replace(built, notes=built.notes + (
             f"never worse, measured: the validation step on a slice kept {kept:.0%} of the unoptimized peak "
-            f"recorded at that size, against a predicted {simulate(cost, built.plan).peak_bytes / recorded:.0%} "
+            f"recorded at that size, against a predicted {predicted / recorded:.0%} "
             f"at the examples' size: the result's step was measured at the examples' size",))
     base: int | None = recorded if extrapolated else None
     measured_base: int | None = None
