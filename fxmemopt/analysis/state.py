@@ -168,8 +168,8 @@ class StateWatch:
         self.seen = False
         self.copy: torch.Tensor | None = None
         self._copy_on_use = copy_on_use
-        self.watching = isinstance(self.value, torch.Tensor) and not self.value.requires_grad \
-            and not isinstance(self.value, nn.Parameter) and type(self.value) is torch.Tensor
+        # a plain tensor (not a Parameter or another subclass) that requires no grad
+        self.watching = type(self.value) is torch.Tensor and not self.value.requires_grad
         self.alias: torch.Tensor | None = None
         if self.watching:
             alias = self.value.as_subclass(_Watched)
@@ -178,9 +178,9 @@ class StateWatch:
             set_state(module, name, alias)
 
     def used(self) -> None:
-        if not self.seen:
+        if not self.seen:  # (only a watched tensor's alias calls this)
             self.seen = True
-            if self._copy_on_use and isinstance(self.value, torch.Tensor):
+            if self._copy_on_use:
                 self.copy = self.value.detach().clone()
 
     def finish(self, out: Any = None) -> bool:
