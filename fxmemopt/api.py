@@ -341,7 +341,7 @@ def analyze(model: nn.Module, inputs: tuple[Any, ...], *, targets: tuple[type, .
     traced = make_graph_module(model, captured.graph, type(model).__name__, extra=captured.constants)
     # annotate: shapes, bytes, spike value sets, time-chunkable neurons (one no_grad forward, state restored)
     step("annotating shapes and spike value sets")
-    annotated = annotate(traced, inputs, stateful)
+    annotated = annotate(traced, inputs, stateful, found.entry_dead)
     # regions: weight-norm-neuron layers, or the instances of `targets` (and how those split per neuron)
     # (never across the boundary of a module kept as a module)
     units = find_units(captured.graph, model, keep)

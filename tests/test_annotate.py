@@ -490,7 +490,8 @@ def test_stateful_module_value_sets(node, static, observed, decided):
 
 def test_graded_neuron_region_input_not_packed():
     model = StatefulNet(GradedNeuron(2.0))
-    _, summary = fxmemopt.optimize(model, (spike_input(),), return_summary=True)
+    # (never_worse=False: at this size neither region lowers the peak, and the default would leave both out)
+    _, summary = fxmemopt.optimize(model, (spike_input(),), return_summary=True, never_worse=False)
     by_anchor = {r.anchor: r for r in summary.regions}
     assert set(by_anchor) == {"node", "after"}
     (inp,) = by_anchor["after"].inputs

@@ -219,7 +219,9 @@ def test_reference_models_are_exact(factory, shape):
     model = factory()
     ref = copy.deepcopy(model)
     x = torch.rand(shape)
-    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
+    # every region kept (never_worse=False): the default leaves out those that lower the peak by less than 1%,
+    # which at these sizes are some; exactness is checked on all of them
+    gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, never_worse=False)
     # one region per neuron, plus regions without one where a layer's output is also a shortcut (a stem's pooling)
     neuron_regions = sum(1 for r in summary.regions if r.stateful_modules)
     assert neuron_regions == sum(1 for m in model.modules() if hasattr(m, "v_threshold"))

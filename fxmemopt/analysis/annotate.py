@@ -23,7 +23,7 @@ never correctness.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -438,9 +438,11 @@ def _module_stack(node: fx.Node) -> tuple[str, ...]:
 
 
 class _Annotator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, stateful: dict[str, Sequence[str]]):
+    def __init__(self, gm: fx.GraphModule, stateful: dict[str, Sequence[str]],
+                 entry_dead: Mapping[str, Sequence[str]] | None = None):
         super().__init__(gm)
         self.stateful = stateful
+        self.entry_dead = {p: set(n) for p, n in (entry_dead or {}).items()}
         self.stateful_paths = set(stateful)
         self.infos: dict[str, NodeInfo] = {}
         self.sets: dict[str, ValueSet] = {}
@@ -460,6 +462,18 @@ class _Annotator(fx.Interpreter):
         prefix = path + "."
         return [(self.module.get_submodule(p), tuple(names)) for p, names in self.stateful.items()
                 if p == path or p.startswith(prefix)]
+
+    def _entry_kept(self, path: str, before: list[tuple[nn.Module, StateSnapshot]]) -> list[torch.Tensor]:
+        """The state tensors of the modules at or below ``path`` as the call found them (``before``, in the order of
+        :meth:`_states_under`), but for those the probe found rebound before any use."""
+        prefix = path + "."
+        paths = [p for p in self.stateful if p == path or p.startswith(prefix)]
+        kept: list[torch.Tensor] = []
+        for p, (_, snap) in zip(paths, before):
+            dead = self.entry_dead.get(p, set())
+            kept += [t for name, t in snap.attrs.items() if isinstance(t, torch.Tensor) and name not in dead]
+            kept += [t for name, t in (snap.memories or {}).items() if isinstance(t, torch.Tensor) and name not in dead]
+        return kept
 
     def _time_chunkable(self, n: fx.Node, module: nn.Module, before: list[tuple[nn.Module, StateSnapshot]],
                         result: Any, stateful: bool) -> bool:
@@ -549,7 +563,11 @@ class _Annotator(fx.Interpreter):
         versions = [(t, t._version) for t in in_tensors]
         result = super().run_node(n)
         tensors = _flat_tensors(result)
-        spiking = n.op == "call_module" and not _builtin_layer(module) and _makes_spikes(in_tensors, tensors)
+        spiking = _makes_spikes(in_tensors, tensors) and (
+            n.op == "call_module" and not _builtin_layer(module)
+            # a custom autograd.Function called by the root's forward (its spike, with a surrogate backward, of a
+            # neuron written inline: `s = SpikeFn.apply(v - 1)`), recognized by what it computed on the example
+            or n.op == "call_function" and hasattr(n.target, "__wrapped_function__"))
         chunkable = (stateful or spiking) and module is not None and self._time_chunkable(
             n, module, before, result, stateful)
         # A neuron fxmemopt has no rule for (norse, snntorch): the example decides, the packer re-checks every call.
@@ -565,6 +583,9 @@ class _Annotator(fx.Interpreter):
         # element on the example (spikes binary, the state real); the packer re-checks every call
         self.sets[n.name] = UNKNOWN if spiking and not single else value_set
         nbytes = output_bytes(tensors)  # per distinct storage (views of one add up, capped at its size)
+        # what a region snapshots at entry and keeps until its backward: the states the call reads (snntorch's
+        # init_hidden membrane, one per call of a loop in forward; not those rebound before any use)
+        entry_kept = self._entry_kept(str(n.target), before) if stateful else []
         inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
         self.infos[n.name] = NodeInfo(
             name=n.name, op=n.op, target=_target_name(n), inputs=inputs,
@@ -576,6 +597,7 @@ class _Annotator(fx.Interpreter):
             time_steps=self.env[n.args[0]].shape[0] if chunkable else 0,
             step_slices_only=bool(chunkable) and any(p.requires_grad for p in module.parameters()),
             slice_refusal=self.refusals.get(n.name, ""), passes_through=_passes_through(versions, result),
+            entry_state_bytes=output_bytes(entry_kept),
             per_step=_takes_a_step(n, self.env) or n.op != "output" and n.target not in _JOINS and any(
                 self.infos[a.name].per_step for a in n.all_input_nodes),
         )
@@ -583,7 +605,8 @@ class _Annotator(fx.Interpreter):
         return result
 
 
-def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], stateful: dict[str, Sequence[str]]) -> AnnotatedGraph:
+def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], stateful: dict[str, Sequence[str]],
+             entry_dead: Mapping[str, Sequence[str]] | None = None) -> AnnotatedGraph:
     """Run ``gm`` once on ``example_inputs`` (``no_grad``) and annotate every node.
 
     The module's buffers, neuron states and RNG are restored afterwards, so annotating has no side effects.
@@ -592,11 +615,13 @@ def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any], stateful: dict[s
         gm: the traced module (shares modules with the user's model).
         example_inputs: positional inputs.
         stateful: stateful module paths -> state attribute names (from :func:`fxmemopt.analysis.state.probe`).
+        entry_dead: stateful module path -> the state names its calls rebind before reading them
+            (``ProbeResult.entry_dead``): not counted in :attr:`NodeInfo.entry_state_bytes`.
 
     Returns:
         The :class:`AnnotatedGraph`; the same records are in ``node.meta["fxmemopt"]``.
     """
-    annotator = _Annotator(gm, stateful)
+    annotator = _Annotator(gm, stateful, entry_dead)
     saved = ModelState.capture(gm, stateful)
     with saved.restored_after(), torch.no_grad():
         annotator.run(*example_inputs)

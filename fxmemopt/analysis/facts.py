@@ -95,6 +95,10 @@ class NodeInfo:
             integer index (``x[t]``, ``x.select(0, t)``, an item of ``unbind_steps`` or ``unbind``), or computed
             from such values (a ``stack`` or ``cat`` of them is time-major again). Its leading dimension is not time
             (at T = 1 a loop's step is ``[N, ...]``), so a region that outputs one is not sliced in time (Rule 9).
+        entry_state_bytes: for a stateful module call, the bytes of the state tensors it held when called and
+            read (those rebound before any use excluded: ``ProbeResult.entry_dead``): what a checkpoint region
+            around it snapshots at entry and keeps until its backward (snntorch's ``init_hidden`` membrane, one per
+            call of a loop in forward).
     """
 
     name: str
@@ -118,11 +122,13 @@ class NodeInfo:
     slice_refusal: str = ""
     passes_through: bool = False
     per_step: bool = False
+    entry_state_bytes: int = 0
 
     @property
     def seeds_region(self) -> bool:
-        """A neuron: a module call that keeps state or produces spikes (see ``stateful`` and ``spiking``)."""
-        return self.op == "call_module" and (self.stateful or self.spiking)
+        """A neuron: a module call that keeps state or produces spikes, or a spike function (a custom
+        autograd.Function) called inline that produces spikes (see ``stateful`` and ``spiking``)."""
+        return self.op == "call_module" and self.stateful or self.spiking
 
 
 @dataclass(frozen=True)

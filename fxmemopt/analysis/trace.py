@@ -41,6 +41,7 @@ import linecache
 import logging
 import operator
 import os
+import re
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -410,11 +411,17 @@ class _CaptureTracer(fx.Tracer):
             return factory
 
         # A custom autograd.Function (a surrogate spike function) called on proxies would be traced *through*: its
-        # forward recorded as plain ops and its backward lost. Refuse it, so the module calling it stays a leaf.
+        # forward recorded as plain ops and its backward lost. Inside a submodule, refuse it, so the module calling
+        # it stays a leaf (a neuron module, whose state and region the analysis knows). Called by the root's own
+        # forward (membranes as local variables, `s = SpikeFn.apply(v - 1)`), there is no module to keep whole:
+        # record the call itself, one node whose target is the Function's `apply`, run as it is (its backward too).
         function_apply = original_function_apply()
 
         def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
             if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+                if not any(self.module_stack):  # the root's forward
+                    return self.create_proxy("call_function", function_call(cls), args, kwargs,
+                                             name=f"{_snake(cls.__name__)}_apply")
                 raise TraceError(f"custom autograd.Function {cls.__name__}.apply cannot be traced through (its "
                                  f"backward would be lost)")
             return bind_function_apply(function_apply, cls)(*args, **kwargs)
@@ -661,3 +668,26 @@ def make_graph_module(root: nn.Module, graph: fx.Graph, class_name: str,
         setattr(gm, name, value)
     gm.training = root.training
     return gm
+
+
+_FUNCTION_CALLS: weakref.WeakKeyDictionary[type, Callable[..., Any]] = weakref.WeakKeyDictionary()
+
+
+def function_call(cls: type) -> Callable[..., Any]:
+    """The graph target for calls of the autograd.Function ``cls``: a plain function calling ``cls.apply``, one per
+    class, named after it. (``cls.apply`` itself is a bound method of a torch class: fx would write it into the
+    generated code by torch's qualified name, ``torch.autograd.function.apply``, which is not it.)"""
+    fn = _FUNCTION_CALLS.get(cls)
+    if fn is None:
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            return cls.apply(*args, **kwargs)  # type: ignore[attr-defined]
+        fn.__name__ = fn.__qualname__ = f"{cls.__name__}_apply"
+        fn.__module__ = cls.__module__ if not cls.__module__.startswith("torch") else __name__
+        fn.__wrapped_function__ = cls  # type: ignore[attr-defined]
+        _FUNCTION_CALLS[cls] = fn
+    return fn
+
+
+def _snake(name: str) -> str:
+    """``SpikeFn`` -> ``spike_fn`` (a readable node name for a recorded autograd.Function call)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

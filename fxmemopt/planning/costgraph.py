@@ -849,6 +849,10 @@ def _charge_region_inputs(live: _Live, rec: _Recorded, regions: Sequence[RegionP
         for i in by_ref:
             kept_by_ref.setdefault(i, []).append(r.name)
         entry = lay.entry[r.name]
+        # the states its neurons read, snapshotted at entry by reference, until its backward (checkpoint Rule 2)
+        state = sum(rec.annotated[n].entry_state_bytes for n in r.nodes)
+        if state:
+            live.add(state, entry, lay.bwd_last[r.name])
         for payload, transient in packed:
             live.add(payload, entry + 1, lay.bwd_last[r.name])
             live.add(transient, entry, entry)

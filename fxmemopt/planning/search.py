@@ -490,6 +490,66 @@ def leave_out_harmful(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, P
     return _never_worse(plan, pred, p)
 
 
+#: The default leaves out the regions that lower its predicted peak by less than this fraction of it together (they
+#: cost recomputation and buy about nothing: norse's recurrent cells, one region per call, each keeping its real-valued
+#: state; a loop-in-forward MLP cut into per-step pieces). ``prefer="memory"`` leaves out only those that lower it
+#: not at all.
+IDLE_PEAK_TOLERANCE = 0.01
+
+
+def leave_out_idle(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
+    """The default and ``prefer="memory"``: no region kept that the cost model cannot show pays for itself.
+
+    Each region is left out alone (one prediction each); those whose absence keeps the predicted peak within the
+    tolerance (:data:`IDLE_PEAK_TOLERANCE`; none for ``prefer="memory"``) and lowers the predicted step time are
+    idle. Together they may matter where alone they do not (the peak is a maximum: two regions can each hide the
+    other's effect), so they leave as a batch when the batch keeps the peak within the tolerance, else in halves,
+    the ones costing the most time first. Level 4 and ``memory_budget`` give time back with their own, broader
+    moves (:func:`give_time_back`); ``never_worse=False`` keeps every region.
+    """
+    opts, result = p.opts, p.result
+    is_default = opts.slice_time_budget is not None
+    if not plan.regions or not opts.never_worse or opts.level >= 4 or opts.memory_budget is not None \
+            or opts.calls_per_step != 1 or not (is_default or opts.prefer == "memory"):
+        return plan, pred
+    limit = pred.peak_bytes + (int(IDLE_PEAK_TOLERANCE * pred.peak_bytes) if is_default else 0)
+
+    def without(base: Plan, names: set[str]) -> Plan:
+        return Plan(tuple(r for r in base.regions if r.name not in names))
+
+    idle = []
+    for k, rp in enumerate(plan.regions):
+        alone = p.evaluate(without(plan, {rp.name}))
+        if alone.peak_bytes <= limit and alone.step_time_s < pred.step_time_s:
+            idle.append((alone.step_time_s, k, rp))
+    idle.sort(key=lambda t: (t[0], t[1]))  # the most time given back first
+    left_out: list[str] = []
+    best, best_pred = plan, pred
+    pending = [[rp for _, _, rp in idle]]
+    while pending:
+        batch = pending.pop(0)
+        if not batch:
+            continue
+        candidate = without(best, {rp.name for rp in batch})
+        cand = p.evaluate(candidate)
+        if cand.peak_bytes <= limit and cand.step_time_s < best_pred.step_time_s:
+            for rp in batch:
+                result.decisions.append(Decision(rp.name, "unwrap", f"buys nothing: the predicted peak stays "
+                                                 f"{_mib(cand.peak_bytes)} without it (within {_mib(limit)}), and "
+                                                 f"its recomputation costs time"))
+                left_out.append(rp.name)
+            best, best_pred = candidate, cand
+        elif len(batch) > 1:
+            pending[:0] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+    if left_out:
+        result.notes.append(f"{len(left_out)} region(s) left out that lowered the predicted peak by "
+                            + ("less than 1%" if is_default else "nothing")
+                            + f" ({', '.join(left_out[:8])}{', ...' if len(left_out) > 8 else ''}; their "
+                              f"recomputation costs time; never_worse=False keeps them)")
+        result.applied_steps.append("leave_out_idle")
+    return best, best_pred
+
+
 def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Prediction]:
     """Level 4 and ``memory_budget``: give recomputation up where it costs the most time, while the predicted peak
     stays within the limit (the plan's own peak, the speed target, or the budget)."""
@@ -594,8 +654,8 @@ def keep_slice_starts(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, P
 
 
 #: The search, in order.
-STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, give_time_back,
-                             keep_slice_starts)
+STAGES: tuple[Stage, ...] = (wrap, split_spatially, slice_in_time, leave_out_harmful, leave_out_idle,
+                             give_time_back, keep_slice_starts)
 
 
 #: A move's candidate ``(plan, description)``, alternatives in order of preference (a list: the first that lowers the

@@ -22,6 +22,9 @@ the largest gradient difference) and profiling runs (full training steps the opt
 Scaling (``--no-scaling`` skips it): peak memory of DeepConvSNN vs T (4, 8, 16, 32) and vs depth (4, 8, 16, 32
 blocks), unoptimized and fxmemopt (default and ``prefer="memory"``), as a table and a PNG (``--plot``).
 
+``--libraries`` runs the conformance suite's models instead (:mod:`fxmemopt.tools.libraries`): every library,
+both presets, and ``--readme README.md`` writes the README's "works with" table from it.
+
 Default sizes run on a 2-core CPU in minutes; ``--full`` uses the seed tutorial's GPU sizes (VGG-11 with batch
 8 and 32, T=10, 48x48).
 """
@@ -443,6 +446,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write every row (and the scaling) here")
     p.add_argument("--markdown", help="write the markdown tables here")
     p.add_argument("--plot", help="write the scaling plot here (PNG; needs matplotlib)")
+    p.add_argument("--libraries", action="store_true",
+                   help="the conformance suite instead: every library's models (tests/conformance/), both presets")
+    p.add_argument("--readme", help="with --libraries: write the table into this README between its markers")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
@@ -463,6 +469,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"bench: {line}", file=sys.stderr, flush=True)
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    if getattr(args, "libraries", False):
+        from ..errors import FxMemOptWarning
+        from .libraries import run_libraries
+        warnings.filterwarnings("ignore", category=FxMemOptWarning)  # (each case's notes: the table says enough)
+        return run_libraries(args)
     started = time.perf_counter()
     chosen = workloads(args.full)
     if args.models:
