@@ -39,7 +39,7 @@ def pipeline(model: nn.Module, inputs: tuple[Any, ...]):
     cap = trace(model, inputs, stateful_paths=stateful)
     graph, constants = cap.graph, cap.constants
     traced = make_graph_module(model, graph, "M", extra=constants)
-    annotated = annotate(traced, inputs, stateful)
+    annotated = annotate(traced, inputs, stateful, found.entry_dead)
     return found, stateful, graph, constants, annotated, find_regions(annotated)
 
 
