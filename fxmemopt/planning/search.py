@@ -35,7 +35,8 @@ The levels (the seed's meaning, automated)
 
 How it is built
     :func:`search` runs :data:`STAGES` in order: :func:`wrap` (level 1), :func:`split_spatially` (2),
-    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`give_time_back` (level 4,
+    :func:`slice_in_time` (3), :func:`leave_out_harmful` (never worse), :func:`leave_out_idle` (the default and
+    ``prefer="memory"``: no region that does not pay for itself), :func:`give_time_back` (level 4,
     ``prefer="speed"`` and ``memory_budget``), :func:`keep_slice_starts` (time back at the same peak). Each is a
     :data:`Stage`:
     ``stage(plan, prediction, planner) -> (plan, prediction)``, with
