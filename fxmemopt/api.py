@@ -48,6 +48,7 @@ from .planning.search import (
 )
 from .profiling.available import available_bytes
 from .profiling.measure import StepMeasurement, measure_step
+from .profiling.optimizer import optimizer_state_bytes
 from .profiling.scaled import TIMING_FRACTION, Recording, record_scaled, slice_batch
 from .profiling.verify import slice_effects
 from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
@@ -1145,6 +1146,7 @@ def optimize(
     calls_per_step: int = 1,
     plan: Plan | str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     return_summary: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, Summary]:
     """Rewrite ``model`` so a training step keeps far less memory for backward, with identical results.
@@ -1255,6 +1257,11 @@ def optimize(
             applies (exactly) with a warning.
         progress: called with a short line as each stage starts (and during long searches), e.g. ``print``;
             the command line shows these.
+        optimizer: the optimizer the training step uses, to count its state in the whole step's peak
+            (``summary.resident["optimizer state"]``, in :attr:`~fxmemopt.report.summary.Summary.whole_step_peaks`
+            and explain): what it holds if it has stepped, else what torch's optimizer of its kind allocates in its
+            first step (Adam: two tensors per parameter). It is not stepped or changed. Planning does not depend on
+            it: the state is there before and after, whatever the plan.
         return_summary: also return a :class:`~fxmemopt.report.summary.Summary`.
 
     Returns:
@@ -1284,6 +1291,7 @@ def optimize(
     started = time.perf_counter()
     step = _stage_logger(started, progress)
     check_saved_tensors_hooks_nesting()  # the torch behaviour regions rely on (fxmemopt.compat)
+    optimizer_state = optimizer_state_bytes(optimizer) if optimizer is not None else None
     # analysis steps must not add to the examples' .grad; the model runs fresh until optimize returns (`fresh`)
     with _input_grads_kept(example_inputs), contextlib.ExitStack() as fresh:
         # check: inputs, model and options, resolved into one frozen request (typed errors name what is wrong)
@@ -1336,6 +1344,8 @@ def optimize(
             if any(r.whole_slices for r in built.plan.regions) else {}
         # report: the summary, built once
         summary = _report(model, an, cost, result, built, measured, sliced, req, notes, started, recording)
+    if optimizer_state is not None:
+        summary.resident["optimizer state"] = optimizer_state
     built.gm.fxmemopt_summary = summary
     log.info("%s", summary)
     return (built.gm, summary) if return_summary else built.gm

@@ -226,3 +226,24 @@ def test_a_state_read_at_entry_is_counted_and_a_dead_one_is_not():
         else:
             assert set(found.entry_dead["lif1"]) == {"mem", "reset"}
             assert got == [0] * len(calls), got
+
+
+def test_optimizer_state_counts_in_the_whole_step():
+    """``optimize(..., optimizer=opt)``: the optimizer's state (Adam: two tensors per parameter) is listed beside the
+    parameters and added to the whole step's peaks; before its first step it is what Adam's first step allocates
+    (its scalar ``step`` counters aside)."""
+    model, inputs = other_libs.FACTORIES["snntorch_bn_event_net_small"]()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    adam = torch.optim.Adam(model.parameters())
+    gm, summary = fxmemopt.optimize(model, inputs, return_summary=True, optimizer=adam)
+    assert summary.resident["optimizer state"] == 2 * params
+    assert summary.whole_step_peaks[1] == summary.predicted_peak_after + sum(summary.resident.values())
+    assert "optimizer state" in str(fxmemopt.explain(gm))
+    # after a step: what it holds (the estimate, plus one scalar step counter per parameter tensor)
+    fxmemopt.compat.tree_leaves(gm(*inputs))[0].sum().backward()
+    adam.step()
+    counters = sum(1 for _ in model.parameters()) * 4
+    from fxmemopt.profiling.optimizer import optimizer_state_bytes
+    assert optimizer_state_bytes(adam) == 2 * params + counters
+    with pytest.raises(fxmemopt.errors.InvalidOptionError, match="not a torch optimizer"):
+        fxmemopt.optimize(model, inputs, optimizer="adam")

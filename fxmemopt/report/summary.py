@@ -243,7 +243,8 @@ class Summary(SeedSummaryFields):
     checked_peak_before: int | None = None
     checked_peak_after: int | None = None
     #: What the peaks above do not count (they exist before the step: the storage tracker sees only what the step
-    #: allocates): bytes of the model's ``parameters``, ``buffers`` and the example ``inputs``. An allocator's
+    #: allocates): bytes of the model's ``parameters``, ``buffers`` and the example ``inputs``, and the
+    #: ``optimizer state`` where ``optimize(..., optimizer=...)`` was given one. An allocator's
     #: peak (``torch.cuda.max_memory_allocated``) is about a peak above plus their sum (:attr:`whole_step_peaks`).
     resident: dict[str, int] = field(default_factory=dict)
     #: Profiling runs that failed or were rejected: ``(candidate, status, message)``.
