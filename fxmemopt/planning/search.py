@@ -544,7 +544,7 @@ def leave_out_idle(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
             pending[:0] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
     if left_out:
         result.notes.append(f"{len(left_out)} region(s) left out that lowered the predicted peak by "
-                            + ("less than 1%" if is_default else "nothing")
+                            + (f"less than {IDLE_PEAK_TOLERANCE:.0%}" if is_default else "nothing")
                             + f" ({', '.join(left_out[:8])}{', ...' if len(left_out) > 8 else ''}; their "
                               f"recomputation costs time; never_worse=False keeps them)")
         result.applied_steps.append("leave_out_idle")
