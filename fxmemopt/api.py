@@ -10,7 +10,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from .analysis.shapes import at_shapes
 from .analysis.state import ModelState, ProbeResult, fresh_probe, has_memories, set_state
 from .analysis.trace import make_graph_module, trace
 from .analysis.units import Units, find_units
-from .compat import check_saved_tensors_hooks_nesting, storage_key, tree_leaves
+from .compat import check_saved_tensors_hooks_nesting, tree_leaves
 from .errors import (
     FxMemOptWarning,
     InvalidInputsError,
@@ -48,7 +48,7 @@ from .planning.search import (
 )
 from .profiling.available import available_bytes
 from .profiling.measure import StepMeasurement, measure_step
-from .profiling.optimizer import optimizer_state_bytes
+from .profiling.optimizer import distinct_storage_bytes, optimizer_state_bytes
 from .profiling.scaled import TIMING_FRACTION, Recording, record_scaled, slice_batch
 from .profiling.verify import slice_effects
 from .profiling.workers import ProfileResult, WorkerPool, make_job, run_in_process
@@ -882,24 +882,10 @@ def _kept_below(model: nn.Module, an: Analysis, built: Built, cost: nx.DiGraph |
 def _resident(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, int]:
     """The bytes a training step's peak sits on but the storage tracker does not count (they exist before the step
     starts): the model's parameters and buffers and the example inputs, each storage once."""
-    seen: set[int] = set()
-
-    def nbytes(tensors: Iterable[torch.Tensor]) -> int:
-        total = 0
-        for t in tensors:
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # a tensor subclass without one (a sharded DTensor)
-                total += t.numel() * t.element_size()
-                continue
-            key = storage_key(storage)
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-        return total
-
-    return {"parameters": nbytes(model.parameters()), "buffers": nbytes(b for b in model.buffers() if b is not None),
-            "inputs": nbytes(t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))}
+    seen: set[Any] = set()
+    return {"parameters": distinct_storage_bytes(model.parameters(), seen),
+            "buffers": distinct_storage_bytes((b for b in model.buffers() if b is not None), seen),
+            "inputs": distinct_storage_bytes((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)), seen)}
 
 
 def _kept_at_validation(built: Built, recording: Recording | None) -> float | None:

@@ -442,7 +442,7 @@ class _Annotator(fx.Interpreter):
                  entry_dead: Mapping[str, Sequence[str]] | None = None):
         super().__init__(gm)
         self.stateful = stateful
-        self.entry_dead = {p: set(n) for p, n in (entry_dead or {}).items()}
+        self.entry_dead = {gm.get_submodule(p): set(n) for p, n in (entry_dead or {}).items()}
         self.stateful_paths = set(stateful)
         self.infos: dict[str, NodeInfo] = {}
         self.sets: dict[str, ValueSet] = {}
@@ -463,14 +463,12 @@ class _Annotator(fx.Interpreter):
         return [(self.module.get_submodule(p), tuple(names)) for p, names in self.stateful.items()
                 if p == path or p.startswith(prefix)]
 
-    def _entry_kept(self, path: str, before: list[tuple[nn.Module, StateSnapshot]]) -> list[torch.Tensor]:
-        """The state tensors of the modules at or below ``path`` as the call found them (``before``, in the order of
-        :meth:`_states_under`), but for those the probe found rebound before any use."""
-        prefix = path + "."
-        paths = [p for p in self.stateful if p == path or p.startswith(prefix)]
+    def _entry_kept(self, before: list[tuple[nn.Module, StateSnapshot]]) -> list[torch.Tensor]:
+        """The state tensors of the called modules as the call found them (``before``), but for those the probe
+        found rebound before any use."""
         kept: list[torch.Tensor] = []
-        for p, (_, snap) in zip(paths, before):
-            dead = self.entry_dead.get(p, set())
+        for m, snap in before:
+            dead = self.entry_dead.get(m, set())
             kept += [t for name, t in snap.attrs.items() if isinstance(t, torch.Tensor) and name not in dead]
             kept += [t for name, t in (snap.memories or {}).items() if isinstance(t, torch.Tensor) and name not in dead]
         return kept
@@ -585,7 +583,7 @@ class _Annotator(fx.Interpreter):
         nbytes = output_bytes(tensors)  # per distinct storage (views of one add up, capped at its size)
         # what a region snapshots at entry and keeps until its backward: the states the call reads (snntorch's
         # init_hidden membrane, one per call of a loop in forward; not those rebound before any use)
-        entry_kept = self._entry_kept(str(n.target), before) if stateful else []
+        entry_kept = self._entry_kept(before)
         inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
         self.infos[n.name] = NodeInfo(
             name=n.name, op=n.op, target=_target_name(n), inputs=inputs,

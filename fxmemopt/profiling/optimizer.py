@@ -8,6 +8,7 @@ parameters, buffers and inputs, and :attr:`~fxmemopt.report.summary.Summary.whol
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,7 +16,26 @@ import torch
 from ..compat import storage_key
 from ..errors import InvalidOptionError, format_error
 
-__all__ = ["optimizer_state_bytes"]
+__all__ = ["distinct_storage_bytes", "optimizer_state_bytes"]
+
+
+def distinct_storage_bytes(tensors: Iterable[torch.Tensor], seen: set[Any] | None = None) -> int:
+    """Bytes of the storages under ``tensors``, each storage once (views and aliases add nothing); ``seen``: the
+    storages counted already, shared between calls. A tensor without a storage (a sharded DTensor) counts its
+    elements."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            total += t.numel() * t.element_size()
+            continue
+        key = storage_key(storage)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
 
 
 def _copies(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> int | None:
@@ -57,12 +77,7 @@ def optimizer_state_bytes(optimizer: Any) -> int:
         for p in group["params"]:
             state = optimizer.state.get(p)
             if state:
-                for t in state.values():
-                    if isinstance(t, torch.Tensor):
-                        key = storage_key(t.untyped_storage())
-                        if key not in seen:
-                            seen.add(key)
-                            total += t.untyped_storage().nbytes()
+                total += distinct_storage_bytes((t for t in state.values() if isinstance(t, torch.Tensor)), seen)
                 continue
             copies = _copies(optimizer, group)
             if copies is None:
