@@ -77,7 +77,9 @@ def test_value_set_join(a, b, joined):
     (torch.tensor([0.0, 2.0]), "{0..2}"),
     (torch.zeros(3), "{0..0}"),
     (torch.zeros(0), "{0..0}"),
-    (torch.tensor([-0.0, 1.0]), "real"),
+    (torch.tensor([-0.0, 1.0]), "{-0,0,1}"),  # sinabs' MultiSpike: (v > 0) * trunc(v / theta) is -0.0 below 0
+    (torch.tensor([-0.0, 0.5]), "real"),
+    ((torch.tensor([-0.0, 2.0]), torch.tensor([1.0])), "{-0,0..2}"),
     (torch.tensor([0.5]), "real"),
     (torch.tensor([float("nan")]), "real"),
     (torch.tensor([-1, 0]), "real"),
@@ -776,3 +778,27 @@ def test_per_step_values(steps):
     time_major = {g[n].target.rsplit(".", 1)[-1] for n in g.order if g[n].is_tensor and not g[n].per_step}
     assert per_step == {"getitem", "conv", "mul", "select", "relu"}, per_step
     assert time_major == {"x", "stack", "add"}, time_major
+
+
+@pytest.mark.parametrize("op,a,b,expected", [
+    # -0.0 + -0.0 is -0.0, -0.0 + 0.0 is +0.0; 1 * -0.0 is -0.0; cat keeps either's
+    ("add", True, True, "{-0,0..2}"), ("add", True, False, "{0..2}"), ("add", False, True, "{0..2}"),
+    ("mul", True, False, "{-0,0,1}"), ("mul", False, False, "{0,1}"),
+    ("cat", False, True, "{-0,0,1}"), ("sub", False, True, "{0,1}"),
+])
+def test_value_rules_follow_negative_zero(op, a, b, expected):
+    """sinabs' MultiSpike spikes hold -0.0 (``ValueSet.negzero``): the rules keep the flag where the result may
+    hold it, and packing then reserves a code for it."""
+    from torch import fx
+
+    from fxmemopt.analysis.annotate import VALUE_RULES
+    from fxmemopt.analysis.facts import ValueSet
+
+    fns = {"add": lambda x, y: x + y, "mul": lambda x, y: x * y, "cat": lambda x, y: torch.cat([x, y]),
+           "sub": lambda x, y: 1 - y}
+    graph = fx.symbolic_trace(fns[op]).graph
+    sets = {"x": ValueSet(1, negzero=a), "y": ValueSet(1, negzero=b)}
+    node = next(n for n in graph.nodes if n.op not in ("placeholder", "output"))
+    rule = VALUE_RULES[node.target]
+    got = rule(node, lambda arg: sets[arg.name] if isinstance(arg, fx.Node) else ValueSet(None))
+    assert str(got) == expected, (op, got)

@@ -306,12 +306,34 @@ def test_rejected_input_not_modified():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
-@pytest.mark.parametrize("bad", [-0.0, math.nan, -math.nan, math.inf, -math.inf, 0.5, -1.0, 1.5, 1e30])
+@pytest.mark.parametrize("bad", [math.nan, -math.nan, math.inf, -math.inf, 0.5, -1.0, 1.5, 1e30])
 def test_rejects_non_integer_float_values(dtype, bits, bad):
     x = torch.tensor([0.0, 1.0, bad, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=dtype)
     assert try_pack(x, bits) is None
     assert try_pack(x[2:3], bits) is None  # alone
     assert try_pack(x[2].clone(), bits) is None  # 0-dim
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_negative_zero_rejected_at_one_bit(dtype):
+    x = torch.tensor([0.0, 1.0, -0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=dtype)
+    assert try_pack(x, 1) is None
+    assert try_pack(x[2].clone(), 1) is None
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [2, 8])
+def test_negative_zero_takes_the_top_code(dtype, bits):
+    """sinabs' MultiSpike gives -0.0 where the membrane is negative: packed, the top code stands for it."""
+    top = (1 << bits) - 1
+    x = torch.tensor([0.0, 1.0, -0.0, top - 1, 0.0, -0.0, 1.0, 0.0, 1.0], dtype=dtype)
+    p = try_pack(x, bits)
+    assert p is not None and p.negzero and p.nbytes == packed_nbytes(x.numel(), bits)
+    assert bitwise_equal(unpack(p), x)
+    assert not try_pack(x.abs(), bits).negzero  # (+0.0 only: the plain code)
+    x[3] = top  # the top code is taken: no room for -0.0
+    assert try_pack(x, bits) is None
+    assert bits_for_max(top - 1, negzero=True) == bits and bits_for_max(top, negzero=True) != bits
 
 
 _OUT_OF_RANGE = [(1, 2), (1, 3), (1, 255), (2, 4), (2, 7), (2, 255),
@@ -399,12 +421,15 @@ def pack_cases(draw):
             bad = st.just(255) if hi < 255 else st.nothing()
         else:
             bad = st.sampled_from(_OUT_OF_RANGE_INTS)
-        mix = draw(st.sampled_from(["in", "wide", "bad"]))
+        mix = draw(st.sampled_from(["in", "wide", "bad", "negzero"]))
         elements = {"in": in_range, "wide": st.one_of(in_range, wide),
-                    "bad": st.one_of(in_range, in_range, in_range, bad)}[mix]
+                    "bad": st.one_of(in_range, in_range, in_range, bad),
+                    "negzero": st.one_of(in_range, st.just("-0"))}[mix]
     values = draw(st.lists(elements, min_size=numel, max_size=numel))
     if dtype.is_floating_point:
-        values = [float(v) for v in values]
+        values = [-0.0 if v == "-0" else float(v) for v in values]
+    else:
+        values = [0 if v == "-0" else v for v in values]
     t = torch.tensor(values, dtype=dtype).reshape(shape)
     layout = draw(st.sampled_from(["as_is", "transpose", "flip_copy", "step"]))
     if layout == "transpose" and t.dim() >= 2:
@@ -417,16 +442,21 @@ def pack_cases(draw):
 
 
 def _expected_packable(t: torch.Tensor, bits: int) -> bool:
-    """Reference: every element is an integer in [0, 2**bits - 1], +0.0 only (not -0.0), no NaN/inf."""
+    """Reference: every element is an integer in [0, 2**bits - 1], no NaN/inf; -0.0 only at 2 or 8 bits, and then
+    every other value below the top code (which stands for -0.0)."""
     hi = (1 << bits) - 1
-    for v in t.reshape(-1).tolist():
+    values = t.reshape(-1).tolist()
+    negzero = any(isinstance(v, float) and v == 0 and math.copysign(1.0, v) < 0 for v in values)
+    if negzero and bits == 1:
+        return False
+    for v in values:
         if isinstance(v, bool):
             continue
         if isinstance(v, float):
-            if not math.isfinite(v) or v != int(v) or math.copysign(1.0, v) < 0:
+            if not math.isfinite(v) or v != int(v) or math.copysign(1.0, v) < 0 and v != 0:
                 return False
             v = int(v)
-        if not 0 <= v <= hi:
+        if not 0 <= v <= hi - (1 if negzero else 0):
             return False
     return True
 
@@ -447,6 +477,9 @@ def _expected_packable(t: torch.Tensor, bits: int) -> bool:
 @example((torch.tensor([[True, False, True]]).t(), 2))
 @example((torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]).t(), 1))
 @example((torch.arange(24).view(2, 3, 4).permute(2, 0, 1), 8))
+@example((torch.tensor([-0.0, 1.0, 2.0]), 2))
+@example((torch.tensor([-0.0, 3.0]), 2))
+@example((torch.tensor([[-0.0, 254.0], [0.0, 1.0]], dtype=torch.bfloat16).t(), 8))
 def test_property_pack_iff_in_range(case):
     t, bits = case
     before = t.clone()
@@ -562,9 +595,11 @@ def test_two_bit_gather_constant_on_every_word():
 @pytest.mark.parametrize("bits", [2, 8])
 def test_small_width_path_accepts_exactly_the_integers_of_all_16_bit_patterns(dtype, bits):
     """Every one of the 65,536 patterns of a 16-bit float at 2 and 8 bits: exactly the patterns of 0.0, 1.0, ...,
-    2**bits - 1 pack (the round trip through int32 compares bit patterns: -0.0, NaN, subnormals all fail)."""
+    2**bits - 1 pack, and -0.0 (its own code; the round trip through int32 compares bit patterns: NaN, subnormals
+    all fail)."""
     patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     allowed = set(torch.arange(1 << bits, dtype=dtype).view(torch.int16).tolist())
+    allowed.add(int(torch.tensor(-0.0, dtype=dtype).view(torch.int16)))
     accepted = [int(p) for p in patterns if try_pack(p.view(1).view(dtype), bits) is not None]
     assert sorted(accepted) == sorted(allowed)
 

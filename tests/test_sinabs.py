@@ -6,6 +6,11 @@ for analysis (dimension 1 of a 5-dimensional input) slices time, and the model f
 analyses at the examples' size instead (issue 28: it reported "the model fails on the example"). For each size and
 preset: bitwise equal to the unoptimized step, never above it (measured), predicted within 10%.
 
+The ``*Squeeze`` layers are recomputed in time slices on their flattened layout (``TimeAxis(batch=B)``), told their
+batch size or their number of steps, and so are the plain layers on ``[B, T, ...]`` (``TimeAxis(dim=1)``); their
+``MultiSpike`` outputs hold ``-0.0`` where the membrane is negative, and are packed all the same (issue 28: 1.06x
+before either, 1.8x asked).
+
 Install with ``pip install --no-deps sinabs==3.1.3 pbr``; skipped where absent.
 """
 
@@ -71,3 +76,80 @@ def test_sinabs_squeeze_net_that_fixes_its_batch_optimizes_exactly(size, preset)
     assert abs(summary.predicted_peak_after - opt) <= 0.10 * opt, (summary.predicted_peak_after, opt)
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("preset,least", [({}, 1.75), ({"prefer": "memory"}, 1.8)], ids=["default", "memory"])
+def test_squeeze_net_is_sliced_in_time_and_packed_at_least_1_8x_lower(preset, least):
+    """The issue's net (T=16, batch 4, 32x32 frames): the layers' regions run their neurons in time slices, the spikes
+    the next one stores are packed (-0.0 and all), and the step's peak is 1.8x lower or more with prefer="memory".
+    The default measures 1.86x with 4 slices on the second layer and 1.79x with 2: it slices within a step-time
+    budget, and whether 4 slices fit it is decided on measured times (x1.0 of the budget; a loaded machine flips it)."""
+    model, inputs = _dvs_net(*SIZES["4x16x32x32"])
+    reference = copy.deepcopy(model)
+    base = fxmemopt.measure_step(model, inputs, repeats=0).peak_bytes
+    gm, summary = fxmemopt.optimize(model, inputs, return_summary=True, **preset)
+    opt = fxmemopt.measure_step(gm, inputs, repeats=0).peak_bytes
+    assert base / opt >= least, f"{base} -> {opt} bytes: {base / opt:.2f}x\n{fxmemopt.explain(gm)}"
+    assert any(r.chunks > 1 for r in summary.regions), summary.regions
+    packed = [i for r in summary.regions for i in r.inputs if i.node == "seq_1"]
+    assert not packed or all(i.bits and i.stored_bytes < i.full_bytes / 3 for i in packed), packed
+    report = fxmemopt.compare_training_step(reference, gm, inputs)
+    assert report.ok, str(report)
+    for path in ("seq.1", "seq.4", "seq.8"):  # the observation each layer leaves, as the unsliced call leaves it
+        a, b = reference.get_submodule(path).firing_rate, gm.get_submodule(path).firing_rate
+        assert torch.equal(a, b), (path, a, b)
+
+
+class LayoutNet(nn.Module):
+    """Two linear layers and two sinabs neurons on ``[B, T, 64]``: ``IAFSqueeze(num_timesteps=T)`` on the
+    flattened batch and time (``"steps"``), or ``IAF`` on ``[B, T, ...]`` itself (``"batch-first"``)."""
+
+    def __init__(self, kind: str, batch: int, steps: int) -> None:
+        super().__init__()
+        self.kind, self.batch, self.steps = kind, batch, steps
+
+        def neuron() -> nn.Module:
+            if kind == "steps":
+                return sl.IAFSqueeze(num_timesteps=steps, min_v_mem=-1.0)
+            return sl.IAF(min_v_mem=-1.0)
+
+        self.fc1, self.n1 = nn.Linear(64, 128, bias=False), neuron()
+        self.fc2, self.n2 = nn.Linear(128, 128, bias=False), neuron()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.modules():
+            if isinstance(m, sl.StatefulLayer):
+                m.reset_states()
+        if self.kind == "steps":
+            return self.n2(self.fc2(self.n1(self.fc1(x.flatten(0, 1))))).unflatten(0, (self.batch, self.steps)).sum(1)
+        return self.n2(self.fc2(self.n1(self.fc1(x)))).sum(1)
+
+
+@pytest.mark.parametrize("kind", ["steps", "batch-first"])
+def test_other_sinabs_layouts_are_sliced_in_time_exactly(kind):
+    from plan_kinds import pipeline
+
+    from fxmemopt.runtime.steps import TimeAxis
+
+    torch.manual_seed(0)
+    model = LayoutNet(kind, 4, 32).train()
+    with torch.no_grad():
+        for lin in (model.fc1, model.fc2):
+            lin.weight.mul_(3.0)
+    inputs = ((torch.rand(4, 32, 64) < 0.2).float(),)
+    annotated = pipeline(model, inputs)[4]
+    expected = TimeAxis(batch=4, steps_attr="num_timesteps") if kind == "steps" else TimeAxis(dim=1)
+    for node in ("n1", "n2"):
+        info = annotated[node]
+        assert info.time_chunkable and info.time_steps == 32, (node, info)
+        assert info.time_axis.dim == expected.dim and info.time_axis.batch == expected.batch
+        assert info.time_axis.steps_attr == expected.steps_attr
+    reference = copy.deepcopy(model)
+    base = fxmemopt.measure_step(model, inputs, repeats=0).peak_bytes
+    gm, summary = fxmemopt.optimize(model, inputs, return_summary=True, prefer="memory")
+    opt = fxmemopt.measure_step(gm, inputs, repeats=0).peak_bytes
+    assert opt < base and any(r.chunks > 1 for r in summary.regions), (base, opt, summary.regions)
+    assert abs(summary.predicted_peak_after - opt) <= 0.10 * opt, (summary.predicted_peak_after, opt)
+    report = fxmemopt.compare_training_step(reference, gm, inputs)
+    assert report.ok, str(report)
+    assert gm.get_submodule("n1").num_timesteps == model.n1.num_timesteps if kind == "steps" else True

@@ -22,6 +22,7 @@ never correctness.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import fx, nn
 from .. import compat
 from ..compat import tree_flatten
 from ..runtime.packing import _INT_VIEW, _as_small_uint8
-from ..runtime.steps import unbind_steps
+from ..runtime.steps import BATCH_ATTRIBUTES, DERIVED, STEPS_ATTRIBUTES, TIME_MAJOR, TimeAxis, unbind_steps
 from .facts import BINARY, MAX_INT_SET, REAL, UNKNOWN, AnnotatedGraph, NodeInfo, ValueSet, _int_set  # noqa: F401 (re-exported)
 from .shapes import output_bytes
 from .state import ModelState, StateSnapshot, attributes_of, put_back_attributes
@@ -90,13 +91,14 @@ def _add(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
     alpha = _arg(node, 2, "alpha")
     alpha = 1 if alpha is None else alpha
     if a.is_int and b.is_int and isinstance(alpha, int) and not isinstance(alpha, bool) and alpha >= 0:
-        return _int_set(a.hi + alpha * b.hi)
+        # -0.0 + -0.0 is -0.0; -0.0 + 0.0 is +0.0
+        return _int_set(a.hi + alpha * b.hi, negzero=a.negzero and (b.negzero or alpha == 0))
     return REAL
 
 
 def _mul(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
     a, b = S(_arg(node, 0, "input")), S(_arg(node, 1, "other"))
-    return _int_set(a.hi * b.hi) if a.is_int and b.is_int else REAL
+    return _int_set(a.hi * b.hi, negzero=a.negzero or b.negzero) if a.is_int and b.is_int else REAL  # 1 * -0.0
 
 
 def _sub(node: fx.Node, S: Callable[[Any], ValueSet]) -> ValueSet:
@@ -190,14 +192,18 @@ def observe_value_set(value: Any) -> ValueSet:
     tensors = [t for t in _flat_tensors(value)]
     if not tensors:
         return REAL
-    hi = 0
+    hi, negzero = 0, False
     for t in tensors:
-        u = _as_small_uint8(t.detach().reshape(-1), MAX_INT_SET)
+        flat = t.detach().reshape(-1)
+        u = _as_small_uint8(flat, MAX_INT_SET)
+        if u is None and flat.is_floating_point():
+            u = _as_small_uint8(flat + 0.0, MAX_INT_SET)  # -0.0 + 0.0 is +0.0: integers but for their -0.0
+            negzero = negzero or u is not None
         if u is None:
             return REAL
         if u.numel():
             hi = max(hi, int(u.max()))
-    return ValueSet(hi)
+    return ValueSet(hi, negzero=negzero)
 
 
 def _decide(static: ValueSet, observed: ValueSet) -> ValueSet:
@@ -206,7 +212,7 @@ def _decide(static: ValueSet, observed: ValueSet) -> ValueSet:
         # training will see: packing it at 1 bit would fall back to full storage at the first spike, and the plan's
         # prediction with it.
         return observed if observed.is_int and observed.hi else REAL
-    if static.is_int and observed.is_int and observed.hi <= static.hi:
+    if static.is_int and observed.is_int and observed.hi <= static.hi and (static.negzero or not observed.negzero):
         return static
     return REAL
 
@@ -239,6 +245,8 @@ class _SlicedCall:
     stateful: bool  # the state lives in the modules; else it is a value: ``neuron(x[, s]) -> (out, s)``
     state0: Any  # the first slice's state (value-carried neurons called with two arguments)
     first_plain: bool  # the first slice is called ``neuron(x)`` (value-carried)
+    axis: TimeAxis = TIME_MAJOR  # where the input and the output keep time
+    last_state: Any = None  # the state the last run left (value-carried neurons)
 
     def run(self, x: torch.Tensor, pieces: int) -> tuple[torch.Tensor, list[tuple[list[torch.Tensor], int]]]:
         """``(output, per slice: (its end state's tensors that have a grad_fn, the sequence number the next slice's
@@ -247,16 +255,39 @@ class _SlicedCall:
             # detached: an entry state from an earlier step may still reference that step's (freed) graph
             snap.detached().restore(m)
         outs, carried, state = [], [], self.state0
-        for k, xc in enumerate(x.tensor_split(pieces, dim=0) if pieces > 1 else (x,)):
-            if self.stateful:
-                outs.append(self.module(xc))
-                leaves = [t for m, names in self.owners for t in StateSnapshot.take(m, names).tensors()]
-            else:
-                o, state = self.module(xc) if k == 0 and self.first_plain else self.module(xc, state)
-                outs.append(o)
-                leaves = [t for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)]
+        for k, xc in enumerate(self.axis.split(x, pieces) if pieces > 1 else (x,)):
+            with self.axis.calling(self.module, self.axis.steps(xc)):
+                if self.stateful:
+                    outs.append(self.module(xc))
+                    leaves = [t for m, names in self.owners for t in StateSnapshot.take(m, names).tensors()]
+                else:
+                    o, state = self.module(xc) if k == 0 and self.first_plain else self.module(xc, state)
+                    outs.append(o)
+                    leaves = [t for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)]
             carried.append(([t for t in leaves if t.grad_fn is not None], compat.autograd_sequence_nr()))
-        return torch.cat(outs, dim=0), carried
+        self.last_state = state
+        return self.axis.cat(outs) if pieces > 1 else outs[0], carried
+
+
+def _candidate_axes(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[TimeAxis]:
+    """The time layouts ``module``'s call on ``x`` (giving ``out``) may have, most likely first: the input's and
+    the output's time dimensions must agree and hold two steps or more (see :class:`TimeAxis`)."""
+    axes = []
+    for attr in BATCH_ATTRIBUTES:  # a batch size the module was told: batch and time flattened
+        b = getattr(module, attr, None)
+        if isinstance(b, int) and b > 0 and x.dim() >= 1 and out.dim() >= 1 and x.shape[0] % b == 0 \
+                and x.shape[0] // b >= 2 and out.shape[0] == x.shape[0]:
+            axes.append(TimeAxis(batch=b))
+    for attr in STEPS_ATTRIBUTES:  # a number of steps it was told: batch and time flattened, T set per slice
+        t = getattr(module, attr, None)
+        if isinstance(t, int) and t >= 2 and x.dim() >= 1 and out.dim() >= 1 and x.shape[0] % t == 0 \
+                and out.shape[0] == x.shape[0]:
+            axes.append(TimeAxis(batch=x.shape[0] // t, steps_attr=attr))
+    if x.dim() >= 1 and out.dim() >= 1 and x.shape[0] >= 2 and out.shape[0] == x.shape[0]:
+        axes.append(TIME_MAJOR)
+    if x.dim() >= 3 and out.dim() >= 2 and x.shape[1] >= 2 and out.shape[:2] == x.shape[:2]:
+        axes.append(TimeAxis(dim=1))  # [B, T, features...]: not [B, features] (a batch cut is no time slice)
+    return axes
 
 
 def _order_suspects(call: _SlicedCall, x: torch.Tensor, pieces: int) -> list[str]:
@@ -345,6 +376,27 @@ def _same_tensor_attrs(attrs: list[tuple[nn.Module, dict[str, Any]]]) -> bool:
         if not all(_bitwise_equal(v, saved[k]) for k, v in now.items()):
             return False
     return True
+
+
+def _derived_observations(module: nn.Module, attrs: list[tuple[nn.Module, dict[str, Any]]],
+                          joined: torch.Tensor) -> tuple[tuple[str, str], ...]:
+    """The tensor attributes of ``module`` whose value after its slices differs from the whole call's (in
+    ``attrs``) but which one of :data:`~fxmemopt.runtime.steps.DERIVED` reproduces, bitwise, from the slices'
+    ``joined`` output (sinabs' ``firing_rate``, the mean of the call's spikes); each is set to that value."""
+    saved = next((d for m, d in attrs if m is module), {})
+    found = []
+    for name, now in list(module.__dict__.items()):
+        ref = saved.get(name)
+        if not (isinstance(now, torch.Tensor) and isinstance(ref, torch.Tensor)) or _bitwise_equal(now, ref):
+            continue
+        for how, fn in DERIVED.items():
+            with torch.no_grad():
+                value = fn(joined)
+            if _bitwise_equal(value, ref):
+                setattr(module, name, value)
+                found.append((name, how))
+                break
+    return tuple(found)
 
 
 def _is_value_state_result(result: Any) -> bool:
@@ -474,83 +526,95 @@ class _Annotator(fx.Interpreter):
         return kept
 
     def _time_chunkable(self, n: fx.Node, module: nn.Module, before: list[tuple[nn.Module, StateSnapshot]],
-                        result: Any, stateful: bool) -> bool:
-        """Does calling ``module`` on time slices, state carried, reproduce ``result`` (and the final state)?
+                        result: Any, stateful: bool) -> TimeAxis | None:
+        """The time layout on which calling ``module`` on time slices, state carried, reproduces ``result`` (and
+        the final state, and the gradients); ``None`` if there is none.
 
         Two ways of carrying the state are tried: in the module's own attributes (``stateful``: spikingjelly,
-        snntorch), or as a value (a stateless neuron called ``neuron(x)`` or ``neuron(x, s)`` that returns
+        snntorch, sinabs), or as a value (a stateless neuron called ``neuron(x)`` or ``neuron(x, s)`` that returns
         ``(out, s)``: norse's multi-step ``LIF``), where each slice is called with the state the last one returned.
+        The layouts are those :func:`_candidate_axes` proposes, tried in turn: time-major ``[T, ...]``, batch first
+        ``[B, T, ...]`` (sinabs' ``LIF``), batch and time flattened ``[B * T, ...]`` (sinabs' ``IAFSqueeze``).
         """
         trainable = [p for p in module.parameters() if p.requires_grad]
         if trainable and not stateful:
-            return False
+            return None
         if n.kwargs or not n.args or not isinstance(n.args[0], fx.Node):
-            return False
+            return None
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
         x = args[0]
         out = result if stateful else (result[0] if _is_value_state_result(result) else None)
-        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() >= 1
-                and x.shape[0] >= 2 and out.dim() >= 1 and out.shape[0] == x.shape[0]):
-            return False
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+            return None
         if stateful and len(args) != 1 or not stateful and len(args) > 2:
-            return False
+            return None
         owners = self._states_under(str(n.target))
         after = [(m, StateSnapshot.take(m, names)) for m, names in owners]
         # Every other attribute too: a neuron that keeps an observation (spikingjelly's ``v_seq`` with
         # ``store_v_seq=True``, a mean of the input) would keep only the last slice's, where the model keeps all T.
         attrs = attributes_of(module.modules())
+        state0 = None if stateful else (args[1] if len(args) == 2 else None)
         try:
-            for m, snap in before:
-                snap.restore(m)
-            # A neuron with trainable parameters (spikingjelly's ParametricLIFNode.w): in slices of several steps
-            # its parameters' gradient is summed per slice, then over slices, another order than over all steps
-            # at once (often bitwise equal on an example, not always: measured on a PLIF [4, 2, 4, 32, 32], 1 of 3
-            # seeds 2.4e-4 apart). In one-step slices each step's contribution arrives on its own, as unsliced
-            # (40 of 40 cases equal): only those, verified with the gradients too.
-            count = x.shape[0] if trainable else min(3, x.shape[0])
-            pieces = x.tensor_split(count, dim=0)
-            state0 = None if stateful else (args[1] if len(args) == 2 else None)
-            if stateful:
-                sliced = torch.cat([module(xc) for xc in pieces], dim=0)
-                now = [StateSnapshot.take(m, names) for m, names in owners]
-                same = _bitwise_equal(sliced, result) and all(
-                    _bitwise_equal(a, b) for snap, (_, ref) in zip(now, after)
-                    for a, b in zip(snap.tensors(), ref.tensors())) and _same_tensor_attrs(attrs)
-            else:
-                outs, state = [], state0
-                for k, xc in enumerate(pieces):
-                    o, state = module(xc) if k == 0 and len(args) == 1 else module(xc, state)
-                    outs.append(o)
-                final, ref = tree_flatten(state), tree_flatten(result[1])
-                same = _bitwise_equal(torch.cat(outs, dim=0), out) and final[1] == ref[1] and all(
-                    isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _bitwise_equal(a, b)
-                    or not isinstance(a, torch.Tensor) and a == b for a, b in zip(final[0], ref[0])) and \
-                    _same_tensor_attrs(attrs)
-            if not same:
-                return False
-            # The values agree; the gradients must too, on any values, so the order autograd sums them in must
-            # agree. Read from the graph's structure where it can differ (a state carried across a slice boundary
-            # with contributions from both sides, a parameter transformed once per call); where it can, and always
-            # for trainable parameters, decided by the gradients on the example and on random probes: over all
-            # steps at once an element's contributions arrive in the same order for every value, so a reordered
-            # sum shows on about every other element (found by the property test: a synapse filter on a
-            # one-element example agreed, 7 of 20 random output gradients agree there, and training differed).
-            call = _SlicedCall(module, before, owners, stateful, state0, len(args) == 1)
-            suspects = _order_suspects(call, x, count)
-            slicings = [count] if trainable else sorted({2, count, x.shape[0]})
-            if (suspects or trainable) and not _same_sliced_grads(call, x, slicings):
-                where = f" ({'; '.join(suspects)})" if suspects else ""
-                self.refusals[n.name] = (
-                    "on time slices autograd would sum its gradients in another order than over all steps at "
-                    f"once{where}: the gradients differed on random probes, not exact")
-                return False
-            return True
-        except Exception:  # a module that cannot be called on slices is simply not chunkable
-            return False
+            for axis in _candidate_axes(module, x, out):
+                call = _SlicedCall(module, before, owners, stateful, state0, len(args) == 1, axis)
+                try:
+                    if self._slices_reproduce(n, call, x, result, out, after, attrs, trainable):
+                        return call.axis  # with the derived observations it found
+                except Exception:  # a module that cannot be called on these slices is not chunkable on them
+                    pass
+                finally:
+                    put_back_attributes(attrs)  # as the whole call left them
+            return None
         finally:
-            put_back_attributes(attrs)  # as the whole call left them
             for m, snap in after:
                 snap.restore(m)
+
+    def _slices_reproduce(self, n: fx.Node, call: _SlicedCall, x: torch.Tensor, result: Any, out: torch.Tensor,
+                          after: list[tuple[nn.Module, StateSnapshot]], attrs: list[tuple[nn.Module, dict[str, Any]]],
+                          trainable: list[nn.Parameter]) -> bool:
+        """Does ``call`` on time slices of ``x`` reproduce the whole call's ``result``, state and gradients?"""
+        steps = call.axis.steps(x)
+        # A neuron with trainable parameters (spikingjelly's ParametricLIFNode.w): in slices of several steps
+        # its parameters' gradient is summed per slice, then over slices, another order than over all steps
+        # at once (often bitwise equal on an example, not always: measured on a PLIF [4, 2, 4, 32, 32], 1 of 3
+        # seeds 2.4e-4 apart). In one-step slices each step's contribution arrives on its own, as unsliced
+        # (40 of 40 cases equal): only those, verified with the gradients too.
+        count = steps if trainable else min(3, steps)
+        sliced, _ = call.run(x, count)
+        derived = _derived_observations(call.module, attrs, sliced)
+        if derived:
+            call.axis = dataclasses.replace(call.axis, derived=derived)
+        if call.stateful:
+            now = [StateSnapshot.take(m, names) for m, names in call.owners]
+            same = _bitwise_equal(sliced, result) and all(
+                _bitwise_equal(a, b) for snap, (_, ref) in zip(now, after)
+                for a, b in zip(snap.tensors(), ref.tensors())) and _same_tensor_attrs(attrs)
+        else:
+            state = call.last_state
+            final, ref = tree_flatten(state), tree_flatten(result[1])
+            same = _bitwise_equal(sliced, out) and final[1] == ref[1] and all(
+                isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _bitwise_equal(a, b)
+                or not isinstance(a, torch.Tensor) and a == b for a, b in zip(final[0], ref[0])) and \
+                _same_tensor_attrs(attrs)
+        if not same:
+            return False
+        # The values agree; the gradients must too, on any values, so the order autograd sums them in must
+        # agree. Read from the graph's structure where it can differ (a state carried across a slice boundary
+        # with contributions from both sides, a parameter transformed once per call); where it can, and always
+        # for trainable parameters, decided by the gradients on the example and on random probes: over all
+        # steps at once an element's contributions arrive in the same order for every value, so a reordered
+        # sum shows on about every other element (found by the property test: a synapse filter on a
+        # one-element example agreed, 7 of 20 random output gradients agree there, and training differed).
+        suspects = _order_suspects(call, x, count)
+        slicings = [count] if trainable else sorted({2, count, steps})
+        if (suspects or trainable) and not _same_sliced_grads(call, x, slicings):
+            where = f" ({'; '.join(suspects)})" if suspects else ""
+            self.refusals[n.name] = (
+                "on time slices autograd would sum its gradients in another order than over all steps at "
+                f"once{where}: the gradients differed on random probes, not exact")
+            return False
+        self.refusals.pop(n.name, None)
+        return True
 
     def run_node(self, n: fx.Node) -> Any:
         module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
@@ -566,8 +630,9 @@ class _Annotator(fx.Interpreter):
             # a custom autograd.Function called by the root's forward (its spike, with a surrogate backward, of a
             # neuron written inline: `s = SpikeFn.apply(v - 1)`), recognized by what it computed on the example
             or n.op == "call_function" and hasattr(n.target, "__wrapped_function__"))
-        chunkable = (stateful or spiking) and module is not None and self._time_chunkable(
-            n, module, before, result, stateful)
+        axis = self._time_chunkable(n, module, before, result, stateful) \
+            if (stateful or spiking) and module is not None else None
+        chunkable = axis is not None
         # A neuron fxmemopt has no rule for (norse, snntorch): the example decides, the packer re-checks every call.
         static = UNKNOWN if spiking and not stateful else static_value_set(n, self._arg_set, module, stateful)
         observed = observe_value_set(result) if tensors else REAL
@@ -592,7 +657,8 @@ class _Annotator(fx.Interpreter):
             shape=tuple(result.shape) if single else None, dtype=str(dtype).replace("torch.", "") if single else None,
             nbytes=nbytes, static=static, observed=observed, value_set=value_set, stateful=stateful,
             time_chunkable=chunkable, spiking=spiking,
-            time_steps=self.env[n.args[0]].shape[0] if chunkable else 0,
+            time_steps=axis.steps(self.env[n.args[0]]) if axis is not None else 0,
+            time_axis=axis if axis is not None else TIME_MAJOR,
             step_slices_only=bool(chunkable) and any(p.requires_grad for p in module.parameters()),
             slice_refusal=self.refusals.get(n.name, ""), passes_through=_passes_through(versions, result),
             entry_state_bytes=output_bytes(entry_kept),

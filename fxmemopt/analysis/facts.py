@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from ..runtime.steps import TIME_MAJOR, TimeAxis
+
 __all__ = ["ValueSet", "REAL", "UNKNOWN", "BINARY", "MAX_INT_SET", "NodeInfo", "AnnotatedGraph"]
 
 
@@ -18,11 +20,14 @@ __all__ = ["ValueSet", "REAL", "UNKNOWN", "BINARY", "MAX_INT_SET", "NodeInfo", "
 class ValueSet:
     """The values a tensor may hold: ``{0, ..., hi}`` when ``hi`` is an int, else real (``hi`` None).
 
-    ``unknown`` marks "static inference has no opinion" (opaque leaves, integer placeholders).
+    ``unknown`` marks "static inference has no opinion" (opaque leaves, integer placeholders). ``negzero``: the
+    integers may include ``-0.0`` (sinabs' ``MultiSpike`` gives it where the membrane is negative), which packing
+    stores as one code more (:func:`~fxmemopt.runtime.packing.bits_for_max`).
     """
 
     hi: int | None = None
     unknown: bool = False
+    negzero: bool = False
 
     @property
     def is_int(self) -> bool:
@@ -34,14 +39,15 @@ class ValueSet:
             return UNKNOWN
         if self.hi is None or other.hi is None:
             return REAL
-        return ValueSet(max(self.hi, other.hi))
+        return ValueSet(max(self.hi, other.hi), negzero=self.negzero or other.negzero)
 
     def __str__(self) -> str:
         if self.unknown:
             return "unknown"
         if self.hi is None:
             return "real"
-        return "{0,1}" if self.hi == 1 else f"{{0..{self.hi}}}"
+        zero = "-0," if self.negzero else ""
+        return f"{{{zero}0,1}}" if self.hi == 1 else f"{{{zero}0..{self.hi}}}"
 
 
 REAL = ValueSet(None)
@@ -51,8 +57,8 @@ BINARY = ValueSet(1)
 MAX_INT_SET = 255
 
 
-def _int_set(hi: int) -> ValueSet:
-    return ValueSet(hi) if 0 <= hi <= MAX_INT_SET else REAL
+def _int_set(hi: int, negzero: bool = False) -> ValueSet:
+    return ValueSet(hi, negzero=negzero) if 0 <= hi <= MAX_INT_SET else REAL
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,18 @@ class NodeInfo:
         requires_grad_hint: False for integer/bool outputs (they can never carry gradients).
         static, observed, value_set: static inference, example observation, and the decision (see module doc).
         stateful: the node calls a stateful module (or a leaf that contains one).
-        time_chunkable: for a neuron call on one ``[T, ...]`` tensor: calling the module on consecutive time
-            slices reproduced its output and final state bit for bit on the example, so it may be recomputed in
-            time chunks. The state is carried in the module (``stateful``) or, for a neuron that stores nothing,
-            as a value: ``neuron(x)`` / ``neuron(x, s)`` returning ``(out, s)`` (norse's multi-step ``LIF``).
+        time_chunkable: for a neuron call on one tensor with a time dimension (``time_axis``): calling the module
+            on consecutive time slices reproduced its output and final state bit for bit on the example, so it may
+            be recomputed in time chunks. The state is carried in the module (``stateful``) or, for a neuron that
+            stores nothing, as a value: ``neuron(x)`` / ``neuron(x, s)`` returning ``(out, s)`` (norse's
+            multi-step ``LIF``).
         spiking: a module call that turns real values into spikes: its output (or an element of the tuple it
             returns, such as norse's ``(spikes, state)`` or snntorch's ``(spk, mem)``) is a floating tensor holding
             only small non-negative integers on the example, while a floating input holds real values. Such a call
             seeds a region whether or not the module keeps state.
         time_steps: T, the length of the time dimension a ``time_chunkable`` call slices (0 otherwise).
+        time_axis: where that call's input and output keep time (:class:`~fxmemopt.runtime.steps.TimeAxis`:
+            ``[T, ...]``, ``[B, T, ...]`` or batch and time flattened); time-major where not chunkable.
         step_slices_only: a ``time_chunkable`` neuron with trainable parameters (spikingjelly's
             ``ParametricLIFNode.w``): exact only in slices of one step each, where its parameters' gradients add up
             step by step as over all steps at once (verified on the example, output, state and gradients).
@@ -118,6 +127,7 @@ class NodeInfo:
     time_chunkable: bool = False
     spiking: bool = False
     time_steps: int = 0
+    time_axis: TimeAxis = TIME_MAJOR
     step_slices_only: bool = False
     slice_refusal: str = ""
     passes_through: bool = False
@@ -150,9 +160,11 @@ class AnnotatedGraph:
 
     @property
     def time_steps(self) -> frozenset[int]:
-        """The neurons' numbers of time steps (:attr:`NodeInfo.time_steps`, those that run several): a dimension
-        of that size is time, not batch, when the examples' batch dimension is looked for."""
-        return frozenset(info.time_steps for info in self.nodes.values() if info.time_steps)
+        """The time-major neurons' numbers of time steps (:attr:`NodeInfo.time_steps`, those that run several on
+        ``[T, ...]``): a first dimension of that size is time, not batch, when the examples' batch dimension is
+        looked for (a neuron on ``[B, T, ...]`` or on batch and time flattened says nothing about it)."""
+        return frozenset(info.time_steps for info in self.nodes.values()
+                         if info.time_steps and info.time_axis.dim == 0 and not info.time_axis.batch)
 
     @functools.cached_property
     def digraph(self) -> nx.DiGraph:

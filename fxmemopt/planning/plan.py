@@ -274,7 +274,7 @@ def input_bits(graph: AnnotatedGraph, node: str, compress: bool) -> int:
     info = graph[node]
     if not compress or not info.is_tensor or not info.value_set.is_int:
         return 0
-    return bits_for_max(info.value_set.hi)
+    return bits_for_max(info.value_set.hi, info.value_set.negzero)
 
 
 def checkpoint_all(regions: list[Region], graph: AnnotatedGraph, compress: bool = True) -> Plan:

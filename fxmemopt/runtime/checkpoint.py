@@ -49,8 +49,10 @@ Rule 6 (consumption). A recomputed tensor is dropped as soon as autograd unpacks
     (a detached branch inside the region: :class:`_Handle`) are not kept when recomputed; anything recomputed but
     never unpacked is dropped when the backward pass ends. A later backward (``retain_graph=True``) recomputes again.
 Rule 8 (temporal chunks). A :class:`ChunkedRegion` is *prefix -> neuron*: its forward runs the prefix over all
-    time steps, then the neuron on ``k`` consecutive time slices (``split`` along dim 0, uneven allowed, ``k``
-    clamped to T) with its state carried from slice to slice, and concatenates the slices' outputs. The state is
+    time steps, then the neuron on ``k`` consecutive time slices (``split`` along the neuron's time axis, uneven
+    allowed, ``k`` clamped to T: ``[T, ...]``, ``[B, T, ...]``, or batch and time flattened into ``[B * T, ...]``
+    as sinabs' ``*Squeeze`` layers take them; :class:`~fxmemopt.runtime.steps.TimeAxis`) with its state carried
+    from slice to slice, and concatenates the slices' outputs. The state is
     carried in the neuron's attributes, or, for a neuron that keeps none and returns it (norse's ``LIF``:
     ``z, s = neuron(x, s)``), as a value: each slice is called with the state the previous one returned, the first
     as the model calls it. This is bitwise what the unsplit call computes (same per-step operations, same order),
@@ -144,6 +146,7 @@ from ..errors import RecomputationMismatchError, RecomputationValueError, Region
 from ..planning.plan import checkpoint_every
 from .fingerprint import fingerprint, resolve_mode
 from .packing import PackedTensor, try_pack, unpack
+from .steps import TIME_MAJOR, TimeAxis
 
 __all__ = ["RegionSpec", "RegionStats", "CheckpointRegion", "ChunkedRegion", "SlicedRegion", "PackedRegion",
            "region_args", "release_args", "RegionEvent", "region_events"]
@@ -732,11 +735,12 @@ class _ChunkedFrame(_Frame):
         """Run the neuron on one slice: ``(out, state for the next slice)`` (``None`` for a module's own state)."""
         region: ChunkedRegion = self.region  # type: ignore[assignment]
         neuron = region.__dict__["neuron"]
-        if region.initial_state == "module":
-            return neuron(xc), None
-        if first and region.initial_state == "absent":
-            return neuron(xc)  # as the model calls it: the neuron makes its own initial state
-        return neuron(xc, state)
+        with region.time_axis.calling(neuron, region.time_axis.steps(xc)):
+            if region.initial_state == "module":
+                return neuron(xc), None
+            if first and region.initial_state == "absent":
+                return neuron(xc)  # as the model calls it: the neuron makes its own initial state
+            return neuron(xc, state)
 
     def _state_flags(self, state: Any) -> list[bool]:
         region: ChunkedRegion = self.region  # type: ignore[assignment]
@@ -752,18 +756,20 @@ class _ChunkedFrame(_Frame):
         self.neuron_rng = rng_state(self.cuda_devices)
         outs = []
         t0 = 0
-        for c, xc in enumerate(time_slices(x, region.chunks)):
+        axis = region.time_axis
+        for c, xc in enumerate(axis.split(x, region.chunks)):
             rg = self._state_flags(state)
             lo = len(self.saved)
             with compat.saved_tensors_hooks(self.pack_hook, _unpack_hook):
                 out, state = self._step(xc, state, c == 0)
             outs.append(out)
-            self.slices.append((lo, len(self.saved), t0, t0 + xc.shape[0], rg))
-            t0 += xc.shape[0]
+            t1 = t0 + axis.steps(xc)
+            self.slices.append((lo, len(self.saved), t0, t1, rg))
+            t0 = t1
         del x, xc, out
-        if region.initial_state == "module":
-            return torch.cat(outs, dim=0)
-        return torch.cat(outs, dim=0), state
+        joined = axis.cat(outs)
+        axis.finish(region.__dict__["neuron"], joined)
+        return joined if region.initial_state == "module" else (joined, state)
 
     def _replay_starts(self, first: int, stop: int, state: Any, keep: Callable[[int], bool]) -> None:
         """Replay the neuron without grad from ``state`` (slice ``first``'s start) to get the start states of slices
@@ -825,10 +831,16 @@ class _ChunkedFrame(_Frame):
             # until the region's backward ends anyway, and copies would only double it; views cost nothing.
             held = {t.untyped_storage().data_ptr() for t in self.stored
                     if isinstance(t, torch.Tensor) and not isinstance(t, PackedTensor)}
+            axis = region.time_axis
             if x.untyped_storage().data_ptr() in held:
-                self.x_parts = [x[t0:t1].detach().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
+                self.x_parts = [axis.narrow(x, t0, t1).detach().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
             else:
-                self.x_parts = [x[t0:t1].detach().clone().requires_grad_(grad) for _, _, t0, t1, _ in self.slices]
+                self.x_parts = []
+                for _, _, t0, t1, _ in self.slices:
+                    part = axis.narrow(x, t0, t1).detach()  # a copy already where the layout cannot view it
+                    if part.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                        part = part.clone()
+                    self.x_parts.append(part.requires_grad_(grad))
             del x
             # Start states: one replay keeps every `every`-th (checkpoints) and the last segment's; a segment's
             # others are replayed from its checkpoint when backward reaches it (about 2 sqrt(k) states alive).
@@ -855,13 +867,9 @@ class _ChunkedFrame(_Frame):
 
 
 def time_slices(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """``x`` split along dim 0 into ``min(k, T)`` consecutive slices, the first ``T % k`` one step longer.
-
-    One ``split_with_sizes``, not ``tensor_split`` (which slices): its backward concatenates the slices' gradients
-    once, where each slice's own backward would allocate a zero-filled gradient of the whole of ``x``.
-    """
-    k = max(1, min(k, x.shape[0]))
-    return x.split([x.shape[0] // k + (1 if i < x.shape[0] % k else 0) for i in range(k)], dim=0)
+    """``x`` split along dim 0 into ``min(k, T)`` consecutive slices, the first ``T % k`` one step longer
+    (:meth:`TimeAxis.split` of the time-major layout)."""
+    return TIME_MAJOR.split(x, k)
 
 
 @contextlib.contextmanager
@@ -1051,6 +1059,8 @@ class ChunkedRegion(CheckpointRegion):
             first slice is called as the model calls it: ``"absent"``, ``neuron(x)``; ``"constant"``,
             ``neuron(x, state_constant)``; ``"body"``, with the state the prefix returns.
         state_constant: the first slice's state for ``initial_state="constant"`` (e.g. ``None``).
+        time_axis: where the neuron's input and output keep time (time-major, ``[B, T, ...]`` or batch and time
+            flattened; :class:`~fxmemopt.runtime.steps.TimeAxis`), as the annotator found it on the example.
     """
 
     _frame_class = _ChunkedFrame
@@ -1058,7 +1068,8 @@ class ChunkedRegion(CheckpointRegion):
     def __init__(self, body: fx.GraphModule, neuron: nn.Module, neuron_path: str,
                  neuron_states: tuple[tuple[str, tuple[str, ...]], ...],
                  chunks: int, spec: RegionSpec, stats: RegionStats | None = None, keep_prefix: bool = True,
-                 initial_state: str = "module", state_constant: Any = None, keep_starts: bool = False) -> None:
+                 initial_state: str = "module", state_constant: Any = None, keep_starts: bool = False,
+                 time_axis: TimeAxis = TIME_MAJOR) -> None:
         super().__init__(body, spec, stats)
         if initial_state not in ("module", "absent", "constant", "body"):
             raise RegionError(format_error(f"region {spec.name!r}", "has an unknown initial_state",
@@ -1072,9 +1083,11 @@ class ChunkedRegion(CheckpointRegion):
         self.keep_starts = bool(keep_starts)
         self.initial_state = initial_state
         self.state_constant = state_constant
+        self.time_axis = time_axis
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, chunks={self.chunks}, keep_prefix={self.keep_prefix}"
+                + (f", time in {self.time_axis.describe()}" if self.time_axis != TIME_MAJOR else "")
                 + (f", state carried as a value ({self.initial_state})" if self.initial_state != "module" else ""))
 
     def neuron_snapshot(self) -> list[tuple[nn.Module, StateSnapshot]]:

@@ -12,6 +12,11 @@ value set                       bits/value    stored bytes for ``n`` values
 anything else                   not packed    the tensor itself (no copy)
 ==============================  ============  ===============================
 
+Negative zeros: a spike function that computes ``(v > 0) * trunc(v / threshold)`` (sinabs' ``MultiSpike``) gives
+``-0.0`` wherever the membrane is negative. Such a tensor is packed with the top code of its width standing for
+``-0.0`` (``negzero=True``: values ``{0, ..., 2**bits - 2}`` and ``-0.0``), so a set ``{0, ..., hi}`` that may hold
+``-0.0`` takes the width of ``hi + 1`` (:func:`bits_for_max` with ``negzero``): ``{-0.0, 0, 1}`` at 2 bits.
+
 Lossless first, always: :func:`try_pack` checks, bit for bit, that every value is an integer in range while it
 reads the data anyway (``-0.0``, ``NaN`` and ``0.5`` all fail the check), and returns ``None`` instead of
 packing when the check fails; the caller then stores the tensor unpacked. :func:`unpack` restores dtype,
@@ -53,10 +58,12 @@ _INT_VIEW = {
 }
 
 
-def bits_for_max(hi: int | None) -> int:
-    """The packing width for values in ``{0, ..., hi}``; 0 when they cannot be packed (``hi`` None or > 255)."""
+def bits_for_max(hi: int | None, negzero: bool = False) -> int:
+    """The packing width for values in ``{0, ..., hi}`` (and ``-0.0``, when ``negzero``: one code more); 0 when
+    they cannot be packed (``hi`` None or above what 8 bits hold)."""
     if hi is None or hi < 0:
         return 0
+    hi += 1 if negzero else 0
     for bits in SUPPORTED_BITS:
         if hi < (1 << bits):
             return bits
@@ -79,6 +86,7 @@ class PackedTensor:
         dtype: the original dtype (restored exactly by :func:`unpack`).
         stride: the original strides when the tensor was dense (restored exactly), else ``None``
             (restored contiguous).
+        negzero: the top code (``2**bits - 1``) stands for ``-0.0`` (see the module docstring).
     """
 
     payload: torch.Tensor
@@ -86,6 +94,7 @@ class PackedTensor:
     shape: torch.Size
     dtype: torch.dtype
     stride: tuple[int, ...] | None
+    negzero: bool = False
 
     @property
     def numel(self) -> int:
@@ -193,12 +202,14 @@ def _pack_spikes(flat: torch.Tensor) -> torch.Tensor | None:
 _GATHER_2BIT = 0x01041040
 
 
-def _pack_small(flat: torch.Tensor, bits: int) -> torch.Tensor | None:
+def _pack_small(flat: torch.Tensor, bits: int, negzero: bool = False) -> torch.Tensor | None:
     """The ``bits``-bit payload (2 or 8) of ``flat`` (1-D), or ``None`` unless every value is exactly an integer in
     ``[0, 2**bits - 1]``.
 
     Pass by pass, in reused buffers: the values truncated to int32 ``y`` and converted back; the bit patterns of
-    that round trip must equal the input's (so every value was an integer: ``-0.0`` comes back as ``+0.0``, ``NaN``,
+    With ``negzero`` the elements whose pattern is ``-0.0``'s take the top code (which no value may then use) and
+    are compared as ``-0.0``. Otherwise the round trip's patterns must equal the input's (so every value was an
+    integer: ``-0.0`` comes back as ``+0.0``, ``NaN``,
     ``inf``, fractions and subnormals do not come back at all, whatever the conversion made of them, and a
     flushed-to-zero mode cannot hide a subnormal because patterns are compared, not values), and ``y`` must lie in
     range (one ``aminmax``). Then ``y`` becomes bytes, and at 2 bits four bytes become one with one int32
@@ -212,6 +223,10 @@ def _pack_small(flat: torch.Tensor, bits: int) -> torch.Tensor | None:
         return payload
     hi_ok = (1 << bits) - 1
     view = _INT_VIEW.get(flat.dtype)
+    negzero = negzero and view is not None
+    if negzero:
+        hi_ok -= 1  # the top code is -0.0's
+        neg_bits = torch.tensor(-0.0, dtype=flat.dtype).view(view).item()
     step = min(n, PACK_CHUNK)
     y = torch.empty(step, dtype=torch.int32, device=flat.device)
     back = torch.empty(step, dtype=flat.dtype, device=flat.device) if flat.dtype != torch.bool else None
@@ -222,15 +237,20 @@ def _pack_small(flat: torch.Tensor, bits: int) -> torch.Tensor | None:
         m = part.numel()
         yy = y[:m]
         yy.copy_(part)  # truncation toward zero (for bool: 0/1)
+        neg = part.view(view) == neg_bits if negzero else None
         if back is not None:
             bb = back[:m]
             bb.copy_(yy)
+            if neg is not None:
+                bb.masked_fill_(neg, -0.0)
             same = torch.equal(bb.view(view), part.view(view)) if view is not None else torch.equal(bb, part)
             if not same:
                 return None
         lo, hi = torch.aminmax(yy)
         if int(lo) < 0 or int(hi) > hi_ok:
             return None
+        if neg is not None:
+            yy.masked_fill_(neg, hi_ok + 1)
         if per == 1:
             payload[start:start + m].copy_(yy)
         else:
@@ -260,6 +280,8 @@ def _gather_into(payload: torch.Tensor, start: int, values: torch.Tensor, buf: t
 def try_pack(t: torch.Tensor, bits: int) -> PackedTensor | None:
     """Pack ``t`` at ``bits`` bits per value, or return ``None`` if any value is not an integer in
     ``[0, 2**bits - 1]`` (checked bit for bit: ``-0.0``, ``NaN``, ``0.5``, ``-1`` and ``2`` at 1 bit all fail).
+    At 2 or 8 bits a float tensor that fails only for its ``-0.0`` is packed with the top code standing for
+    ``-0.0`` (``negzero``), if its values fit below it.
 
     Args:
         t: any tensor (float, integer or bool dtype; any shape, strides and device). Not modified.
@@ -283,9 +305,12 @@ def try_pack(t: torch.Tensor, bits: int) -> PackedTensor | None:
         if _LITTLE_ENDIAN and (bits == 1 or flat.dtype in _INT_VIEW
                                or not (flat.is_floating_point() or flat.is_complex())):  # (bool included)
             payload = _pack_spikes(flat) if bits == 1 else _pack_small(flat, bits)
+            negzero = payload is None and bits > 1 and flat.dtype in _INT_VIEW
+            if negzero:
+                payload = _pack_small(flat, bits, negzero=True)
             if payload is None:
                 return None
-            return PackedTensor(payload, bits, t.shape, t.dtype, tuple(t.stride()) if dense else None)
+            return PackedTensor(payload, bits, t.shape, t.dtype, tuple(t.stride()) if dense else None, negzero)
         u = _as_small_uint8(flat, (1 << bits) - 1)
         if u is None:
             return None
@@ -326,6 +351,8 @@ def unpack(p: PackedTensor) -> torch.Tensor:
         # A fresh tensor always (copy when no conversion happens): the payload must survive in-place ops that
         # recomputation might apply to its input.
         flat = u.to(p.dtype, copy=per == 1)
+        if p.negzero:
+            flat.masked_fill_(u == (1 << p.bits) - 1, -0.0)
         if p.stride is not None:
             return flat.as_strided(p.shape, p.stride, 0)
         return flat.view(p.shape)

@@ -168,7 +168,8 @@ def rewrite(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], annota
             modules[rp.name] = ChunkedRegion(body, model.get_submodule(path), path, states, rp.chunks, spec,
                                              stats[rp.name], keep_prefix=rp.keep_prefix, initial_state=initial,
                                              state_constant=args[1] if initial == "constant" else None,
-                                             keep_starts=rp.keep_starts)
+                                             keep_starts=rp.keep_starts,
+                                             time_axis=annotated[neuron_node.name].time_axis)
         else:
             body = _body(model, graph, rp, rp.nodes, inputs, outputs, node_by_name)
             modules[rp.name] = CheckpointRegion(body, spec, stats[rp.name])
