@@ -28,6 +28,7 @@ from .errors import (
     FxMemOptWarning,
     InvalidInputsError,
     InvalidOptionError,
+    MemoryBudgetError,
     PlanError,
     RecordingError,
     first_line,
@@ -263,8 +264,8 @@ def _unwraps_overshot(base: ProfileResult, unwrapped: ProfileResult, wrapped: Pr
     if not (unwrapped.ok and wrapped.ok):
         return None
     allowed = wrapped.peak_bytes
-    if opts.memory_budget is not None:
-        allowed = max(allowed, opts.memory_budget)
+    if opts.activation_budget is not None:
+        allowed = max(allowed, opts.activation_budget)
     elif opts.prefer == "speed" and base.ok:
         allowed = max(allowed, int(base.peak_bytes * SPEED_PEAK_FRACTION))
     if unwrapped.peak_bytes <= allowed:
@@ -888,6 +889,24 @@ def _resident(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, int]:
             "inputs": distinct_storage_bytes((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)), seen)}
 
 
+def _budget_for_the_step(model: nn.Module, req: Request, optimizer_state: int | None) -> Request:
+    """``req`` with its options told what of ``memory_budget`` exists before the step (:func:`_resident` and the
+    optimizer's state: :attr:`Options.budget_resident`), so that the plan's own peak fits in the rest; raises
+    :class:`MemoryBudgetError` where those alone fill the budget."""
+    if req.opts.memory_budget is None:
+        return req
+    parts = {**_resident(model, req.full), **({"optimizer state": optimizer_state} if optimizer_state else {})}
+    resident = sum(parts.values())
+    if resident >= req.opts.memory_budget:
+        raise MemoryBudgetError(format_error(
+            "memory_budget", "is filled before the step starts",
+            expected=f"more than the {resident} bytes that exist before it",
+            got=f"{req.opts.memory_budget} bytes; " + ", ".join(f"{k} {v}" for k, v in parts.items()),
+            fix="Raise memory_budget (it is the whole step's, as torch.cuda.max_memory_allocated reports it), or "
+                "shard the parameters and optimizer state (FSDP)."))
+    return dataclasses.replace(req, opts=dataclasses.replace(req.opts, budget_resident=resident))
+
+
 def _kept_at_validation(built: Built, recording: Recording | None) -> float | None:
     """The validation step's measured peak over the unoptimized step's recorded at the same slice (the second of
     the recorded sizes: :func:`_validation_inputs`); ``None`` where either is missing."""
@@ -1163,9 +1182,13 @@ def optimize(
             recomputation, neurons before BatchNorm before convolutions, whichever is predicted faster),
             ``"balanced"`` (level 4, peak never raised), ``"memory"`` (level 3, prefixes recomputed too).
         profile: the seed's presets ``"safe"`` (1), ``"balanced"`` (2), ``"memory"`` (3), ``"exhaustive"`` (4).
-        memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted peak fits (no regions
-            when the unoptimized step fits; a typed :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest
-            reachable peak when nothing does). :func:`fxmemopt.tools.tradeoffs` shows the whole front first.
+        memory_budget: bytes or a string such as ``"2GiB"``: the fastest plan whose predicted *whole* training
+            step fits, as ``torch.cuda.max_memory_allocated`` would report it: the step's own peak plus what exists
+            before it (parameters, buffers, the inputs, and the optimizer's state when ``optimizer`` is given; see
+            ``summary.resident``). No regions when the unoptimized step fits; a typed
+            :class:`~fxmemopt.errors.MemoryBudgetError` names the smallest reachable peak when nothing does, or
+            what fills the budget before the step starts. :func:`fxmemopt.tools.tradeoffs` shows the whole front
+            first.
         compress: pack region inputs that carry spikes (1 bit for {0,1}, 2 bits for {0..3}, 1 byte up to 255).
         exact: ``False`` accepts the seed's approximate temporal split at level 3: a whole region (BatchNorm
             included) runs on each time slice, so only one slice's tensors are ever recomputed at once, but
@@ -1292,6 +1315,8 @@ def optimize(
                            warmup_in_profile_workers=warmup_in_profile_workers, memory_budget=memory_budget,
                            compress=compress, exact=exact, never_worse=never_worse), recompute_check, recording,
                        sample_inputs)
+        # memory_budget is for the whole step: what exists before it (weights, inputs, optimizer state) holds it too
+        req = _budget_for_the_step(model, req, optimizer_state)
         # probe: which modules carry state, each put in its fresh state for every run below (a model carrying state
         # from an earlier step is optimized as if reset; the caller's state is put back when this block ends)
         # (on the examples' first samples where the batch is large: no forward at their size, _sliced)

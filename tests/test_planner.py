@@ -211,12 +211,15 @@ def test_tradeoffs_run_from_nothing_to_least_memory_and_every_point_applies():
 def test_tradeoffs_pick_takes_the_fastest_plan_that_fits():
     model, x = _deep()
     front = fxmemopt.tradeoffs(model, (x,), budgets=3)
-    budget = (front[0].peak_bytes + front[-1].peak_bytes) // 2
+    # budgets of the whole step, as optimize takes them: the weights, buffers and inputs count
+    resident = front.resident_bytes
+    assert resident > 0 and "whole step" in str(front)
+    budget = (front[0].peak_bytes + front[-1].peak_bytes) // 2 + resident
     chosen = front.pick(budget)
-    assert chosen.peak_bytes <= budget
-    assert all(p.step_time_s >= chosen.step_time_s for p in front if p.peak_bytes <= budget)
-    with pytest.raises(MemoryBudgetError, match="smallest predicted peak is"):
-        front.pick(front[-1].peak_bytes - 1)
+    assert chosen.peak_bytes + resident <= budget
+    assert all(p.step_time_s >= chosen.step_time_s for p in front if p.peak_bytes + resident <= budget)
+    with pytest.raises(MemoryBudgetError, match="smallest predicted whole step is"):
+        front.pick(front[-1].peak_bytes + resident - 1)
 
 
 def _tiny():
@@ -256,7 +259,7 @@ def test_never_worse_returns_a_model_no_plan_helps_without_regions(preset):
 def test_memory_budget_the_unoptimized_step_fits_returns_it_unoptimized():
     model, x = _deep()
     _, full = fxmemopt.optimize(model, (x,), return_summary=True)
-    gm, summary = fxmemopt.optimize(model, (x,), memory_budget=full.predicted_peak_before, return_summary=True)
+    gm, summary = fxmemopt.optimize(model, (x,), memory_budget=full.whole_step_peaks[0], return_summary=True)
     assert not summary.regions and summary.predicted_peak_after == full.predicted_peak_before
 
 

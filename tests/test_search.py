@@ -122,10 +122,11 @@ def test_speed_preset_gives_time_back_and_halves_memory():
 def test_memory_budget_gives_the_fastest_plan_that_fits():
     model, x = _deep(blocks=8)
     _, full = fxmemopt.optimize(model, (x,), return_summary=True)
-    budget = (full.predicted_peak_before + full.predicted_peak_after) // 2
+    budget = sum(full.whole_step_peaks) // 2  # the whole step's, as an allocator reports it
     ref = copy.deepcopy(model)
     gm, s = fxmemopt.optimize(model, (x,), memory_budget=budget, return_summary=True)
-    assert s.predicted_peak_after <= budget
+    assert s.whole_step_peaks[1] <= budget
+    assert s.predicted_peak_after + sum(s.resident.values()) == s.whole_step_peaks[1]
     # Step times compared on one cost graph (one set of measured op times: two optimize runs time ops apart, and the
     # default plan of the other run need not be the fastest on this one): time was given back from the smallest
     # peak. (How close to the fastest plan that fits: tests/test_planner.py, against exhaustive enumeration.)
@@ -138,8 +139,9 @@ def test_memory_budget_gives_the_fastest_plan_that_fits():
 
 def test_memory_budget_below_reach_names_the_smallest_peak():
     model, x = _deep()
+    _, full = fxmemopt.optimize(model, (x,), return_summary=True)
     with pytest.raises(MemoryBudgetError, match="smallest reachable predicted peak is") as info:
-        fxmemopt.optimize(model, (x,), memory_budget=1024)
+        fxmemopt.optimize(model, (x,), memory_budget=sum(full.resident.values()) + 1024)
     assert "Raise memory_budget to at least" in str(info.value)
 
 
@@ -216,3 +218,22 @@ def test_measured_unwraps_beyond_the_limit_are_reverted():
     assert any(d.reason == "unwraps reverted: the measured peak rose" for d in s.decisions)
     reference = copy.deepcopy(model)
     assert compare_training_step(reference, gm, (x,)).ok
+
+
+def test_memory_budget_is_the_whole_steps():
+    """A budget is what the user's allocator will report: the step's own peak plus the parameters, buffers, inputs
+    and (with ``optimizer=``) the optimizer's state; a budget those fill alone is refused, naming them."""
+    model, x = _deep(blocks=8)
+    _, full = fxmemopt.optimize(model, (x,), return_summary=True)
+    resident = sum(full.resident.values())
+    # just above the unoptimized step's own peak: enough were the weights free, not enough with them
+    budget = full.predicted_peak_before + resident // 2
+    _, s = fxmemopt.optimize(model, (x,), memory_budget=budget, return_summary=True)
+    assert s.regions and s.whole_step_peaks[1] <= budget
+    opt = torch.optim.Adam(model.parameters())
+    _, with_adam = fxmemopt.optimize(model, (x,), memory_budget=budget, optimizer=opt, return_summary=True)
+    assert with_adam.resident["optimizer state"] > 0 and with_adam.whole_step_peaks[1] <= budget
+    assert with_adam.predicted_peak_after <= s.predicted_peak_after
+    with pytest.raises(MemoryBudgetError, match="filled before the step starts") as info:
+        fxmemopt.optimize(model, (x,), memory_budget=resident)
+    assert "parameters" in str(info.value) and "inputs" in str(info.value)

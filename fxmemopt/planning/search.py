@@ -173,6 +173,21 @@ class Options:
     #: below level 3: slice the region at the peak while the predicted step time stays within this fraction above
     #: the level-1 plan's (``None``: no slicing below level 3); the default's is :data:`DEFAULT_SLICE_TIME_BUDGET`
     slice_time_budget: float | None = None
+    #: bytes that exist before the step and that ``memory_budget`` holds as well (parameters, buffers, the inputs,
+    #: the optimizer's state: :func:`fxmemopt.optimize` sets them): the step's own peak must fit in the rest
+    budget_resident: int = 0
+
+    @property
+    def activation_budget(self) -> int | None:
+        """What ``memory_budget`` leaves the step's own allocations (the predicted peak is compared with it):
+        the whole-step budget less :attr:`budget_resident`; ``None`` without a budget."""
+        return None if self.memory_budget is None else self.memory_budget - self.budget_resident
+
+    def budget_text(self, peak: int) -> str:
+        """``peak`` (a step's own predicted peak) as the whole step the budget is about: with the resident bytes."""
+        if not self.budget_resident:
+            return _mib(peak)
+        return f"{_mib(peak + self.budget_resident)} (step {_mib(peak)} + resident {_mib(self.budget_resident)})"
 
 
 def resolve_options(*, level: int | None = None, prefer: str | None = None, profile: str | None = None,
@@ -555,24 +570,25 @@ def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
     """Level 4 and ``memory_budget``: give recomputation up where it costs the most time, while the predicted peak
     stays within the limit (the plan's own peak, the speed target, or the budget)."""
     opts, result = p.opts, p.result
-    if opts.memory_budget is not None and p.baseline.peak_bytes <= opts.memory_budget:
+    budget = opts.activation_budget
+    if budget is not None and p.baseline.peak_bytes <= budget:
         # The fastest plan that fits is no plan: nothing is recomputed.
         result.decisions += [Decision(r.name, "unwrap", f"the unoptimized step fits memory_budget (predicted "
-                                      f"{_mib(p.baseline.peak_bytes)} <= {_mib(opts.memory_budget)})")
+                                      f"{opts.budget_text(p.baseline.peak_bytes)} <= {_mib(opts.memory_budget)})")
                              for r in plan.regions]
         result.pre_unwrap = plan
         result.applied_steps.append("budget_fits_unoptimized")
         return Plan(()), p.baseline
-    if opts.memory_budget is not None:
-        if pred.peak_bytes > opts.memory_budget:
+    if budget is not None:
+        if pred.peak_bytes > budget:
             raise MemoryBudgetError(format_error(
                 "memory_budget", "no plan fits",
-                expected=f"a predicted peak <= {_mib(opts.memory_budget)}",
-                got=f"the smallest reachable predicted peak is {_mib(pred.peak_bytes)} (unoptimized "
-                    f"{_mib(p.baseline.peak_bytes)})",
-                fix=f"Raise memory_budget to at least {pred.peak_bytes} bytes, reduce the batch size or T, or "
-                    f"pass targets=... to checkpoint larger blocks."))
-        limit = opts.memory_budget
+                expected=f"a predicted whole step <= {_mib(opts.memory_budget)}",
+                got=f"the smallest reachable predicted peak is {opts.budget_text(pred.peak_bytes)} (unoptimized "
+                    f"{opts.budget_text(p.baseline.peak_bytes)})",
+                fix=f"Raise memory_budget to at least {pred.peak_bytes + opts.budget_resident} bytes, reduce the "
+                    f"batch size or T, or pass targets=... to checkpoint larger blocks."))
+        limit = budget
         result.pre_unwrap = plan
         decided = len(result.decisions)
         best, best_pred = _unwrap(plan, pred, limit, p, shrink=True)

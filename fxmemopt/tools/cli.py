@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--level", type=int, help="0-4 (default 1; see README 'Levels, presets and budgets')")
     o.add_argument("--prefer", choices=("speed", "balanced", "memory"))
     o.add_argument("--profile", choices=("safe", "balanced", "memory", "exhaustive"))
-    o.add_argument("--memory-budget", help='bytes or a size such as "2GiB"')
+    o.add_argument("--memory-budget", help='the whole training step\'s budget (parameters and inputs included): '
+                                           'bytes or a size such as "2GiB"')
     o.add_argument("--approximate", action="store_true",
                    help="exact=False: allow the seed's whole-region time slices (BatchNorm per slice)")
     o.add_argument("--measure", choices=("worker", "in-process"), help="confirm by measuring both models")

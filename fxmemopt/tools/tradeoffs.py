@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..analysis.state import fresh_probe
-from ..api import _check_inputs, _check_model, _check_types, _input_grads_kept, analyze
+from ..api import _check_inputs, _check_model, _check_types, _input_grads_kept, _resident, analyze
 from ..errors import InvalidInputsError, InvalidOptionError, MemoryBudgetError, format_error
 from ..planning.costgraph import build_cost_graph, simulate
 from ..planning.plan import Plan, graph_fingerprint, guard_lines, inputs_signature
@@ -35,9 +35,10 @@ class Tradeoff:
 
     Attributes:
         label: how the planner was asked for it (``"nothing"``, ``"level 1"``, ``'prefer="memory"'``,
-            ``"memory_budget=..."``).
+            ``"memory_budget=..."``, a whole-step budget as :func:`fxmemopt.optimize` takes it).
         plan: the plan (stamped for this model and these inputs: pass it to ``optimize(plan=...)``).
-        peak_bytes: predicted peak of one training step.
+        peak_bytes: predicted peak of one training step's own allocations (add :attr:`Tradeoffs.resident_bytes`
+            for the whole step).
         step_time_s: predicted time of one training step.
         peak_ratio: unoptimized predicted peak / this one (higher: less memory).
         time_ratio: this step time / the unoptimized one (higher: slower).
@@ -56,12 +57,14 @@ class Tradeoffs:
     """The Pareto front, from "nothing" (the unoptimized step) to the least memory, by decreasing peak.
 
     Iterate it, index it, print it (a table), or :meth:`pick` the fastest point under a budget.
+    ``resident_bytes``: what exists before the step (parameters, buffers, the inputs), which a budget holds too.
     """
 
     model: str
     points: tuple[Tradeoff, ...]
     baseline_peak_bytes: int
     baseline_step_time_s: float
+    resident_bytes: int = 0
 
     def __iter__(self) -> Iterator[Tradeoff]:
         return iter(self.points)
@@ -73,26 +76,28 @@ class Tradeoffs:
         return self.points[i]
 
     def pick(self, memory_budget: int) -> Tradeoff:
-        """The fastest point whose predicted peak fits ``memory_budget`` bytes.
+        """The fastest point whose predicted whole step (its peak and :attr:`resident_bytes`) fits
+        ``memory_budget`` bytes, as :func:`fxmemopt.optimize` reads a budget.
 
         Raises:
             MemoryBudgetError: no point fits (the message names the smallest peak).
         """
-        fits = [p for p in self.points if p.peak_bytes <= memory_budget]
+        fits = [p for p in self.points if p.peak_bytes + self.resident_bytes <= memory_budget]
         if not fits:
-            least = min(p.peak_bytes for p in self.points)
+            least = min(p.peak_bytes for p in self.points) + self.resident_bytes
             raise MemoryBudgetError(format_error(
                 "memory_budget", "no plan on the front fits", expected=f"a predicted peak <= {memory_budget} bytes",
-                got=f"the smallest predicted peak is {least} bytes",
+                got=f"the smallest predicted whole step is {least} bytes",
                 fix=f"Raise memory_budget to at least {least} bytes, or reduce the batch size or T."))
         return min(fits, key=lambda p: (p.step_time_s, p.peak_bytes))
 
     def __str__(self) -> str:
         head = f"fxmemopt tradeoffs: {self.model}, {len(self.points)} plans (predicted; one training step)"
-        rows = [("plan", "regions", "sliced", "peak", "lower by", "step time")]
+        rows = [("plan", "regions", "sliced", "peak", "whole step", "lower by", "step time")]
         for p in self.points:
             rows.append((p.label, str(len(p.plan.regions)), str(sum(1 for r in p.plan.regions if r.chunks > 1)),
-                         f"{p.peak_bytes / 2**20:.2f} MiB", f"{p.peak_ratio:.2f}x", f"{p.time_ratio:.2f}x"))
+                         f"{p.peak_bytes / 2**20:.2f} MiB", f"{(p.peak_bytes + self.resident_bytes) / 2**20:.2f} MiB",
+                         f"{p.peak_ratio:.2f}x", f"{p.time_ratio:.2f}x"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(2, "  ".join("-" * w for w in widths))
@@ -159,6 +164,7 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
              "guards": guard_lines(an.captured.guards)}
     regions, splits = list(an.regions), dict(an.splits)
     baseline = simulate(cost, None)
+    resident = sum(_resident(model, inputs).values())
 
     def point(label: str, plan: Plan) -> Tradeoff:
         pred = simulate(cost, plan)
@@ -177,7 +183,9 @@ def tradeoffs(model: nn.Module, example_inputs: tuple[Any, ...], *, targets: Seq
     for i in range(1, budgets + 1):
         budget = least + (baseline.peak_bytes - least) * i // (budgets + 1)
         try:
-            points.append(point(f"memory_budget={budget}", searched(memory_budget=budget)))
+            # searched on the step's own peak; labelled with the whole-step budget optimize would take
+            points.append(point(f"memory_budget={budget + resident}", searched(memory_budget=budget)))
         except MemoryBudgetError:
             continue  # below what this search reaches
-    return Tradeoffs(type(model).__name__, pareto_front(points), baseline.peak_bytes, baseline.step_time_s)
+    return Tradeoffs(type(model).__name__, pareto_front(points), baseline.peak_bytes, baseline.step_time_s,
+                     resident)
