@@ -139,8 +139,10 @@ def test_other_sinabs_layouts_are_sliced_in_time_exactly(kind):
     inputs = ((torch.rand(4, 32, 64) < 0.2).float(),)
     annotated = pipeline(model, inputs)[4]
     expected = TimeAxis(batch=4, steps_attr="num_timesteps") if kind == "steps" else TimeAxis(dim=1)
-    for node in ("n1", "n2"):
-        info = annotated[node]
+    for path in ("n1", "n2"):
+        info = next(annotated[n] for n in annotated.order
+                    if annotated[n].op == "call_module" and annotated[n].target == path)
+        node = info.name
         assert info.time_chunkable and info.time_steps == 32, (node, info)
         assert info.time_axis.dim == expected.dim and info.time_axis.batch == expected.batch
         assert info.time_axis.steps_attr == expected.steps_attr
@@ -153,3 +155,27 @@ def test_other_sinabs_layouts_are_sliced_in_time_exactly(kind):
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, str(report)
     assert gm.get_submodule("n1").num_timesteps == model.n1.num_timesteps if kind == "steps" else True
+
+
+@pytest.mark.parametrize("preset", [{}, {"prefer": "memory"}], ids=["default", "memory"])
+def test_optimized_net_resets_its_layers_every_call_as_the_model_does(preset):
+    """The model resets its layers at the top of forward. Traced, those calls ran once and left no node, so the
+    optimized module carried the last step's state (and its freed graph) into the next: its second training step
+    failed ("Trying to backward through the graph a second time"). They are graph nodes now: three steps in a row,
+    nothing reset by hand, bitwise equal to the model's."""
+    model, inputs = _dvs_net(*SIZES["2x12x16x16"])
+    reference = copy.deepcopy(model)
+    gm = fxmemopt.optimize(model, inputs, **preset)
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and "call_module_method" in str(n.target)) == 3
+    for step in range(3):
+        for m in (reference, gm):
+            for p in m.parameters():
+                p.grad = None
+        a, b = reference(*inputs), gm(*inputs)
+        a.sum().backward()
+        b.sum().backward()
+        assert torch.equal(a, b), step
+        for (name, p), q in zip(reference.named_parameters(), gm.parameters()):
+            assert p.grad is None and q.grad is None or torch.equal(p.grad, q.grad), (step, name)
+        for path in ("seq.1", "seq.4", "seq.8"):
+            assert torch.equal(reference.get_submodule(path).v_mem, gm.get_submodule(path).v_mem), (step, path)

@@ -378,6 +378,31 @@ def _same_tensor_attrs(attrs: list[tuple[nn.Module, dict[str, Any]]]) -> bool:
     return True
 
 
+#: functions whose multiply-accumulates are ``output elements x the first input's last dimension``
+_MATMULS = {torch.matmul, torch.mm, torch.bmm, operator.matmul, F.linear, "matmul", "mm", "bmm", "__matmul__"}
+#: functions whose multiply-accumulates are ``output elements x (the weight's elements per output channel)``
+_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _macs(n: fx.Node, module: nn.Module | None, env: dict[fx.Node, Any], result: Any) -> int:
+    """Multiply-accumulates of a node that multiplies by a weight (a convolution, a linear layer, a matmul): the
+    work its time scales with (:mod:`fxmemopt.planning.timing`); 0 for every other node."""
+    if not isinstance(result, torch.Tensor):
+        return 0
+    out = result.numel()
+    if module is not None:
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 2 and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            return out * (w[0].numel() if isinstance(module, nn.modules.conv._ConvNd) else w.shape[-1])
+        return 0
+    args = [env.get(a) if isinstance(a, fx.Node) else a for a in n.args]
+    if n.target in _MATMULS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
+        return out * args[0].shape[-1]
+    if n.target in _CONVS and len(args) >= 2 and isinstance(args[1], torch.Tensor) and args[1].dim() >= 2:
+        return out * args[1][0].numel()
+    return 0
+
+
 def _derived_observations(module: nn.Module, attrs: list[tuple[nn.Module, dict[str, Any]]],
                           joined: torch.Tensor) -> tuple[tuple[str, str], ...]:
     """The tensor attributes of ``module`` whose value after its slices differs from the whole call's (in
@@ -661,7 +686,7 @@ class _Annotator(fx.Interpreter):
             time_axis=axis if axis is not None else TIME_MAJOR,
             step_slices_only=bool(chunkable) and any(p.requires_grad for p in module.parameters()),
             slice_refusal=self.refusals.get(n.name, ""), passes_through=_passes_through(versions, result),
-            entry_state_bytes=output_bytes(entry_kept),
+            entry_state_bytes=output_bytes(entry_kept), macs=_macs(n, module, self.env, result),
             per_step=_takes_a_step(n, self.env) or n.op != "output" and n.target not in _JOINS and any(
                 self.infos[a.name].per_step for a in n.all_input_nodes),
         )

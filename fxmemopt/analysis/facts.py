@@ -108,6 +108,8 @@ class NodeInfo:
             read (those rebound before any use excluded: ``ProbeResult.entry_dead``): what a checkpoint region
             around it snapshots at entry and keeps until its backward (snntorch's ``init_hidden`` membrane, one per
             call of a loop in forward).
+        macs: multiply-accumulates of a convolution, linear layer or matmul (0 for other nodes): the work its
+            forward time scales with, for :mod:`fxmemopt.planning.timing`.
     """
 
     name: str
@@ -133,6 +135,7 @@ class NodeInfo:
     passes_through: bool = False
     per_step: bool = False
     entry_state_bytes: int = 0
+    macs: int = 0
 
     @property
     def seeds_region(self) -> bool:

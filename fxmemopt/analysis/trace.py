@@ -135,6 +135,22 @@ def set_module_state(module: nn.Module, name: str, value: Any) -> Any:
 
 torch.fx.node.has_side_effect(set_module_state)  # (regions.SIDE_EFFECT_TARGETS names it for planning)
 
+
+#: the state-reset methods a model's own ``forward`` may call on its neurons (sinabs' ``reset_states()``,
+#: spikingjelly's ``reset()`` through ``functional.reset_net(self)``, snntorch's ``reset_mem()``): recorded while
+#: tracing as :func:`call_module_method` nodes
+RESET_METHODS = ("reset_states", "reset", "reset_mem")
+
+
+def call_module_method(module: nn.Module, name: str) -> None:
+    """``module.name()`` as a graph node: a state reset the traced ``forward`` calls (sinabs' DVS nets reset every
+    layer at the top of ``forward``) runs on every call, not only while tracing, where it ran once and left no node
+    (the optimized module then carried the last step's state, and its graph, into the next)."""
+    getattr(module, name)()
+
+
+torch.fx.node.has_side_effect(call_module_method)  # (regions.SIDE_EFFECT_TARGETS names it for planning)
+
 #: Tensor attributes and methods that read metadata, not data: values derived from them (and from Python numbers)
 #: are safe to specialize under a guard; anything derived from tensor *data* is not.
 _META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_sparse",
@@ -294,6 +310,8 @@ class _CaptureTracer(fx.Tracer):
         self.fallbacks: list[LeafFallback] = []
         self.guards: list[Guard] = []
         self._param_cache: dict[str, fx.Proxy] | None = None
+        self._evaluating = 0  # inside _evaluate: the real modules run (their own calls are not recorded)
+        self._resetting = 0  # inside a recorded reset: the resets it makes of its children are its own
         self._root_module = root
         # Copies: an in-place op in the traced code runs on these, never on the caller's tensors.
         self._examples = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in example_inputs]
@@ -332,6 +350,13 @@ class _CaptureTracer(fx.Tracer):
     def _evaluate(self, node: fx.Node) -> Any:
         """Run ``node`` on the example values of its inputs; record its value and whether it is metadata only, and
         return the value (the caller holds it: :class:`_ValueTable` does not)."""
+        self._evaluating += 1  # what the real modules call now is theirs, not the traced code's (see trace)
+        try:
+            return self._evaluate_node(node)
+        finally:
+            self._evaluating -= 1
+
+    def _evaluate_node(self, node: fx.Node) -> Any:
         args = fx.node.map_arg(node.args, self._value)
         kwargs = fx.node.map_arg(node.kwargs, self._value)
         inputs = node.all_input_nodes
@@ -445,17 +470,56 @@ class _CaptureTracer(fx.Tracer):
                 value = concrete
             module_setattr(mod, name, value)
 
+        # A reset the traced code calls on a submodule (`m.reset_states()`, `functional.reset_net(self)`) runs
+        # here on the real module and would leave no node: it is recorded as a call_module_method node (and runs).
+        # Only calls from the traced code: not those a leaf makes while its example value is computed, nor the
+        # resets a recorded reset makes of its children (one node resets them all, as in the model).
+        resets = self._recorded_resets(root) if isinstance(root, nn.Module) else []
         try:
             for name, fn in originals.items():
                 setattr(torch, name, wrap(fn))
             torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
             nn.Module.__setattr__ = record_setattr  # type: ignore[method-assign]
+            for mod, name, wrapper in resets:
+                object.__setattr__(mod, name, wrapper)
             return super().trace(root, concrete_args)
         finally:
+            for mod, name, _ in resets:
+                mod.__dict__.pop(name, None)
             for name, fn in originals.items():
                 setattr(torch, name, fn)
             torch.autograd.Function.apply = function_apply  # type: ignore[method-assign]
             nn.Module.__setattr__ = module_setattr  # type: ignore[method-assign]
+
+    def _recorded_resets(self, root: nn.Module) -> list[tuple[nn.Module, str, Callable[[], Any]]]:
+        """Per submodule with a :data:`RESET_METHODS` method (and no instance attribute of that name): a wrapper
+        that records the call as a graph node when the traced code makes it, then runs it."""
+        out = []
+        for path, mod in root.named_modules():
+            for name in RESET_METHODS:
+                method = getattr(type(mod), name, None)
+                if not path or not callable(method) or name in mod.__dict__:
+                    continue
+
+                def recorded(*args: Any, _mod: nn.Module = mod, _name: str = name, _path: str = path,
+                             **kwargs: Any) -> Any:
+                    bound = getattr(type(_mod), _name).__get__(_mod)
+                    if args or kwargs or self._evaluating or self._resetting:
+                        return bound(*args, **kwargs)
+                    target = self.create_node("get_attr", _path, (), {})
+                    self.values[target] = _mod
+                    node = self.create_node("call_function", call_module_method, (target, _name), {},
+                                            name=f"{_path.replace('.', '_')}_{_name}")
+                    self.values[node] = None
+                    self.meta_only[node] = False
+                    self._resetting += 1
+                    try:
+                        return bound()
+                    finally:
+                        self._resetting -= 1
+
+                out.append((mod, name, recorded))
+        return out
 
     # -- leaves and fallbacks ----------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

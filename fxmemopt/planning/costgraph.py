@@ -61,6 +61,7 @@ from ..analysis.facts import AnnotatedGraph
 from ..runtime.packing import PACK_CHUNK, packed_nbytes
 from .plan import Plan, RegionPlan, checkpoint_every
 from .regions import region_io, side_effects, unit_order
+from .timing import steady_times
 
 __all__ = ["StorageRecord", "StepTrace", "Prediction", "build_cost_graph", "facts", "simulate",
            "region_working_sets"]
@@ -159,7 +160,9 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     * ``storages``: the :class:`StorageRecord` s the node allocated in forward or whose backward allocated them
       (size, allocation and release events, who saved them, when backward last read them);
     * ``fwd_events``: the ``(first, last)`` step events of its forward; ``fwd_time_s``: its forward time;
-      ``fwd_nograd_time_s``: its forward time without grad (``None`` when not measured);
+      ``fwd_nograd_time_s``: its forward time without grad (``None`` when not measured); both calibrated per kind of
+      node (:func:`fxmemopt.planning.timing.steady_times`: robust to a busy machine), the measurements themselves in
+      ``measured_fwd_time_s`` and ``measured_fwd_nograd_time_s``;
     * for drawing and reading: ``op``, ``target``, ``out_bytes``, ``alloc_bytes`` (bytes it allocated in forward),
       ``saved_bytes`` (of those, the bytes saved for backward), ``shape``, ``dtype``, ``value_set`` (a string).
 
@@ -181,12 +184,17 @@ def build_cost_graph(annotated: AnnotatedGraph, trace: StepTrace) -> nx.DiGraph:
     by_node: dict[str, list[StorageRecord]] = {}
     for s in trace.storages:
         by_node.setdefault(s.node, []).append(s)
+    # per-kind calibrated times (planning.timing): what the search weighs; the measurements stay beside them
+    steady = steady_times(annotated.nodes, trace.fwd_time_s)
+    steady_nograd = steady_times(annotated.nodes, trace.fwd_nograd_time_s)
     for name in annotated.order:
         info = annotated[name]
         mine = by_node.pop(name, [])
         fwd = [s for s in mine if s.phase == "fwd"]
         g.add_node(name, info=info, storages=tuple(mine), fwd_events=trace.node_events.get(name),
-                   fwd_time_s=trace.fwd_time_s.get(name, 0.0), fwd_nograd_time_s=trace.fwd_nograd_time_s.get(name),
+                   fwd_time_s=steady.get(name, 0.0), fwd_nograd_time_s=steady_nograd.get(name),
+                   measured_fwd_time_s=trace.fwd_time_s.get(name, 0.0),
+                   measured_fwd_nograd_time_s=trace.fwd_nograd_time_s.get(name),
                    op=info.op, target=info.target, out_bytes=info.nbytes, alloc_bytes=sum(s.nbytes for s in fwd),
                    saved_bytes=sum(s.nbytes for s in fwd if s.saved_by), shape=info.shape, dtype=info.dtype,
                    value_set=str(info.value_set))

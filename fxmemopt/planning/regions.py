@@ -47,7 +47,8 @@ from ..errors import InternalError, RegionError, TargetsMatchNothingError, forma
 #: imported: planning never imports the tracer) and item assignments into a tensor (``out[t] = v``, norse's ConvNet
 #: writing each step's voltages into a preallocated tensor). Never inside a region, ordered after every unit before
 #: them that reads what they write, and before every unit that follows them.
-SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.analysis.trace.set_module_state", "_operator.setitem"})
+SIDE_EFFECT_TARGETS = frozenset({"fxmemopt.analysis.trace.set_module_state",
+                                 "fxmemopt.analysis.trace.call_module_method", "_operator.setitem"})
 
 __all__ = ["Region", "find_regions", "region_io", "check_convex", "convex_violations", "unit_order", "split_region",
            "metadata_closure", "is_metadata", "side_effects"]

@@ -282,6 +282,10 @@ class Decision:
     region: str
     action: str  # "wrap", "skip", "split", "chunk", "unwrap", "keep", "keep starts", "reject"
     reason: str
+    #: the decision weighed predicted step times (node times measured, calibrated per kind of node by
+    #: :mod:`fxmemopt.planning.timing`): another machine, or this one under load, may decide otherwise; explain
+    #: marks such regions. Decisions on bytes alone are the same on every run.
+    on_time: bool = False
 
 
 @dataclass
@@ -552,7 +556,7 @@ def leave_out_idle(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
             for rp in batch:
                 result.decisions.append(Decision(rp.name, "unwrap", f"buys nothing: the predicted peak stays "
                                                  f"{_mib(cand.peak_bytes)} without it (within {_mib(limit)}), and "
-                                                 f"its recomputation costs time"))
+                                                 f"its recomputation costs time", on_time=True))
                 left_out.append(rp.name)
             best, best_pred = candidate, cand
         elif len(batch) > 1:
@@ -601,7 +605,8 @@ def give_time_back(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Pred
             result.evaluated += other.evaluated
             if alt_pred.step_time_s < best_pred.step_time_s:
                 result.decisions[decided:] = [Decision(r.name, "keep", "the level-1 plan fits memory_budget and is "
-                                                       "faster than the smallest-peak plan with time given back")
+                                                       "faster than the smallest-peak plan with time given back",
+                                                       on_time=True)
                                               for r in alt.regions] + other.decisions
                 result.pre_unwrap = level1[0]
                 best, best_pred = alt, alt_pred
@@ -655,7 +660,7 @@ def keep_slice_starts(plan: Plan, pred: Prediction, p: Planner) -> tuple[Plan, P
             p.result.decisions += [Decision(rp.name, "keep starts", (
                 f"every slice's start state kept by one replay: predicted step time x"
                 f"{pred.step_time_s / p.baseline.step_time_s:.3f} -> x{cand.step_time_s / p.baseline.step_time_s:.3f}"
-                f", peak {_mib(cand.peak_bytes)} (not higher){together}")) for rp in rps]
+                f", peak {_mib(cand.peak_bytes)} (not higher){together}"), on_time=True) for rp in rps]
             return candidate, cand, True
         return plan, pred, False
 
@@ -722,13 +727,14 @@ def _improve(best: Plan, pred: Prediction, action: str, propose, rounds: int, pe
                     break
             if fits(cand):
                 p.result.decisions.append(Decision(rp.name, action, f"{what}: predicted peak {_mib(pred.peak_bytes)} "
-                                                   f"-> {_mib(cand.peak_bytes)}"))
+                                                   f"-> {_mib(cand.peak_bytes)}", on_time=time_limit is not None))
                 best, pred, improved, improved_any = candidate, cand, True, True
                 break
             blocked.add(rp.name)
             if cand.peak_bytes < pred.peak_bytes:
                 p.result.decisions.append(Decision(rp.name, "reject", f"{what} would exceed the step-time budget "
-                                                   f"(predicted x{cand.step_time_s / time_limit:.2f} of it)"))
+                                                   f"(predicted x{cand.step_time_s / time_limit:.2f} of it)",
+                                                   on_time=True))
             else:
                 p.result.decisions.append(Decision(rp.name, "reject", f"{what} would not lower the predicted peak "
                                                    f"({_mib(cand.peak_bytes)} >= {_mib(pred.peak_bytes)})"))
@@ -967,7 +973,7 @@ def _unwrap(best: Plan, pred: Prediction, limit: int, p: Planner, shrink: bool =
                 "unwrap+slice_lean": "unwrapped, the other regions sliced one slice per time step, their prefixes "
                                      "recomputed"}[action]
         result.decisions.append(Decision(rp.name, action.split("+")[0], f"{what}: saves ~{saved_ms:.1f} ms per step; "
-                                         f"predicted peak {_mib(cand.peak_bytes)} <= {_mib(limit)}"))
+                                         f"predicted peak {_mib(cand.peak_bytes)} <= {_mib(limit)}", on_time=True))
         best, pred = candidate, cand
         changed += 1
     (result.applied_steps if changed else result.skipped_steps).append(
@@ -1079,10 +1085,10 @@ def cheapest_first(p: Planner) -> tuple[Plan, Prediction]:
         if k < len(bases):
             rung = ladders[k][trial[k] - 1]
             what = "recompute all of it" if len(rung) == len(bases[k].nodes) else f"recompute from {rung[0]} on"
-            result.decisions.append(Decision(bases[k].name, "recompute", f"{what}: {change}"))
+            result.decisions.append(Decision(bases[k].name, "recompute", f"{what}: {change}", on_time=True))
         else:
             result.decisions.append(Decision(f"pack_{node}", "pack", f"the spikes it saves for backward stored "
-                                             f"packed, nothing recomputed: {change}"))
+                                             f"packed, nothing recomputed: {change}", on_time=True))
         level, packed, plan, pred = trial, trial_packed, cand_plan, cand
         version += 1
         heap += idle + [(-ratio, k, version - 1)]

@@ -61,7 +61,7 @@ class Explanation:
     region per slice), ``inputs`` (how each input is stored), ``stored_bytes`` (kept for backward),
     ``unpacked_bytes`` (what the same inputs would take unpacked), ``working_set_bytes`` (predicted working set of
     the recomputation; ``None`` without a cost model), ``decision`` and ``reason`` (the last decision of the search
-    that shaped the region).
+    that shaped the region), ``on_time`` (a decision about it weighed predicted step times: marked ``*``).
     """
 
     model: str
@@ -75,12 +75,15 @@ class Explanation:
         for r in self.rows:
             ws = r["working_set_bytes"]
             table.append((r["region"], r["anchor"], str(r["nodes"]), r["slices"], _fmt_bytes(r["stored_bytes"]),
-                          _fmt_bytes(r["unpacked_bytes"]), "-" if ws is None else _fmt_bytes(ws), r["decision"],
-                          r["reason"]))
+                          _fmt_bytes(r["unpacked_bytes"]), "-" if ws is None else _fmt_bytes(ws),
+                          r["decision"] + ("*" if r.get("on_time") else ""), r["reason"]))
         widths = [max(len(row[k]) for row in table) for k in range(len(head))]
         lines = [f"fxmemopt explain: {self.model}, {len(self.rows)} regions"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
         lines.insert(2, "  ".join("-" * w for w in widths))
+        if any(r.get("on_time") for r in self.rows):
+            lines.append("* decided on measured step times (calibrated per kind of node): another machine, or this "
+                         "one under load, may decide otherwise; every other decision is on bytes alone")
         t = self.totals
         stored, unpacked = t["stored_bytes"], t["unpacked_bytes"]
         lines.append(f"kept for backward by region inputs: {_fmt_bytes(stored)} ({_fmt_bytes(unpacked)} unpacked)")

@@ -295,6 +295,7 @@ class Summary(SeedSummaryFields):
         for d in self.decisions:
             if d.action != "reject" or d.region not in last:
                 last[d.region] = d
+        timed = {d.region for d in self.decisions if getattr(d, "on_time", False)}
         rows = []
         for r in self.regions:
             d = last.get(r.name)
@@ -306,6 +307,7 @@ class Summary(SeedSummaryFields):
                 "stored_bytes": r.stored_bytes, "unpacked_bytes": r.full_bytes,
                 "working_set_bytes": self.working_sets.get(r.name),
                 "decision": d.action if d else "wrap", "reason": d.reason if d else "",
+                "on_time": r.name in timed,
             })
         totals = {"stored_bytes": self.stored_bytes, "unpacked_bytes": sum(r.full_bytes for r in self.regions),
                   "predicted_peak_before": self.predicted_peak_before, "recording": self.recording,
