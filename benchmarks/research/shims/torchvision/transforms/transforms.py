@@ -1,0 +1,3 @@
+from torchvision._stub import module_getattr
+
+__getattr__ = module_getattr("torchvision.transforms.transforms")
