@@ -319,7 +319,9 @@ class _CaptureTracer(fx.Tracer):
         self.values = _ValueTable()
         self.meta_only: dict[fx.Node, bool] = {}
         self._guarded: set[tuple[fx.Node, str]] = set()
-        self._assigned: dict[int, fx.Proxy] = {}
+        # id(value) -> (value, proxy) of what traced code assigned to a module; the value is held, so that its id
+        # cannot be reused by another tensor (a freed one's address is: the graph then depended on the GC's timing)
+        self._assigned: dict[int, tuple[Any, fx.Proxy]] = {}
 
     # -- concrete values ---------------------------------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -466,7 +468,7 @@ class _CaptureTracer(fx.Tracer):
                 concrete = self._value(value.node)
                 self.values[node] = concrete
                 self.meta_only[node] = False
-                self._assigned[id(concrete)] = self.proxy(node)
+                self._assigned[id(concrete)] = (concrete, self.proxy(node))
                 value = concrete
             module_setattr(mod, name, value)
 
@@ -529,8 +531,9 @@ class _CaptureTracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
         self._param_cache = parameter_proxy_cache  # remembered so a rolled-back trace can drop stale proxies
-        if id(attr_val) in self._assigned:  # a value this trace assigned (set_module_state): its proxy
-            return self._assigned[id(attr_val)]
+        assigned = self._assigned.get(id(attr_val))
+        if assigned is not None and assigned[0] is attr_val:  # a value this trace assigned (set_module_state)
+            return assigned[1]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
@@ -572,7 +575,7 @@ class _CaptureTracer(fx.Tracer):
             self.meta_only.pop(node, None)
             erased.add(node)
         self._guarded = {g for g in self._guarded if g[0] not in erased}
-        self._assigned = {k: p for k, p in self._assigned.items() if p.node not in erased}
+        self._assigned = {k: vp for k, vp in self._assigned.items() if vp[1].node not in erased}
         if self._param_cache is not None:
             for k in [k for k, p in self._param_cache.items() if p.node in erased]:
                 del self._param_cache[k]

@@ -23,7 +23,7 @@ from .. import compat
 from ..analysis.state import ModelState
 from ..compat import TorchDispatchMode, tree_leaves
 from ..planning.costgraph import LOSS, StepTrace, StorageRecord
-from .measure import default_loss, reset_states
+from .measure import default_loss, gc_paused, reset_states
 
 __all__ = ["forward_node_times", "record_step"]
 
@@ -342,7 +342,7 @@ def record_step(gm: fx.GraphModule, inputs: Sequence[Any], stateful: dict[str, S
                 r["consumed"] = len(rec.events) - 1
             return t
 
-        with rec, compat.saved_tensors_hooks(on_save, on_unpack):
+        with gc_paused(), rec, compat.saved_tensors_hooks(on_save, on_unpack):
             out = interp.run(*inputs)
             interp.env.clear()  # (the interpreter keeps the output node's value)
             rec.phase, rec.node = "loss", LOSS
