@@ -23,6 +23,10 @@ Why a trace replay
       update) are not recomputed;
     * a region's temporaries and outputs reappear during its recomputation at the same relative moments, up to
       the allocation of the last saved tensor backward uses (recomputation stops there);
+    * a time-sliced neuron (Rule 8) runs its forward slice by slice: what a step makes and the unsliced call keeps
+      to its end (each step's spikes, until all are stacked) dies with its slice, whose own stack of its steps
+      lives until the slices are joined (:func:`_sliced_forward_stop`; where the recording does not show the
+      steps, as recorded);
     * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
       until the region's backward has run; inputs kept by reference live to the end of the step (the frame lives
       until the neuron's state is reset);
