@@ -23,6 +23,10 @@ Why a trace replay
       update) are not recomputed;
     * a region's temporaries and outputs reappear during its recomputation at the same relative moments, up to
       the allocation of the last saved tensor backward uses (recomputation stops there);
+    * a time-sliced neuron (Rule 8) runs its forward slice by slice: what a step makes and the unsliced call keeps
+      to its end (each step's spikes, until all are stacked) dies with its slice, whose own stack of its steps
+      lives until the slices are joined (:func:`_sliced_forward_stop`; where the recording does not show the
+      steps, as recorded);
     * packed inputs are allocated when a region is entered (plus a transient for the check and packing) and live
       until the region's backward has run; inputs kept by reference live to the end of the step (the frame lives
       until the neuron's state is reset);
@@ -266,6 +270,11 @@ class _Slicing:
     out_bytes: int  # the neuron's time-major output (all it returns, or the first of (out, state))
     state_bytes: int  # one slice start state
     every: int  # a start state kept every this many slices by the first replay (checkpoint_every)
+    #: the forward event at which each slice's last step ends, and the last step's end (after it: the neuron's
+    #: tail, where the unsliced call joins its steps); ``None`` where the recording does not show the steps
+    slice_ends: tuple[int, ...] | None = None
+    tail: int | None = None
+    last_event: int = 0  # the neuron's last forward event
 
     @property
     def replayed_slices(self) -> int:
@@ -651,8 +660,9 @@ def _sliced_replays(idx: _StepIndex, r: RegionPlan, neuron: str, steps: int, k: 
     # has the shape of its input. One slice start state: the state a neuron returns (exact), or one time step of
     # its output (an estimate for a state kept in the module, which holds one membrane per output element).
     state_bytes = info.nbytes - out_bytes if not info.is_tensor else out_bytes // max(1, steps)
+    slice_ends = tuple(ends[bounds[c + 1] - 1] for c in range(k)) if ends is not None else None
     slicing = _Slicing(k, steps, sizes, neuron, frozenset(r.nodes[:-1]), fwd_slice, out_bytes, state_bytes,
-                       checkpoint_every(k, r.keep_starts))
+                       checkpoint_every(k, r.keep_starts), slice_ends, ends[-1] if ends is not None else None, last)
     return blocks, triggers, slicing
 
 
@@ -1218,9 +1228,22 @@ def _storage_charges(rec: _Recorded, k: int, plan: _PlanFacts, out: _Charges) ->
                 continue  # recomputed by its own region's blocks (below), or alive anyway: the region's stored input
             _charge_saved_input(s, r, plan, out)
     else:
-        out.charge(nbytes, (_EVENT, s.alloc, 0), stop)
+        out.charge(nbytes, (_EVENT, s.alloc, 0), _sliced_forward_stop(s, plan, home, stop))
     if home is not None:
         _charge_recomputed(s, home, nbytes, share, saved_in_regions and home in saver_regions, plan, out)
+
+
+def _sliced_forward_stop(s: StorageRecord, plan: _PlanFacts, home: str | None, stop: _Where) -> _Where:
+    """Where a storage of a time-sliced neuron (Rule 8) dies in the region's *forward*: one made in slice ``c`` that
+    the unsliced call keeps to its tail (a step's spikes, held until all steps are stacked) dies with its slice,
+    whose own stack takes its steps; everything else as recorded (``stop``)."""
+    sl = plan.parts[home].slicing if home is not None else None
+    if sl is None or sl.slice_ends is None or sl.tail is None or s.node != sl.neuron or s.free is None:
+        return stop
+    c = sl.fwd_slice.get(s.alloc)
+    if c is None or c == sl.k - 1 or s.free <= sl.tail:
+        return stop
+    return (_EVENT, sl.slice_ends[c], 0)
 
 
 def _charge_saved_input(s: StorageRecord, r: str, plan: _PlanFacts, out: _Charges) -> None:
@@ -1311,6 +1334,12 @@ def _region_charges(rec: _Recorded, r: RegionPlan, plan: _PlanFacts) -> _Charges
         for n in r.nodes:
             for k in rec.fwd_by_node.get(n, ()):
                 _storage_charges(rec, k, plan, hit)
+        sl = plan.parts[r.name].slicing
+        if sl is not None and sl.slice_ends is not None:
+            # each slice's own stack of its steps (the runtime's slice outputs), alive until they are joined
+            for c in range(sl.k - 1):
+                hit.charge(sl.out_bytes * sl.sizes[c] // max(1, sl.steps), (_EVENT, sl.slice_ends[c], 0),
+                           (_EVENT, sl.last_event, 0))
     return hit
 
 

@@ -29,7 +29,6 @@ PAIRS = [(c, p) for c in CASES for p in PRESETS]
 BELOW_2X: dict[str, str] = {
     "spikingjelly-conv_dvs_multistep-small": "the first layer's recomputation in backward sets the peak (its neuron's "
                                              "per-step tensors); 1.55x",
-    "spikingjelly-conv_dvs_multistep-large": "as the small one; 1.75x",
     "norse-sequential_state_lif-small": "norse's LIF keeps its per-step state tensors; the first layer's backward "
                                         "sets the peak; 1.78x",
     "norse-sequential_state_lif-large": "as the small one; 1.99x",
@@ -66,10 +65,6 @@ def _line(r: CaseResult) -> str:
 
 #: (case id, preset) whose prediction misses the measured peak by more than 10%, and why; expected to fail.
 PREDICTION_MISSES: dict[tuple[str, str], str] = {
-    ("spikingjelly-conv_dvs_multistep-large", "memory"):
-        "+11.4%: the peak is predicted in the forward of the first layer's region, sliced in time in two, where "
-        "the cost model keeps the conv output and the neuron's per-step lists longer than the no-grad forward does "
-        "(predicted 10.5 MiB, measured 9.4 MiB, at a slice's recomputation in backward)",
 }
 
 
