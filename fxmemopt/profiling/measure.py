@@ -191,13 +191,11 @@ def reset_states(module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def gc_paused() -> Any:
-    """Python's cyclic garbage collector off for a tracked step (and one collection first). It runs when
-    allocations cross its thresholds, so a reference cycle holding tensors (an autograd graph reached from a module
-    attribute, a closure) is freed at a different moment from run to run: the same model's recorded step, its peak
-    and the plan built on it differed between two ``optimize`` calls (1 in 8 runs of a 2-neuron net: a region left
-    out as raising the predicted peak by a few bytes). Paused, every tracked step frees what the references free,
-    at the same moments every time."""
-    gc.collect()
+    """Python's cyclic garbage collector off for a tracked step. It runs when allocations cross its thresholds, so
+    a reference cycle holding tensors (an autograd graph reached from a module attribute, a closure) is freed at a
+    different moment from run to run, and the recorded step's lifetimes with it. Paused, every tracked step frees
+    what the references free, at the same moments every time. (No ``gc.collect()`` first: with torch 2.14's CUDA
+    build loaded one collection took long enough to make the test suite several times slower.)"""
     was = gc.isenabled()
     gc.disable()
     try:
