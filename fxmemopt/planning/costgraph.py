@@ -63,6 +63,7 @@ import networkx as nx
 
 from ..analysis.facts import AnnotatedGraph
 from ..runtime.packing import PACK_CHUNK, packed_nbytes
+from ..runtime.steps import TIME_MAJOR
 from .plan import Plan, RegionPlan, checkpoint_every
 from .regions import region_io, side_effects, unit_order
 from .timing import steady_times
@@ -626,7 +627,7 @@ def _sliced_replays(idx: _StepIndex, r: RegionPlan, neuron: str, steps: int, k: 
     info = annotated[neuron]
     blocks: dict[_Block, tuple[int, ...]] = {}
     triggers: list[tuple[int, _Block]] = []
-    sizes = tuple(steps // k + (1 if i < steps % k else 0) for i in range(k))
+    sizes = tuple(TIME_MAJOR.sizes(steps, k))  # as the runtime cuts them (k is clamped to T already)
     bounds = [sum(sizes[:i]) for i in range(k + 1)]
 
     def slice_of(t: int) -> int:
