@@ -179,3 +179,20 @@ def test_optimized_net_resets_its_layers_every_call_as_the_model_does(preset):
             assert p.grad is None and q.grad is None or torch.equal(p.grad, q.grad), (step, name)
         for path in ("seq.1", "seq.4", "seq.8"):
             assert torch.equal(reference.get_submodule(path).v_mem, gm.get_submodule(path).v_mem), (step, path)
+
+
+def test_explain_marks_the_regions_decided_on_measured_time():
+    """The default slices within a step-time budget: those decisions weighed measured times, and explain says so
+    (``*`` after the decision, one legend line); a decision on bytes alone carries no mark."""
+    model, inputs = _dvs_net(*SIZES["2x12x16x16"])
+    gm, summary = fxmemopt.optimize(model, inputs, return_summary=True)
+    timed = {d.region for d in summary.decisions if d.on_time}
+    # slicing accepted within the budget or refused by it: either way a decision on time
+    assert any(d.action in ("chunk", "reject") and d.on_time for d in summary.decisions), summary.decisions
+    text = str(fxmemopt.explain(gm))
+    assert "* decided on measured step times" in text
+    rows = fxmemopt.explain(gm).rows
+    assert rows and all(r["on_time"] == (r["region"] in timed) for r in rows)
+    for r in rows:
+        line = next(line for line in text.splitlines() if line.startswith(r["region"] + " "))
+        assert (r["decision"] + "*" in line) == r["on_time"], line
