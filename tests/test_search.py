@@ -233,7 +233,13 @@ def test_memory_budget_is_the_whole_steps():
     opt = torch.optim.Adam(model.parameters())
     _, with_adam = fxmemopt.optimize(model, (x,), memory_budget=budget, optimizer=opt, return_summary=True)
     assert with_adam.resident["optimizer state"] > 0 and with_adam.whole_step_peaks[1] <= budget
-    assert with_adam.predicted_peak_after <= s.predicted_peak_after
+    # the search was given the narrower room: the budget less everything resident, the optimizer's state included.
+    # (No order between the two plans' peaks is asserted: plans of about equal memory are ranked by measured time,
+    # and which one a run picks can differ between runs and torch versions.)
+    resident_with_adam = sum(with_adam.resident.values())
+    assert resident_with_adam == resident + with_adam.resident["optimizer state"]
+    assert with_adam.options["budget_resident"] == resident_with_adam
+    assert with_adam.predicted_peak_after <= budget - resident_with_adam
     with pytest.raises(MemoryBudgetError, match="filled before the step starts") as info:
         fxmemopt.optimize(model, (x,), memory_budget=resident)
     assert "parameters" in str(info.value) and "inputs" in str(info.value)
