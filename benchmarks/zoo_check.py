@@ -23,6 +23,13 @@ classes of the modules that hold a neuron as a direct child (each model's blocks
 never does). Its best level is the one with the lowest peak. ``--time N`` adds each preset's step-time ratio to
 the unoptimized model (median of N interleaved pairs, one torch thread unless ``--threads``). ``--markdown`` prints
 the README's "Works with" rows at the end.
+
+``--batch N`` runs every model at batch N instead of the tests' 2; ``--batch train`` at the batch its paper's
+training recipe uses per device (``TRAIN_BATCH``): the inputs are drawn again at that batch, of the same kind
+(binary spikes at the same rate, or uniform [0, 1) values), the model and its widths unchanged. The tests' sizes are
+dominated by parameter gradients; at training batches the activations are most of the peak, as on a real run::
+
+    python benchmarks/zoo_check.py --sj --batch train --markdown
 """
 
 from __future__ import annotations
@@ -45,6 +52,32 @@ from spikingjelly.activation_based import functional  # noqa: E402
 import fxmemopt  # noqa: E402
 
 PRESETS: dict[str, dict] = {"default": {}, "memory": {"prefer": "memory"}}
+
+#: Per-device batch of each model's training recipe (its paper or repository), at the zoo's resolutions: ImageNet
+#: ResNets/VGGs 32 (SEW-ResNet), the Parametric-LIF nets 16 (their scripts' ``-b 16``), the CIFAR transformers and
+#: MS-ResNets 64, the DVS nets 16; spike_dhs 8 (its fixed 576-channel head makes a CPU step slow).
+TRAIN_BATCH: dict[str, int] = {
+    "sew_resnet18": 32, "sew_resnet_bottleneck_iand": 32, "spiking_resnet18": 32, "spiking_vgg11_bn": 32,
+    "spiking_vgg11": 32, "ottt_spiking_vggws": 128, "plif_mnist": 16, "plif_fashion_mnist": 16, "plif_nmnist": 16,
+    "plif_cifar10": 16, "plif_cifar10_dvs": 16, "plif_dvs_gesture": 16, "ms_resnet18": 64, "ms_resnet34": 64,
+    "max_resnet18": 64, "att_ms_resnet18": 64, "masnn_dvs128_gesture": 16, "spikformer_cifar": 64,
+    "spikformer_imagenet": 32, "qkformer": 64, "spike_driven_transformer": 64, "maxformer": 64,
+    "maxformer_cifar": 64, "spike_dhs": 8,
+}
+
+
+def at_batch(inputs: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
+    """``inputs`` drawn again at batch ``n`` (dim 1 of ``[T, N, ...]`` sequences, dim 0 of ``[N, C, H, W]`` images):
+    binary spikes at the same firing rate, other values uniform in [0, 1) as the zoo draws them; seeded."""
+    torch.manual_seed(0)
+    out = []
+    for x in inputs:
+        dim = 1 if x.dim() == 5 else 0
+        shape = list(x.shape)
+        shape[dim] = n
+        binary = bool(((x == 0) | (x == 1)).all())
+        out.append((torch.rand(shape) < x.float().mean()).to(x.dtype) if binary else torch.rand(shape, dtype=x.dtype))
+    return tuple(out)
 
 
 def _first_line(e: BaseException) -> str:
@@ -159,18 +192,20 @@ def _sj_text(level: int, v: dict | str) -> str:
 
 
 def check(name: str, presets: list[str], repeats: int, verbose: bool, sj: bool = False,
-          time_pairs: int = 0) -> list[dict]:
+          time_pairs: int = 0, batch: int | None = None) -> list[dict]:
     """Check one ZOO entry; print and return one result per preset (and one for the unoptimized baseline)."""
     results = []
 
     def emit(preset, status, **kw):
         shown = {k: v for k, v in kw.items() if k in ("regions", "t_opt", "t_cmp", "base", "peak", "err")}
         print(_row(name, preset, status, **shown), flush=True)
-        results.append({"model": name, "preset": preset, "status": status, **kw})
+        results.append({"model": name, "preset": preset, "status": status, "batch": batch, **kw})
 
     try:
         torch.manual_seed(0)
         model, inputs = sj_zoo.ZOO[name]()
+        if batch is not None:
+            inputs = at_batch(inputs, batch)
         pristine = copy.deepcopy(model)
     except Exception as e:
         emit("build", "ERROR", err=_first_line(e))
@@ -288,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sj", action="store_true", help="also spikingjelly's optimize_memory, levels 1-4 (its best)")
     p.add_argument("--time", type=int, default=0, metavar="N", help="step-time ratios, median of N interleaved pairs")
     p.add_argument("--markdown", action="store_true", help="print the README table rows at the end")
+    p.add_argument("--batch", default=None, help="batch size for every model, or 'train' for TRAIN_BATCH")
     args = p.parse_args(argv)
+    if args.batch not in (None, "train") and not args.batch.isdigit():
+        p.error(f"--batch takes a positive integer or 'train', got {args.batch!r}")
 
     if args.list:
         for name, factory in sj_zoo.ZOO.items():
@@ -310,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t0 = time.perf_counter()
     for name in args.names or list(sj_zoo.ZOO):
-        results.extend(check(name, presets, args.repeats, args.verbose, sj=args.sj, time_pairs=args.time))
+        batch = None if args.batch is None else TRAIN_BATCH[name] if args.batch == "train" else int(args.batch)
+        results.extend(check(name, presets, args.repeats, args.verbose, sj=args.sj, time_pairs=args.time,
+                             batch=batch))
     tried = [r for r in results if r["preset"] in presets]
     ok = sum(r["status"] == "OK" for r in tried)
     broken = sorted({r["model"] for r in results if r["preset"] in ("build", "unoptimized") and r["status"] != "OK"})

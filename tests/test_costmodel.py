@@ -221,3 +221,31 @@ def test_sharded_peak_on_a_hand_built_timeline():
 def test_predicted_peak_per_rank_needs_an_optimized_module():
     with pytest.raises(fxmemopt.FxMemOptError, match=r"predicted_peak_per_rank\(Linear\).*no cost model"):
         fxmemopt.distributed.predicted_peak_per_rank(torch.nn.Linear(2, 2), 2)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known miss (issue 28, open): a time-sliced region whose recomputed prefix ends in a max-pool "
+    "(conv -> BatchNorm -> MaxPool -> LIF, '2+p' in explain) is predicted about 18% below its measured peak: the "
+    "prediction has the pool's saved input freed before max_pool2d_with_indices_backward allocates the input's "
+    "gradient, where autograd frees it after; without the pool the same net is predicted within 4%"))
+def test_sliced_region_with_a_pooling_prefix_is_predicted_within_10_percent():
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+    torch.manual_seed(0)
+
+    def lif():
+        return neuron.LIFNode(surrogate_function=surrogate.ATan(), detach_reset=True)
+
+    model = torch.nn.Sequential(
+        layer.Conv2d(3, 4, 3, padding=1, bias=False), layer.BatchNorm2d(4), layer.MaxPool2d(2), lif(),
+        layer.Conv2d(4, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), lif(),
+        layer.Flatten(), layer.Linear(8 * 8 * 8, 10))
+    functional.set_step_mode(model, "m")
+    x = torch.rand(4, 8, 3, 16, 16)
+    functional.reset_net(model)
+    gm, s = fxmemopt.optimize(model, (x,), prefer="memory", return_summary=True)
+    functional.reset_net(gm)
+    measured = fxmemopt.measure_step(gm, (x,), repeats=0, warmup=0).peak_bytes
+    if not any(r.chunks > 1 and not r.keep_prefix for r in s.plan.regions):  # not the case: a failure, not an xfail
+        pytest.fail(f"no time-sliced region with its prefix recomputed in {s.plan.regions}")
+    assert abs(s.predicted_peak_after - measured) <= 0.10 * measured

@@ -1,6 +1,7 @@
 """Measure fxmemopt on research SNN code copied unchanged from the official repositories.
 
-Usage:  cd benchmarks/research && ./fetch_repos.sh && PYTHONPATH=shims:_deps python run_model.py MODEL [--presets default,memory]
+Usage:  cd benchmarks/research && ./fetch_repos.sh
+        PYTHONPATH=shims:_deps python run_model.py MODEL [--presets default,memory]
 MODEL in: spikformer qkformer sdt resformer sewresnet
 Writes out/MODEL.json, out/MODEL.<preset>.explain.txt, out/MODEL.log (stdout).
 """
