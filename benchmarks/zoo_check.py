@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the README table rows at the end")
     p.add_argument("--batch", default=None, help="batch size for every model, or 'train' for TRAIN_BATCH")
     args = p.parse_args(argv)
-    if args.batch not in (None, "train") and not args.batch.isdigit():
+    if args.batch not in (None, "train") and not (args.batch.isdigit() and int(args.batch) > 0):
         p.error(f"--batch takes a positive integer or 'train', got {args.batch!r}")
 
     if args.list:
