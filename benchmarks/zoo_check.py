@@ -22,7 +22,7 @@ classes of the modules that hold a neuron as a direct child (each model's blocks
 (level 2), ``can_chunk`` always (level 3; it then also slices BatchNorm in time, which changes results: fxmemopt
 never does). Its best level is the one with the lowest peak. ``--time N`` adds each preset's step-time ratio to
 the unoptimized model (median of N interleaved pairs, one torch thread unless ``--threads``). ``--markdown`` prints
-the README's "Works with" rows at the end.
+the README's "Works with" rows at the end (with ``--batch``, docs/benchmarks.md's training-batch table instead).
 
 ``--batch N`` runs every model at batch N instead of the tests' 2; ``--batch train`` at the batch its paper's
 training recipe uses per device (``TRAIN_BATCH``): the inputs are drawn again at that batch, of the same kind
@@ -281,33 +281,73 @@ def _time_ratio(base: torch.nn.Module, cand: torch.nn.Module, inputs, pairs: int
     return ratio(base, cand, inputs, pairs)
 
 
-def markdown(results: list[dict]) -> list[str]:
-    """The README's "Works with" rows: model, regions, unoptimized, each preset (and time), spikingjelly's best."""
-    rows = []
+def _cell(r: dict | None, base: int) -> str:
+    """A measured peak and its reduction against ``base`` (and the step-time ratio where measured), or the state."""
+    if not r or r.get("peak") is None or r["status"] != "OK":
+        return r["status"] if r else "-"
+    t = f", {r['time_ratio']:.2f}x time" if "time_ratio" in r else ""
+    return f"{r['peak'] / 2**20:.1f} MiB ({base / r['peak']:.2f}x{t})"
+
+
+def _by_model(results: list[dict]):
+    """``(name, {preset: result}, unoptimized peak)`` per model that trained unoptimized, in the order checked."""
     for name in dict.fromkeys(r["model"] for r in results):
         by = {r["preset"]: r for r in results if r["model"] == name}
         base = by.get("unoptimized", {}).get("base")
-        if not base:
-            continue
+        if base:
+            yield name, by, base
 
-        def cell(r: dict | None, base: int = base) -> str:
-            if not r or r.get("peak") is None or r["status"] != "OK":
-                return r["status"] if r else "-"
-            t = f", {r['time_ratio']:.2f}x time" if "time_ratio" in r else ""
-            return f"{r['peak'] / 2**20:.1f} MiB ({base / r['peak']:.2f}x{t})"
 
+def markdown(results: list[dict]) -> list[str]:
+    """The README's "Works with" rows: model, regions, unoptimized, each preset (and time), spikingjelly's best."""
+    rows = []
+    for name, by, base in _by_model(results):
         sj = by.get("sj-best")
         sj_cell = "-"
         if sj and sj.get("level"):
-            sj_cell = f"{cell(sj)} level {sj['level']}"
+            sj_cell = f"{_cell(sj, base)} level {sj['level']}"
             if not sj["exact"]:  # its lowest peak changes the training step: say so, and give its best exact one
                 sj_cell += f", not exact (gradients differ by up to {sj['diff']:.1g})"
                 if sj.get("exact_level"):
                     sj_cell += (f"; exact: {sj['exact_peak'] / 2**20:.1f} MiB ({base / sj['exact_peak']:.2f}x) "
                                 f"level {sj['exact_level']}")
         regions = by.get("default", {}).get("regions", "-")
-        rows.append(f"| spikingjelly `{name}` | {regions} | {base / 2**20:.1f} MiB | {cell(by.get('default'))} | "
-                    f"{cell(by.get('memory'))} | {sj_cell} |")
+        rows.append(f"| spikingjelly `{name}` | {regions} | {base / 2**20:.1f} MiB | "
+                    f"{_cell(by.get('default'), base)} | {_cell(by.get('memory'), base)} | {sj_cell} |")
+    return rows
+
+
+#: below this, a ratio to spikingjelly's best is printed in bold (issue 28's target: at least 1.2x below it)
+TARGET_VS_SJ = 1.2
+
+
+def _level_text(v: tuple | None) -> str:
+    """``(peak, level, exact)`` of a spikingjelly level as a table cell."""
+    return "-" if v is None else f"{v[0] / 2**20:.1f} MiB L{v[1]}" + ("" if v[2] else " (not exact)")
+
+
+def _vs_text(v: tuple | None, ours: int | None) -> str:
+    """spikingjelly's peak over ours, bold below :data:`TARGET_VS_SJ`."""
+    if v is None or not ours:
+        return "-"
+    ratio = v[0] / ours
+    return f"{ratio:.2f}x" if ratio >= TARGET_VS_SJ else f"**{ratio:.2f}x**"
+
+
+def batch_markdown(results: list[dict]) -> list[str]:
+    """docs/benchmarks.md's training-batch table, header first: model, batch, unoptimized, each preset,
+    spikingjelly's best level and its best exact one, then spikingjelly's best over ``prefer="memory"``'s peak and
+    the same for its best exact level (bold below :data:`TARGET_VS_SJ`)."""
+    rows = ["| model | batch | unoptimized | default | `prefer=\"memory\"` | spikingjelly best | its best exact | "
+            "vs best / best exact |", "|---|---|---|---|---|---|---|---|"]
+    for name, by, base in _by_model(results):
+        sj, memory = by.get("sj-best") or {}, by.get("memory") or {}
+        ours = memory.get("peak") if memory.get("status") == "OK" else None
+        best = (sj["peak"], sj["level"], sj["exact"]) if sj.get("level") else None
+        exact = (sj["exact_peak"], sj["exact_level"], True) if sj.get("exact_level") else None
+        rows.append(f"| `{name}` | {by['unoptimized'].get('batch') or '-'} | {base / 2**20:.1f} MiB | "
+                    f"{_cell(by.get('default'), base)} | {_cell(by.get('memory'), base)} | {_level_text(best)} | "
+                    f"{_level_text(exact)} | {_vs_text(best, ours)} / {_vs_text(exact, ours)} |")
     return rows
 
 
@@ -356,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     broken = sorted({r["model"] for r in results if r["preset"] in ("build", "unoptimized") and r["status"] != "OK"})
     print(f"\n{ok}/{len(tried)} optimized runs OK; {len(tried) - ok} FAIL/ERROR; "
           f"models that do not train unoptimized: {broken or 'none'}; {time.perf_counter() - t0:.0f}s")
-    if args.markdown:
+    if args.markdown and args.batch is not None:
+        print("\n" + "\n".join(batch_markdown(results)))
+    elif args.markdown:
         print("\n| model | regions | unoptimized | default | `prefer=\"memory\"` | spikingjelly best |")
         print("|---|---|---|---|---|---|")
         print("\n".join(markdown(results)))
