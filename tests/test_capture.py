@@ -444,7 +444,8 @@ def test_state_assigned_by_traced_code_is_assigned_on_every_call():
     ref = copy.deepcopy(model)
     x = torch.rand(4, 3, 6) * 2
     gm, summary = fxmemopt.optimize(model, (x,), return_summary=True)
-    assert "set_module_state" in gm.code and len(summary.regions) == 8
+    # regions around both neurons' calls (how many of the 8 per-call regions pay for themselves is the cost model's)
+    assert "set_module_state" in gm.code and {r.anchor for r in summary.regions} == {"n1", "n2"}
     for step in range(2):  # the second step starts from the reset, as the model's own does
         report = fxmemopt.compare_training_step(ref, gm, (x,))
         assert report.ok, f"step {step}: {report}"

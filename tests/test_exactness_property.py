@@ -80,6 +80,18 @@ _LOOP_STEP_AT_ONE_STEP = SNNSpec(
     spike_input=False, seed=0)
 
 
+# Found by the property run (a random seed, torch 2.14.1): a plain SynapseFilter (a stateful module fxmemopt has no
+# value rule for) on a width-1 layer summed the example's spikes into whole numbers {0..2}, so its output was planned
+# as 2-bit "spikes" from the example alone; the step checked afterwards summed to more, and the packer stored it
+# unpacked (exact; counted and warned). Only packings the analysis proves are promised never to fall back.
+_FILTER_COUNTS_ON_THE_EXAMPLE = SNNSpec(
+    layers=(LayerSpec("res", 1, False, "none", 0.0, cell="lrc", memories=False),
+            LayerSpec("linear", 1, False, "none", 0.3, cell="lrc", memories=False, synapse="plain"),
+            LayerSpec("linear", 1, False, "none", 0.0)),
+    neuron="if", hard_reset=False, detach_reset=False, surrogate="atan", T=4, N=1, in_channels=1, size=2,
+    spike_input=False, seed=97)
+
+
 @settings(max_examples=200)
 @given(spec=snn_specs(), mode=st.sampled_from(["auto", "auto", "targets"]), compress=st.booleans())
 @example(spec=_DEGENERATE_T1_N1_RES, mode="auto", compress=True)
@@ -87,6 +99,7 @@ _LOOP_STEP_AT_ONE_STEP = SNNSpec(
 @example(spec=_TIME_LOOP_IN_TARGET, mode="targets", compress=False)
 @example(spec=_SYNAPSE_FILTER_ONE_ELEMENT, mode="auto", compress=True)
 @example(spec=_PASS_THROUGH_CHAIN, mode="auto", compress=True)
+@example(spec=_FILTER_COUNTS_ON_THE_EXAMPLE, mode="auto", compress=True)
 def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool) -> None:
     model, x = build(spec)
     reference = copy.deepcopy(model)
@@ -105,10 +118,13 @@ def test_training_step_is_bitwise_exact(spec: SNNSpec, mode: str, compress: bool
     # default slices the region at the peak)
     assert summary.region_count >= 1
     chunks = {r.name: r.chunks for r in summary.regions}
+    # a packing planned from the example alone (a module fxmemopt has no value rule for: "static: unknown") is
+    # re-checked every call and may fall back, exactly; one the analysis proves never does
+    guessed = {r.name for r in summary.regions if any(i.bits and "static: unknown" in i.reason for i in r.inputs)}
     for name, stats in summary.runtime.items():
         assert stats.checkpointed_calls == 1, name
         assert stats.recomputations == 1 if chunks[name] == 1 else stats.recomputations >= chunks[name], name
-        assert stats.unpacked_fallbacks == 0, name
+        assert stats.unpacked_fallbacks == 0 or name in guessed, name
     # the caller's example tensor is untouched
     assert torch.equal(x, x_before) and not x.requires_grad and x.grad is None
     # packing follows the value sets: never when compress=False
