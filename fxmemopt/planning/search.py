@@ -854,7 +854,8 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
     if dropped:
         result.notes.append(f"never worse: {len(dropped)} region(s) left out because checkpointing them raised the "
                             f"predicted peak ({', '.join(dropped)}; never_worse=False keeps them)")
-        result.applied_steps.append("never_worse")
+        if "never_worse" not in result.applied_steps:  # (run twice at level 3+: once after the second slicing pass)
+            result.applied_steps.append("never_worse")
         return best, current_pred
     return best, pred
 
