@@ -17,6 +17,7 @@ Install with ``pip install --no-deps sinabs==3.1.3 pbr``; skipped where absent.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -73,6 +74,26 @@ def test_sinabs_squeeze_net_that_fixes_its_batch_optimizes_exactly(size, preset)
     assert summary.recording.startswith("recorded at the examples' size"), summary.recording
     opt = fxmemopt.measure_step(gm, inputs, repeats=0).peak_bytes
     assert opt <= base, f"{size} {preset}: {base} -> {opt} bytes"
+    assert abs(summary.predicted_peak_after - opt) <= 0.10 * opt, (summary.predicted_peak_after, opt)
+    report = fxmemopt.compare_training_step(reference, gm, inputs)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("chunks", [6, 7, 8])
+def test_uneven_time_slices_of_the_flattened_layout_are_predicted_and_exact(chunks):
+    """T=12 in 7 or 8 slices: two-step and one-step slices. Each slice's gradient is cut out of the joined output's
+    as a copy (two steps) or a view (one step, on ``[B*T, ...]``); mixed, the views kept the whole gradient alive
+    beside the copies: measured 809,652 B against 673,972 B predicted at 8 slices (-16.8%), the plan the default
+    picked on some step timings (a flaky CI failure). Every slice's gradient is a copy now: 704,524 B, as 6 slices."""
+    model, inputs = _dvs_net(*SIZES["2x12x16x16"])
+    reference = copy.deepcopy(model)
+    _, found = fxmemopt.optimize(copy.deepcopy(model), inputs, return_summary=True, never_worse=False, level=3)
+    by_anchor = {r.anchor: r for r in found.plan.regions}
+    plan = fxmemopt.Plan((dataclasses.replace(by_anchor["seq.1"], chunks=chunks, keep_prefix=True, keep_starts=False),
+                          dataclasses.replace(by_anchor["seq.4"], chunks=4, keep_prefix=True, keep_starts=False)))
+    gm, summary = fxmemopt.optimize(model, inputs, plan=plan, return_summary=True)
+    assert [r.chunks for r in summary.plan.regions] == [chunks, 4], summary.plan.regions
+    opt = fxmemopt.measure_step(gm, inputs, repeats=0).peak_bytes
     assert abs(summary.predicted_peak_after - opt) <= 0.10 * opt, (summary.predicted_peak_after, opt)
     report = fxmemopt.compare_training_step(reference, gm, inputs)
     assert report.ok, str(report)

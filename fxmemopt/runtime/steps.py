@@ -38,6 +38,18 @@ class _AsSummed(torch.autograd.Function):
         return grad + 0.0
 
 
+class _CopiedGrad(torch.autograd.Function):
+    """Identity forward (a view); backward hands on a contiguous gradient (a copy where it is a strided view)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def unbind_steps(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``x.unbind(0)``, with the gradient of ``x`` bitwise what ``x[0], ..., x[T-1]`` used separately would give."""
     return _AsSummed.apply(x).unbind(0)
@@ -129,8 +141,17 @@ class TimeAxis:
         return x[t0:t1] if self.dim == 0 else x[:, t0:t1]
 
     def cat(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The slices' outputs joined along time, as the neuron called on all steps at once returns them."""
+        """The slices' outputs joined along time, as the neuron called on all steps at once returns them.
+
+        On the flattened layout with ``B > 1``, each slice's gradient is cut out of the joined one as a strided view
+        and flattened: a copy for a slice of two or more steps, a view for a one-step slice (``T % k`` slices are one
+        step shorter than the others). Mixed, the views keep the whole gradient alive beside the copies until the
+        last of them has been recomputed (a sinabs ``IAFSqueeze`` net at T=12 in 8 slices measured 16.8% above its
+        prediction); so every slice's gradient is made a copy, and the whole one dies as soon as it is cut.
+        """
         if self.batch:
+            if self.batch > 1:
+                parts = [_CopiedGrad.apply(p) for p in parts]
             return torch.cat([self._unflat(p) for p in parts], dim=1).flatten(0, 1)
         return torch.cat(parts, dim=self.dim)
 
