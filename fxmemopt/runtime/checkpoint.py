@@ -322,6 +322,34 @@ class _Container:
         return tree_unflatten(out, self.spec)
 
 
+class _Unheld(torch.autograd.Function):
+    """``forward(anchor, x)``: ``x`` (same storage) requiring grad as the output of a node that holds nothing of it."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None  # never run: a recomputation's graph only yields saved tensors (Rule 3)
+
+
+#: the one leaf :class:`_Unheld` hangs its outputs from (so that they require grad); 0-d, never given a gradient
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def _unheld_requiring_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` requiring grad for a recomputation, as it did in the forward, but not as a leaf.
+
+    A leaf requiring grad is held by its ``AccumulateGrad`` node, which every op on it links to, so an unpacked
+    input (a fresh tensor) would live until the whole recomputation's graph dies, long after its last use: norse's
+    ``Lift`` reads its unpacked steps first, and 1.75 MiB of a SequentialState(LIFBox) step's peak was that. As the
+    output of :class:`_Unheld` it is held only by what saves it, as the previous layer's output was in the forward
+    (and, as there, it may be modified in place). Grad mode is on for it: backward runs unpack hooks without."""
+    with torch.enable_grad():
+        return _Unheld.apply(_ANCHOR, x)
+
+
 class _Frame:
     """What one checkpointed call of a region keeps for backward (Rule 2) and how it recomputes (Rule 3)."""
 
@@ -534,6 +562,8 @@ class _Frame:
             else:
                 values.append(s)
                 continue
+            if rg and isinstance(s, PackedTensor):
+                x = _unheld_requiring_grad(x)
             values.append(x.requires_grad_(rg) if rg else x)
         return [values[slot] for slot in self.arg_slots]  # a fresh list: the body empties it
 
