@@ -22,7 +22,8 @@ Rule 2 (what is kept). The region's inputs: bit-packed when the plan says they h
     A clone of every buffer the forward mutates (BatchNorm statistics). The CPU and CUDA RNG states. The autocast
     state. Nothing else.
 Rule 3 (recomputation). The first unpack of a handle in backward recomputes ``body`` once: on the unpacked inputs
-    (detached, ``requires_grad`` as in forward), with every stateful module temporarily holding its entry
+    (detached, ``requires_grad`` as in forward; an unpacked one as a non-leaf, :func:`_unheld_requiring_grad`, so
+    that it dies at its last use as it did in the forward), with every stateful module temporarily holding its entry
     state, every buffer of the region temporarily replaced by a throw-away copy of its entry value (only the
     neuron's own for a replay of a chunked region's neuron alone, Rule 8: the layers before it do not run), the
     RNG and autocast state of the forward, and grad enabled. The tensors it saves are matched one to one, by position,
