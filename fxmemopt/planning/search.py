@@ -773,11 +773,12 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
     lowered the peak is dropped at once, the most harmful first: that batch is kept when one prediction shows it
     lowers the peak at least as far as dropping the most harmful region alone (the old one-region-a-round step);
     otherwise its less harmful half is put back, and again, down to the most harmful region alone (already
-    predicted). A round without a harmful region leaves out together the regions that lower nothing (their absence
-    keeps the peak), kept only if the next round finds a harmful region or the peak fell (the peak is a maximum:
-    two regions can each hide the other's harm). A round that moves nothing ends the search; at most
+    predicted). A round without a harmful region tries each left-out region back in (:func:`_put_back`: the one
+    lowering the peak the most returns); failing that, it leaves out together the regions that lower nothing
+    (their absence keeps the peak), kept only if the next round finds a harmful region or the peak fell (the peak
+    is a maximum: two regions can each hide the other's harm). A round that moves nothing ends the search; at most
     :data:`NEVER_WORSE_ROUNDS` rounds run, so the cost is about ``rounds x regions`` predictions (plus ``log2`` of
-    each batch), not ``regions**2``.
+    each batch; twice per left-out region where put-back also tries it sliced), not ``regions**2``.
 
     With ``calls`` forward calls per step (a single-step network called once per time step) the peak compared is
     the whole step's (:func:`~fxmemopt.planning.costgraph.peak_over_calls`): what a call keeps for backward counts
@@ -799,18 +800,32 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
     current, current_pred = (pred.peak_bytes, pred) if calls == 1 else predict(best)
     floor = baseline.peak_bytes if calls == 1 else predict(Plan(()))[0]
     dropped: list[str] = []
+    out: list[RegionPlan] = []  # the regions left out, to put back where they lower the peak again
+    original = best.regions
     tentative: tuple[Plan, int, Prediction] | None = None
     held_out: list[RegionPlan] = []
     for _ in range(NEVER_WORSE_ROUNDS):
-        if not best.regions:
-            break
-        # (regions in plan order break ties: deterministic)
+        # (regions in plan order break ties: deterministic; with none left, only put-back can move)
         trials = [(predict(without(best, {rp.name})), k, rp) for k, rp in enumerate(best.regions)]
         harmful = sorted(((peak, k, rp, one) for (peak, one), k, rp in trials if peak < current),
                          key=lambda t: (t[0], t[1]))
         if not harmful:
             if tentative:  # the neutral regions left out last round hid nothing: back in (below)
                 break
+            back = _put_back(best, out, current, predict, original, _put_back_forms(p))
+            if back is not None:
+                # A region left out in an earlier batch lowers the peak again, now that others are gone (the batch
+                # was judged against the plan of its round): back in, one a round, the one lowering it the most.
+                rp, best, peak, current_pred = back
+                form = next(r for r in best.regions if r.name == rp.name)
+                how = f" in {form.chunks} time slices, prefix recomputed" if form != rp else ""
+                result.decisions.append(Decision(rp.name, "wrap", f"put back{how}: the predicted peak "
+                                                 f"{_mib(current)} without it, {_mib(peak)} with it, once others "
+                                                 f"were left out"))
+                out.remove(rp)
+                dropped.remove(rp.name)
+                current = peak
+                continue
             neutral = [rp for (peak, _), _, rp in trials if peak == current]
             held = _leave_out_together(best, neutral, current, predict, without)
             if held is None:
@@ -823,11 +838,11 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
             held_out = [rp for rp in neutral if rp not in held[0].regions]
             best, current, current_pred = held
             if current < tentative[1]:  # together they raised it: out for good
-                _record_neutral(held_out, tentative[1], "together they raised the peak", result, dropped)
+                _record_neutral(held_out, tentative[1], "together they raised the peak", result, dropped, out)
                 tentative = None
             continue
         if tentative:
-            _record_neutral(held_out, tentative[1], "a region it hid raised the peak", result, dropped)
+            _record_neutral(held_out, tentative[1], "a region it hid raised the peak", result, dropped, out)
             tentative = None
         batch = harmful
         while len(batch) > 1:
@@ -841,6 +856,7 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
             result.decisions.append(Decision(rp.name, "unwrap", f"raised the predicted peak: {_mib(current)} with "
                                              f"it, {_mib(alone)} without"))
             dropped.append(rp.name)
+            out.append(rp)
         best, current, current_pred = without(best, {rp.name for _, _, rp, _ in batch}), peak, one
     if tentative:  # rounds or regions ran out before the neutral regions' absence showed anything: back in
         best, current, current_pred = tentative
@@ -860,12 +876,49 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
     return best, pred
 
 
-def _record_neutral(regions: list[RegionPlan], peak: int, why: str, result: SearchResult, dropped: list[str]) -> None:
+def _record_neutral(regions: list[RegionPlan], peak: int, why: str, result: SearchResult, dropped: list[str],
+                    out: list[RegionPlan]) -> None:
     """Never worse's decisions for regions left out that lowered nothing alone (see :func:`_never_worse`)."""
     for rp in regions:
         result.decisions.append(Decision(rp.name, "unwrap", f"lowered nothing: {_mib(peak)} with it, the same "
                                          f"without; left out, as {why}"))
         dropped.append(rp.name)
+        out.append(rp)
+
+
+def _put_back_forms(p: Planner) -> Callable[[RegionPlan], list[RegionPlan]]:
+    """The forms a left-out region is tried back in: as it was, and where the search slices for memory
+    (``prefer="memory"``, ``memory_budget``, at level 3) also in one slice per time step, its prefix recomputed
+    (a region left out whole while another set the peak can pay for itself sliced once that one is gone, and the
+    level-3 stage only slices the region at the peak)."""
+    opts, graph = p.opts, p.graph
+    if graph is None or opts.level < 3 or not (opts.prefer == "memory" or opts.memory_budget is not None):
+        return lambda rp: [rp]
+
+    def forms(rp: RegionPlan) -> list[RegionPlan]:
+        if rp.whole_slices or not chunkable(graph, rp.nodes)[0]:
+            return [rp]
+        steps = graph[rp.nodes[-1]].time_steps
+        sliced = dataclasses.replace(rp, chunks=steps, keep_prefix=False)
+        return [rp] if sliced == rp else [rp, sliced]
+    return forms
+
+
+def _put_back(plan: Plan, out: list[RegionPlan], peak: int, predict, order: tuple[RegionPlan, ...],
+              forms: Callable[[RegionPlan], list[RegionPlan]]) -> tuple[RegionPlan, Plan, int, Prediction] | None:
+    """The left-out region (of ``out``, in one of its ``forms``) whose return to ``plan`` (in ``order``, the plan's
+    original order) lowers the predicted peak below ``peak`` the most, with that plan and its peak; ``None`` if none
+    does (one prediction per form)."""
+    found = None
+    current = {r.name: r for r in plan.regions}  # (as they are now: one put back earlier may be sliced)
+    for rp in out:
+        for form in forms(rp):
+            candidate = Plan(tuple(form if r.name == rp.name else current[r.name] for r in order
+                                   if r.name in current or r.name == rp.name))
+            got, one = predict(candidate)
+            if got < peak and (found is None or got < found[2]):
+                found = (rp, candidate, got, one)
+    return found
 
 
 def _leave_out_together(plan: Plan, batch: list[RegionPlan], peak: int, predict, without) \
