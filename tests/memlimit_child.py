@@ -26,7 +26,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))  # sj_zoo b
 
 
 def build(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The model and inputs of ``cfg`` (the parent builds the same)."""
+    """The model and inputs of ``cfg`` (the parent builds the same): ``"deepconv"``, ``"sew_resnet18"``, or
+    ``"conformance"`` (``builder``, a model function of ``tests/conformance/conformance_cases.py``, called with
+    ``args``; its input time-major, ``[T, N, ...]``)."""
     torch.manual_seed(cfg.get("seed", 0))
     if cfg["model"] == "deepconv":
         from fxmemopt.snn.models import DeepConvSNN
@@ -44,9 +46,19 @@ def build(cfg: dict) -> tuple[torch.nn.Module, torch.Tensor]:
                                         detach_reset=True, cnf="ADD", num_classes=10)
         functional.set_step_mode(model, "m")
         x = torch.rand(cfg["T"], cfg["N"], 3, cfg["hw"], cfg["hw"])
+    elif cfg["model"] == "conformance":  # a model of the conformance suite, at a size of its own
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "conformance"))
+        import conformance_cases
+
+        model, (x,) = getattr(conformance_cases, cfg["builder"])(*cfg["args"])
     else:
         raise ValueError(cfg["model"])
     return model, x
+
+
+def output(out: object) -> torch.Tensor:
+    """The tensor a step's loss sums: the model's output, or its first element (norse returns ``(out, state)``)."""
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[return-value]
 
 
 def reset(model: torch.nn.Module) -> None:
@@ -77,12 +89,17 @@ def main() -> None:
     # torch.fx's Interpreter makes a tqdm bar (disabled), whose first instance starts tqdm's monitor thread: 72 MiB
     # of address space (its stack and malloc arena), none of it the step's
     torch.fx.Interpreter(torch.fx.symbolic_trace(torch.nn.Identity())).run(torch.zeros(1))
-    model(x[:, :4].clone()).sum().backward()
+    # (on four samples of the batch; on all of it for a model that fixes its batch size, ``"whole_warmup"``)
+    output(model(x if cfg.get("whole_warmup") else x[:, :4].clone())).sum().backward()
     model.zero_grad(set_to_none=True)
     reset(model)
     with torch.no_grad():
         for n, b in model.named_buffers():
-            b.copy_(buffers[n])
+            if b.shape == buffers[n].shape:
+                b.copy_(buffers[n])
+            else:  # a state buffer the neuron reshapes to its input (snntorch's mem): put back as it was
+                path, _, leaf = n.rpartition(".")
+                model.get_submodule(path)._buffers[leaf] = buffers[n]
     del buffers
     limit = address_space() + int(cfg["headroom"])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -90,7 +107,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         if cfg["what"] == "unoptimized":
-            model(x).sum().backward()
+            output(model(x)).sum().backward()
             out["step"] = "ok"
         else:
             gm, summary = fxmemopt.optimize(model, (x,), return_summary=True, **cfg.get("kwargs", {}))
@@ -101,7 +118,7 @@ def main() -> None:
             out["notes"] = summary.notes
             # measured first (measure_step keeps the gradients a step leaves while it runs its own)
             out["measured_peak_after"] = fxmemopt.measure_step(gm, (x,), repeats=0, warmup=0).peak_bytes
-            y = gm(x)
+            y = output(gm(x))
             y.sum().backward()
             out["step"] = "ok"
             torch.save({"y": y.detach(), "grads": {n: p.grad for n, p in model.named_parameters()},
