@@ -34,13 +34,13 @@ BELOW_2X: dict[str, str] = {
     "norse-sequential_state_lif-large": "as the small one; 1.99x",
     "norse-sequential_state_lsnn-small": "as the LIF one; 1.49x",
     "norse-sequential_state_lsnn-large": "as the LIF one; 1.66x",
-    "norse-sequential_state_lifbox-small": "Lift(LIFBoxCell) runs its cell per step, each call a region; 1.33x",
-    "norse-sequential_state_lifbox-large": "as the small one; 1.46x",
+    "norse-sequential_state_lifbox-small": "Lift(LIFBoxCell) runs its cell per step, each call a region; 1.58x",
+    "norse-sequential_state_lifbox-large": "as the small one; 1.70x",
     "norse-lifcell_loop-small": "LIFCell calls in a loop: per-step regions keep each step's real-valued state; 1.60x",
-    "norse-lifcell_loop-large": "as the small one; 1.62x",
+    "norse-lifcell_loop-large": "as the small one; 1.65x",
     "sinabs-iaf_squeeze_dvs-small": "IAFSqueeze sliced in time on batch and time flattened, its -0.0 spikes packed; "
                                     "the first layer's recomputation (its conv output whole, and each slice's copy) "
-                                    "sets the peak; 1.63x",
+                                    "sets the peak; 1.74x",
     "sinabs-iaf_squeeze_dvs-large": "as the small one; 1.87x",
     "sinabs-lif_shd-large": "LIF's trainable tau_mem is transformed once per call (exp(-1/tau)): on time slices its "
                             "gradient would be summed in another order, so it is not sliced; 1.39x",
@@ -93,3 +93,16 @@ def test_memory_preset_halves_the_peak_where_activations_dominate(case, request)
     # peak passes with any reduction, never worse being the other test's)
     assert r.activation_share <= 0.5 or r.reduction >= 2.0, (
         f"activations {r.activation_share:.0%} of the whole step, and only {r.reduction:.2f}x: {_line(r)}")
+
+
+def test_unpacked_inputs_of_a_recomputation_die_at_their_last_use():
+    """norse's ``Lift`` stacks a region's unpacked steps first thing in its recomputation. As leaves requiring grad
+    they lived until the recomputation ended (their ``AccumulateGrad`` nodes held them): 11.26 MiB measured against
+    10.43 predicted. And the last step's state, which nothing uses, was charged to the end of the forward: the
+    prediction was 7.7% above the measured peak once the first was fixed. Both fixed: to within 1%."""
+    case = "norse-sequential_state_lifbox-large"
+    if not any(c.id == case for c in CASES):
+        pytest.skip("norse is not installed")
+    r = _result(case, "default")
+    assert abs(r.prediction_error) <= 0.01, _line(r)
+    assert r.reduction >= 1.6, _line(r)
