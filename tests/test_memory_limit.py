@@ -107,7 +107,7 @@ def test_a_plan_predicted_above_the_memory_left_gives_way_to_the_lowest_peak_pla
 #: SequentialState of Lift-ed convs and LIF (T=8, batch 72, 32x32: 315 MiB, 158 MiB); sinabs's DVS net of
 #: IAFSqueeze layers, batch and time flattened (T=16, batch 48, 32x32: 302 MiB), which fixes its batch size and
 #: number of steps: no slice of it runs, so analysis runs at the examples' size and does not fit (a known
-#: shortfall: planning it needs a smaller instance of the model; ``plan=`` then applies a plan made on it)
+#: shortfall: a saved plan does not help, applying one analyses the model at the examples' size too)
 OTHER_LIBRARIES = {
     "snntorch_csnn_bn": ("snntorch", dict(model="conformance", builder="_snntorch_csnn", args=[False, 16, 32, 8, 80]),
                          100 * MiB),
