@@ -25,6 +25,7 @@ from .analysis.trace import make_graph_module, trace
 from .analysis.units import Units, find_units
 from .compat import check_saved_tensors_hooks_nesting, tree_leaves
 from .errors import (
+    DoesNotFitError,
     FxMemOptWarning,
     InvalidInputsError,
     InvalidOptionError,
@@ -556,9 +557,22 @@ def _analysed(model: nn.Module, req: Request, found: ProbeResult, step: Callable
     extrapolated to their batch. Where real examples were sliced (:func:`_sliced`) and that cannot be had (a model
     fixing its batch size, a wrong batch dimension), analysis runs again at the examples' size; the request
     returned says which inputs were used."""
-    def analysis(inputs: tuple[Any, ...]) -> Analysis:
-        return analyze(model, inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
-                       progress=step, found=found)
+    def analysis(inputs: tuple[Any, ...], why_whole: str | None = None) -> Analysis:
+        try:
+            return analyze(model, inputs, targets=req.targets, leaf=req.leaf, declared=req.declared, keep=req.keep,
+                           progress=step, found=found)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            shapes = ", ".join(str(tuple(a.shape)) for a in inputs if isinstance(a, torch.Tensor))
+            why = f", since a slice of their batch did not extrapolate ({why_whole})" if why_whole else ""
+            raise DoesNotFitError(format_error(
+                f"model {type(model).__name__}", f"analysing it (a forward on inputs of {shapes}{why}) ran out of "
+                f"memory here: {first_line(e)}",
+                fix="A model that reads its batch size from its input is analysed on a few samples of the batch; one "
+                    "that fixes it (sinabs' IAFSqueeze(batch_size=...), a forward that unflattens with a stored "
+                    "batch size) runs whole. Let it take the batch from its input (IAFSqueeze(num_timesteps=T)), "
+                    "or optimize where that forward fits")) from e
 
     an = analysis(req.inputs)
     if req.planned_for is not None:
@@ -577,7 +591,7 @@ def _analysed(model: nn.Module, req: Request, found: ProbeResult, step: Callable
                 raise
             log.info("fxmemopt: analysing at the examples' size (a slice did not extrapolate: %s)", first_line(e))
             req = dataclasses.replace(req, inputs=req.planned_for, planned_for=None, planned_batch=None)
-            an = analysis(req.inputs)
+            an = analysis(req.inputs, why_whole=first_line(e))
     cost, notes, recording = _cost_graph(an, req, step)
     return an, cost, notes, recording, req
 
@@ -1297,6 +1311,8 @@ def optimize(
         TargetsMatchNothingError: ``targets`` matches no called module.
         MemoryBudgetError: no plan fits ``memory_budget``.
         PlanError: ``plan`` is malformed or does not fit the model.
+        DoesNotFitError: analysing the model ran out of memory here (a model that fixes its batch size is analysed
+            at the examples' size, not on a slice of their batch).
 
     Example:
         >>> import torch, fxmemopt

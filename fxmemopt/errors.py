@@ -28,6 +28,7 @@ __all__ = [
     "MemoryBudgetError",
     "PlanError",
     "RecordingError",
+    "DoesNotFitError",
     "GuardError",
     "StaleStateError",
     "InternalError",
@@ -116,6 +117,11 @@ class MemoryBudgetError(FxMemOptError, ValueError):
 class RecordingError(FxMemOptError, RuntimeError):
     """The training step the cost model needs cannot be recorded as asked (``recording="reduced"`` on inputs whose
     batch cannot be sliced: :mod:`fxmemopt.profiling.scaled`); the message says why and what to pass instead."""
+
+
+class DoesNotFitError(FxMemOptError, MemoryError):
+    """What ``optimize`` must run at the examples' size (analysing a model it cannot analyse on a slice of the
+    batch) ran out of memory here; the message says why it ran at that size and what to change."""
 
 
 class PlanError(FxMemOptError, ValueError):

@@ -12,6 +12,7 @@ from torch import nn
 
 import fxmemopt
 from fxmemopt.errors import (
+    DoesNotFitError,
     FxMemOptError,
     InvalidInputsError,
     InvalidOptionError,
@@ -204,5 +205,23 @@ def test_options_out_of_range_name_the_option(kwargs, named):
 
 def test_every_user_error_is_an_fxmemopt_error():
     for cls in (TraceError, InvalidInputsError, InvalidOptionError, TargetsMatchNothingError, RegionError, PlanError,
-                StaleStateError):
+                StaleStateError, DoesNotFitError):
         assert issubclass(cls, FxMemOptError)
+
+
+def test_analysis_that_runs_out_of_memory_names_the_model_and_what_to_change(monkeypatch):
+    """The allocator's error while analysing becomes DoesNotFitError (a MemoryError), with the inputs' shapes and
+    what to change; under a real limit: tests/test_memory_limit.py (a sinabs net that fixes its batch size)."""
+    import fxmemopt.api as api
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 50331648 bytes")
+
+    monkeypatch.setattr(api, "analyze", oom)
+    with pytest.raises(DoesNotFitError) as e:
+        fxmemopt.optimize(_small(), (X,))
+    msg = str(e.value)
+    assert msg.startswith("model DeepConvSNN: analysing it (a forward on inputs of (2, 1, 3, 8, 8)") and \
+        "can't allocate memory" in msg and "batch size from its input" in msg, msg
+    assert isinstance(e.value, MemoryError)
