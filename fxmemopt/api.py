@@ -550,6 +550,18 @@ def _sliced(req: Request) -> Request:
                                planned_batch=(dim, batch))
 
 
+def _does_not_fit_fix(on_a_slice: bool) -> str:
+    """What to do where analysing the model ran out of memory (:class:`~fxmemopt.errors.DoesNotFitError`)."""
+    if on_a_slice:
+        return ("This was a slice of the examples' batch already: give optimize the memory of one forward on it, or "
+                "pass smaller examples")
+    return ("fxmemopt analyses a model on a few samples of its batch where it can (dimension 1 of a 3- or "
+            "5-dimensional input, else 0, from 12 samples on); this one ran whole: its batch is small, it fixes its "
+            "batch size (sinabs' IAFSqueeze(batch_size=...), a forward that unflattens with a stored batch size), "
+            "or its batch is another dimension. Let the model read its batch size from its input, with time-major "
+            "[T, N, ...] inputs, or give optimize the memory of one forward at this size")
+
+
 def _analysed(model: nn.Module, req: Request, found: ProbeResult, step: Callable[[str], None]
               ) -> tuple[Analysis, nx.DiGraph | None, list[str], Recording | None, Request]:
     """Analysis and cost graph: on ``req.inputs``, and where those are a sample of ``req.planned_for``, every node's
@@ -569,10 +581,7 @@ def _analysed(model: nn.Module, req: Request, found: ProbeResult, step: Callable
             raise DoesNotFitError(format_error(
                 f"model {type(model).__name__}", f"analysing it (a forward on inputs of {shapes}{why}) ran out of "
                 f"memory here: {first_line(e)}",
-                fix="A model that reads its batch size from its input is analysed on a few samples of the batch; one "
-                    "that fixes it (sinabs' IAFSqueeze(batch_size=...), a forward that unflattens with a stored "
-                    "batch size) runs whole. Let it take the batch from its input (IAFSqueeze(num_timesteps=T)), "
-                    "or optimize where that forward fits")) from e
+                fix=_does_not_fit_fix(req.planned_for is not None))) from e
 
     an = analysis(req.inputs)
     if req.planned_for is not None:
