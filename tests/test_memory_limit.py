@@ -7,6 +7,9 @@ default, ``prefer="memory"`` and a ``memory_budget``; the module it returns must
 to the unoptimized step computed here, outside the limit; the prediction must be within 10% of the measured peak
 and the budget met. ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return freed tensor pages, so the limit tracks
 live bytes rather than fragmentation.
+
+Models in other libraries' styles (the conformance suite's snntorch and norse nets, larger) are run the same way
+with the default; a sinabs net that fixes its batch size must fail with ``DoesNotFitError``, saying what to change.
 """
 
 from __future__ import annotations
