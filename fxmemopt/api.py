@@ -978,9 +978,9 @@ def _fitting(an: Analysis, cost: nx.DiGraph | None, result: SearchResult, req: R
         return result
     device = next((a.device for a in req.inputs if isinstance(a, torch.Tensor)), torch.device("cpu"))
     free = None if req.meta else available_bytes(device)
-    if free is None or result.prediction.peak_bytes <= FITS_SHARE * free:
+    room = None if free is None else int(FITS_SHARE * free)
+    if room is None or result.prediction.peak_bytes <= room:
         return result
-    room = int(FITS_SHARE * free)
     step("the chosen plan is predicted above the memory left here: searching the lowest-peak plan")
     lower = _lowest(an, cost, req, result)
     mib = 2 ** 20

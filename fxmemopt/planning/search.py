@@ -799,8 +799,7 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
 
     current, current_pred = (pred.peak_bytes, pred) if calls == 1 else predict(best)
     floor = baseline.peak_bytes if calls == 1 else predict(Plan(()))[0]
-    dropped: list[str] = []
-    out: list[RegionPlan] = []  # the regions left out, to put back where they lower the peak again
+    out: list[RegionPlan] = []  # the regions left out (in order), to put back where they lower the peak again
     original = best.regions
     tentative: tuple[Plan, int, Prediction] | None = None
     held_out: list[RegionPlan] = []
@@ -823,7 +822,6 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
                                                  f"{_mib(current)} without it, {_mib(peak)} with it, once others "
                                                  f"were left out"))
                 out.remove(rp)
-                dropped.remove(rp.name)
                 current = peak
                 continue
             neutral = [rp for (peak, _), _, rp in trials if peak == current]
@@ -838,11 +836,11 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
             held_out = [rp for rp in neutral if rp not in held[0].regions]
             best, current, current_pred = held
             if current < tentative[1]:  # together they raised it: out for good
-                _record_neutral(held_out, tentative[1], "together they raised the peak", result, dropped, out)
+                _record_neutral(held_out, tentative[1], "together they raised the peak", result, out)
                 tentative = None
             continue
         if tentative:
-            _record_neutral(held_out, tentative[1], "a region it hid raised the peak", result, dropped, out)
+            _record_neutral(held_out, tentative[1], "a region it hid raised the peak", result, out)
             tentative = None
         batch = harmful
         while len(batch) > 1:
@@ -855,7 +853,6 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
         for alone, _, rp, _ in batch:
             result.decisions.append(Decision(rp.name, "unwrap", f"raised the predicted peak: {_mib(current)} with "
                                              f"it, {_mib(alone)} without"))
-            dropped.append(rp.name)
             out.append(rp)
         best, current, current_pred = without(best, {rp.name for _, _, rp, _ in batch}), peak, one
     if tentative:  # rounds or regions ran out before the neutral regions' absence showed anything: back in
@@ -867,22 +864,21 @@ def _never_worse(best: Plan, pred: Prediction, p: Planner) -> tuple[Plan, Predic
         result.notes.append(f"never worse: no plan lowers the predicted peak ({_mib(floor)} unoptimized); the model "
                             f"is returned without regions (never_worse=False keeps them)")
         return Plan(()), baseline
-    if dropped:
-        result.notes.append(f"never worse: {len(dropped)} region(s) left out because checkpointing them raised the "
-                            f"predicted peak ({', '.join(dropped)}; never_worse=False keeps them)")
+    if out:
+        result.notes.append(f"never worse: {len(out)} region(s) left out because checkpointing them raised the "
+                            f"predicted peak ({', '.join(rp.name for rp in out)}; never_worse=False keeps them)")
         if "never_worse" not in result.applied_steps:  # (run twice at level 3+: once after the second slicing pass)
             result.applied_steps.append("never_worse")
         return best, current_pred
     return best, pred
 
 
-def _record_neutral(regions: list[RegionPlan], peak: int, why: str, result: SearchResult, dropped: list[str],
+def _record_neutral(regions: list[RegionPlan], peak: int, why: str, result: SearchResult,
                     out: list[RegionPlan]) -> None:
     """Never worse's decisions for regions left out that lowered nothing alone (see :func:`_never_worse`)."""
     for rp in regions:
         result.decisions.append(Decision(rp.name, "unwrap", f"lowered nothing: {_mib(peak)} with it, the same "
                                          f"without; left out, as {why}"))
-        dropped.append(rp.name)
         out.append(rp)
 
 

@@ -26,24 +26,24 @@ from torch import nn
 __all__ = ["unbind_steps", "TimeAxis", "TIME_MAJOR", "STEPS_ATTRIBUTES", "BATCH_ATTRIBUTES", "DERIVED"]
 
 
-class _AsSummed(torch.autograd.Function):
-    """Identity forward (a view); backward adds ``+0.0``, as summing select gradients does."""
+class _Identity(torch.autograd.Function):
+    """Identity forward (a view); the subclasses say what backward does to the gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
+
+
+class _AsSummed(_Identity):
+    """Backward adds ``+0.0``, as summing select gradients does."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad + 0.0
 
 
-class _CopiedGrad(torch.autograd.Function):
-    """Identity forward (a view); backward hands on a contiguous gradient (a copy where it is a strided view)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+class _CopiedGrad(_Identity):
+    """Backward hands on a contiguous gradient (a copy where it is a strided view)."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
